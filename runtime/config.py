@@ -1,0 +1,87 @@
+"""Model configuration: the architecture-independent description the runtime executes.
+
+Every supported architecture (Llama family, OPT) is described by the same fields; the differences
+between architectures are values here (norm kind, activation, positions, biases), never branches
+on an architecture name inside the runtime.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import FormatError
+
+NORMS = ("rms", "layer")
+ACTIVATIONS = ("silu", "relu")
+POSITIONS = ("rope", "learned")
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # family name, informative only ("llama", "qwen2", "mistral", "opt")
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    vocab_size: int
+    max_context: int
+    norm: str = "rms"  # "rms" (weight only) or "layer" (weight and bias)
+    norm_eps: float = 1e-5
+    activation: str = "silu"
+    gated_ffn: bool = True  # gate/up/down (Llama) or fc1/fc2 (OPT)
+    positions: str = "rope"  # "rope" or "learned"
+    pos_offset: int = 0  # learned positions: row of position 0 (OPT stores 2 padding rows first)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope_scaling dict (type "linear" or "llama3"), or None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    ffn_bias: bool = False  # bias on up (fc1) and down (fc2)
+    tied_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list = field(default_factory=list)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise FormatError("config", msg)
+
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                     "vocab_size", "max_context"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(f"{name} must be a positive integer, got {v!r}")
+        if self.norm not in NORMS:
+            bad(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            bad(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.positions not in POSITIONS:
+            bad(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.n_heads % self.n_kv_heads:
+            bad(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.positions == "rope" and self.head_dim % 2:
+            bad(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+
+    @property
+    def q_dim(self):
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self):
+        return self.n_kv_heads * self.head_dim
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, path="manifest.json"):
+        if not isinstance(d, dict):
+            raise FormatError(path, "config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise FormatError(path, f"config has unknown keys {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise FormatError(path, f"config is incomplete: {e}") from None
+        except FormatError as e:
+            raise FormatError(path, str(e).split(": ", 1)[1]) from None

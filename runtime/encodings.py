@@ -1,0 +1,263 @@
+"""Weight encodings: the one codec per encoding, used by the writer, the reader and the kernels' tests.
+
+Every encoding turns a float32 matrix x[n, d] (n rows of length d, quantized along d) into a pair
+(q, s): q holds the values, s the scales (None when the encoding has none). docs/FORMAT.md gives
+the byte layout; the functions here are its executable definition.
+
+    f32   q float32 [n, d]                       s None
+    f16   q float16 [n, d]                       s None
+    int8  q int8    [n, d]                       s float32 [n]          x = q * s[row]
+    int4  q uint8   [n, d/2] (two per byte)      s float16 [n, d/g]     x = (nibble - 8) * s[row, group]
+
+int4 packs each run of 32 values as llama.cpp's Q4_0 does: byte k of the run holds value k in its
+low nibble and value k+16 in its high nibble, so unpacking gives two contiguous halves. A group
+(g = 32, 64, 128 ...) shares one scale; g is a multiple of 32.
+
+>>> import numpy as np
+>>> x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
+>>> c = codec("int4", group_size=32)
+>>> q, s = c.quantize(x)
+>>> q.shape, q.dtype, s.shape, s.dtype
+((1, 32), dtype('uint8'), (1, 2), dtype('float16'))
+>>> bool(np.abs(c.dequantize(q, s) - x).max() <= c.max_error_bound(x))
+True
+"""
+
+import numpy as np
+
+from .errors import EdgeLLMError
+
+INT4_BLOCK = 32  # values per packed run (see the module docstring)
+
+
+class F32:
+    name = "f32"
+    group_size = None
+
+    def quantize(self, x):
+        return np.ascontiguousarray(x, dtype=np.float32), None
+
+    def dequantize(self, q, s):
+        return np.asarray(q, dtype=np.float32)
+
+    def data_shape(self, n, d):
+        return (n, d)
+
+    def data_dtype(self):
+        return np.dtype(np.float32)
+
+    def scale_shape(self, n, d):
+        return None
+
+    def scale_dtype(self):
+        return None
+
+    def max_error_bound(self, x):
+        return 0.0
+
+
+class F16(F32):
+    name = "f16"
+
+    def quantize(self, x):
+        x = np.asarray(x, dtype=np.float32)
+        if np.abs(x).max(initial=0) > 65504:
+            raise EdgeLLMError("value out of float16 range; use f32 or an integer encoding")
+        return x.astype(np.float16), None
+
+    def data_dtype(self):
+        return np.dtype(np.float16)
+
+    def max_error_bound(self, x):
+        return float(np.abs(x).max(initial=0)) * 2.0**-11 + 2.0**-24
+
+
+class Int8(F32):
+    """Per-row symmetric int8: s = max|x| / 127."""
+
+    name = "int8"
+
+    def quantize(self, x):
+        x = np.asarray(x, dtype=np.float32)
+        s = (np.abs(x).max(axis=1) / 127.0).astype(np.float32)
+        inv = np.divide(1.0, s, out=np.zeros_like(s), where=s > 0)
+        q = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int8)
+        return q, s
+
+    def dequantize(self, q, s):
+        return q.astype(np.float32) * np.asarray(s, dtype=np.float32)[:, None]
+
+    def data_dtype(self):
+        return np.dtype(np.int8)
+
+    def scale_shape(self, n, d):
+        return (n,)
+
+    def scale_dtype(self):
+        return np.dtype(np.float32)
+
+    def max_error_bound(self, x):
+        return float(np.abs(x).max(initial=0)) / 127.0 * 0.5 * 1.0001
+
+
+class Int4(F32):
+    """Group-wise int4 with float16 scales, Q4_0 convention: s = m / -8 where m is the value of
+    largest magnitude in the group, q = clip(round(x / s) + 8, 0, 15)."""
+
+    name = "int4"
+
+    def __init__(self, group_size=32):
+        if group_size is None or group_size <= 0 or group_size % INT4_BLOCK:
+            raise EdgeLLMError(f"int4 group size must be a positive multiple of {INT4_BLOCK}, "
+                               f"got {group_size}")
+        self.group_size = int(group_size)
+
+    def check(self, d):
+        if d % self.group_size:
+            raise EdgeLLMError(f"int4 with group size {self.group_size} needs a row length "
+                               f"divisible by it, got {d}")
+
+    def quantize(self, x):
+        x = np.asarray(x, dtype=np.float32)
+        n, d = x.shape
+        self.check(d)
+        g = x.reshape(n, d // self.group_size, self.group_size)
+        idx = np.abs(g).argmax(axis=2)
+        m = np.take_along_axis(g, idx[..., None], axis=2)[..., 0]
+        s = (m / -8.0).astype(np.float16)
+        s32 = s.astype(np.float32)
+        inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 != 0)
+        nib = np.clip(np.rint(g * inv[..., None]) + 8, 0, 15).astype(np.uint8).reshape(n, d)
+        return pack_nibbles(nib), s
+
+    def dequantize(self, q, s):
+        n = q.shape[0]
+        vals = unpack_nibbles(q).astype(np.float32) - 8.0
+        d = vals.shape[1]
+        g = vals.reshape(n, d // self.group_size, self.group_size)
+        return (g * np.asarray(s, dtype=np.float32)[..., None]).reshape(n, d)
+
+    def data_shape(self, n, d):
+        return (n, d // 2)
+
+    def data_dtype(self):
+        return np.dtype(np.uint8)
+
+    def scale_shape(self, n, d):
+        return (n, d // self.group_size)
+
+    def scale_dtype(self):
+        return np.dtype(np.float16)
+
+    def max_error_bound(self, x):
+        # half a step (|m|/8/2) plus the float16 rounding of the scale (|m| * 2^-11 worst case)
+        return float(np.abs(x).max(initial=0)) * (1 / 16 + 2.0**-10) * 1.0001
+
+
+def pack_nibbles(nib):
+    """uint8 values 0..15 [n, d] -> packed uint8 [n, d/2], Q4_0 order within each run of 32."""
+    n, d = nib.shape
+    b = nib.reshape(n, d // INT4_BLOCK, 2, INT4_BLOCK // 2)
+    return (b[:, :, 0, :] | (b[:, :, 1, :] << 4)).reshape(n, d // 2)
+
+
+def unpack_nibbles(q):
+    """Inverse of pack_nibbles: packed uint8 [n, d/2] -> values 0..15 [n, d]."""
+    n, h = q.shape
+    b = q.reshape(n, h // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2)
+    return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(n, 2 * h)
+
+
+NAMES = ("f32", "f16", "int8", "int4")
+
+
+def codec(name, group_size=None):
+    """The codec for an encoding name as written in the manifest."""
+    if name == "f32":
+        return F32()
+    if name == "f16":
+        return F16()
+    if name == "int8":
+        return Int8()
+    if name == "int4":
+        return Int4(group_size if group_size is not None else 32)
+    raise EdgeLLMError(f"unknown encoding {name!r} (known: {', '.join(NAMES)})")
+
+
+def nbytes(c, n, d):
+    """Bytes taken by n rows of length d in encoding c (values and scales)."""
+    total = int(np.prod(c.data_shape(n, d))) * c.data_dtype().itemsize
+    if c.scale_shape(n, d) is not None:
+        total += int(np.prod(c.scale_shape(n, d))) * c.scale_dtype().itemsize
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-column bundles: FFN neuron i's rows (gate, up, down column; or fc1, fc2 column) in one row.
+
+SEGMENT_ALIGN = 16  # each part starts at a multiple of this within a row
+ROW_ALIGN = 64  # bundle stride is a multiple of this
+
+
+def _round_up(x, a):
+    return (x + a - 1) // a * a
+
+
+def bundle_layout(parts, d):
+    """Offsets of each part inside one bundle row.
+
+    parts: list of (part_name, codec); each part is a vector of length d.
+    Returns (layout, stride) where layout is a list of dicts with keys name, encoding, group_size,
+    offset (of the values), scale_offset (None without scales), and stride is the row length.
+    """
+    layout, off = [], 0
+    for name, c in parts:
+        data = int(np.prod(c.data_shape(1, d))) * c.data_dtype().itemsize
+        entry = {"name": name, "encoding": c.name, "group_size": c.group_size,
+                 "offset": off, "scale_offset": None}
+        off += data
+        if c.scale_shape(1, d) is not None:
+            off = _round_up(off, c.scale_dtype().itemsize)
+            entry["scale_offset"] = off
+            off += int(np.prod(c.scale_shape(1, d))) * c.scale_dtype().itemsize
+        off = _round_up(off, SEGMENT_ALIGN)
+        layout.append(entry)
+    return layout, _round_up(off, ROW_ALIGN)
+
+
+def pack_bundles(vectors, parts, d):
+    """vectors: dict part_name -> float32 [n_neurons, d]. Returns (uint8 [n, stride], layout)."""
+    layout, stride = bundle_layout(parts, d)
+    n = next(iter(vectors.values())).shape[0]
+    out = np.zeros((n, stride), dtype=np.uint8)
+    for entry, (name, c) in zip(layout, parts):
+        q, s = c.quantize(vectors[name])
+        qb = q.reshape(n, -1).view(np.uint8)
+        out[:, entry["offset"]:entry["offset"] + qb.shape[1]] = qb
+        if s is not None:
+            sb = np.ascontiguousarray(s).reshape(n, -1).view(np.uint8)
+            out[:, entry["scale_offset"]:entry["scale_offset"] + sb.shape[1]] = sb
+    return out, layout
+
+
+def bundle_part(bundles, entry, d):
+    """Zero-copy views (q, s) of one part of every bundle row, shaped as the codec's q and s."""
+    c = codec(entry["encoding"], entry["group_size"])
+    n = bundles.shape[0]
+    qshape = c.data_shape(n, d)
+    qbytes = int(np.prod(qshape[1:])) * c.data_dtype().itemsize
+    off = entry["offset"]
+    q = bundles[:, off:off + qbytes].view(c.data_dtype()).reshape(qshape)
+    s = None
+    if entry["scale_offset"] is not None:
+        sshape = c.scale_shape(n, d)
+        sbytes = int(np.prod(sshape[1:])) * c.scale_dtype().itemsize
+        so = entry["scale_offset"]
+        s = bundles[:, so:so + sbytes].view(c.scale_dtype()).reshape(sshape)
+    return q, s
+
+
+def unpack_bundle_part(bundles, entry, d):
+    """Reference decode of one part of all bundle rows to float32 [n, d]."""
+    q, s = bundle_part(bundles, entry, d)
+    return codec(entry["encoding"], entry["group_size"]).dequantize(q, s)

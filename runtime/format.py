@@ -1,0 +1,234 @@
+"""The edgellm on-disk format, version 1: manifest schema, chunk naming and validation.
+
+docs/FORMAT.md is the prose spec; this module is its one executable definition, used by the
+writer (converters/writer.py) and the reader (runtime/reader.py). Nothing is trusted before it is
+checked: a bad manifest, a truncated chunk or a chunk header that disagrees with the manifest is a
+FormatError naming the file.
+"""
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from . import encodings
+from .config import ModelConfig
+from .errors import EdgeLLMError, FormatError
+
+FORMAT_NAME = "edgellm"
+VERSION = 1
+MANIFEST = "manifest.json"
+EMBED_CHUNK = "embed.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound the safetensors library uses
+
+# safetensors dtype names <-> numpy
+ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I32": np.int32}
+ST_NAMES = {np.dtype(v): k for k, v in ST_DTYPES.items()}
+
+RAW_ENCODINGS = ("i32",)  # stored as-is, no codec (e.g. the neuron permutation)
+TOKENIZER_KINDS = ("sentencepiece", "hf")
+
+
+def layer_chunk(i):
+    return f"layer_{i:03d}.safetensors"
+
+
+def scales_name(name):
+    return name + ".scales"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a tensor entry in the manifest says it stores
+
+
+def stored_tensors(name, entry):
+    """The safetensors tensors (name -> (numpy dtype, shape)) that a manifest tensor entry implies."""
+    enc, shape = entry["encoding"], tuple(entry["shape"])
+    if enc == "i32":
+        return {name: (np.dtype(np.int32), shape)}
+    if enc == "bundle":
+        return {name: (np.dtype(np.uint8), shape)}
+    c = encodings.codec(enc, entry.get("group_size"))
+    if len(shape) == 1:
+        if enc not in ("f32", "f16"):
+            raise EdgeLLMError(f"vector {name} must be f32 or f16, got {enc}")
+        return {name: (c.data_dtype(), shape)}
+    n, d = shape
+    out = {name: (c.data_dtype(), tuple(c.data_shape(n, d)))}
+    if c.scale_shape(n, d) is not None:
+        out[scales_name(name)] = (c.scale_dtype(), tuple(c.scale_shape(n, d)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def safe_path(model_dir, file_name, manifest_path=None):
+    """Resolve a file named by the manifest, refusing anything that leaves the model directory."""
+    where = manifest_path or os.path.join(model_dir, MANIFEST)
+    if (not isinstance(file_name, str) or not file_name or "/" in file_name or "\\" in file_name
+            or file_name in (".", "..") or "\x00" in file_name):
+        raise FormatError(where, f"file name {file_name!r} must be a plain name inside the model "
+                                 "directory")
+    root = os.path.realpath(model_dir)
+    path = os.path.realpath(os.path.join(root, file_name))
+    if os.path.dirname(path) != root:
+        raise FormatError(where, f"file {file_name!r} points outside the model directory")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+
+
+def read_manifest(model_dir):
+    """Read and validate manifest.json; returns (manifest dict, ModelConfig)."""
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise FormatError(model_dir, "not a model directory (convert a model with `edgellm "
+                                     "convert SRC -o DIR`)")
+    path = os.path.join(model_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FormatError(path, "missing: this is not an edgellm model directory")
+    try:
+        with open(path, "rb") as f:
+            m = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(path, f"not valid JSON ({e})") from None
+    cfg = validate_manifest(m, model_dir, path)
+    return m, cfg
+
+
+def validate_manifest(m, model_dir, path):
+    """Check the manifest's structure (not the chunk files). Returns the ModelConfig."""
+    if not isinstance(m, dict):
+        raise FormatError(path, "manifest must be a JSON object")
+    if m.get("format") != FORMAT_NAME:
+        raise FormatError(path, f"format is {m.get('format')!r}, expected {FORMAT_NAME!r}")
+    if m.get("version") != VERSION:
+        raise FormatError(path, f"format version {m.get('version')!r} is not supported by this "
+                                f"edgellm (it reads version {VERSION}); upgrade edgellm or "
+                                "reconvert the model")
+    cfg = ModelConfig.from_dict(m.get("config"), path)
+
+    tok = m.get("tokenizer")
+    if not isinstance(tok, dict) or tok.get("kind") not in TOKENIZER_KINDS:
+        raise FormatError(path, f"tokenizer must be an object with kind in {TOKENIZER_KINDS}")
+    tok_path = safe_path(model_dir, tok.get("file"), path)
+    if not os.path.isfile(tok_path):
+        raise FormatError(tok_path, "tokenizer file named in the manifest is missing")
+    tmpl = m.get("chat_template")
+    if tmpl is not None and not isinstance(tmpl, str):
+        raise FormatError(path, "chat_template must be a string or null")
+
+    chunks = m.get("chunks")
+    expected = [EMBED_CHUNK] + [layer_chunk(i) for i in range(cfg.n_layers)]
+    if not isinstance(chunks, list) or [c.get("file") if isinstance(c, dict) else None
+                                        for c in chunks] != expected:
+        raise FormatError(path, f"chunks must list {EMBED_CHUNK} then {cfg.n_layers} layer chunks "
+                                "in order")
+    for c in chunks:
+        safe_path(model_dir, c["file"], path)
+        if not isinstance(c.get("size"), int) or c["size"] < 8:
+            raise FormatError(path, f"chunk {c['file']}: size must be an integer >= 8")
+        sha = c.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64):
+            raise FormatError(path, f"chunk {c['file']}: sha256 must be 64 hex characters")
+        tensors = c.get("tensors")
+        if not isinstance(tensors, dict) or not tensors:
+            raise FormatError(path, f"chunk {c['file']}: tensors must be a non-empty object")
+        for name, entry in tensors.items():
+            _check_entry(path, c["file"], name, entry)
+    return cfg
+
+
+def _check_entry(path, chunk, name, entry):
+    where = f"chunk {chunk}, tensor {name}"
+    if not isinstance(entry, dict):
+        raise FormatError(path, f"{where}: entry must be an object")
+    shape = entry.get("shape")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
+            or not all(isinstance(v, int) and v > 0 for v in shape)):
+        raise FormatError(path, f"{where}: shape must be 1 or 2 positive integers")
+    enc = entry.get("encoding")
+    if enc == "bundle":
+        parts = entry.get("parts")
+        if not isinstance(parts, list) or not parts:
+            raise FormatError(path, f"{where}: bundle needs a list of parts")
+        for p in parts:
+            if not isinstance(p, dict) or p.get("encoding") not in encodings.NAMES:
+                raise FormatError(path, f"{where}: bad bundle part {p!r}")
+        return
+    if enc not in encodings.NAMES and enc not in RAW_ENCODINGS:
+        raise FormatError(path, f"{where}: unknown encoding {enc!r}")
+    try:
+        stored_tensors(name, entry)
+    except EdgeLLMError as e:
+        raise FormatError(path, f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk files
+
+
+def read_header(path):
+    """Parse a safetensors header. Returns (header dict without __metadata__, data start offset)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FormatError(path, "truncated: no safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise FormatError(path, f"truncated or corrupt: header length {n} does not fit in "
+                                        f"the file ({size} bytes)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise FormatError(path, f"cannot read: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(path, "corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise FormatError(path, "corrupt safetensors header")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def check_chunk(path, chunk_entry):
+    """Check a chunk file against its manifest entry: size, every tensor's dtype, shape and extent.
+
+    Returns {tensor name: (numpy dtype, shape, absolute begin, absolute end)}.
+    """
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    if size is None:
+        raise FormatError(path, "chunk file is missing")
+    if size != chunk_entry["size"]:
+        raise FormatError(path, f"size is {size} bytes, the manifest says {chunk_entry['size']} "
+                                "(truncated or replaced file)")
+    header, start = read_header(path)
+    expected = {}
+    for name, entry in chunk_entry["tensors"].items():
+        expected.update(stored_tensors(name, entry))
+    if set(header) != set(expected):
+        missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+        raise FormatError(path, f"header disagrees with the manifest (missing {missing}, "
+                                f"unexpected {extra})")
+    out = {}
+    for name, (dtype, shape) in expected.items():
+        h = header[name]
+        try:
+            hd = np.dtype(ST_DTYPES[h["dtype"]])
+            hshape = tuple(h["shape"])
+            b, e = (int(v) for v in h["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(path, f"tensor {name}: corrupt header entry") from None
+        if hd != dtype or hshape != shape:
+            raise FormatError(path, f"tensor {name}: header says {h['dtype']} {list(hshape)}, the "
+                                    f"manifest implies {ST_NAMES[dtype]} {list(shape)}")
+        if not 0 <= b <= e or e - b != int(np.prod(shape)) * dtype.itemsize or start + e > size:
+            raise FormatError(path, f"tensor {name}: data offsets {b}..{e} are inconsistent or "
+                                    "outside the file")
+        out[name] = (dtype, shape, start + b, start + e)
+    return out

@@ -1,0 +1,101 @@
+"""The one reader: every weight byte the runtime uses comes through a Reader.
+
+Resident mode memory-maps each chunk after checking it against the manifest and hands out
+zero-copy NumPy views. (The flash reader of a later issue adds pread-based streaming here.)
+"""
+
+import hashlib
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import encodings, format
+from .errors import FormatError
+
+
+@dataclass
+class Matrix:
+    """One encoded [n, d] weight matrix: values q, scales s (or None) and the codec to read them."""
+
+    q: np.ndarray
+    s: np.ndarray | None
+    codec: object
+    shape: tuple
+
+    def dequantize(self, rows=None):
+        if rows is None:
+            return self.codec.dequantize(self.q, self.s)
+        return self.codec.dequantize(self.q[rows], None if self.s is None else self.s[rows])
+
+    @property
+    def nbytes(self):
+        return self.q.nbytes + (0 if self.s is None else self.s.nbytes)
+
+
+class Reader:
+    def __init__(self, model_dir, manifest):
+        self.model_dir = os.fspath(model_dir)
+        self.manifest = manifest
+        self.chunks = {c["file"]: c for c in manifest["chunks"]}
+        self._maps = {}  # file -> (mmap, {stored name: (dtype, shape, begin, end)})
+        self.bytes_mapped = 0
+
+    def _open(self, file):
+        if file not in self._maps:
+            if file not in self.chunks:
+                raise FormatError(os.path.join(self.model_dir, file), "not a chunk of this model")
+            path = format.safe_path(self.model_dir, file)
+            extents = format.check_chunk(path, self.chunks[file])
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[file] = (mm, extents)
+            self.bytes_mapped += len(mm)
+        return self._maps[file]
+
+    def array(self, file, stored_name):
+        """Zero-copy read-only view of one stored safetensors tensor."""
+        mm, extents = self._open(file)
+        if stored_name not in extents:
+            raise FormatError(os.path.join(self.model_dir, file), f"no tensor {stored_name!r}")
+        dtype, shape, b, e = extents[stored_name]
+        return np.frombuffer(mm, dtype=dtype, count=(e - b) // dtype.itemsize,
+                             offset=b).reshape(shape)
+
+    def entry(self, file, name):
+        return self.chunks[file]["tensors"].get(name)
+
+    def has(self, file, name):
+        return name in self.chunks[file]["tensors"]
+
+    def matrix(self, file, name):
+        entry = self.entry(file, name)
+        c = encodings.codec(entry["encoding"], entry.get("group_size"))
+        s = None
+        if c.scale_shape(*entry["shape"]) is not None:
+            s = self.array(file, format.scales_name(name))
+        return Matrix(self.array(file, name), s, c, tuple(entry["shape"]))
+
+    def vector(self, file, name):
+        """A small tensor (norm weight, bias) as float32."""
+        return np.asarray(self.array(file, name), dtype=np.float32)
+
+    def verify(self, progress=None):
+        """Full read: check every chunk's size, header and sha256 against the manifest."""
+        for c in self.manifest["chunks"]:
+            path = format.safe_path(self.model_dir, c["file"])
+            format.check_chunk(path, c)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+                    if progress:
+                        progress(len(block))
+            if h.hexdigest() != c["sha256"]:
+                raise FormatError(path, "checksum mismatch: the file is corrupt or was changed "
+                                        "after conversion")
+
+    def close(self):
+        # views handed out keep their mmap alive; just drop our references
+        self._maps.clear()
