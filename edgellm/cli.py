@@ -1,0 +1,215 @@
+"""The `edgellm` command line: convert, inspect, run, demo."""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from .runtime.errors import EdgeLLMError
+
+DEMO_PROMPT = "In the beginning"
+
+
+def demo_model_path():
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
+
+
+def add_sampling_args(p):
+    from .sampling import SamplingParams
+
+    d = SamplingParams()
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help=f"0 = greedy (default {d.temperature})")
+    g.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
+    g.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
+    g.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help=f"1 = off (default {d.repetition_penalty})")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text is generated (repeatable)")
+
+
+def sampling_from_args(a):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                          min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_convert(a):
+    from .converters.convert import convert
+
+    dst = convert(a.src, a.output, quant=a.quant, group_size=a.group_size, progress=True,
+                  overwrite=a.force)
+    print(f"wrote {dst}")
+
+
+def cmd_inspect(a):
+    from .runtime import format
+    from .runtime.reader import Reader
+
+    manifest, cfg = format.read_manifest(a.model)
+    if a.verify:
+        Reader(a.model, manifest).verify()
+    sizes, encs = {}, {}
+    for c in manifest["chunks"]:
+        for name, e in c["tensors"].items():
+            part = _part_of(name)
+            nbytes = sum(math.prod(shape) * dt.itemsize
+                         for dt, shape in format.stored_tensors(name, e).values())
+            sizes[part] = sizes.get(part, 0) + nbytes
+            if e["encoding"] == "bundle":
+                enc = "+".join(sorted({p["encoding"] for p in e["parts"]}))
+            else:
+                enc = e["encoding"] + (f"/g{e['group_size']}" if e.get("group_size") else "")
+            encs.setdefault(part, set()).add(enc)
+    if a.json:
+        print(json.dumps({"format": manifest["format"], "version": manifest["version"],
+                          "config": manifest["config"], "bytes_per_part": sizes,
+                          "encodings": {k: sorted(v) for k, v in encs.items()},
+                          "total_bytes": sum(c["size"] for c in manifest["chunks"]),
+                          "verified": bool(a.verify), "provenance": manifest.get("provenance")},
+                         indent=2))
+        return
+    print(f"{a.model}: {manifest['format']} format v{manifest['version']}")
+    for k, v in manifest["config"].items():
+        print(f"  {k:18} {v}")
+    print(f"  {'tokenizer':18} {manifest['tokenizer']['kind']} ({manifest['tokenizer']['file']})")
+    print(f"  {'chat template':18} {'yes' if manifest.get('chat_template') else 'no'}")
+    print("\n  part          bytes        encoding")
+    for part in sizes:
+        print(f"  {part:12} {_mb(sizes[part]):>12}  {', '.join(sorted(encs[part]))}")
+    total = sum(c["size"] for c in manifest["chunks"])
+    print(f"  {'total files':12} {_mb(total):>12}  ({len(manifest['chunks'])} chunks)")
+    if a.verify:
+        print("  checksums    OK")
+
+
+def _part_of(name):
+    if name.startswith("attn_norm") or name.startswith("ffn_norm") or name.startswith("norm."):
+        return "norms"
+    for prefix, part in (("attn_", "attention"), ("ffn_", "ffn"), ("tok_", "embedding"),
+                         ("pos_", "embedding"), ("output", "head")):
+        if name.startswith(prefix):
+            return part
+    return "other"
+
+
+def _mb(n):
+    return f"{n / 1e6:.2f} MB"
+
+
+def cmd_run(a):
+    from . import load
+
+    t0 = time.perf_counter()
+    model = load(a.model, verify=a.verify, n_ctx=a.ctx)
+    load_s = time.perf_counter() - t0
+    params = sampling_from_args(a)
+    for piece in model.generate(a.prompt, max_tokens=a.n, stop=a.stop, params=params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if a.stats:
+        print_stats(model.last_stats, load_s)
+
+
+def print_stats(stats, load_s):
+    from .model import stats_summary
+
+    s = stats_summary(stats)
+    parts = stats.get("parts_s", {})
+    total = sum(parts.values()) or 1.0
+    lines = [
+        f"load       {load_s * 1e3:8.1f} ms",
+        f"prefill    {stats['prompt_tokens']:5d} tokens {stats['prefill_s'] * 1e3:8.1f} ms "
+        f"{s['prefill_tokens_per_s']:8.1f} tokens/s",
+        f"decode     {stats.get('decode_tokens', 0):5d} tokens {stats['decode_s'] * 1e3:8.1f} ms "
+        f"{s['decode_tokens_per_s']:8.1f} tokens/s",
+        "time per part: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.0f}%)"
+                                      for k, v in parts.items()),
+        f"finish     {stats['finish_reason']}",
+    ]
+    print("\n".join(lines), file=sys.stderr)
+
+
+def cmd_demo(a):
+    path = demo_model_path()
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        raise EdgeLLMError(f"the demo model is missing from this installation ({path})")
+    a.model, a.verify, a.ctx, a.stats = path, False, None, True
+    print(f"demo model: {path}\nprompt: {a.prompt!r}\n", file=sys.stderr)
+    sys.stdout.write(a.prompt)
+    cmd_run(a)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="edgellm", description="Run language models on small CPUs.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a Hugging Face model to the edgellm format",
+                       description="Convert a Hugging Face checkpoint directory (config.json, "
+                       "safetensors, tokenizer) into an edgellm model directory.")
+    c.add_argument("src", help="Hugging Face model directory")
+    c.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
+    c.add_argument("--quant", choices=["f32", "f16", "int8", "int4"], default="f16",
+                   help="weight encoding (default f16)")
+    c.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="int4 group size (default 32)")
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("inspect", help="show a model's config, sizes and encodings")
+    i.add_argument("model", help="edgellm model directory")
+    i.add_argument("--verify", action="store_true", help="read every chunk and check checksums")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("run", help="generate text from a prompt")
+    r.add_argument("model", help="edgellm model directory")
+    r.add_argument("-p", "--prompt", required=True, help="prompt text")
+    r.add_argument("-n", type=int, default=128, help="maximum tokens to generate (default 128)")
+    r.add_argument("--ctx", type=int, default=None, help="context length (default: model's, "
+                   "capped at 4096)")
+    r.add_argument("--stats", action="store_true", help="print speed and time per part")
+    r.add_argument("--verify", action="store_true", help="check checksums before running")
+    add_sampling_args(r)
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="generate from the small demo model shipped with edgellm")
+    d.add_argument("-p", "--prompt", default=DEMO_PROMPT, help=f"default {DEMO_PROMPT!r}")
+    d.add_argument("-n", type=int, default=64, help="tokens to generate (default 64)")
+    add_sampling_args(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.command:
+        parser.print_help()
+        return 2
+    try:
+        a.func(a)
+    except EdgeLLMError as e:
+        print(f"edgellm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The one sampler: logits -> next token id.
+
+Order of operations follows llama.cpp's default chain: repetition penalty, then top-k, top-p,
+min-p on the tempered distribution, then a draw. temperature == 0 is greedy (argmax after the
+repetition penalty).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .runtime.errors import EdgeLLMError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1.0 = off
+    min_p: float = 0.05  # 0.0 = off
+    repetition_penalty: float = 1.1  # 1.0 = off
+    repeat_last_n: int = 64  # how many recent tokens the penalty looks at
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("repeat_last_n", self.repeat_last_n >= 0, "must be >= 0"),
+        ]
+        for name, ok, msg in checks:
+            if not ok:
+                raise EdgeLLMError(f"{name} {msg}, got {getattr(self, name)!r}")
+
+
+class Sampler:
+    def __init__(self, params=None, **kwargs):
+        self.p = params or SamplingParams(**kwargs)
+        self.rng = np.random.default_rng(self.p.seed)
+
+    def __call__(self, logits, history=()):
+        p = self.p
+        logits = np.array(logits, dtype=np.float64).reshape(-1)
+        if p.repetition_penalty != 1.0 and p.repeat_last_n and len(history):
+            recent = np.unique(np.asarray(history[-p.repeat_last_n:], dtype=np.int64))
+            vals = logits[recent]
+            logits[recent] = np.where(vals > 0, vals / p.repetition_penalty,
+                                      vals * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        order = np.argsort(-logits, kind="stable")
+        if p.top_k:
+            order = order[:p.top_k]
+        z = logits[order] / p.temperature
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        keep = len(probs)
+        if p.top_p < 1.0:
+            # smallest prefix whose mass reaches top_p (always at least one token)
+            keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p) + 1))
+        if p.min_p > 0:
+            keep = min(keep, int(np.sum(probs >= p.min_p * probs[0])))
+        probs = probs[:max(keep, 1)]
+        probs /= probs.sum()
+        return int(order[self.rng.choice(len(probs), p=probs)])

@@ -1,0 +1,170 @@
+"""The forward pass: prefill (matrix-matrix, in blocks) and decode (one token at a time).
+
+One code path for every architecture: the differences (norm kind, activation, gated FFN, rotary or
+learned positions, biases, tied head) are ModelConfig values. Weights come from the Reader; the
+math is in runtime/kernels.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import format, kernels
+from .errors import ContextLengthError, EdgeLLMError
+
+PREFILL_BLOCK = 64  # tokens per prefill block: large enough for BLAS, small enough for cache
+
+
+@dataclass
+class Layer:
+    attn_norm: tuple  # (weight, bias or None)
+    q: object  # reader.Matrix
+    k: object
+    v: object
+    o: object
+    q_bias: np.ndarray | None
+    k_bias: np.ndarray | None
+    v_bias: np.ndarray | None
+    o_bias: np.ndarray | None
+    ffn_norm: tuple
+    bundles: np.ndarray  # uint8 [d_ff, stride]
+    layout: list
+    up_bias: np.ndarray | None
+    down_bias: np.ndarray | None
+
+
+class Timer:
+    """Seconds spent per part of the forward pass (for --stats)."""
+
+    def __init__(self):
+        self.parts = {}
+
+    def add(self, part, t0):
+        t1 = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + (t1 - t0)
+        return t1
+
+
+class Transformer:
+    def __init__(self, reader, cfg, n_ctx=None):
+        self.reader, self.cfg = reader, cfg
+        self.n_ctx = min(cfg.max_context, n_ctx or cfg.max_context)
+        self.timer = Timer()
+        E = format.EMBED_CHUNK
+        self.embed = reader.matrix(E, "tok_embeddings")
+        self.pos_embed = reader.vector(E, "pos_embeddings") if cfg.positions == "learned" else None
+        self.norm = self._norm(E, "norm")
+        self.head = self.embed if cfg.tied_embeddings else reader.matrix(E, "output")
+        self.layers = [self._layer(format.layer_chunk(i)) for i in range(cfg.n_layers)]
+        if cfg.positions == "rope":
+            self.cos, self.sin = kernels.rope_tables(cfg.head_dim, self.n_ctx, cfg.rope_theta,
+                                                     cfg.rope_scaling)
+        # KV cache, allocated once: per layer (n_kv_heads, n_ctx, head_dim)
+        shape = (cfg.n_kv_heads, self.n_ctx, cfg.head_dim)
+        self.k_cache = [np.zeros(shape, np.float32) for _ in range(cfg.n_layers)]
+        self.v_cache = [np.zeros(shape, np.float32) for _ in range(cfg.n_layers)]
+        self.pos = 0  # tokens currently in the cache
+
+    def _norm(self, file, name):
+        w = self.reader.vector(file, name + ".weight")
+        b = self.reader.vector(file, name + ".bias") if self.cfg.norm == "layer" else None
+        return w, b
+
+    def _opt(self, file, name):
+        return self.reader.vector(file, name) if self.reader.has(file, name) else None
+
+    def _layer(self, f):
+        r = self.reader
+        entry = r.entry(f, "ffn_bundles")
+        return Layer(
+            attn_norm=self._norm(f, "attn_norm"),
+            q=r.matrix(f, "attn_q"), k=r.matrix(f, "attn_k"), v=r.matrix(f, "attn_v"),
+            o=r.matrix(f, "attn_o"),
+            q_bias=self._opt(f, "attn_q.bias"), k_bias=self._opt(f, "attn_k.bias"),
+            v_bias=self._opt(f, "attn_v.bias"), o_bias=self._opt(f, "attn_o.bias"),
+            ffn_norm=self._norm(f, "ffn_norm"),
+            bundles=r.array(f, "ffn_bundles"), layout=entry["parts"],
+            up_bias=self._opt(f, "ffn_up.bias"), down_bias=self._opt(f, "ffn_down.bias"),
+        )
+
+    # -----------------------------------------------------------------------------------------
+
+    def reset(self):
+        self.pos = 0
+
+    def apply_norm(self, x, norm):
+        w, b = norm
+        if b is None:
+            return kernels.rmsnorm(x, w, self.cfg.norm_eps)
+        return kernels.layernorm(x, w, b, self.cfg.norm_eps)
+
+    def forward(self, ids, all_logits=False):
+        """Run tokens ids (appended after the cached ones). Returns logits f32[T, V] for every
+        new token when all_logits, else f32[1, V] for the last one."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise EdgeLLMError("forward needs at least one token")
+        if self.pos + ids.size > self.n_ctx:
+            raise ContextLengthError(
+                f"{self.pos + ids.size} tokens do not fit in the context of {self.n_ctx} tokens")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise EdgeLLMError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
+        out = []
+        for b in range(0, ids.size, PREFILL_BLOCK):
+            block = ids[b:b + PREFILL_BLOCK]
+            last = b + PREFILL_BLOCK >= ids.size
+            x = self._block(block)
+            if all_logits or last:
+                out.append(self._logits(x if all_logits else x[-1:]))
+        return np.concatenate(out, axis=0)
+
+    def _block(self, ids):
+        """Hidden states f32[T, d] after all layers for a block of new tokens."""
+        cfg, T, p0 = self.cfg, ids.size, self.pos
+        t = time.perf_counter()
+        x = self.embed.dequantize(ids)
+        if self.pos_embed is not None:
+            x += self.pos_embed[p0 + cfg.pos_offset + np.arange(T)]
+        positions = np.arange(p0, p0 + T, dtype=np.int64)
+        t = self.timer.add("embed", t)
+        for i, L in enumerate(self.layers):
+            x = self._attention(i, L, x, positions)
+            t = self.timer.add("attention", t)
+            h = self.apply_norm(x, L.ffn_norm)
+            f = kernels.ffn(h, L.bundles, L.layout, cfg.d_model, cfg.activation, cfg.gated_ffn,
+                            L.up_bias)
+            if L.down_bias is not None:
+                f += L.down_bias
+            x = x + f
+            t = self.timer.add("ffn", t)
+        self.pos += T
+        return x
+
+    def _attention(self, i, L, x, positions):
+        cfg, T, p0 = self.cfg, x.shape[0], self.pos
+        h = self.apply_norm(x, L.attn_norm)
+        q = _linear(L.q, h, L.q_bias).reshape(T, cfg.n_heads, cfg.head_dim)
+        k = _linear(L.k, h, L.k_bias).reshape(T, cfg.n_kv_heads, cfg.head_dim)
+        v = _linear(L.v, h, L.v_bias).reshape(T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.positions == "rope":
+            q = kernels.apply_rope(q, self.cos, self.sin, positions)
+            k = kernels.apply_rope(k, self.cos, self.sin, positions)
+        self.k_cache[i][:, p0:p0 + T] = k.transpose(1, 0, 2)
+        self.v_cache[i][:, p0:p0 + T] = v.transpose(1, 0, 2)
+        a = kernels.attention(q, self.k_cache[i], self.v_cache[i], p0)
+        return x + _linear(L.o, a.reshape(T, cfg.q_dim), L.o_bias)
+
+    def _logits(self, x):
+        t = time.perf_counter()
+        h = self.apply_norm(x, self.norm)
+        logits = kernels.linear(self.head, h)
+        self.timer.add("head", t)
+        return logits
+
+
+def _linear(m, x, bias):
+    y = kernels.linear(m, x)
+    if bias is not None:
+        y += bias
+    return y

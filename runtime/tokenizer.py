@@ -1,0 +1,102 @@
+"""Tokenizer wrapper: sentencepiece (tokenizer.model) or Hugging Face tokenizers (tokenizer.json).
+
+Both libraries do the real work; this module only gives them one interface and adds the
+incremental detokenizer that streaming needs.
+"""
+
+from . import format
+from .errors import FormatError
+
+
+class Tokenizer:
+    def __init__(self, impl, kind, bos_id, eos_ids, add_bos, vocab_size):
+        self._impl = impl
+        self.kind = kind
+        self.bos_id = bos_id
+        self.eos_ids = set(eos_ids)
+        self.add_bos = add_bos
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def load(cls, model_dir, manifest):
+        spec = manifest["tokenizer"]
+        path = format.safe_path(model_dir, spec["file"])
+        cfg = manifest["config"]
+        try:
+            if spec["kind"] == "sentencepiece":
+                import sentencepiece
+
+                impl = sentencepiece.SentencePieceProcessor(model_file=path)
+                vocab = impl.get_piece_size()
+                bos = impl.bos_id() if impl.bos_id() >= 0 else None
+                eos = [impl.eos_id()] if impl.eos_id() >= 0 else []
+            else:
+                import tokenizers
+
+                impl = tokenizers.Tokenizer.from_file(path)
+                vocab = impl.get_vocab_size(with_added_tokens=True)
+                bos, eos = None, []
+        except FormatError:
+            raise
+        except Exception as e:  # the libraries raise RuntimeError/ValueError/OSError variously
+            raise FormatError(path, f"cannot load tokenizer: {e}") from None
+        if cfg.get("bos_token_id") is not None:
+            bos = cfg["bos_token_id"]
+        if cfg.get("eos_token_ids"):
+            eos = list(cfg["eos_token_ids"])
+        add_bos = bool(spec.get("add_bos", bos is not None)) and bos is not None
+        return cls(impl, spec["kind"], bos, eos, add_bos, vocab)
+
+    def encode(self, text, add_bos=None):
+        """Text -> token ids; a BOS token is prepended when the model expects one."""
+        if self.kind == "sentencepiece":
+            ids = list(self._impl.encode(text))
+        else:
+            ids = list(self._impl.encode(text, add_special_tokens=False).ids)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        if self.kind == "sentencepiece":
+            return self._impl.decode(ids)
+        return self._impl.decode(ids, skip_special_tokens=False)
+
+    def streamer(self):
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a growing token list into text pieces, holding back incomplete UTF-8 sequences.
+
+    Decoding token by token is wrong for byte-level and sentencepiece tokenizers (a character can
+    span tokens, and a leading space depends on the previous token), so each step decodes a short
+    window and emits only the text that the window added.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids = []
+        self.prefix = 0  # window start
+        self.read = 0  # tokens already emitted
+
+    def push(self, token_id):
+        self.ids.append(int(token_id))
+        prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            piece = text[len(prefix_text):]
+            self.prefix, self.read = self.read, len(self.ids)
+            return piece
+        return ""
+
+    def flush(self):
+        """Whatever is still held back (e.g. an incomplete character at the very end)."""
+        if self.read < len(self.ids):
+            prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
+            text = self.tok.decode(self.ids[self.prefix:])
+            self.prefix = self.read = len(self.ids)
+            return text[len(prefix_text):]
+        return ""
+
