@@ -49,6 +49,19 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f"{name} must be a positive integer, got {v!r}")
+        for name in ("gated_ffn", "qkv_bias", "o_bias", "ffn_bias", "tied_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                bad(f"{name} must be a positive number, got {v!r}")
+        if not isinstance(self.pos_offset, int) or self.pos_offset < 0:
+            bad(f"pos_offset must be an integer >= 0, got {self.pos_offset!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            bad("rope_scaling must be an object or null")
+        if self.ffn_bias and self.gated_ffn:
+            bad("ffn_bias is only supported with an ungated FFN (OPT)")
         if self.norm not in NORMS:
             bad(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.activation not in ACTIVATIONS:

@@ -55,6 +55,10 @@ def stored_tensors(name, entry):
             raise EdgeLLMError(f"vector {name} must be f32 or f16, got {enc}")
         return {name: (c.data_dtype(), shape)}
     n, d = shape
+    if enc == "int4":
+        if entry.get("group_size") is None:
+            raise EdgeLLMError("int4 needs a group_size")
+        c.check(d)
     out = {name: (c.data_dtype(), tuple(c.data_shape(n, d)))}
     if c.scale_shape(n, d) is not None:
         out[scales_name(name)] = (c.scale_dtype(), tuple(c.scale_shape(n, d)))
@@ -134,13 +138,15 @@ def validate_manifest(m, model_dir, path):
         if not isinstance(c.get("size"), int) or c["size"] < 8:
             raise FormatError(path, f"chunk {c['file']}: size must be an integer >= 8")
         sha = c.get("sha256")
-        if not (isinstance(sha, str) and len(sha) == 64):
-            raise FormatError(path, f"chunk {c['file']}: sha256 must be 64 hex characters")
+        if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+            raise FormatError(path, f"chunk {c['file']}: sha256 must be 64 lowercase hex digits")
         tensors = c.get("tensors")
         if not isinstance(tensors, dict) or not tensors:
             raise FormatError(path, f"chunk {c['file']}: tensors must be a non-empty object")
         for name, entry in tensors.items():
             _check_entry(path, c["file"], name, entry)
+    for c in chunks:
+        _check_against_config(path, c, cfg)
     return cfg
 
 
@@ -150,7 +156,7 @@ def _check_entry(path, chunk, name, entry):
         raise FormatError(path, f"{where}: entry must be an object")
     shape = entry.get("shape")
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
-            or not all(isinstance(v, int) and v > 0 for v in shape)):
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
         raise FormatError(path, f"{where}: shape must be 1 or 2 positive integers")
     enc = entry.get("encoding")
     if enc == "bundle":
@@ -167,6 +173,74 @@ def _check_entry(path, chunk, name, entry):
         stored_tensors(name, entry)
     except EdgeLLMError as e:
         raise FormatError(path, f"{where}: {e}") from None
+
+
+def expected_tensors(cfg, file):
+    """{name: (allowed encodings, shape)} every chunk of a model with this config must hold.
+    A shape of None is checked elsewhere (bundles); a leading None means "at least"."""
+    d, vec = cfg.d_model, ("f32",)
+    mat = ("f32", "f16", "int8", "int4")
+    if file == EMBED_CHUNK:
+        out = {"tok_embeddings": (mat, [cfg.vocab_size, d]), "norm.weight": (vec, [d])}
+        if cfg.norm == "layer":
+            out["norm.bias"] = (vec, [d])
+        if not cfg.tied_embeddings:
+            out["output"] = (mat, [cfg.vocab_size, d])
+        if cfg.positions == "learned":
+            out["pos_embeddings"] = (vec, [cfg.max_context + cfg.pos_offset, d])
+        return out
+    out = {"attn_q": (mat, [cfg.q_dim, d]), "attn_k": (mat, [cfg.kv_dim, d]),
+           "attn_v": (mat, [cfg.kv_dim, d]), "attn_o": (mat, [d, cfg.q_dim]),
+           "ffn_bundles": (("bundle",), None), "ffn_perm": (("i32",), [cfg.d_ff])}
+    for norm in ("attn_norm", "ffn_norm"):
+        out[norm + ".weight"] = (vec, [d])
+        if cfg.norm == "layer":
+            out[norm + ".bias"] = (vec, [d])
+    if cfg.qkv_bias:
+        out.update({"attn_q.bias": (vec, [cfg.q_dim]), "attn_k.bias": (vec, [cfg.kv_dim]),
+                    "attn_v.bias": (vec, [cfg.kv_dim])})
+    if cfg.o_bias:
+        out["attn_o.bias"] = (vec, [d])
+    if cfg.ffn_bias:
+        out.update({"ffn_up.bias": (vec, [cfg.d_ff]), "ffn_down.bias": (vec, [d])})
+    return out
+
+
+def bundle_parts(cfg):
+    return ("gate", "up", "down") if cfg.gated_ffn else ("up", "down")
+
+
+def _check_against_config(path, chunk, cfg):
+    file, tensors = chunk["file"], chunk["tensors"]
+    want = expected_tensors(cfg, file)
+    if set(tensors) != set(want):
+        missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+        raise FormatError(path, f"chunk {file}: tensors do not match the config (missing "
+                                f"{missing}, unexpected {extra})")
+    for name, (encs, shape) in want.items():
+        e = tensors[name]
+        if e["encoding"] not in encs:
+            raise FormatError(path, f"chunk {file}, tensor {name}: encoding {e['encoding']!r} not "
+                                    f"allowed here (allowed: {', '.join(encs)})")
+        if shape is not None and e["shape"] != shape:
+            raise FormatError(path, f"chunk {file}, tensor {name}: shape {e['shape']} does not "
+                                    f"match the config ({shape})")
+    if "ffn_bundles" in tensors:
+        e = tensors["ffn_bundles"]
+        try:
+            parts = [(p["name"], encodings.codec(p["encoding"], p.get("group_size")))
+                     for p in e["parts"]]
+            if tuple(n for n, _ in parts) != bundle_parts(cfg):
+                raise EdgeLLMError(f"parts must be {bundle_parts(cfg)}")
+            for _, c in parts:
+                if c.group_size and cfg.d_model % c.group_size:
+                    raise EdgeLLMError(f"group size {c.group_size} does not divide d_model")
+            layout, stride = encodings.bundle_layout(parts, cfg.d_model)
+        except (EdgeLLMError, KeyError, TypeError) as err:
+            raise FormatError(path, f"chunk {file}, ffn_bundles: bad parts ({err})") from None
+        if e["parts"] != layout or e["shape"] != [cfg.d_ff, stride]:
+            raise FormatError(path, f"chunk {file}, ffn_bundles: layout or shape disagrees with "
+                                    "the bundle layout of docs/FORMAT.md")
 
 
 # ---------------------------------------------------------------------------------------------
