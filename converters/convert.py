@@ -1,0 +1,267 @@
+"""`edgellm convert`: a Hugging Face checkpoint directory -> an edgellm model directory (format v1).
+
+Order of work, so that nothing is written for a conversion that cannot succeed:
+1. check everything: quantization options, config.json (converters/arch.py), every tensor's
+   presence, shape and dtype in the safetensors headers, tokenizer files, the destination;
+2. stream: embed.safetensors, then one layer at a time (peak RAM: one layer plus a block of
+   embedding rows), each chunk encoded and written to a staging directory;
+3. copy the tokenizer, write manifest.json, verify the staged directory with the runtime's reader,
+   and rename it into place (converters/writer.py).
+
+>>> convert("hf/TinyLlama-1.1B", "models/tinyllama-int4", quant="int4")  # doctest: +SKIP
+'models/tinyllama-int4'
+"""
+
+import datetime
+import logging
+import os
+
+import numpy as np
+
+from edgellm.runtime import encodings, format
+from edgellm.runtime.errors import ConvertError
+
+from . import arch, quantize, writer
+from .sources.hf import HFSource
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def converter_version():
+    try:
+        from importlib.metadata import version
+
+        return version("edgellm")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+
+def _is_sentencepiece(path):
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=path)
+        return True
+    except Exception:  # e.g. Llama 3's tiktoken file, also named tokenizer.model
+        return False
+
+
+def find_tokenizer(src, spec):
+    """{"kind", "file", "add_bos"} for the manifest plus the source path of the file."""
+    tok_cfg = arch.read_json(os.path.join(src, TOKENIZER_CONFIG), required=False) or {}
+    sp = os.path.join(src, "tokenizer.model")
+    js = os.path.join(src, "tokenizer.json")
+    if os.path.isfile(sp) and _is_sentencepiece(sp):
+        kind, path = "sentencepiece", sp
+    elif os.path.isfile(js):
+        kind, path = "hf", js
+    elif os.path.isfile(sp):
+        raise ConvertError(f"{sp}: not a sentencepiece model, and there is no tokenizer.json")
+    else:
+        raise ConvertError(f"{src}: no tokenizer file (tokenizer.model or tokenizer.json)")
+    add_bos = tok_cfg.get("add_bos_token")
+    if not isinstance(add_bos, bool):
+        add_bos = spec.arch.add_bos[spec.model_type]
+    if spec.config.bos_token_id is None:
+        add_bos = False
+    return {"kind": kind, "file": os.path.basename(path), "add_bos": add_bos}, path, tok_cfg
+
+
+def find_chat_template(src, tok_cfg):
+    """The chat template: chat_template.jinja (newer transformers), chat_template.json, or the
+    chat_template key of tokenizer_config.json (a string, or a list of named templates)."""
+    jinja = os.path.join(src, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        try:
+            with open(jinja, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConvertError(f"{jinja}: cannot read ({e})") from None
+    cj = arch.read_json(os.path.join(src, "chat_template.json"), required=False)
+    tmpl = cj.get("chat_template") if isinstance(cj, dict) else tok_cfg.get("chat_template")
+    if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+        tmpl = named.get("default", next(iter(named.values()), None))
+    if tmpl is not None and not isinstance(tmpl, str):
+        raise ConvertError(f"{os.path.join(src, TOKENIZER_CONFIG)}: chat_template must be a "
+                           "string")
+    return tmpl
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunks
+
+
+def _is_vector(canonical):
+    return canonical.endswith((".weight", ".bias"))
+
+
+class _Encoder:
+    """Encodes canonical tensors from the source, collecting the quantization report."""
+
+    def __init__(self, source, spec, quant, group_size):
+        self.source, self.spec = source, spec
+        self.quant, self.group_size = quant, group_size
+        self.errors = {}  # "chunk/tensor" -> {encoding, max_abs_error, max_abs}
+        self.fallbacks = {}  # "chunk/tensor" -> reason
+
+    def vector(self, hf_name):
+        return np.ascontiguousarray(self.source.read(hf_name), dtype=np.float32)
+
+    def add(self, entries, arrays, chunk, canonical, hf_name):
+        """Encode one canonical tensor into entries/arrays."""
+        shape = self.spec.shape(canonical)
+        if _is_vector(canonical):
+            entries[canonical] = quantize.vector_entry(shape)
+            arrays[canonical] = self.vector(hf_name)
+            return
+        n, d = shape
+        if canonical == "pos_embeddings":
+            c, note = encodings.codec("f32"), None
+        else:
+            c, note = quantize.matrix_codec(self.quant, self.group_size, d)
+        key = f"{chunk}/{canonical}"
+        if note:
+            self.fallbacks[key] = note
+            log.info("%s: %s", key, note)
+        q, s, stats = quantize.encode_matrix(
+            lambda r0, r1: self.source.read(hf_name, rows=(r0, r1)), n, d, c, name=hf_name)
+        entries[canonical] = quantize.entry(c, shape)
+        arrays[canonical] = q
+        if s is not None:
+            arrays[format.scales_name(canonical)] = s
+        self._record(key, c.name, stats)
+
+    def bundles(self, entries, arrays, chunk, names):
+        cfg = self.spec.config
+        d = cfg.d_model
+        vectors = {}
+        for part in self.spec.arch.ffn_parts:
+            w = self.source.read(names["ffn_" + part])
+            # down: column i of [d, d_ff] becomes row i (contiguous: the codecs view it as bytes)
+            vectors[part] = np.ascontiguousarray(w.T) if part == "down" else w
+        c, note = quantize.bundle_codec(self.quant, self.group_size, d)
+        key = f"{chunk}/ffn_bundles"
+        if note:
+            self.fallbacks[key] = note
+            log.info("%s: %s", key, note)
+        b, layout, stats = quantize.encode_bundles(vectors, self.spec.arch.ffn_parts, c, d,
+                                                   name=f"{chunk} FFN")
+        del vectors
+        entries["ffn_bundles"] = {"encoding": "bundle", "shape": list(b.shape),
+                                  "group_size": None, "parts": layout}
+        arrays["ffn_bundles"] = b
+        for part, st in stats.items():
+            self._record(f"{key}.{part}", c.name, st)
+        perm = np.arange(cfg.d_ff, dtype=np.int32)  # identity: no hot-first reordering yet
+        entries["ffn_perm"] = {"encoding": "i32", "shape": [cfg.d_ff], "group_size": None}
+        arrays["ffn_perm"] = perm
+
+    def _record(self, key, enc, stats):
+        self.errors[key] = {"encoding": enc, **stats}
+        log.debug("%-32s %-5s max|w| %.4g  max|err| %.3g", key, enc, stats["max_abs"],
+                  stats["max_abs_error"])
+
+    def embed_chunk(self):
+        entries, arrays = {}, {}
+        for canonical, hf in self.spec.global_tensors().items():
+            self.add(entries, arrays, format.EMBED_CHUNK, canonical, hf)
+        return entries, arrays
+
+    def layer_chunk(self, i):
+        chunk = format.layer_chunk(i)
+        names = self.spec.layer_tensors(i)
+        entries, arrays = {}, {}
+        for canonical, hf in names.items():
+            if canonical in ("ffn_gate", "ffn_up", "ffn_down"):
+                continue
+            self.add(entries, arrays, chunk, canonical, hf)
+        self.bundles(entries, arrays, chunk, names)
+        return entries, arrays
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False, command=None):
+    """Convert the Hugging Face model directory src into the edgellm model directory dst.
+
+    quant: f32 | f16 | int8 | int4 (int4 uses groups of group_size values per scale; a matrix
+    whose row length is not a multiple falls back to int8, recorded in the manifest).
+    overwrite: replace an existing dst (only an edgellm model directory), after the new one has
+    been verified. Returns dst. Raises ConvertError (before writing anything) for an unsupported
+    or incomplete source.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    quantize.check_quant(quant, group_size)
+    spec = arch.from_hf_dir(src)
+    cfg = spec.config
+    with HFSource(src, optional_prefixes=arch.OPTIONAL_PREFIXES) as source:
+        # Everything the conversion will read must exist with the right shape, before we write.
+        for canonical, hf in spec.global_tensors().items():
+            source.check(hf, spec.shape(canonical))
+        for i in range(cfg.n_layers):
+            for canonical, hf in spec.layer_tensors(i).items():
+                source.check(hf, spec.shape(canonical))
+        tokenizer, tok_path, tok_cfg = find_tokenizer(src, spec)
+        chat_template = find_chat_template(src, tok_cfg)
+        writer.check_destination(dst, overwrite, src)
+        for note in spec.notes:
+            log.info("%s", note)
+
+        enc = _Encoder(source, spec, quant, group_size)
+        from tqdm.auto import tqdm
+
+        chunks = []
+        with writer.Staging(dst, overwrite) as st, \
+                tqdm(total=cfg.n_layers + 1, desc="convert", unit="chunk",
+                     disable=not progress) as bar:
+            entries, arrays = enc.embed_chunk()
+            chunks.append(st.write_chunk(format.EMBED_CHUNK, entries, arrays))
+            del entries, arrays
+            bar.update(1)
+            for i in range(cfg.n_layers):
+                entries, arrays = enc.layer_chunk(i)
+                chunks.append(st.write_chunk(format.layer_chunk(i), entries, arrays))
+                del entries, arrays
+                bar.update(1)
+            st.copy(tok_path, tokenizer["file"])
+            st.write_manifest({
+                "format": format.FORMAT_NAME,
+                "version": format.VERSION,
+                "config": cfg.to_dict(),
+                "tokenizer": tokenizer,
+                "chat_template": chat_template,
+                "chunks": chunks,
+                "provenance": {
+                    "source": os.path.abspath(src),
+                    "source_model_type": spec.model_type,
+                    "source_dtypes": source.dtypes(),
+                    "converter_version": converter_version(),
+                    "command": command or _command(src, dst, quant, group_size),
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                        timespec="seconds"),
+                    "notes": list(spec.notes),
+                    "quantization": {"quant": quant,
+                                     "group_size": group_size if quant == "int4" else None,
+                                     "fallbacks": enc.fallbacks,
+                                     "tensors": enc.errors},
+                },
+            })
+            st.commit()
+    worst = max(enc.errors.items(), key=lambda kv: kv[1]["max_abs_error"], default=None)
+    if worst is not None and worst[1]["max_abs_error"] > 0:
+        log.info("largest quantization error: %s %.3g (max|w| %.3g)", worst[0],
+                 worst[1]["max_abs_error"], worst[1]["max_abs"])
+    return dst
+
+
+def _command(src, dst, quant, group_size):
+    cmd = f"edgellm convert {src} -o {dst} --quant {quant}"
+    return cmd + (f" --group-size {group_size}" if quant == "int4" else "")

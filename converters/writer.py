@@ -1,0 +1,132 @@
+"""Write a model directory (format v1) safely: stage, verify, then rename into place.
+
+Everything goes into a temporary sibling of the destination (`DST.tmp-XXXXXX`). Only when the
+manifest is written and the staged directory passes the runtime's own checks (read_manifest, then
+Reader.verify: every chunk's size, header and sha256) is it renamed to DST. Any exception, including
+KeyboardInterrupt, removes the staging directory, so a failed conversion leaves nothing behind. An
+existing DST is replaced only with overwrite=True, only if it is an edgellm model directory (or
+empty), and only after the new one has been verified.
+
+Chunks are written with safetensors.numpy.save_file, so each is a valid safetensors file.
+
+>>> with Staging("out/model", overwrite=False) as st:          # doctest: +SKIP
+...     st.write_chunk("embed.safetensors", entries, arrays)
+...     st.write_manifest(manifest)
+...     st.commit()
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from edgellm.runtime import format
+from edgellm.runtime.errors import ConvertError, EdgeLLMError
+from edgellm.runtime.reader import Reader
+
+
+def check_destination(dst, overwrite, src=None):
+    """Refuse a destination we must not write, before any work is done."""
+    dst = os.path.abspath(dst)
+    if src is not None:
+        s = os.path.realpath(src)
+        d = os.path.realpath(dst)
+        if d == s or d.startswith(s + os.sep) or s.startswith(d + os.sep):
+            raise ConvertError(f"{dst}: the output must not be the source directory, inside it, "
+                               "or contain it")
+    if os.path.lexists(dst):
+        if not overwrite:
+            raise ConvertError(f"{dst}: already exists (choose another output or pass "
+                               "overwrite=True / --force to replace it)")
+        if not os.path.isdir(dst) or os.path.islink(dst):
+            raise ConvertError(f"{dst}: exists and is not a directory; refusing to replace it")
+        if os.listdir(dst) and not os.path.isfile(os.path.join(dst, format.MANIFEST)):
+            raise ConvertError(f"{dst}: exists and is not an edgellm model directory (no "
+                               f"{format.MANIFEST}); refusing to replace it")
+    return dst
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Staging:
+    def __init__(self, dst, overwrite=False):
+        self.dst = os.path.abspath(dst)
+        self.overwrite = overwrite
+        self.tmp = None
+        self.committed = False
+
+    def __enter__(self):
+        parent = os.path.dirname(self.dst)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.dst) + ".tmp-", dir=parent)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.tmp is not None and os.path.exists(self.tmp):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+    def path(self, file):
+        return os.path.join(self.tmp, file)
+
+    def write_chunk(self, file, entries, arrays):
+        """Write one chunk. entries: canonical name -> manifest tensor entry; arrays: stored
+        safetensors name -> ndarray. Returns the manifest chunk entry (file, size, sha256, tensors).
+        """
+        expected = {}
+        for name, e in entries.items():
+            expected.update(format.stored_tensors(name, e))
+        got = {k: (v.dtype, tuple(v.shape)) for k, v in arrays.items()}
+        if got != expected:  # a converter bug, not a user error: fail loudly before writing
+            raise EdgeLLMError(f"{file}: arrays {got} disagree with the manifest entries "
+                               f"{expected}")
+        path = self.path(file)
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path)
+        return {"file": file, "size": os.path.getsize(path), "sha256": sha256_file(path),
+                "tensors": entries}
+
+    def copy(self, src_path, file):
+        shutil.copyfile(src_path, self.path(file))
+
+    def write_manifest(self, manifest):
+        path = self.path(format.MANIFEST)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+
+    def verify(self):
+        """Re-read the staged directory with the runtime's own checks."""
+        m, _ = format.read_manifest(self.tmp)
+        Reader(self.tmp, m).verify()
+
+    def commit(self):
+        """Verify, then move the staged directory to dst (replacing an old one if allowed)."""
+        self.verify()
+        old = None
+        if os.path.lexists(self.dst):
+            check_destination(self.dst, self.overwrite)
+            old = tempfile.mkdtemp(prefix=os.path.basename(self.dst) + ".old-",
+                                   dir=os.path.dirname(self.dst))
+            os.rmdir(old)
+            os.rename(self.dst, old)
+        try:
+            os.rename(self.tmp, self.dst)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.dst)
+            raise
+        self.tmp = None
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.dst
