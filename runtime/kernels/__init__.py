@@ -1,0 +1,225 @@
+"""Kernel API (docs/CONTRACT.md, "Kernel API"): everything float32 in, float32 out.
+
+    linear(m, x)                          Matrix [n, d], x [T, d] -> [T, n]
+    rmsnorm(x, w, eps), layernorm(x, w, b, eps)
+    rope_tables(head_dim, max_pos, theta, scaling) -> (cos, sin) [max_pos, head_dim // 2]
+    apply_rope(x, cos, sin, positions)    x [T, H, hd] -> rotated copy
+    attention(q, k_cache, v_cache, start_pos)
+    ffn(x, bundles, layout, d, activation, gated, up_bias)
+
+Decode (T == 1) runs Numba matrix-vector kernels on the weights as stored; prefill (T > 1)
+dequantizes blocks of rows into a reused float32 tile and multiplies with BLAS. Each kernel's
+definition is its NumPy twin in reference.py.
+"""
+
+import threading
+
+import numpy as np
+import numba
+
+from ..errors import EdgeLLMError
+from . import attention as _attention
+from . import ffn as _ffn
+from . import matvec as _mv
+from . import norms as _norms
+from . import rope as _rope
+from . import tiles as _tiles
+from .halfs import F16_TO_F32 as _LUT
+from .reference import rope_tables  # noqa: F401  (NumPy, once per model)
+
+__all__ = ["linear", "rmsnorm", "layernorm", "rope_tables", "apply_rope", "attention", "ffn"]
+
+TILE_BYTES = 1 << 20  # float32 tile size for prefill: ~1 MiB stays in L2 while BLAS reuses it
+
+_local = threading.local()
+
+
+def _tile(rows, d):
+    """A reused float32 scratch tile of at least rows x d (one per thread)."""
+    buf = getattr(_local, "tile", None)
+    if buf is None or buf.size < rows * d:
+        buf = np.empty(max(rows * d, TILE_BYTES // 4), dtype=np.float32)
+        _local.tile = buf
+    return buf[:rows * d].reshape(rows, d)
+
+
+def _rows_per_tile(d, parts=1):
+    return max(16, TILE_BYTES // (4 * d * parts))
+
+
+def _as_rows(x, d, what):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != d:
+        raise EdgeLLMError(f"{what}: expected input of shape [T, {d}], got {list(x.shape)}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# linear
+
+
+def _matvec(m, x, out):
+    name = m.codec.name
+    if name == "f16":
+        _mv.matvec_f16(m.q.view(np.uint16), x, _LUT, out)
+    elif name == "int8":
+        _mv.matvec_int8(m.q, m.s, x, out)
+    elif name == "int4":
+        _mv.matvec_int4(m.q, m.s.view(np.uint16), m.codec.group_size, x, _LUT, out)
+    else:
+        raise EdgeLLMError(f"linear: unsupported encoding {name!r}")
+    return out
+
+
+def _dequant_rows(m, r0, r1, out):
+    name = m.codec.name
+    if name == "f16":
+        _tiles.dequant_f16(m.q.view(np.uint16), r0, r1, _LUT, out)
+    elif name == "int8":
+        _tiles.dequant_int8(m.q, m.s, r0, r1, out)
+    elif name == "int4":
+        _tiles.dequant_int4(m.q, m.s.view(np.uint16), m.codec.group_size, r0, r1, _LUT, out)
+    else:
+        raise EdgeLLMError(f"linear: unsupported encoding {name!r}")
+    return out
+
+
+def linear(m, x):
+    """x f32[T, d] @ m.T for an encoded Matrix m [n, d] -> f32[T, n]."""
+    n, d = m.shape
+    x = _as_rows(x, d, "linear")
+    T = x.shape[0]
+    if m.codec.name == "f32":
+        return x @ m.q.T
+    out = np.empty((T, n), dtype=np.float32)
+    if T == 1:
+        _matvec(m, x[0], out[0])
+        return out
+    rows = _rows_per_tile(d)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = _dequant_rows(m, r0, r1, _tile(r1 - r0, d))
+        np.matmul(x, w.T, out=out[:, r0:r1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# norms, rope, attention
+
+
+def rmsnorm(x, w, eps):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return _norms.rmsnorm(x, np.asarray(w, np.float32), float(eps), np.empty_like(x))
+
+
+def layernorm(x, w, b, eps):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return _norms.layernorm(x, np.asarray(w, np.float32), np.asarray(b, np.float32), float(eps),
+                            np.empty_like(x))
+
+
+def apply_rope(x, cos, sin, positions):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    if positions.shape != (x.shape[0],):
+        raise EdgeLLMError(f"apply_rope: {x.shape[0]} rows but {positions.shape} positions")
+    if positions.size and (positions.min() < 0 or positions.max() >= cos.shape[0]):
+        raise EdgeLLMError(f"apply_rope: position out of range 0..{cos.shape[0] - 1}")
+    return _rope.apply_rope(x, cos, sin, positions, np.empty_like(x))
+
+
+def attention(q, k_cache, v_cache, start_pos):
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    T, H, hd = q.shape
+    if H % k_cache.shape[0]:
+        raise EdgeLLMError(f"attention: {H} query heads is not a multiple of "
+                           f"{k_cache.shape[0]} kv heads")
+    if start_pos + T > k_cache.shape[1]:
+        raise EdgeLLMError(f"attention: positions up to {start_pos + T} exceed the cache "
+                           f"({k_cache.shape[1]})")
+    return _attention.attention(q, k_cache, v_cache, int(start_pos), np.empty_like(q))
+
+
+# ---------------------------------------------------------------------------------------------
+# ffn
+
+
+def _part_table(layout, gated):
+    """(encs, offs, soffs, gs) int64[3] by slot 0 gate, 1 up, 2 down."""
+    tab = np.zeros((4, 3), dtype=np.int64)
+    slot = {"gate": 0, "up": 1, "down": 2}
+    seen = set()
+    for e in layout:
+        if e["name"] not in slot:
+            raise EdgeLLMError(f"ffn: unknown bundle part {e['name']!r}")
+        i = slot[e["name"]]
+        seen.add(e["name"])
+        tab[0, i] = _ffn.ENC_CODES[e["encoding"]]
+        tab[1, i] = e["offset"]
+        tab[2, i] = e["scale_offset"] if e["scale_offset"] is not None else 0
+        tab[3, i] = e["group_size"] or 0
+    need = {"gate", "up", "down"} if gated else {"up", "down"}
+    if not need <= seen:
+        raise EdgeLLMError(f"ffn: bundle layout lacks parts {sorted(need - seen)}")
+    return tab
+
+
+def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
+    """Feed-forward over the neurons in bundle rows uint8[n, stride] -> f32[T, d]."""
+    x = _as_rows(x, d, "ffn")
+    T = x.shape[0]
+    if activation not in _ffn.ACT_CODES:
+        raise EdgeLLMError(f"ffn: unknown activation {activation!r} (known: silu, relu)")
+    kind = _ffn.ACT_CODES[activation]
+    tab = _part_table(layout, gated)
+    bundles = np.ascontiguousarray(bundles)
+    n = bundles.shape[0]
+    has_bias = up_bias is not None and not gated
+    bias = np.asarray(up_bias, np.float32) if has_bias else np.zeros(1, np.float32)
+    if n == 0:
+        return np.zeros((T, d), dtype=np.float32)
+    if T == 1:
+        partial = np.empty((max(1, min(numba.get_num_threads(), n)), d), dtype=np.float32)
+        out = _ffn.ffn_decode(x[0], bundles, tab[0], tab[1], tab[2], tab[3], d, kind, gated,
+                              bias, has_bias, _LUT, partial)
+        return out.reshape(1, d)
+    out = np.zeros((T, d), dtype=np.float32)
+    rows = _rows_per_tile(d, 3)
+    tile = _tile(3 * rows, d)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        k = r1 - r0
+        w = [None, None, None]
+        for i in range(3) if gated else (1, 2):
+            w[i] = _ffn.dequant_part(bundles, r0, r1, tab[0, i], tab[1, i], tab[2, i], tab[3, i],
+                                     d, _LUT, tile[i * rows:i * rows + k])
+        u = x @ w[1].T
+        if gated:
+            h = _activate(x @ w[0].T, activation) * u
+        else:
+            if has_bias:
+                u += bias[r0:r1]
+            h = _activate(u, activation)
+        out += h @ w[2]
+    return out
+
+
+def _activate(v, activation):
+    if activation == "silu":
+        with np.errstate(over="ignore"):  # exp(-v) -> inf for v << 0 gives silu = -0, as it should
+            return v / (np.float32(1.0) + np.exp(-v))
+    return np.maximum(v, np.float32(0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# what the tests need to know to state honest error bounds
+
+
+def quantizes_activations(m, T):
+    """True when linear(m, x) with T rows quantizes x to int8 blocks of 32 (adds bounded error)."""
+    return False
+
+
+def ffn_quantizes_activations(layout, T):
+    """{part name: True when its dot products with x use int8-quantized activations}."""
+    return {e["name"]: False for e in layout}

@@ -110,7 +110,8 @@ def attention(q, k_cache, v_cache, start_pos):
 
 def activate(x, activation):
     if activation == "silu":
-        return x / (1.0 + np.exp(-x))
+        with np.errstate(over="ignore"):  # exp(-x) -> inf for x << 0: silu -> -0, as it should
+            return x / (1.0 + np.exp(-x))
     if activation == "relu":
         return np.maximum(x, 0)
     raise EdgeLLMError(f"unknown activation {activation!r} (known: silu, relu)")

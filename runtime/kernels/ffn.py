@@ -1,0 +1,125 @@
+"""Feed-forward network straight from row-column bundles (reference: reference.ffn).
+
+A bundle row holds one neuron's gate row, up row and down column (OPT: fc1 row, fc2 column), each
+in its own encoding at a byte offset (encodings.bundle_layout). Parts are described to the kernels
+by small arrays indexed by slot (0 gate, 1 up, 2 down): encoding code, value offset, scale offset
+(bytes) and group size.
+
+Decode (T == 1) reads each row once: gate and up dot products, the activation, then the down
+column accumulated into a per-chunk partial sum (one chunk per thread), summed at the end.
+Prefill (T > 1) dequantizes blocks of rows into float32 tiles and uses BLAS.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+F32, F16, INT8, INT4 = 0, 1, 2, 3
+ENC_CODES = {"f32": F32, "f16": F16, "int8": INT8, "int4": INT4}
+SILU, RELU = 0, 1
+ACT_CODES = {"silu": SILU, "relu": RELU}
+
+
+@njit(cache=True)
+def part_dot(row, enc, off, soff, g, d, x, lut):
+    """Dot product of one encoded part of a bundle row with x f32[d]."""
+    acc = np.float32(0.0)
+    if enc == F32:
+        w = row.view(np.float32)
+        o = off // 4
+        for j in range(d):
+            acc += w[o + j] * x[j]
+    elif enc == F16:
+        w = row.view(np.uint16)
+        o = off // 2
+        for j in range(d):
+            acc += lut[w[o + j]] * x[j]
+    elif enc == INT8:
+        w = row.view(np.int8)
+        for j in range(d):
+            acc += np.float32(w[off + j]) * x[j]
+        acc *= row.view(np.float32)[soff // 4]
+    else:
+        sc = row.view(np.uint16)
+        bpg = g // 32
+        for gi in range(d // g):
+            part = np.float32(0.0)
+            for b in range(gi * bpg, (gi + 1) * bpg):
+                for k in range(16):
+                    v = row[off + b * 16 + k]
+                    part += (np.float32(v & 15) - 8) * x[b * 32 + k]
+                    part += (np.float32(v >> 4) - 8) * x[b * 32 + 16 + k]
+            acc += part * lut[sc[soff // 2 + gi]]
+    return acc
+
+
+@njit(cache=True)
+def part_axpy(row, enc, off, soff, g, d, a, acc, lut):
+    """acc f32[d] += a * (one encoded part of a bundle row)."""
+    if enc == F32:
+        w = row.view(np.float32)
+        o = off // 4
+        for j in range(d):
+            acc[j] += a * w[o + j]
+    elif enc == F16:
+        w = row.view(np.uint16)
+        o = off // 2
+        for j in range(d):
+            acc[j] += a * lut[w[o + j]]
+    elif enc == INT8:
+        w = row.view(np.int8)
+        a = a * row.view(np.float32)[soff // 4]
+        for j in range(d):
+            acc[j] += a * np.float32(w[off + j])
+    else:
+        sc = row.view(np.uint16)
+        bpg = g // 32
+        for b in range(d // 32):
+            ab = a * lut[sc[soff // 2 + b // bpg]]
+            for k in range(16):
+                v = row[off + b * 16 + k]
+                acc[b * 32 + k] += ab * (np.float32(v & 15) - 8)
+                acc[b * 32 + 16 + k] += ab * (np.float32(v >> 4) - 8)
+
+
+@njit(cache=True)
+def act(v, kind):
+    if kind == SILU:
+        return v / (np.float32(1.0) + np.exp(-v))
+    return max(v, np.float32(0.0))
+
+
+@njit(cache=True, parallel=True)
+def ffn_decode(x, bundles, encs, offs, soffs, gs, d, kind, gated, up_bias, has_bias, lut, partial):
+    """x f32[d] -> sum over rows of h_i * down_i; partial f32[nchunks, d] is scratch."""
+    n = bundles.shape[0]
+    nchunks = partial.shape[0]
+    per = (n + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        acc = partial[c]
+        acc[:] = 0.0
+        for i in range(c * per, min(n, (c + 1) * per)):
+            row = bundles[i]
+            u = part_dot(row, encs[1], offs[1], soffs[1], gs[1], d, x, lut)
+            if gated:
+                h = act(part_dot(row, encs[0], offs[0], soffs[0], gs[0], d, x, lut), kind) * u
+            else:
+                if has_bias:
+                    u += up_bias[i]
+                h = act(u, kind)
+            if h != 0:
+                part_axpy(row, encs[2], offs[2], soffs[2], gs[2], d, h, acc, lut)
+    out = np.zeros(d, dtype=np.float32)
+    for c in range(nchunks):
+        for j in range(d):
+            out[j] += partial[c, j]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def dequant_part(bundles, r0, r1, enc, off, soff, g, d, lut, out):
+    """Rows r0..r1 of one part -> out f32[r1 - r0, d]."""
+    for r in prange(r1 - r0):
+        o = out[r]
+        o[:] = 0.0
+        part_axpy(bundles[r0 + r], enc, off, soff, g, d, np.float32(1.0), o, lut)
+    return out

@@ -1,0 +1,329 @@
+"""Each kernel of runtime/kernels against its NumPy twin in runtime/kernels/reference.py.
+
+Tolerances. The kernels and the references add the same float32 products in different orders,
+so the error is float32 rounding of a sum: per output, |out - ref| <= RTOL * sum_j |w_j x_j|
+with RTOL = 2e-5, a few times sqrt(d) * 2^-24 for d <= 4096 (the probabilistic size of
+recursive float32 summation; the worst-case bound d * 2^-24 would hide real bugs). Kernels that
+quantize the activations to int8 (blocks of 32, scale max|x| / 127, as llama.cpp's Q8_0) add at
+most sum_j |w_j| * scale_block(j) / 2; the tests compute that bound exactly and allow it in full.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgellm.runtime import encodings, kernels
+from edgellm.runtime.kernels import reference as ref
+from edgellm.runtime.reader import Matrix
+
+RTOL = 2e-5
+
+
+def make_matrix(rng, enc, n, d, g=32, readonly=False):
+    c = encodings.codec(enc, g if enc == "int4" else None)
+    w = rng.standard_normal((n, d)).astype(np.float32)
+    q, s = c.quantize(w)
+    if readonly:  # weights from the reader are read-only views of an mmap
+        q.flags.writeable = False
+        if s is not None:
+            s.flags.writeable = False
+    return Matrix(q, s, c, (n, d))
+
+
+def act_quant_bound(w_abs, x):
+    """Largest change of w @ x when x is quantized to int8 per block of 32 (round to nearest)."""
+    d = x.shape[-1]
+    nb = -(-d // 32)
+    xp = np.zeros(x.shape[:-1] + (nb * 32,))
+    xp[..., :d] = np.abs(x)
+    step = xp.reshape(x.shape[:-1] + (nb, 32)).max(axis=-1) / 127.0
+    half = np.repeat(step, 32, axis=-1)[..., :d] / 2
+    return half @ w_abs.T
+
+
+def assert_linear_close(m, x, out):
+    w = m.dequantize().astype(np.float64)
+    exact = x.astype(np.float64) @ w.T
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).T
+    allowed = RTOL * scale + 1e-30
+    if kernels.quantizes_activations(m, x.shape[0]):
+        allowed = allowed + act_quant_bound(np.abs(w), x.astype(np.float64)) * 1.001
+    expected = ref.linear(m, x)
+    assert out.shape == expected.shape and out.dtype == np.float32
+    assert np.all(np.abs(expected - exact) <= RTOL * scale + 1e-30)  # the reference itself
+    err = np.abs(out - exact)
+    assert np.all(err <= allowed), f"max excess {(err - allowed).max()}"
+
+
+SHAPES_ANY = [(1, 32), (5, 37), (17, 100), (33, 96), (130, 256)]  # f32/f16/int8: any d
+SHAPES_32 = [(1, 32), (3, 64), (33, 96), (130, 256), (7, 2048)]  # int4: d multiple of g
+
+
+def linear_cases():
+    for enc in ("f32", "f16", "int8"):
+        for n, d in SHAPES_ANY:
+            yield enc, n, d, 32
+    for g in (32, 64):
+        for n, d in SHAPES_32:
+            if d % g == 0:
+                yield "int4", n, d, g
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("enc,n,d,g", list(linear_cases()))
+def test_linear(enc, n, d, g, T):
+    rng = np.random.default_rng(n * 1000 + d + T)
+    m = make_matrix(rng, enc, n, d, g, readonly=True)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    assert_linear_close(m, x, kernels.linear(m, x))
+
+
+@pytest.mark.parametrize("enc,g", [("f16", 32), ("int8", 32), ("int4", 32), ("int4", 64)])
+def test_linear_prefill_many_tiles(enc, g, monkeypatch):
+    monkeypatch.setattr(kernels, "TILE_BYTES", 64 * 4 * 16)  # 16 rows per tile of width 64
+    rng = np.random.default_rng(7)
+    m = make_matrix(rng, enc, 70, 128, g)
+    x = rng.standard_normal((9, 128)).astype(np.float32)
+    assert_linear_close(m, x, kernels.linear(m, x))
+
+
+def test_linear_tiny():
+    rng = np.random.default_rng(1)
+    for enc in encodings.NAMES:
+        m = make_matrix(rng, enc, 3, 64)
+        for T in (1, 2):
+            x = rng.standard_normal((T, 64)).astype(np.float32)
+            assert_linear_close(m, x, kernels.linear(m, x))
+
+
+def test_linear_rejects_bad_shape():
+    rng = np.random.default_rng(0)
+    m = make_matrix(rng, "int8", 4, 32)
+    with pytest.raises(Exception, match="32"):
+        kernels.linear(m, np.zeros((1, 31), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# norms
+
+
+@pytest.mark.parametrize("T,d", [(1, 8), (3, 100), (5, 2048)])
+def test_norms(T, d):
+    rng = np.random.default_rng(d)
+    x = (rng.standard_normal((T, d)) * 3 + 0.5).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    b = rng.standard_normal(d).astype(np.float32)
+    # the normalized values are O(1); float32 rounding of x * r * w is a few ulp: 1e-6 abs/rel
+    np.testing.assert_allclose(kernels.rmsnorm(x, w, 1e-5), ref.rmsnorm(x, w, 1e-5),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kernels.layernorm(x, w, b, 1e-5), ref.layernorm(x, w, b, 1e-5),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_norms_tiny():
+    test_norms(2, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# rope
+
+
+SCALINGS = [None, {"rope_type": "linear", "factor": 4.0},
+            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("T,start", [(1, 0), (1, 37), (6, 0), (6, 90)])
+def test_rope(scaling, T, start):
+    rng = np.random.default_rng(T + start)
+    hd, H = 16, 3
+    cos, sin = kernels.rope_tables(hd, 128, 10000.0, scaling)
+    assert cos.shape == sin.shape == (128, hd // 2) and cos.dtype == np.float32
+    x = rng.standard_normal((T, H, hd)).astype(np.float32)
+    pos = np.arange(start, start + T, dtype=np.int64)
+    out = kernels.apply_rope(x, cos, sin, pos)
+    # identical float32 operations in the same order: exact up to fused multiply-add, 1e-6
+    np.testing.assert_allclose(out, ref.apply_rope(x, cos, sin, pos), rtol=1e-6, atol=1e-6)
+    # a rotation keeps each pair's norm
+    half = hd // 2
+    np.testing.assert_allclose(out[..., :half] ** 2 + out[..., half:] ** 2,
+                               x[..., :half] ** 2 + x[..., half:] ** 2, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_tables_formula():
+    cos, sin = kernels.rope_tables(8, 5, 10000.0, None)
+    inv = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
+    ang = np.arange(5)[:, None] * inv
+    np.testing.assert_allclose(cos, np.cos(ang), atol=2e-6)
+    np.testing.assert_allclose(sin, np.sin(ang), atol=2e-6)
+    lin_cos, _ = kernels.rope_tables(8, 5, 10000.0, {"type": "linear", "factor": 2.0})
+    np.testing.assert_allclose(lin_cos, np.cos(ang / 2), atol=2e-6)
+
+
+def test_rope_llama3_matches_transformers():
+    pytest.importorskip("torch")
+    rif = pytest.importorskip("transformers.modeling_rope_utils")
+    from transformers import LlamaConfig
+    scaling = SCALINGS[2]
+    try:
+        cfg = LlamaConfig(rope_theta=500000.0, hidden_size=64, num_attention_heads=2,
+                          head_dim=32, max_position_embeddings=256, rope_scaling=dict(scaling))
+        inv, _ = rif.ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    except Exception as e:  # the config protocol changes between transformers versions
+        pytest.skip(f"transformers rope init not callable here: {e}")
+    np.testing.assert_allclose(ref.rope_inv_freq(32, 500000.0, scaling), inv.numpy(),
+                               rtol=1e-6)
+
+
+def test_rope_rejects_unknown_scaling():
+    with pytest.raises(Exception, match="yarn"):
+        kernels.rope_tables(8, 4, 10000.0, {"rope_type": "yarn", "factor": 2.0})
+
+
+def test_rope_tiny():
+    test_rope(SCALINGS[2], 2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+@pytest.mark.parametrize("ratio", [1, 3, 4])
+@pytest.mark.parametrize("T,start", [(1, 0), (1, 20), (5, 0), (5, 11)])
+def test_attention(ratio, T, start):
+    rng = np.random.default_rng(ratio * 100 + T + start)
+    kvh, hd, C = 2, 16, 40
+    H = kvh * ratio
+    q = rng.standard_normal((T, H, hd)).astype(np.float32)
+    k = rng.standard_normal((kvh, C, hd)).astype(np.float32)
+    v = rng.standard_normal((kvh, C, hd)).astype(np.float32)
+    k[:, start + T:] = np.nan  # beyond the block: must never be read
+    v[:, start + T:] = np.nan
+    out = kernels.attention(q, k, v, start)
+    # softmax weights sum to 1 and |v| = O(1); float32 sums over <= 40 keys: 1e-5 abs
+    np.testing.assert_allclose(out, ref.attention(q, k, v, start), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_tiny():
+    test_attention(3, 2, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# ffn
+
+
+def make_bundles(rng, d, n, encs, gated, g=32):
+    names = ["gate", "up", "down"] if gated else ["up", "down"]
+    if isinstance(encs, str):
+        encs = [encs] * len(names)
+    parts = [(nm, encodings.codec(e, g if e == "int4" else None)) for nm, e in zip(names, encs)]
+    vecs = {nm: (rng.standard_normal((n, d)) / np.sqrt(d)).astype(np.float32) for nm in names}
+    bundles, layout = encodings.pack_bundles(vecs, parts, d)
+    return bundles, layout
+
+
+def ffn_allowed(x, bundles, layout, d, activation, gated, up_bias):
+    """Bound on |kernel - exact|: float32 summation, plus activation quantization when used.
+
+    First-stage errors (gate/up dot products, bounded as in assert_linear_close) pass through the
+    activation (|silu'| <= 1.1, |relu'| <= 1) and the product with up, then through down."""
+    parts = {e["name"]: encodings.unpack_bundle_part(bundles, e, d).astype(np.float64)
+             for e in layout}
+    x64 = x.astype(np.float64)
+    quant = kernels.ffn_quantizes_activations(layout, x.shape[0])
+
+    def first(name):
+        w = parts[name]
+        val = x64 @ w.T
+        err = RTOL * (np.abs(x64) @ np.abs(w).T)
+        if quant.get(name):
+            err += act_quant_bound(np.abs(w), x64) * 1.001
+        return val, err
+
+    u, eu = first("up")
+    if gated:
+        gt, eg = first("gate")
+        a = ref.activate(gt, activation)
+        h = a * u
+        eh = 1.1 * eg * (np.abs(u) + eu) + np.abs(a) * eu
+    else:
+        if up_bias is not None:
+            u = u + up_bias
+        h = ref.activate(u, activation)
+        eh = 1.1 * eu
+    down = parts["down"]
+    exact = h @ down
+    allowed = (eh @ np.abs(down) + RTOL * ((np.abs(h) + eh) @ np.abs(down))) + 1e-30
+    return exact, allowed
+
+
+def check_ffn(rng, d, n, encs, gated, activation, T, g=32, bias=False):
+    bundles, layout = make_bundles(rng, d, n, encs, gated, g)
+    up_bias = rng.standard_normal(n).astype(np.float32) * 0.1 if bias else None
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    out = kernels.ffn(x, bundles, layout, d, activation, gated, up_bias)
+    expected = ref.ffn(x, bundles, layout, d, activation, gated, up_bias)
+    exact, allowed = ffn_allowed(x, bundles, layout, d, activation, gated, up_bias)
+    assert out.shape == (T, d) and out.dtype == np.float32
+    assert np.all(np.abs(expected - exact) <= allowed)
+    err = np.abs(out - exact)
+    assert np.all(err <= allowed), f"max excess {(err - allowed).max()}"
+
+
+FFN_ENCS = ["f32", "f16", "int8", "int4", ["int4", "int8", "f16"]]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("encs", FFN_ENCS, ids=str)
+@pytest.mark.parametrize("gated,activation,bias", [(True, "silu", False), (False, "relu", True),
+                                                   (False, "relu", False), (True, "relu", False)])
+def test_ffn(encs, gated, activation, bias, T):
+    rng = np.random.default_rng(T)
+    for d, n in [(64, 1), (96, 37), (256, 300)]:
+        e = encs if isinstance(encs, str) or gated else encs[1:]
+        check_ffn(rng, d, n, e, gated, activation, T, bias=bias)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_ffn_int4_group64(T):
+    rng = np.random.default_rng(64)
+    check_ffn(rng, 128, 50, "int4", True, "silu", T, g=64)
+
+
+def test_ffn_many_tiles(monkeypatch):
+    monkeypatch.setattr(kernels, "TILE_BYTES", 64 * 4 * 3 * 16)
+    rng = np.random.default_rng(5)
+    check_ffn(rng, 64, 70, "int4", True, "silu", 4)
+
+
+def test_ffn_empty_rows():
+    rng = np.random.default_rng(2)
+    bundles, layout = make_bundles(rng, 32, 1, "int8", True)
+    bundles = bundles[:0]  # a neuron cache holding no rows yet
+    out = kernels.ffn(np.ones((1, 32), np.float32), bundles, layout, 32, "silu", True)
+    assert np.array_equal(out, np.zeros((1, 32), np.float32))
+
+
+def test_ffn_tiny():
+    rng = np.random.default_rng(3)
+    for encs in FFN_ENCS:
+        for T in (1, 2):
+            check_ffn(rng, 64, 5, encs, True, "silu", T)
+    check_ffn(rng, 32, 4, "int4", False, "relu", 1, bias=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the same kernels as plain Python
+
+
+def test_no_jit_subset():
+    """The *_tiny tests again with NUMBA_DISABLE_JIT=1 (this test's name must not match 'tiny')."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        __file__, "-k", "tiny and not no_jit"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
