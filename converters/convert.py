@@ -141,19 +141,23 @@ class _Encoder:
     def bundles(self, entries, arrays, chunk, names):
         cfg = self.spec.config
         d = cfg.d_model
-        vectors = {}
-        for part in self.spec.arch.ffn_parts:
-            w = self.source.read(names["ffn_" + part])
-            # down: column i of [d, d_ff] becomes row i (contiguous: the codecs view it as bytes)
-            vectors[part] = np.ascontiguousarray(w.T) if part == "down" else w
+        # gate/up (fc1) rows are read a block at a time; down (fc2) is [d, d_ff] and bundle row i
+        # holds its column i, so it is read whole and sliced
+        down = self.source.read(names["ffn_down"])
+
+        def read_rows(part, r0, r1):
+            if part == "down":
+                return down[:, r0:r1].T
+            return self.source.read(names["ffn_" + part], rows=(r0, r1))
+
         c, note = quantize.bundle_codec(self.quant, self.group_size, d)
         key = f"{chunk}/ffn_bundles"
         if note:
             self.fallbacks[key] = note
             log.info("%s: %s", key, note)
-        b, layout, stats = quantize.encode_bundles(vectors, self.spec.arch.ffn_parts, c, d,
-                                                   name=f"{chunk} FFN")
-        del vectors
+        b, layout, stats = quantize.encode_bundles(read_rows, self.spec.arch.ffn_parts, c,
+                                                   cfg.d_ff, d, name=f"{chunk} FFN")
+        del down
         entries["ffn_bundles"] = {"encoding": "bundle", "shape": list(b.shape),
                                   "group_size": None, "parts": layout}
         arrays["ffn_bundles"] = b

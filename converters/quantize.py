@@ -20,7 +20,7 @@ from edgellm.runtime import encodings
 from edgellm.runtime.errors import ConvertError, EdgeLLMError
 
 QUANTS = ("f32", "f16", "int8", "int4")
-BLOCK_VALUES = 1 << 22  # values per encoding block (16 MiB as float32)
+BLOCK_VALUES = 1 << 20  # values per encoding block (4 MiB as float32)
 
 
 def check_quant(quant, group_size):
@@ -82,20 +82,34 @@ def bundle_codec(quant, group_size, d):
     return matrix_codec(quant, group_size, d)
 
 
-def encode_bundles(vectors, part_names, c, d, name="ffn_bundles"):
-    """Pack FFN bundles. vectors: part name -> float32 [d_ff, d] (down: the transposed matrix).
+def encode_bundles(read_rows, part_names, c, n, d, name="ffn_bundles",
+                   block_values=BLOCK_VALUES):
+    """Pack the FFN bundles of n neurons, a block of neurons at a time.
 
-    Returns (bundles uint8 [d_ff, stride], layout, stats per part).
+    read_rows(part, r0, r1) -> float32 [r1 - r0, d]: rows r0..r1 of a part (for "down", columns
+    of the [d, d_ff] matrix, transposed). Returns (bundles uint8 [n, stride], layout, stats per
+    part) with stats measured on the decoded rows.
     """
     parts = [(p, c) for p in part_names]
-    try:
-        bundles, layout = encodings.pack_bundles(vectors, parts, d)
-    except EdgeLLMError as e:
-        raise ConvertError(f"{name}: {e}") from None
-    stats = {}
-    for e in layout:
-        x = vectors[e["name"]]
-        dec = encodings.unpack_bundle_part(bundles, e, d)
-        stats[e["name"]] = {"max_abs_error": float(np.abs(dec - x).max(initial=0)),
-                            "max_abs": float(np.abs(x).max(initial=0))}
-    return bundles, layout, stats
+    layout, stride = encodings.bundle_layout(parts, d)
+    out = np.empty((n, stride), dtype=np.uint8)
+    stats = {p: {"max_abs_error": 0.0, "max_abs": 0.0} for p in part_names}
+    step = max(1, block_values // max(d * len(parts), 1))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        vectors = {p: np.ascontiguousarray(read_rows(p, r0, r1), dtype=np.float32)
+                   for p in part_names}
+        try:
+            block, block_layout = encodings.pack_bundles(vectors, parts, d)
+        except EdgeLLMError as e:
+            raise ConvertError(f"{name}: {e}") from None
+        assert block_layout == layout
+        out[r0:r1] = block
+        for e in layout:
+            x = vectors[e["name"]]
+            st = stats[e["name"]]
+            err = np.abs(encodings.unpack_bundle_part(block, e, d) - x).max(initial=0)
+            st["max_abs_error"] = max(st["max_abs_error"], float(err))
+            st["max_abs"] = max(st["max_abs"], float(np.abs(x).max(initial=0)))
+        del vectors, block
+    return out, layout, stats

@@ -35,7 +35,8 @@ VARIANTS = list(tiny.VARIANTS)
 LLAMA_GLOBAL = {"tok_embeddings": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                 "output": "lm_head.weight"}
 LLAMA_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
     "attn_v": "self_attn.v_proj.weight", "attn_o": "self_attn.o_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
@@ -47,7 +48,8 @@ OPT_GLOBAL = {"tok_embeddings": "decoder.embed_tokens.weight",
               "norm.weight": "decoder.final_layer_norm.weight",
               "norm.bias": "decoder.final_layer_norm.bias", "output": "lm_head.weight"}
 OPT_LAYER = {
-    "attn_norm.weight": "self_attn_layer_norm.weight", "attn_norm.bias": "self_attn_layer_norm.bias",
+    "attn_norm.weight": "self_attn_layer_norm.weight",
+    "attn_norm.bias": "self_attn_layer_norm.bias",
     "ffn_norm.weight": "final_layer_norm.weight", "ffn_norm.bias": "final_layer_norm.bias",
     "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
     "attn_v": "self_attn.v_proj.weight", "attn_o": "self_attn.out_proj.weight",
@@ -137,7 +139,8 @@ def test_f32_logits_match_independent_reference(name):
     ids = tiny.token_ids(name, n=16)
     ref = reference.forward(tiny.checkpoint(name), ids)
     out = edgellm.load(tiny.converted(name, "f32")).logits(ids)
-    assert out.shape == ref.shape == (len(ids), tiny.tokenizer_vocab_size(tiny.spec(name)["tokenizer"]))
+    vocab = tiny.tokenizer_vocab_size(tiny.spec(name)["tokenizer"])
+    assert out.shape == ref.shape == (len(ids), vocab)
     # float32 arithmetic against a float64 reference: ~1e-6 relative in practice
     assert np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
 

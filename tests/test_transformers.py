@@ -52,7 +52,8 @@ def hf_logits(name, ids):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_checkpoint_loads_in_transformers_and_matches_reference(name):
     _, info = hf_model(name)
-    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    problems = ("missing_keys", "unexpected_keys", "mismatched_keys")
+    assert not any(info.get(k) for k in problems), info
     ids = tiny.token_ids(name, n=16)
     ref = reference.forward(tiny.checkpoint(name), ids)
     out = hf_logits(name, ids)
