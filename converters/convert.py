@@ -65,12 +65,40 @@ def find_tokenizer(src, spec):
         raise ConvertError(f"{sp}: not a sentencepiece model, and there is no tokenizer.json")
     else:
         raise ConvertError(f"{src}: no tokenizer file (tokenizer.model or tokenizer.json)")
-    add_bos = tok_cfg.get("add_bos_token")
-    if not isinstance(add_bos, bool):
-        add_bos = spec.arch.add_bos[spec.model_type]
-    if spec.config.bos_token_id is None:
-        add_bos = False
+    add_bos = _add_bos(tok_cfg, kind, path, spec) and spec.config.bos_token_id is not None
     return {"kind": kind, "file": os.path.basename(path), "add_bos": add_bos}, path, tok_cfg
+
+
+def _add_bos(tok_cfg, kind, path, spec):
+    """Does the source tokenizer prepend BOS? Its own setting first (add_bos_token), then what a
+    tokenizer.json's TemplateProcessing does, then the defaults of the tokenizer class and model.
+    """
+    v = tok_cfg.get("add_bos_token")
+    if isinstance(v, bool):
+        return v
+    if kind == "hf":
+        t = _template_starts_with_special(path)
+        if t is not None:
+            return t
+        cls = tok_cfg.get("tokenizer_class") or ""
+        if cls.startswith("GPT2") and spec.model_type != "opt":
+            return False  # GPT2Tokenizer's add_bos_token defaults to false (e.g. SmolLM)
+    return spec.arch.add_bos[spec.model_type]
+
+
+def _template_starts_with_special(path):
+    """True/False when tokenizer.json's post-processor is a TemplateProcessing (possibly inside
+    a Sequence) whose single-sequence template does / does not begin with a special token; None
+    when there is no template."""
+    tok = arch.read_json(path)
+    pp = tok.get("post_processor") if isinstance(tok, dict) else None
+    procs = pp.get("processors", []) if isinstance(pp, dict) and pp.get("type") == "Sequence" \
+        else [pp]
+    for p in procs:
+        if isinstance(p, dict) and p.get("type") == "TemplateProcessing":
+            single = p.get("single") or []
+            return bool(single) and isinstance(single[0], dict) and "SpecialToken" in single[0]
+    return None
 
 
 def find_chat_template(src, tok_cfg):

@@ -201,6 +201,31 @@ def test_manifest_tokenizer_template_special_ids_provenance():
     assert any("sliding_window" in n for n in m["provenance"]["notes"])
 
 
+@pytest.mark.parametrize("tok_cfg,template,want", [
+    ({"add_bos_token": False, "tokenizer_class": "LlamaTokenizerFast"}, True, False),
+    ({}, True, True),  # Llama 3 style: the template prepends <|begin_of_text|>
+    ({"tokenizer_class": "GPT2Tokenizer"}, False, False),  # SmolLM style: nothing prepended
+    ({"tokenizer_class": "LlamaTokenizerFast"}, False, True),  # the class default
+])
+def test_add_bos_from_the_source_tokenizer(tmp_path, tok_cfg, template, want):
+    src = tmp_path / "src"
+    shutil.copytree(tiny.checkpoint("llama"), src)
+    (src / "tokenizer.model").unlink()
+    tok = json.loads(tiny.hf_tokenizer_json())
+    if template:
+        tok["post_processor"] = {"type": "TemplateProcessing",
+                                 "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                            {"Sequence": {"id": "A", "type_id": 0}}],
+                                 "pair": [], "special_tokens": {}}
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    spec = arch.from_hf_dir(src)
+    from edgellm.converters.convert import find_tokenizer
+
+    entry, _, _ = find_tokenizer(str(src), spec)
+    assert entry == {"kind": "hf", "file": "tokenizer.json", "add_bos": want}
+
+
 def test_tokenizer_round_trip_through_edgellm():
     model = edgellm.load(tiny.converted("llama", "f16"))
     ids = model.tokenizer.encode("The old fisherman counted seven blue stones.")
