@@ -150,8 +150,10 @@ class Int4(F32):
         return np.dtype(np.float16)
 
     def max_error_bound(self, x):
-        # half a step (|m|/8/2) plus the float16 rounding of the scale (|m| * 2^-11 worst case)
-        return float(np.abs(x).max(initial=0)) * (1 / 16 + 2.0**-10) * 1.0001
+        # one full step |m|/8: a value of the opposite sign to the group's extreme m is up to
+        # 8 steps away but the nibble stops at +7 (e.g. [1, -1, -1, ...] decodes 1 as 0.875);
+        # plus the float16 rounding of the scale (|m| * 2^-11 worst case)
+        return float(np.abs(x).max(initial=0)) * (1 / 8 + 2.0**-10) * 1.0001
 
 
 def pack_nibbles(nib):
@@ -231,7 +233,7 @@ def pack_bundles(vectors, parts, d):
     n = next(iter(vectors.values())).shape[0]
     out = np.zeros((n, stride), dtype=np.uint8)
     for entry, (name, c) in zip(layout, parts):
-        q, s = c.quantize(vectors[name])
+        q, s = c.quantize(np.ascontiguousarray(vectors[name], dtype=np.float32))
         qb = q.reshape(n, -1).view(np.uint8)
         out[:, entry["offset"]:entry["offset"] + qb.shape[1]] = qb
         if s is not None:
