@@ -17,9 +17,20 @@ import pytest
 
 from edgellm.runtime import encodings, kernels
 from edgellm.runtime.kernels import reference as ref
+from edgellm.runtime.kernels import simd
 from edgellm.runtime.reader import Matrix
 
 RTOL = 2e-5
+MODES = ["fast", "generic", "portable"] if simd.AVAILABLE else ["portable"]
+# decode (T == 1) in every kernel mode; prefill (T > 1) does not depend on the mode
+T_MODES = [(1, m) for m in MODES] + [(4, MODES[0])]
+
+
+@pytest.fixture
+def set_mode(monkeypatch):
+    def set_(mode):
+        monkeypatch.setattr(kernels, "MODE", mode)
+    return set_
 
 
 def make_matrix(rng, enc, n, d, g=32, readonly=False):
@@ -72,9 +83,10 @@ def linear_cases():
                 yield "int4", n, d, g
 
 
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("T,mode", T_MODES)
 @pytest.mark.parametrize("enc,n,d,g", list(linear_cases()))
-def test_linear(enc, n, d, g, T):
+def test_linear(enc, n, d, g, T, mode, set_mode):
+    set_mode(mode)
     rng = np.random.default_rng(n * 1000 + d + T)
     m = make_matrix(rng, enc, n, d, g, readonly=True)
     x = rng.standard_normal((T, d)).astype(np.float32)
@@ -90,13 +102,37 @@ def test_linear_prefill_many_tiles(enc, g, monkeypatch):
     assert_linear_close(m, x, kernels.linear(m, x))
 
 
-def test_linear_tiny():
+def test_linear_tiny(set_mode):
     rng = np.random.default_rng(1)
-    for enc in encodings.NAMES:
-        m = make_matrix(rng, enc, 3, 64)
-        for T in (1, 2):
-            x = rng.standard_normal((T, 64)).astype(np.float32)
-            assert_linear_close(m, x, kernels.linear(m, x))
+    for mode in MODES:
+        set_mode(mode)
+        for enc in encodings.NAMES:
+            m = make_matrix(rng, enc, 3, 64)
+            for T in (1, 2):
+                x = rng.standard_normal((T, 64)).astype(np.float32)
+                assert_linear_close(m, x, kernels.linear(m, x))
+
+
+def test_linear_int4_group_not_power_of_two(set_mode):
+    """g = 96 is valid int4 but not a SIMD shape: the portable kernel takes it, exactly."""
+    rng = np.random.default_rng(96)
+    m = make_matrix(rng, "int4", 5, 192, 96)
+    x = rng.standard_normal((1, 192)).astype(np.float32)
+    assert not kernels.quantizes_activations(m, 1)
+    assert_linear_close(m, x, kernels.linear(m, x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_f16_special_values(mode, set_mode):
+    """Subnormal, largest, signed-zero float16 weights convert exactly in every mode."""
+    set_mode(mode)
+    vals = np.array([2.0**-24, -(2.0**-24), 3 * 2.0**-20, 65504.0, -65504.0, -0.0, 0.0, 1.0],
+                    dtype=np.float16)
+    rng = np.random.default_rng(16)
+    q = rng.choice(vals, size=(9, 64)).astype(np.float16)
+    m = Matrix(q, None, encodings.codec("f16"), (9, 64))
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    assert_linear_close(m, x, kernels.linear(m, x))
 
 
 def test_linear_rejects_bad_shape():
@@ -277,21 +313,25 @@ def check_ffn(rng, d, n, encs, gated, activation, T, g=32, bias=False):
 FFN_ENCS = ["f32", "f16", "int8", "int4", ["int4", "int8", "f16"]]
 
 
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T,mode", T_MODES)
 @pytest.mark.parametrize("encs", FFN_ENCS, ids=str)
 @pytest.mark.parametrize("gated,activation,bias", [(True, "silu", False), (False, "relu", True),
                                                    (False, "relu", False), (True, "relu", False)])
-def test_ffn(encs, gated, activation, bias, T):
+def test_ffn(encs, gated, activation, bias, T, mode, set_mode):
+    set_mode(mode)
     rng = np.random.default_rng(T)
-    for d, n in [(64, 1), (96, 37), (256, 300)]:
+    sizes = [(64, 1), (96, 37), (256, 300)] + ([(100, 7)] if "int4" not in encs else [])
+    for d, n in sizes:
         e = encs if isinstance(encs, str) or gated else encs[1:]
         check_ffn(rng, d, n, e, gated, activation, T, bias=bias)
 
 
-@pytest.mark.parametrize("T", [1, 3])
-def test_ffn_int4_group64(T):
-    rng = np.random.default_rng(64)
-    check_ffn(rng, 128, 50, "int4", True, "silu", T, g=64)
+@pytest.mark.parametrize("T,mode", T_MODES)
+@pytest.mark.parametrize("g", [64, 96])
+def test_ffn_int4_groups(T, mode, g, set_mode):
+    set_mode(mode)
+    rng = np.random.default_rng(g)
+    check_ffn(rng, 192, 50, "int4", True, "silu", T, g=g)
 
 
 def test_ffn_many_tiles(monkeypatch):
@@ -308,12 +348,14 @@ def test_ffn_empty_rows():
     assert np.array_equal(out, np.zeros((1, 32), np.float32))
 
 
-def test_ffn_tiny():
+def test_ffn_tiny(set_mode):
     rng = np.random.default_rng(3)
-    for encs in FFN_ENCS:
-        for T in (1, 2):
-            check_ffn(rng, 64, 5, encs, True, "silu", T)
-    check_ffn(rng, 32, 4, "int4", False, "relu", 1, bias=True)
+    for mode in MODES:
+        set_mode(mode)
+        for encs in FFN_ENCS:
+            for T in (1, 2):
+                check_ffn(rng, 64, 5, encs, True, "silu", T)
+        check_ffn(rng, 32, 4, "int4", False, "relu", 1, bias=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,14 @@
 Decode (T == 1) runs Numba matrix-vector kernels on the weights as stored; prefill (T > 1)
 dequantizes blocks of rows into a reused float32 tile and multiplies with BLAS. Each kernel's
 definition is its NumPy twin in reference.py.
+
+Decode kernels come in three modes, chosen at import (MODE; tests set each in turn):
+    "fast"      SIMD intrinsics (simd.py) with AVX2 integer dot products / native float16
+                conversion where the CPU has them; int8/int4 weights meet int8 activations
+    "generic"   the same kernels with target-independent IR (what a non-x86 CPU runs)
+    "portable"  plain Numba with float32 activations: no intrinsics, runs without the JIT
+A shape the SIMD kernels do not take (an int4 group size that is not 32 * 2^k, a non-contiguous
+matrix) goes to the portable kernels.
 """
 
 import threading
@@ -22,7 +30,9 @@ from . import attention as _attention
 from . import ffn as _ffn
 from . import matvec as _mv
 from . import norms as _norms
+from . import qmatvec as _qmv
 from . import rope as _rope
+from . import simd as _simd
 from . import tiles as _tiles
 from .halfs import F16_TO_F32 as _LUT
 from .reference import rope_tables  # noqa: F401  (NumPy, once per model)
@@ -32,6 +42,8 @@ __all__ = ["linear", "rmsnorm", "layernorm", "rope_tables", "apply_rope", "atten
 TILE_BYTES = 1 << 20  # float32 tile size for prefill: ~1 MiB stays in L2 while BLAS reuses it
 
 _local = threading.local()
+
+MODE = "fast" if _simd.AVAILABLE else "portable"
 
 
 def _tile(rows, d):
@@ -58,8 +70,28 @@ def _as_rows(x, d, what):
 # linear
 
 
+def _simd_ok(m):
+    """True when linear(m, x) with one row runs the SIMD kernels."""
+    if MODE == "portable" or not m.q.flags.c_contiguous:
+        return False
+    name = m.codec.name
+    if name == "int4":
+        g = m.codec.group_size
+        return g % 32 == 0 and (g // 32) & (g // 32 - 1) == 0 and m.s.flags.c_contiguous
+    return name in ("int8", "f16")
+
+
 def _matvec(m, x, out):
     name = m.codec.name
+    if _simd_ok(m):
+        fast = MODE == "fast"
+        if name == "int4":
+            _qmv.matvec_int4(m.q, m.s.view(np.uint16), m.codec.group_size, x, _LUT, out, fast)
+        elif name == "int8":
+            _qmv.matvec_int8(m.q, m.s, x, out, fast)
+        else:
+            _qmv.matvec_f16(m.q.view(np.uint16), x, _LUT, out, fast)
+        return out
     if name == "f16":
         _mv.matvec_f16(m.q.view(np.uint16), x, _LUT, out)
     elif name == "int8":
@@ -164,6 +196,24 @@ def _part_table(layout, gated):
     return tab
 
 
+def _ffn_simd_ok(layout):
+    if MODE == "portable":
+        return False
+    for e in layout:
+        g = e["group_size"]
+        if e["encoding"] == "int4" and (g % 32 or (g // 32) & (g // 32 - 1)):
+            return False
+    return True
+
+
+def _group_shifts(tab):
+    out = np.zeros(3, dtype=np.int64)
+    for i in range(3):
+        if tab[3, i]:
+            out[i] = int(tab[3, i] // 32).bit_length() - 1
+    return out
+
+
 def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
     """Feed-forward over the neurons in bundle rows uint8[n, stride] -> f32[T, d]."""
     x = _as_rows(x, d, "ffn")
@@ -180,8 +230,13 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
         return np.zeros((T, d), dtype=np.float32)
     if T == 1:
         partial = np.empty((max(1, min(numba.get_num_threads(), n)), d), dtype=np.float32)
-        out = _ffn.ffn_decode(x[0], bundles, tab[0], tab[1], tab[2], tab[3], d, kind, gated,
-                              bias, has_bias, _LUT, partial)
+        if _ffn_simd_ok(layout):
+            out = _ffn.ffn_decode_simd(x[0], bundles, tab[0], tab[1], tab[2], _group_shifts(tab),
+                                       d, kind, gated, bias, has_bias, _LUT, partial,
+                                       MODE == "fast")
+        else:
+            out = _ffn.ffn_decode(x[0], bundles, tab[0], tab[1], tab[2], tab[3], d, kind, gated,
+                                  bias, has_bias, _LUT, partial)
         return out.reshape(1, d)
     out = np.zeros((T, d), dtype=np.float32)
     rows = _rows_per_tile(d, 3)
@@ -217,9 +272,10 @@ def _activate(v, activation):
 
 def quantizes_activations(m, T):
     """True when linear(m, x) with T rows quantizes x to int8 blocks of 32 (adds bounded error)."""
-    return False
+    return T == 1 and m.codec.name in ("int8", "int4") and _simd_ok(m)
 
 
 def ffn_quantizes_activations(layout, T):
     """{part name: True when its dot products with x use int8-quantized activations}."""
-    return {e["name"]: False for e in layout}
+    simd = T == 1 and _ffn_simd_ok(layout)
+    return {e["name"]: simd and e["encoding"] in ("int8", "int4") for e in layout}

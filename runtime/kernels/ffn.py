@@ -13,6 +13,9 @@ Prefill (T > 1) dequantizes blocks of rows into float32 tiles and uses BLAS.
 import numpy as np
 from numba import njit, prange
 
+from .simd import (f16_axpy_fast, f16_axpy_generic, f16_dot_fast, f16_dot_generic, q4_axpy,
+                   q4_dot_fast, q4_dot_generic, q8_axpy, q8_dot_fast, q8_dot_generic, quantize_q8)
+
 F32, F16, INT8, INT4 = 0, 1, 2, 3
 ENC_CODES = {"f32": F32, "f16": F16, "int8": INT8, "int4": INT4}
 SILU, RELU = 0, 1
@@ -122,4 +125,109 @@ def dequant_part(bundles, r0, r1, enc, off, soff, g, d, lut, out):
         o = out[r]
         o[:] = 0.0
         part_axpy(bundles[r0 + r], enc, off, soff, g, d, np.float32(1.0), o, lut)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SIMD decode (simd.py): int8/int4 parts against int8-quantized activations, float16 in registers
+
+
+@njit(cache=True)
+def simd_part_dot(bundles, i, enc, off, soff, gshift, d, x, xq, xs, lut, fast):
+    row = bundles[i]
+    base = i * bundles.shape[1]
+    if enc == F32:
+        w = row.view(np.float32)
+        o = off // 4
+        acc = np.float32(0.0)
+        for j in range(d):
+            acc += w[o + j] * x[j]
+        return acc
+    if enc == F16:
+        nv = d // 32
+        if fast:
+            acc = f16_dot_fast(bundles, base + off, nv, x)
+        else:
+            acc = f16_dot_generic(bundles, base + off, nv, x)
+        w = row.view(np.uint16)
+        for j in range(nv * 32, d):
+            acc += lut[w[off // 2 + j]] * x[j]
+        return acc
+    if enc == INT8:
+        nb = d // 32
+        if fast:
+            acc = q8_dot_fast(bundles, base + off, nb, xq, xs)
+        else:
+            acc = q8_dot_generic(bundles, base + off, nb, xq, xs)
+        w = row.view(np.int8)
+        for j in range(nb * 32, d):
+            acc += np.float32(w[off + j]) * x[j]
+        return acc * row.view(np.float32)[soff // 4]
+    nb = d // 32
+    if fast:
+        return q4_dot_fast(bundles, base + off, bundles, base + soff, gshift, nb, xq, xs, lut)
+    return q4_dot_generic(bundles, base + off, bundles, base + soff, gshift, nb, xq, xs, lut)
+
+
+@njit(cache=True)
+def simd_part_axpy(bundles, i, enc, off, soff, gshift, d, a, acc, lut, fast):
+    row = bundles[i]
+    base = i * bundles.shape[1]
+    if enc == F32:
+        w = row.view(np.float32)
+        o = off // 4
+        for j in range(d):
+            acc[j] += a * w[o + j]
+    elif enc == F16:
+        nv = d // 32
+        if fast:
+            f16_axpy_fast(acc, bundles, base + off, nv, a)
+        else:
+            f16_axpy_generic(acc, bundles, base + off, nv, a)
+        w = row.view(np.uint16)
+        for j in range(nv * 32, d):
+            acc[j] += a * lut[w[off // 2 + j]]
+    elif enc == INT8:
+        a = a * row.view(np.float32)[soff // 4]
+        nb = d // 32
+        q8_axpy(acc, bundles, base + off, nb, a)
+        w = row.view(np.int8)
+        for j in range(nb * 32, d):
+            acc[j] += a * np.float32(w[off + j])
+    else:
+        q4_axpy(acc, bundles, base + off, bundles, base + soff, gshift, d // 32, a, lut)
+
+
+@njit(cache=True, parallel=True)
+def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_bias, has_bias,
+                    lut, partial, fast):
+    """As ffn_decode, with the SIMD dot products and axpys; gshifts[slot] = log2(g / 32)."""
+    n = bundles.shape[0]
+    nchunks = partial.shape[0]
+    nb = (d + 31) // 32
+    xq = np.empty(nb * 32, dtype=np.int8)
+    xs = np.empty(nb, dtype=np.float32)
+    quantize_q8(x, xq, xs)
+    per = (n + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        acc = partial[c]
+        acc[:] = 0.0
+        for i in range(c * per, min(n, (c + 1) * per)):
+            u = simd_part_dot(bundles, i, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq, xs,
+                              lut, fast)
+            if gated:
+                gt = simd_part_dot(bundles, i, encs[0], offs[0], soffs[0], gshifts[0], d, x, xq,
+                                   xs, lut, fast)
+                h = act(gt, kind) * u
+            else:
+                if has_bias:
+                    u += up_bias[i]
+                h = act(u, kind)
+            if h != 0:
+                simd_part_axpy(bundles, i, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc, lut,
+                               fast)
+    out = np.zeros(d, dtype=np.float32)
+    for c in range(nchunks):
+        for j in range(d):
+            out[j] += partial[c, j]
     return out

@@ -1,4 +1,4 @@
-"""Portable decode matrix-vector products (T == 1) on weights as stored (reference: reference.linear).
+"""Portable decode matrix-vector products (T == 1) on weights as stored (reference: linear).
 
     f16   q uint16 [n, d] (float16 bits)                  out[i] = sum_j f16(q[i, j]) x[j]
     int8  q int8 [n, d], s f32 [n]                        out[i] = s[i] sum_j q[i, j] x[j]

@@ -1,0 +1,79 @@
+"""Fast decode matrix-vector products (T == 1) built on the SIMD intrinsics of simd.py.
+
+int8 and int4 weights are multiplied with the activations quantized to int8 per block of 32
+(simd.quantize_q8), integer products summed in SIMD lanes, one float multiply-add per block; this
+adds a bounded error (tests/test_kernels.py states it). float16 weights are converted in SIMD
+registers and multiplied with float32 activations (no extra error). Weights are read as stored:
+q C-contiguous, rows addressed by byte offsets. `fast` selects the flavor of the intrinsics
+(simd.py: AVX2 integer dot products and the CPU's float16 conversion, or the generic IR); both
+are tested.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .simd import (f16_dot_fast, f16_dot_generic, q4_dot_fast, q4_dot_generic, q8_dot_fast,
+                   q8_dot_generic, quantize_q8)
+
+
+@njit(cache=True)
+def group_shift(g):
+    """log2(g / 32): blocks of 32 per scale group as a shift (g must be 32 * 2^k)."""
+    k = 0
+    while (32 << k) < g:
+        k += 1
+    return k
+
+
+@njit(cache=True, parallel=True)
+def matvec_int4(q, s, g, x, lut, out, fast):
+    """q uint8 [n, d/2] (Q4_0 order), s uint16 [n, d/g] (float16 bits), x f32[d] -> out f32[n]."""
+    n, h = q.shape
+    d = 2 * h
+    nb = d // 32
+    xq = np.empty(nb * 32, dtype=np.int8)
+    xs = np.empty(nb, dtype=np.float32)
+    quantize_q8(x, xq, xs)
+    gshift = group_shift(g)
+    srow = 2 * s.shape[1]
+    for i in prange(n):
+        if fast:
+            out[i] = q4_dot_fast(q, i * h, s, i * srow, gshift, nb, xq, xs, lut)
+        else:
+            out[i] = q4_dot_generic(q, i * h, s, i * srow, gshift, nb, xq, xs, lut)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def matvec_int8(q, s, x, out, fast):
+    """q int8 [n, d], s f32[n], x f32[d] -> out f32[n]; a tail of d % 32 values in float32."""
+    n, d = q.shape
+    nb = d // 32
+    xq = np.empty((nb + 1) * 32, dtype=np.int8)
+    xs = np.empty(nb + 1, dtype=np.float32)
+    quantize_q8(x, xq, xs)
+    for i in prange(n):
+        if fast:
+            v = q8_dot_fast(q, i * d, nb, xq, xs)
+        else:
+            v = q8_dot_generic(q, i * d, nb, xq, xs)
+        for j in range(nb * 32, d):
+            v += np.float32(q[i, j]) * x[j]
+        out[i] = v * s[i]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def matvec_f16(q, x, lut, out, fast):
+    """q uint16 [n, d] (float16 bits), x f32[d] -> out f32[n]; a tail of d % 32 through lut."""
+    n, d = q.shape
+    nv = d // 32
+    for i in prange(n):
+        if fast:
+            v = f16_dot_fast(q, i * 2 * d, nv, x)
+        else:
+            v = f16_dot_generic(q, i * 2 * d, nv, x)
+        for j in range(nv * 32, d):
+            v += lut[q[i, j]] * x[j]
+        out[i] = v
+    return out
