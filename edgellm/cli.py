@@ -47,7 +47,7 @@ def cmd_convert(a):
     from .converters.convert import convert
 
     dst = convert(a.src, a.output, quant=a.quant, group_size=a.group_size, progress=True,
-                  overwrite=a.force)
+                  overwrite=a.force, command=" ".join(["edgellm"] + sys.argv[1:]))
     print(f"wrote {dst}")
 
 
