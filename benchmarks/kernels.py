@@ -82,7 +82,7 @@ def make_matvec(kind, m):
     avx2 = kind == "simd"  # "generic": the portable-IR flavor of the intrinsics
     if enc == "f16":
         q = m.q.view(np.uint16)
-        return lambda x: qmatvec.matvec_f16(q, x, lut, out)
+        return lambda x: qmatvec.matvec_f16(q, x, lut, out, avx2)
     if enc == "int8":
         return lambda x: qmatvec.matvec_int8(m.q, m.s, x, out, avx2)
     s = m.s.view(np.uint16)

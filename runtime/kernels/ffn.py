@@ -13,8 +13,9 @@ Prefill (T > 1) dequantizes blocks of rows into float32 tiles and uses BLAS.
 import numpy as np
 from numba import njit, prange
 
-from .simd import (f16_axpy_fast, f16_axpy_generic, f16_dot_fast, f16_dot_generic, q4_axpy,
-                   q4_dot_fast, q4_dot_generic, q8_axpy, q8_dot_fast, q8_dot_generic, quantize_q8)
+from .simd import (act_buffers, f16_axpy_fast, f16_axpy_generic, f16_dot_fast, f16_dot_generic,
+                   f32_axpy, f32_dot, ld_f32, ld_i8, ld_u16, q4_axpy, q4_dot_fast, q4_dot_generic,
+                   q8_axpy, q8_dot_fast, q8_dot_generic, quantize_act)
 
 F32, F16, INT8, INT4 = 0, 1, 2, 3
 ENC_CODES = {"f32": F32, "f16": F16, "int8": INT8, "int4": INT4}
@@ -132,70 +133,60 @@ def dequant_part(bundles, r0, r1, enc, off, soff, g, d, lut, out):
 # SIMD decode (simd.py): int8/int4 parts against int8-quantized activations, float16 in registers
 
 
-@njit(cache=True)
-def simd_part_dot(bundles, i, enc, off, soff, gshift, d, x, xq, xs, lut, fast):
-    row = bundles[i]
-    base = i * bundles.shape[1]
+@njit(cache=True, inline="always")
+def simd_part_dot(b, base, enc, off, soff, gshift, d, x, xq, xs, xp, corr, lut, fast):
+    """Dot product of the part at byte base + off of bundles b with x; no array views."""
+    o = base + off
+    nv = d // 32
     if enc == F32:
-        w = row.view(np.float32)
-        o = off // 4
-        acc = np.float32(0.0)
-        for j in range(d):
-            acc += w[o + j] * x[j]
+        acc = f32_dot(b, o, nv, x)
+        for j in range(nv * 32, d):
+            acc += ld_f32(b, o + 4 * j) * x[j]
         return acc
     if enc == F16:
-        nv = d // 32
         if fast:
-            acc = f16_dot_fast(bundles, base + off, nv, x)
+            acc = f16_dot_fast(b, o, nv, x)
         else:
-            acc = f16_dot_generic(bundles, base + off, nv, x)
-        w = row.view(np.uint16)
+            acc = f16_dot_generic(b, o, nv, x)
         for j in range(nv * 32, d):
-            acc += lut[w[off // 2 + j]] * x[j]
+            acc += lut[ld_u16(b, o + 2 * j)] * x[j]
         return acc
     if enc == INT8:
-        nb = d // 32
         if fast:
-            acc = q8_dot_fast(bundles, base + off, nb, xq, xs)
+            acc = q8_dot_fast(b, o, nv, xq, xs)
         else:
-            acc = q8_dot_generic(bundles, base + off, nb, xq, xs)
-        w = row.view(np.int8)
-        for j in range(nb * 32, d):
-            acc += np.float32(w[off + j]) * x[j]
-        return acc * row.view(np.float32)[soff // 4]
-    nb = d // 32
-    if fast:
-        return q4_dot_fast(bundles, base + off, bundles, base + soff, gshift, nb, xq, xs, lut)
-    return q4_dot_generic(bundles, base + off, bundles, base + soff, gshift, nb, xq, xs, lut)
-
-
-@njit(cache=True)
-def simd_part_axpy(bundles, i, enc, off, soff, gshift, d, a, acc, lut, fast):
-    row = bundles[i]
-    base = i * bundles.shape[1]
-    if enc == F32:
-        w = row.view(np.float32)
-        o = off // 4
-        for j in range(d):
-            acc[j] += a * w[o + j]
-    elif enc == F16:
-        nv = d // 32
-        if fast:
-            f16_axpy_fast(acc, bundles, base + off, nv, a)
-        else:
-            f16_axpy_generic(acc, bundles, base + off, nv, a)
-        w = row.view(np.uint16)
+            acc = q8_dot_generic(b, o, nv, xq, xs)
         for j in range(nv * 32, d):
-            acc[j] += a * lut[w[off // 2 + j]]
+            acc += np.float32(ld_i8(b, o + j)) * x[j]
+        return acc * ld_f32(b, base + soff)
+    if fast:
+        return q4_dot_fast(b, o, b, base + soff, gshift, nv, xp, corr, xs, lut)
+    return q4_dot_generic(b, o, b, base + soff, gshift, nv, xp, corr, xs, lut)
+
+
+@njit(cache=True, inline="always")
+def simd_part_axpy(b, base, enc, off, soff, gshift, d, a, acc, lut, fast):
+    """acc += a * (the part at byte base + off of bundles b); no array views."""
+    o = base + off
+    nv = d // 32
+    if enc == F32:
+        f32_axpy(acc, b, o, nv, a)
+        for j in range(nv * 32, d):
+            acc[j] += a * ld_f32(b, o + 4 * j)
+    elif enc == F16:
+        if fast:
+            f16_axpy_fast(acc, b, o, nv, a)
+        else:
+            f16_axpy_generic(acc, b, o, nv, a)
+        for j in range(nv * 32, d):
+            acc[j] += a * lut[ld_u16(b, o + 2 * j)]
     elif enc == INT8:
-        a = a * row.view(np.float32)[soff // 4]
-        nb = d // 32
-        q8_axpy(acc, bundles, base + off, nb, a)
-        w = row.view(np.int8)
-        for j in range(nb * 32, d):
-            acc[j] += a * np.float32(w[off + j])
+        a = a * ld_f32(b, base + soff)
+        q8_axpy(acc, b, o, nv, a)
+        for j in range(nv * 32, d):
+            acc[j] += a * np.float32(ld_i8(b, o + j))
     else:
-        q4_axpy(acc, bundles, base + off, bundles, base + soff, gshift, d // 32, a, lut)
+        q4_axpy(acc, b, o, b, base + soff, gshift, nv, a, lut)
 
 
 @njit(cache=True, parallel=True)
@@ -204,28 +195,28 @@ def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_b
     """As ffn_decode, with the SIMD dot products and axpys; gshifts[slot] = log2(g / 32)."""
     n = bundles.shape[0]
     nchunks = partial.shape[0]
-    nb = (d + 31) // 32
-    xq = np.empty(nb * 32, dtype=np.int8)
-    xs = np.empty(nb, dtype=np.float32)
-    quantize_q8(x, xq, xs)
+    stride = bundles.shape[1]
+    xq, xs, xp, corr = act_buffers(d)
+    quantize_act(x, xq, xs, xp, corr)
     per = (n + nchunks - 1) // nchunks
     for c in prange(nchunks):
         acc = partial[c]
         acc[:] = 0.0
         for i in range(c * per, min(n, (c + 1) * per)):
-            u = simd_part_dot(bundles, i, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq, xs,
-                              lut, fast)
+            base = i * stride
+            u = simd_part_dot(bundles, base, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq,
+                              xs, xp, corr, lut, fast)
             if gated:
-                gt = simd_part_dot(bundles, i, encs[0], offs[0], soffs[0], gshifts[0], d, x, xq,
-                                   xs, lut, fast)
+                gt = simd_part_dot(bundles, base, encs[0], offs[0], soffs[0], gshifts[0], d, x,
+                                   xq, xs, xp, corr, lut, fast)
                 h = act(gt, kind) * u
             else:
                 if has_bias:
                     u += up_bias[i]
                 h = act(u, kind)
             if h != 0:
-                simd_part_axpy(bundles, i, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc, lut,
-                               fast)
+                simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
+                               lut, fast)
     out = np.zeros(d, dtype=np.float32)
     for c in range(nchunks):
         for j in range(d):

@@ -12,8 +12,8 @@ are tested.
 import numpy as np
 from numba import njit, prange
 
-from .simd import (f16_dot_fast, f16_dot_generic, q4_dot_fast, q4_dot_generic, q8_dot_fast,
-                   q8_dot_generic, quantize_q8)
+from .simd import (act_buffers, f16_dot_fast, f16_dot_generic, q4_dot_fast, q4_dot_generic,
+                   q8_dot_fast, q8_dot_generic, quantize_act, quantize_q8)
 
 
 @njit(cache=True)
@@ -31,16 +31,15 @@ def matvec_int4(q, s, g, x, lut, out, fast):
     n, h = q.shape
     d = 2 * h
     nb = d // 32
-    xq = np.empty(nb * 32, dtype=np.int8)
-    xs = np.empty(nb, dtype=np.float32)
-    quantize_q8(x, xq, xs)
+    xq, xs, xp, corr = act_buffers(d)
+    quantize_act(x, xq, xs, xp, corr)
     gshift = group_shift(g)
     srow = 2 * s.shape[1]
     for i in prange(n):
         if fast:
-            out[i] = q4_dot_fast(q, i * h, s, i * srow, gshift, nb, xq, xs, lut)
+            out[i] = q4_dot_fast(q, i * h, s, i * srow, gshift, nb, xp, corr, xs, lut)
         else:
-            out[i] = q4_dot_generic(q, i * h, s, i * srow, gshift, nb, xq, xs, lut)
+            out[i] = q4_dot_generic(q, i * h, s, i * srow, gshift, nb, xp, corr, xs, lut)
     return out
 
 
@@ -49,8 +48,7 @@ def matvec_int8(q, s, x, out, fast):
     """q int8 [n, d], s f32[n], x f32[d] -> out f32[n]; a tail of d % 32 values in float32."""
     n, d = q.shape
     nb = d // 32
-    xq = np.empty((nb + 1) * 32, dtype=np.int8)
-    xs = np.empty(nb + 1, dtype=np.float32)
+    xq, xs, _, _ = act_buffers(d)
     quantize_q8(x, xq, xs)
     for i in prange(n):
         if fast:

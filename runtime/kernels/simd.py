@@ -4,7 +4,7 @@ Plain Numba compiles quantized dot products to 64-bit integer lanes and reaches 
 memory bandwidth (DESIGN.md, "Facts measured"). These intrinsics write the inner loops of one row
 directly in LLVM IR, with an 8 x float32 vector accumulator that stays in a register:
 
-    q4_dot(q, qoff, s, soff, gshift, nb, xq, xs, lut)     int4 row (Q4_0 nibbles) . int8 blocks
+    q4_dot(q, qoff, s, soff, gshift, nb, xp, corr, xs, lut)   int4 row . int8 (pair layout)
     q8_dot(q, qoff, nb, xq, xs)                           int8 row . int8 blocks (no row scale)
     f16_dot(q, qoff, nv, x)                               float16 row . float32, 32 per step
     q4_axpy / q8_axpy / f16_axpy(acc, ..., a)             acc[:] += a * row (FFN down, tiles)
@@ -164,37 +164,96 @@ def _block_loop(builder, nb, body, unroll=4):
     total = builder.load(accs[0])
     for acc in accs[1:]:
         total = builder.fadd(total, builder.load(acc))
-    return _hsum(builder, total)
+    return total
+
+
+def _pair_dot(builder, lo, hi, xlo, xhi, avx2):
+    """Two blocks at once. lo, hi <32 x i8> unsigned nibbles (0..15), xlo, xhi <32 x i8> signed
+    activations in the matching order -> <8 x i32>, lane k = sum of elements 4k..4k+3 of
+    lo * xlo + hi * xhi (lanes 0-3 the first block, 4-7 the second). vpmaddubsw pair sums are at
+    most 2 * 15 * 127 = 3810 and two of them 7620: no 16-bit saturation."""
+    if avx2 and HAVE_AVX2:
+        p = builder.add(_call(builder, "llvm.x86.avx2.pmadd.ub.sw", [lo, xlo], _v(I16, 16)),
+                        _call(builder, "llvm.x86.avx2.pmadd.ub.sw", [hi, xhi], _v(I16, 16)))
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", [p, _const_vec(I16, 16, 1)], _v(I32, 8))
+    p = builder.add(builder.mul(builder.zext(lo, _v(I16, 32)), builder.sext(xlo, _v(I16, 32))),
+                    builder.mul(builder.zext(hi, _v(I16, 32)), builder.sext(xhi, _v(I16, 32))))
+    p = builder.sext(p, _v(I32, 32))
+    for n in (16, 8):
+        even = ir.Constant(_v(I32, n), list(range(0, 2 * n, 2)))
+        odd = ir.Constant(_v(I32, n), list(range(1, 2 * n, 2)))
+        undef = ir.Constant(p.type, ir.Undefined)
+        p = builder.add(builder.shuffle_vector(p, undef, even),
+                        builder.shuffle_vector(p, undef, odd))
+    return p
+
+
+def _scale_pair(builder, sbase, soff, b0, b1, gshift, lut, native):
+    """float16 scales of blocks b0, b1 -> <2 x float>."""
+    idx = [builder.add(soff, builder.shl(builder.lshr(b, gshift), ir.Constant(I64, 1)))
+           for b in (b0, b1)]
+    if native and HAVE_F16:
+        h = ir.Constant(_v(I16, 2), ir.Undefined)
+        for k, o in enumerate(idx):
+            h = builder.insert_element(h, _at(builder, sbase, o, I16, align=2),
+                                       ir.Constant(I32, k))
+        return builder.fpext(builder.bitcast(h, _v(F16, 2)), _v(F32, 2))
+    v = ir.Constant(_v(F32, 2), ir.Undefined)
+    for k, o in enumerate(idx):
+        v = builder.insert_element(v, _lut_scale(builder, sbase, o, lut), ir.Constant(I32, k))
+    return v
 
 
 def _make_q4_dot(avx2):
     @intrinsic
-    def q4_dot(typingctx, q, qoff, s, soff, gshift, nb, xq, xs, lut):
+    def q4_dot(typingctx, q, qoff, s, soff, gshift, nb, xp, corr, xs, lut):
         """int4 row (nb blocks at byte qoff; float16 scale of block b at soff + 2 (b >> gshift))
-        . int8 activations xq with block scales xs."""
-        sig = types.float32(q, types.int64, s, types.int64, types.int64, types.int64, xq, xs, lut)
+        . activations in pair layout (xp, corr, xs: see pair_layout)."""
+        sig = types.float32(q, types.int64, s, types.int64, types.int64, types.int64, xp, corr,
+                            xs, lut)
 
         def codegen(context, builder, sig, args):
-            qa, qoff, sa, soff, gshift, nb, xqa, xsa, luta = args
+            qa, qoff, sa, soff, gshift, nb, xpa, corra, xsa, luta = args
             qb = _base(context, builder, sig.args[0], qa)
             sb = _base(context, builder, sig.args[2], sa)
-            xqb = _base(context, builder, sig.args[6], xqa)
-            xsb = _base(context, builder, sig.args[7], xsa)
-            lb = _base(context, builder, sig.args[8], luta)
+            xpb = _base(context, builder, sig.args[6], xpa)
+            cb = _base(context, builder, sig.args[7], corra)
+            xsb = _base(context, builder, sig.args[8], xsa)
+            lb = _base(context, builder, sig.args[9], luta)
+            c5, c6 = ir.Constant(I64, 5), ir.Constant(I64, 6)
 
-            def body(b, acc):
-                sidx = builder.shl(builder.lshr(b, gshift), ir.Constant(I64, 1))
-                sc = _lut_scale(builder, sb, builder.add(soff, sidx), lb)
-                q16 = _at(builder, qb, builder.add(qoff, builder.shl(b, ir.Constant(I64, 4))),
-                          _v(I8, 16))
-                xv = _at(builder, xqb, builder.shl(b, ir.Constant(I64, 5)), _v(I8, 32))
-                p = _block_dot(builder, _unpack_q4(builder, q16), xv, avx2)
-                d = builder.fmul(sc, _at(builder, xsb, builder.shl(b, ir.Constant(I64, 2)),
-                                         F32, align=4))
-                return _fmuladd(builder, builder.sitofp(p, _v(F32, 8)), _splat(builder, d, 8),
-                                acc)
+            def pair(p, qv, b1, acc):
+                lo = builder.and_(qv, _const_vec(I8, 32, 0x0F))
+                hi = builder.lshr(qv, _const_vec(I8, 32, 4))
+                x0 = builder.shl(p, c6)
+                xlo = _at(builder, xpb, x0, _v(I8, 32))
+                xhi = _at(builder, xpb, builder.add(x0, ir.Constant(I64, 32)), _v(I8, 32))
+                dot = builder.sub(_pair_dot(builder, lo, hi, xlo, xhi, avx2),
+                                  _at(builder, cb, builder.shl(p, c5), _v(I32, 8), align=4))
+                b0 = builder.shl(p, ir.Constant(I64, 1))
+                ws = _scale_pair(builder, sb, soff, b0, b1, gshift, lb, avx2)
+                d2 = builder.fmul(ws, _at(builder, xsb, builder.shl(p, ir.Constant(I64, 3)),
+                                          _v(F32, 2), align=4))
+                d8 = builder.shuffle_vector(d2, ir.Constant(d2.type, ir.Undefined),
+                                            ir.Constant(_v(I32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+                return _fmuladd(builder, builder.sitofp(dot, _v(F32, 8)), d8, acc)
 
-            return _block_loop(builder, nb, body)
+            def body(p, acc):
+                qv = _at(builder, qb, builder.add(qoff, builder.shl(p, c5)), _v(I8, 32))
+                b1 = builder.add(builder.shl(p, ir.Constant(I64, 1)), ir.Constant(I64, 1))
+                return pair(p, qv, b1, acc)
+
+            npairs = builder.lshr(nb, ir.Constant(I64, 1))
+            total = cgutils.alloca_once_value(builder, _block_loop(builder, npairs, body, 2))
+            odd = builder.icmp_unsigned("!=", builder.and_(nb, ir.Constant(I64, 1)),
+                                        ir.Constant(I64, 0))
+            with builder.if_then(odd):  # last block alone: load its 16 bytes only
+                q16 = _at(builder, qb, builder.add(qoff, builder.shl(npairs, c5)), _v(I8, 16))
+                qv = builder.shuffle_vector(q16, ir.Constant(q16.type, [0] * 16),
+                                            ir.Constant(_v(I32, 32), list(range(32))))
+                b0 = builder.shl(npairs, ir.Constant(I64, 1))  # its own scale for the empty half
+                builder.store(pair(npairs, qv, b0, builder.load(total)), total)
+            return _hsum(builder, builder.load(total))
 
         return sig, codegen
 
@@ -222,7 +281,7 @@ def _make_q8_dot(avx2):
                 return _fmuladd(builder, builder.sitofp(p, _v(F32, 8)), _splat(builder, d, 8),
                                 acc)
 
-            return _block_loop(builder, nb, body)
+            return _hsum(builder, _block_loop(builder, nb, body))
 
         return sig, codegen
 
@@ -345,11 +404,55 @@ f16_axpy_fast, f16_axpy_generic = _make_f16_axpy(True), _make_f16_axpy(False)
 
 
 @njit(cache=True)
+def act_buffers(d):
+    """Scratch for the quantized activations of a row of length d: (xq, xs, xp, corr)."""
+    nb = (d + 31) // 32
+    npairs = (nb + 1) // 2
+    return (np.empty(npairs * 64, dtype=np.int8), np.empty(npairs * 2, dtype=np.float32),
+            np.empty(npairs * 64, dtype=np.int8), np.empty(npairs * 8, dtype=np.int32))
+
+
+@njit(cache=True)
+def quantize_act(x, xq, xs, xp, corr):
+    """Both activation layouts: quantize_q8 (for int8 rows) and pair_layout (for int4 rows)."""
+    quantize_q8(x, xq, xs)
+    pair_layout(xq, xp, corr)
+
+
+@njit(cache=True)
+def pair_layout(xq, xp, corr):
+    """Reorder the int8 activations for q4_dot, which multiplies two blocks per step.
+
+    An int4 pair of blocks is 32 bytes: low nibbles are elements 0-15 of each block, high
+    nibbles elements 16-31. For pair p, xp[64p:64p+32] holds x elements 0-15 of block 2p then
+    0-15 of block 2p+1 (matching the low nibbles), xp[64p+32:64p+64] elements 16-31 of each.
+    q4_dot multiplies unsigned nibbles; corr[8p] and corr[8p+4] hold 8 * sum(x) of each block,
+    subtracted to give sum((nibble - 8) x)."""
+    npairs = xp.shape[0] // 64
+    for p in range(npairs):
+        o = 64 * p
+        for k in range(16):
+            xp[o + k] = xq[o + k]
+            xp[o + 16 + k] = xq[o + 32 + k]
+            xp[o + 32 + k] = xq[o + 16 + k]
+            xp[o + 48 + k] = xq[o + 48 + k]
+        for k in range(8):
+            corr[8 * p + k] = 0
+        for half in range(2):
+            t = 0
+            for k in range(32):
+                t += np.int32(xq[o + 32 * half + k])
+            corr[8 * p + 4 * half] = 8 * t
+
+
+@njit(cache=True)
 def quantize_q8(x, xq, xs):
-    """x f32[d] -> xq int8[>= ceil(d/32)*32] (zero padded), xs f32[ceil(d/32)]: per block of 32,
-    scale max|x| / 127 and values round(x / scale), as llama.cpp's Q8_0 (scale kept in float32)."""
+    """x f32[d] -> xq int8, xs f32 (see act_buffers; padding zeroed): per block of 32, scale
+    max|x| / 127 and values round(x / scale), as llama.cpp's Q8_0 (scale kept in float32)."""
     d = x.shape[0]
     nb = (d + 31) // 32
+    xq[nb * 32:] = 0
+    xs[nb:] = 0
     for b in range(nb):
         j0 = b * 32
         j1 = min(d, j0 + 32)
@@ -363,3 +466,80 @@ def quantize_q8(x, xq, xs):
             xq[j] = np.int8(np.rint(x[j] * inv))
         for j in range(j1, j0 + 32):
             xq[j] = 0
+
+
+@intrinsic
+def prefetch(typingctx, a, off):
+    """Hint the CPU to bring the cache line holding byte off of array a into cache."""
+    sig = types.void(a, types.int64)
+
+    def codegen(context, builder, sig, args):
+        p = builder.gep(_base(context, builder, sig.args[0], args[0]), [args[1]])
+        _call(builder, "llvm.prefetch.p0", [p, ir.Constant(I32, 0), ir.Constant(I32, 3),
+                                             ir.Constant(I32, 1)], ir.VoidType())
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _make_load(nbty, irty, align):
+    @intrinsic
+    def load(typingctx, a, off):
+        sig = nbty(a, types.int64)
+
+        def codegen(context, builder, sig, args):
+            return _at(builder, _base(context, builder, sig.args[0], args[0]), args[1], irty,
+                       align=align)
+
+        return sig, codegen
+
+    return load
+
+
+# scalar loads at a byte offset of any array: no array views (each costs reference counting)
+ld_f32 = _make_load(types.float32, F32, 4)
+ld_i8 = _make_load(types.int8, I8, 1)
+ld_u16 = _make_load(types.uint16, I16, 2)
+
+
+@intrinsic
+def f32_dot(typingctx, q, qoff, nv, x):
+    """sum over the first 32 * nv values of a float32 row (bytes at qoff) times x f32."""
+    sig = types.float32(q, types.int64, types.int64, x)
+
+    def codegen(context, builder, sig, args):
+        qa, qoff, nv, xa = args
+        qb = _base(context, builder, sig.args[0], qa)
+        xb = _base(context, builder, sig.args[3], xa)
+        acc = cgutils.alloca_once_value(builder, _const_vec(F32, 32, 0.0))
+        with cgutils.for_range(builder, nv) as lp:
+            off = builder.shl(lp.index, ir.Constant(I64, 7))
+            w = _at(builder, qb, builder.add(qoff, off), _v(F32, 32), align=4)
+            xv = _at(builder, xb, off, _v(F32, 32), align=4)
+            builder.store(_fmuladd(builder, w, xv, builder.load(acc)), acc)
+        v = builder.load(acc)
+        s = builder.fadd(_slice(builder, v, 0, 16), _slice(builder, v, 16, 16))
+        s = builder.fadd(_slice(builder, s, 0, 8), _slice(builder, s, 8, 8))
+        return _hsum(builder, s)
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_axpy(typingctx, acc, q, qoff, nv, a):
+    """acc[0:32 * nv] += a * (float32 row at qoff)."""
+    sig = types.void(acc, q, types.int64, types.int64, types.float32)
+
+    def codegen(context, builder, sig, args):
+        acca, qa, qoff, nv, a = args
+        ab = _base(context, builder, sig.args[0], acca)
+        qb = _base(context, builder, sig.args[1], qa)
+        av = _splat(builder, a, 32)
+        with cgutils.for_range(builder, nv) as lp:
+            off = builder.shl(lp.index, ir.Constant(I64, 7))
+            w = _at(builder, qb, builder.add(qoff, off), _v(F32, 32), align=4)
+            old = _at(builder, ab, off, _v(F32, 32), align=4)
+            _store_at(builder, ab, off, _fmuladd(builder, w, av, old), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
