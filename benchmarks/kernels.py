@@ -70,7 +70,7 @@ def make_matvec(kind, m):
     lut = halfs.F16_TO_F32
     enc = m.codec.name
     if kind == "api":
-        return lambda x: kernels.linear(m, x.reshape(1, -1))
+        return lambda x: kernels.linear(m, x.reshape(-1, d))
     if kind == "portable":
         if enc == "f16":
             q = m.q.view(np.uint16)
@@ -110,6 +110,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--ffn", action="store_true", help="also time attention matvecs + ffn()")
+    ap.add_argument("--prefill", type=int, default=0, metavar="T",
+                    help="also time linear() on T rows at once (dequantized tiles + BLAS)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -139,6 +141,21 @@ def main(argv=None):
                 results.append(row)
                 print(f"{enc:5} {kind:9} {t:3d} {sec * 1e3:9.1f} {nbytes / sec / 1e9:6.1f} "
                       f"{LLAMA_CPP_MS / (sec * 1e3):11.2f}x")
+        if args.prefill:
+            T = args.prefill
+            fns = [make_matvec("api", m) for layer in mats for m in layer]
+            xT = [rng.standard_normal((T, d)).astype(np.float32) for _, d in SHAPES] * args.layers
+            for mode in [k for k in args.kernels.split(",") if k in ("portable", "api", "simd")]:
+                kernels.MODE = "portable" if mode == "portable" else "fast"
+                for t in threads:
+                    numba.set_num_threads(t)
+                    sec = time_token(fns, xT, max(1, args.repeats // 2)) * 22 / args.layers
+                    kind = f"prefill{T}" + ("p" if mode == "portable" else "")
+                    results.append({"enc": enc, "kernel": kind, "threads": t,
+                                    "ms_per_token": sec * 1e3 / T, "tokens_per_s": T / sec})
+                    print(f"{enc:5} {kind:9} {t:3d} {sec * 1e3 / T:9.1f} {'':6} "
+                          f"{'':11}  ({T / sec:.0f} tokens/s)")
+            kernels.MODE = "fast"
         if bundles is not None:
             attn = [make_matvec("api", m) for layer in mats for m in layer[:4]]
             ax = [x for x in xs[:4]] * args.layers

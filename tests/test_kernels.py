@@ -22,8 +22,8 @@ from edgellm.runtime.reader import Matrix
 
 RTOL = 2e-5
 MODES = ["fast", "generic", "portable"] if simd.AVAILABLE else ["portable"]
-# decode (T == 1) in every kernel mode; prefill (T > 1) does not depend on the mode
-T_MODES = [(1, m) for m in MODES] + [(4, MODES[0])]
+# decode (T == 1) and prefill (T > 1, dequantized tiles) in every kernel mode
+T_MODES = [(T, m) for T in (1, 4) for m in MODES]
 
 
 @pytest.fixture
@@ -93,13 +93,19 @@ def test_linear(enc, n, d, g, T, mode, set_mode):
     assert_linear_close(m, x, kernels.linear(m, x))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("enc,g", [("f16", 32), ("int8", 32), ("int4", 32), ("int4", 64)])
-def test_linear_prefill_many_tiles(enc, g, monkeypatch):
+def test_linear_prefill_many_tiles(enc, g, mode, set_mode, monkeypatch):
+    set_mode(mode)
     monkeypatch.setattr(kernels, "TILE_BYTES", 64 * 4 * 16)  # 16 rows per tile of width 64
     rng = np.random.default_rng(7)
-    m = make_matrix(rng, enc, 70, 128, g)
-    x = rng.standard_normal((9, 128)).astype(np.float32)
-    assert_linear_close(m, x, kernels.linear(m, x))
+    for d in (128, 100) if enc != "int4" else (128,):
+        m = make_matrix(rng, enc, 70, d, g)
+        x = rng.standard_normal((9, d)).astype(np.float32)
+        assert_linear_close(m, x, kernels.linear(m, x))
+        # tiles are the codec's own dequantization, bit for bit
+        w = kernels._dequant_rows(m, 0, 70, np.empty((70, d), np.float32))
+        assert np.array_equal(w, m.dequantize())
 
 
 def test_linear_tiny(set_mode):
@@ -334,7 +340,9 @@ def test_ffn_int4_groups(T, mode, g, set_mode):
     check_ffn(rng, 192, 50, "int4", True, "silu", T, g=g)
 
 
-def test_ffn_many_tiles(monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_ffn_many_tiles(mode, set_mode, monkeypatch):
+    set_mode(mode)
     monkeypatch.setattr(kernels, "TILE_BYTES", 64 * 4 * 3 * 16)
     rng = np.random.default_rng(5)
     check_ffn(rng, 64, 70, "int4", True, "silu", 4)

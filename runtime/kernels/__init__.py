@@ -39,7 +39,7 @@ from .reference import rope_tables  # noqa: F401  (NumPy, once per model)
 
 __all__ = ["linear", "rmsnorm", "layernorm", "rope_tables", "apply_rope", "attention", "ffn"]
 
-TILE_BYTES = 1 << 20  # float32 tile size for prefill: ~1 MiB stays in L2 while BLAS reuses it
+TILE_BYTES = 1 << 22  # prefill tile (all parts): 4 MiB; smaller tiles made BLAS slower (measured)
 
 _local = threading.local()
 
@@ -105,6 +105,15 @@ def _matvec(m, x, out):
 
 def _dequant_rows(m, r0, r1, out):
     name = m.codec.name
+    if _simd_ok(m):
+        if name == "int4":
+            _tiles.dequant_int4_simd(m.q, m.s.view(np.uint16), _qmv.group_shift(m.codec.group_size),
+                                     r0, r1, _LUT, out)
+        elif name == "int8":
+            _tiles.dequant_int8_simd(m.q, m.s, r0, r1, out)
+        else:
+            _tiles.dequant_f16_simd(m.q.view(np.uint16), r0, r1, _LUT, out, MODE == "fast")
+        return out
     if name == "f16":
         _tiles.dequant_f16(m.q.view(np.uint16), r0, r1, _LUT, out)
     elif name == "int8":
@@ -123,16 +132,19 @@ def linear(m, x):
     T = x.shape[0]
     if m.codec.name == "f32":
         return x @ m.q.T
-    out = np.empty((T, n), dtype=np.float32)
     if T == 1:
+        out = np.empty((1, n), dtype=np.float32)
         _matvec(m, x[0], out[0])
         return out
+    # out^T = W x^T tile by tile: BLAS runs this orientation faster for short T (measured)
+    xT = np.ascontiguousarray(x.T)
+    outT = np.empty((n, T), dtype=np.float32)
     rows = _rows_per_tile(d)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         w = _dequant_rows(m, r0, r1, _tile(r1 - r0, d))
-        np.matmul(x, w.T, out=out[:, r0:r1])
-    return out
+        np.matmul(w, xT, out=outT[r0:r1])
+    return np.ascontiguousarray(outT.T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +250,10 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
             out = _ffn.ffn_decode(x[0], bundles, tab[0], tab[1], tab[2], tab[3], d, kind, gated,
                                   bias, has_bias, _LUT, partial)
         return out.reshape(1, d)
-    out = np.zeros((T, d), dtype=np.float32)
+    xT = np.ascontiguousarray(x.T)
+    outT = np.zeros((d, T), dtype=np.float32)  # transposed products: see linear
+    simd = _ffn_simd_ok(layout)
+    shifts = _group_shifts(tab)
     rows = _rows_per_tile(d, 3)
     tile = _tile(3 * rows, d)
     for r0 in range(0, n, rows):
@@ -246,17 +261,22 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
         k = r1 - r0
         w = [None, None, None]
         for i in range(3) if gated else (1, 2):
-            w[i] = _ffn.dequant_part(bundles, r0, r1, tab[0, i], tab[1, i], tab[2, i], tab[3, i],
-                                     d, _LUT, tile[i * rows:i * rows + k])
-        u = x @ w[1].T
+            t = tile[i * rows:i * rows + k]
+            if simd:
+                w[i] = _ffn.dequant_part_simd(bundles, r0, r1, tab[0, i], tab[1, i], tab[2, i],
+                                              shifts[i], d, _LUT, t, MODE == "fast")
+            else:
+                w[i] = _ffn.dequant_part(bundles, r0, r1, tab[0, i], tab[1, i], tab[2, i],
+                                         tab[3, i], d, _LUT, t)
+        u = w[1] @ xT  # (k, T)
         if gated:
-            h = _activate(x @ w[0].T, activation) * u
+            h = _activate(w[0] @ xT, activation) * u
         else:
             if has_bias:
-                u += bias[r0:r1]
+                u += bias[r0:r1, None]
             h = _activate(u, activation)
-        out += h @ w[2]
-    return out
+        outT += w[2].T @ h
+    return np.ascontiguousarray(outT.T)
 
 
 def _activate(v, activation):

@@ -3,6 +3,8 @@
 import numpy as np
 from numba import njit, prange
 
+from .simd import f16_axpy_fast, f16_axpy_generic, q4_axpy, q8_axpy
+
 
 @njit(cache=True, parallel=True)
 def dequant_f16(q, r0, r1, lut, out):
@@ -35,4 +37,51 @@ def dequant_int4(q, s, g, r0, r1, lut, out):
                 v = q[i, b * 16 + k]
                 out[r, b * 32 + k] = (np.float32(v & 15) - 8) * sc
                 out[r, b * 32 + 16 + k] = (np.float32(v >> 4) - 8) * sc
+    return out
+
+
+# SIMD versions (simd.py): each row is an axpy with a = 1 into a zeroed tile row, so the values
+# are bit-identical to the codecs' dequantize ((nibble - 8) * s and q * s, one rounding each).
+
+
+@njit(cache=True, parallel=True)
+def dequant_int4_simd(q, s, gshift, r0, r1, lut, out):
+    h = q.shape[1]
+    nb = 2 * h // 32
+    srow = 2 * s.shape[1]
+    for r in prange(r1 - r0):
+        row = out[r]
+        row[:] = 0.0
+        q4_axpy(row, q, (r0 + r) * h, s, (r0 + r) * srow, gshift, nb, np.float32(1.0), lut)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def dequant_int8_simd(q, s, r0, r1, out):
+    d = q.shape[1]
+    nb = d // 32
+    for r in prange(r1 - r0):
+        i = r0 + r
+        row = out[r]
+        row[:] = 0.0
+        q8_axpy(row, q, i * d, nb, s[i])
+        for j in range(nb * 32, d):
+            row[j] = np.float32(q[i, j]) * s[i]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def dequant_f16_simd(q, r0, r1, lut, out, fast):
+    d = q.shape[1]
+    nv = d // 32
+    for r in prange(r1 - r0):
+        i = r0 + r
+        row = out[r]
+        row[:] = 0.0
+        if fast:
+            f16_axpy_fast(row, q, 2 * i * d, nv, np.float32(1.0))
+        else:
+            f16_axpy_generic(row, q, 2 * i * d, nv, np.float32(1.0))
+        for j in range(nv * 32, d):
+            row[j] = lut[q[i, j]]
     return out
