@@ -9,7 +9,7 @@ import time
 
 from .runtime.errors import EdgeLLMError
 
-DEMO_PROMPT = "In the beginning"
+DEMO_PROMPT = "It is a truth universally acknowledged"
 
 
 def demo_model_path():

@@ -81,7 +81,7 @@ class Model:
         logits = rt.forward(ids)[-1]
         stats["prefill_s"] = time.perf_counter() - t0
         history = list(ids)
-        stream = self.tokenizer.streamer()
+        stream = self.tokenizer.streamer(ids)
         held, hit, forwards = "", False, 0  # held: text that could be the start of a stop string
         t1 = time.perf_counter()
         for n in range(max_tokens):

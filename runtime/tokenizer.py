@@ -63,8 +63,9 @@ class Tokenizer:
             return self._impl.decode(ids)
         return self._impl.decode(ids, skip_special_tokens=False)
 
-    def streamer(self):
-        return StreamDecoder(self)
+    def streamer(self, context=()):
+        """A StreamDecoder; context: the prompt ids, so the first piece gets its leading space."""
+        return StreamDecoder(self, context)
 
 
 class StreamDecoder:
@@ -75,11 +76,13 @@ class StreamDecoder:
     window and emits only the text that the window added.
     """
 
-    def __init__(self, tokenizer):
+    CONTEXT = 4  # prompt tokens kept in the window: enough to decide the next piece's spacing
+
+    def __init__(self, tokenizer, context=()):
         self.tok = tokenizer
-        self.ids = []
+        self.ids = [int(i) for i in context][-self.CONTEXT:]
         self.prefix = 0  # window start
-        self.read = 0  # tokens already emitted
+        self.read = len(self.ids)  # tokens already emitted (or given as context)
 
     def push(self, token_id):
         self.ids.append(int(token_id))

@@ -25,9 +25,10 @@ def test_cached_decode_equals_full_recompute(model):
     seq = list(ids)
     for _ in range(n):
         seq.append(int(np.argmax(model.logits(seq)[-1])))
-    # the streamed text is the decoding of exactly those tokens
+    # the streamed text is the decoding of exactly those tokens, spacing after the prompt included
     text = model.complete(ids, max_tokens=n, temperature=0, repetition_penalty=1.0)
-    assert text == model.tokenizer.decode(seq[len(ids):])
+    dec = model.tokenizer.decode
+    assert dec(ids) + text == dec(seq)
 
 
 def test_logits_of_prefix_match_block_prefill(model):
