@@ -112,6 +112,11 @@ def cmd_run(a):
     t0 = time.perf_counter()
     model = load(a.model, verify=a.verify, n_ctx=a.ctx)
     load_s = time.perf_counter() - t0
+    if a.stats:
+        warm = model.warmup()
+        if warm > 1.0:
+            print(f"(compiled kernels in {warm:.1f} s; they are cached for the next run)",
+                  file=sys.stderr)
     params = sampling_from_args(a)
     for piece in model.generate(a.prompt, max_tokens=a.n, stop=a.stop, params=params):
         sys.stdout.write(piece)

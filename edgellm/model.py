@@ -47,6 +47,17 @@ class Model:
     def n_ctx(self):
         return self.runtime.n_ctx
 
+    def warmup(self):
+        """Run the prefill and decode paths once, so that kernel compilation (first run after
+        install: Numba compiles and caches them) and page faults do not count in timings."""
+        t = time.perf_counter()
+        self.runtime.reset()
+        self.runtime.forward([0, 0])
+        self.runtime.forward([0])
+        self.runtime.reset()
+        self.runtime.timer.parts.clear()
+        return time.perf_counter() - t
+
     def logits(self, ids):
         """float32 logits [len(ids), vocab] for a token sequence, from an empty context."""
         self.runtime.reset()
