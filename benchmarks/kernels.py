@@ -33,6 +33,21 @@ SHAPES = [(D, D), (KV, D), (KV, D), (D, D), (DFF, D), (DFF, D), (D, DFF)]  # q k
 LLAMA_CPP_MS = 59.0  # llama.cpp TinyLlama-1.1B Q4_0, 2 threads, whole token (DESIGN.md)
 
 
+def set_threads(t):
+    """Numba's thread count, and OpenBLAS's (prefill) when NumPy's bundled OpenBLAS is found."""
+    numba.set_num_threads(t)
+    import ctypes
+    import glob
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
+                                  "libscipy_openblas*.so"))
+    for lib in libs:
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(ctypes.CDLL(lib), name, None)
+            if fn is not None:
+                fn(ctypes.c_int(t))
+                return
+
+
 def random_matrix(rng, enc, n, d, g=32):
     """Random weights in the stored layout (random bytes; valid float16 values and scales)."""
     c = encodings.codec(enc, g if enc == "int4" else None)
@@ -133,7 +148,7 @@ def main(argv=None):
                 continue
             fns = [make_matvec(kind, m) for layer in mats for m in layer]
             for t in threads:
-                numba.set_num_threads(t)
+                set_threads(t)
                 sec = time_token(fns, xs, args.repeats) * 22 / args.layers
                 row = {"enc": enc, "kernel": kind, "threads": t, "ms_per_token": sec * 1e3,
                        "gb_per_s": nbytes / sec / 1e9, "bytes_per_token": nbytes,
@@ -148,7 +163,7 @@ def main(argv=None):
             for mode in [k for k in args.kernels.split(",") if k in ("portable", "api", "simd")]:
                 kernels.MODE = "portable" if mode == "portable" else "fast"
                 for t in threads:
-                    numba.set_num_threads(t)
+                    set_threads(t)
                     sec = time_token(fns, xT, max(1, args.repeats // 2)) * 22 / args.layers
                     kind = f"prefill{T}" + ("p" if mode == "portable" else "")
                     results.append({"enc": enc, "kernel": kind, "threads": t,
@@ -170,7 +185,7 @@ def main(argv=None):
             fbytes = (sum(m.nbytes for layer in mats for m in layer[:4])
                       + sum(b.nbytes for b, _ in bundles)) * 22 / args.layers
             for t in threads:
-                numba.set_num_threads(t)
+                set_threads(t)
                 sec = time_token(fns, inputs, args.repeats) * 22 / args.layers
                 results.append({"enc": enc, "kernel": "api+ffn", "threads": t,
                                 "ms_per_token": sec * 1e3, "gb_per_s": fbytes / sec / 1e9,

@@ -8,8 +8,3 @@ every bit pattern (subnormals, inf, nan). The SIMD path (simd.py) uses the CPU's
 import numpy as np
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-def as_u16(a):
-    """A float16 array viewed as uint16 (zero-copy), as the kernels take it."""
-    return a.view(np.uint16)

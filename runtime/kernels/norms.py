@@ -1,7 +1,7 @@
 """RMSNorm and LayerNorm over rows (reference: reference.rmsnorm / reference.layernorm)."""
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
 @njit(cache=True)

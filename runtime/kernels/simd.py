@@ -1,24 +1,30 @@
 """SIMD building blocks for the decode kernels, emitted as LLVM IR via numba intrinsics.
 
 Plain Numba compiles quantized dot products to 64-bit integer lanes and reaches a fraction of
-memory bandwidth (DESIGN.md, "Facts measured"). These intrinsics write the inner loops of one row
-directly in LLVM IR, with an 8 x float32 vector accumulator that stays in a register:
+memory bandwidth (DESIGN.md, "Facts measured"). These intrinsics write the inner loop over one
+row directly in LLVM IR, with float32 vector accumulators that stay in registers:
 
-    q4_dot(q, qoff, s, soff, gshift, nb, xp, corr, xs, lut)   int4 row . int8 (pair layout)
-    q8_dot(q, qoff, nb, xq, xs)                           int8 row . int8 blocks (no row scale)
-    f16_dot(q, qoff, nv, x)                               float16 row . float32, 32 per step
-    q4_axpy / q8_axpy / f16_axpy(acc, ..., a)             acc[:] += a * row (FFN down, tiles)
+    q4_dot(q, qoff, s, soff, gshift, nb, xp, corr, xs, lut)  int4 row . int8 x (pair layout)
+    q8_dot(q, qoff, nb, xq, xs)                              int8 row . int8 x (no row scale)
+    f16_dot(q, qoff, nv, x), f32_dot(...)                    float rows . float32 x
+    q4_axpy / q8_axpy / f16_axpy / f32_axpy(acc, ..., a)     acc[:32 nb] += a * row
+    ld_f32 / ld_i8 / ld_u16(a, off), prefetch(a, off)        scalar loads, cache hint
 
-q, s are arrays of any dtype addressed by byte offsets (qoff, soff); blocks are 32 values; xq/xs
-are the activations quantized per block of 32 (see quantize_q8), lut the float16 -> float32
-table used for scales. Rows shorter than a whole number of blocks are finished by the caller.
+Rows are addressed by byte offsets into any array (q, s may be the same bundle array); blocks
+are 32 values; nb counts blocks (nv: 32-value steps), a row's remainder is the caller's. int4
+scales are float16 at soff + 2 (b >> gshift) (group = 32 << gshift). Activations are quantized
+once per call (quantize_q8: per block of 32, scale max|x| / 127, like llama.cpp's Q8_0), and
+reordered for q4_dot (pair_layout), which multiplies two blocks per step as unsigned nibbles and
+subtracts 8 * sum(x) per block.
 
-Two flavors of each integer dot: "avx2" uses vpsignb/vpabsb/vpmaddubsw/vpmaddwd as llama.cpp does
-(products of bytes summed in pairs into 16 and then 32 bits; no overflow since |x| <= 127 and
-|w| <= 128); "generic" sign-extends and multiplies, which LLVM compiles for any target (ARM NEON
-included). The avx2 flavor falls back to the generic IR on a CPU without AVX2, so both always
-compile. The float16 kernels use LLVM's half -> float conversion (vcvtph2ps with F16C, fcvtl on
-ARM) and are only used where the CPU has it (HAVE_F16).
+Each integer dot and float16 kernel has two flavors: "fast" uses vpmaddubsw/vpmaddwd (as
+llama.cpp does; byte products summed in pairs into 16 bits, then 32: no overflow since |x| <=
+127, |w| <= 128) and the CPU's float16 conversion (F16C vcvtph2ps, ARM fcvtl); "generic"
+sign-extends and multiplies, and converts float16 with integer bit operations, which LLVM
+compiles for any target. The fast flavor emits the generic IR where the CPU lacks the
+instructions, so both always compile; the kernels take a `fast` flag and tests run both.
+Intrinsics cannot run as Python: without the JIT (NUMBA_DISABLE_JIT=1) the dispatch uses the
+portable kernels (AVAILABLE is False).
 """
 
 import platform
@@ -79,10 +85,6 @@ def _at(builder, base, off, ty, align=1):
 def _store_at(builder, base, off, val, align=1):
     p = builder.gep(base, [off])
     builder.store(val, builder.bitcast(p, val.type.as_pointer()), align=align)
-
-
-def _mul(builder, a, b):
-    return builder.mul(a, b)
 
 
 def _fmuladd(builder, a, b, c):
