@@ -348,6 +348,34 @@ def test_ffn_many_tiles(mode, set_mode, monkeypatch):
     check_ffn(rng, 64, 70, "int4", True, "silu", 4)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_ffn_readonly_bundles(mode, set_mode):
+    """Bundles from the reader are read-only views of an mmap."""
+    set_mode(mode)
+    rng = np.random.default_rng(11)
+    bundles, layout = make_bundles(rng, 64, 9, "int4", True)
+    bundles.flags.writeable = False
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    out = kernels.ffn(x, bundles, layout, 64, "silu", True)
+    exact, allowed = ffn_allowed(x, bundles, layout, 64, "silu", True, None)
+    assert np.all(np.abs(out - exact) <= allowed)
+
+
+def test_ffn_rejects_layout_past_stride():
+    rng = np.random.default_rng(12)
+    bundles, layout = make_bundles(rng, 64, 3, "int8", True)
+    with pytest.raises(Exception, match="stride"):
+        kernels.ffn(np.ones((1, 64), np.float32), bundles[:, :64], layout, 64, "silu", True)
+
+
+def test_linear_rejects_inconsistent_matrix():
+    rng = np.random.default_rng(13)
+    m = make_matrix(rng, "int4", 4, 64)
+    bad = Matrix(m.q, m.s[:, :1], m.codec, m.shape)
+    with pytest.raises(Exception, match="scales"):
+        kernels.linear(bad, np.ones((1, 64), np.float32))
+
+
 def test_ffn_empty_rows():
     rng = np.random.default_rng(2)
     bundles, layout = make_bundles(rng, 32, 1, "int8", True)

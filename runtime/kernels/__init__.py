@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import numba  # noqa: E402
 
+from .. import encodings
 from ..errors import EdgeLLMError
 from . import attention as _attention
 from . import ffn as _ffn
@@ -137,6 +138,14 @@ def linear(m, x):
     n, d = m.shape
     x = _as_rows(x, d, "linear")
     T = x.shape[0]
+    c = m.codec
+    if (m.q.shape != c.data_shape(n, d) or m.q.dtype != c.data_dtype()
+            or (m.s is None) != (c.scale_shape(n, d) is None)
+            or (m.s is not None and (m.s.shape != c.scale_shape(n, d)
+                                     or m.s.dtype != c.scale_dtype()))):
+        raise EdgeLLMError(f"linear: {c.name} matrix of shape {list(m.shape)} has values "
+                           f"{m.q.dtype} {list(m.q.shape)} and scales "
+                           f"{None if m.s is None else (m.s.dtype, list(m.s.shape))}")
     if m.codec.name == "f32":
         return x @ m.q.T
     if T == 1:
@@ -195,8 +204,13 @@ def attention(q, k_cache, v_cache, start_pos):
 # ffn
 
 
-def _part_table(layout, gated):
-    """(encs, offs, soffs, gs) int64[3] by slot 0 gate, 1 up, 2 down."""
+def _part_table(layout, gated, d, bundles):
+    """(encs, offs, soffs, gs) int64[3] by slot 0 gate, 1 up, 2 down; checks that every part
+    lies inside a row (the kernels address bytes directly)."""
+    if bundles.dtype != np.uint8 or bundles.ndim != 2:
+        raise EdgeLLMError(f"ffn: bundles must be uint8 [n, stride], got {bundles.dtype} "
+                           f"{list(bundles.shape)}")
+    stride = bundles.shape[1]
     tab = np.zeros((4, 3), dtype=np.int64)
     slot = {"gate": 0, "up": 1, "down": 2}
     seen = set()
@@ -209,6 +223,18 @@ def _part_table(layout, gated):
         tab[1, i] = e["offset"]
         tab[2, i] = e["scale_offset"] if e["scale_offset"] is not None else 0
         tab[3, i] = e["group_size"] or 0
+        c = encodings.codec(e["encoding"], e["group_size"])
+        if e["encoding"] == "int4":
+            c.check(d)
+        end = e["offset"] + int(np.prod(c.data_shape(1, d))) * c.data_dtype().itemsize
+        if c.scale_shape(1, d) is not None:
+            if e["scale_offset"] is None:
+                raise EdgeLLMError(f"ffn: bundle part {e['name']!r} has no scale offset")
+            end = max(end, e["scale_offset"]
+                      + int(np.prod(c.scale_shape(1, d))) * c.scale_dtype().itemsize)
+        if end > stride:
+            raise EdgeLLMError(f"ffn: bundle part {e['name']!r} ends at byte {end}, past the "
+                               f"row stride {stride} (d = {d})")
     need = {"gate", "up", "down"} if gated else {"up", "down"}
     if not need <= seen:
         raise EdgeLLMError(f"ffn: bundle layout lacks parts {sorted(need - seen)}")
@@ -240,8 +266,8 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
     if activation not in _ffn.ACT_CODES:
         raise EdgeLLMError(f"ffn: unknown activation {activation!r} (known: silu, relu)")
     kind = _ffn.ACT_CODES[activation]
-    tab = _part_table(layout, gated)
     bundles = np.ascontiguousarray(bundles)
+    tab = _part_table(layout, gated, d, bundles)
     n = bundles.shape[0]
     has_bias = up_bias is not None and not gated
     bias = np.asarray(up_bias, np.float32) if has_bias else np.zeros(1, np.float32)
