@@ -27,6 +27,9 @@ Intrinsics cannot run as Python: without the JIT (NUMBA_DISABLE_JIT=1) the dispa
 portable kernels (AVAILABLE is False).
 """
 
+import glob
+import hashlib
+import os
 import platform
 
 import llvmlite.binding as llb
@@ -46,6 +49,32 @@ HAVE_AVX2 = _NUMBA_HOST and _X86 and "+avx2" in _FEATURES.split(",")
 HAVE_F16 = _NUMBA_HOST and ((_X86 and "+f16c" in _FEATURES.split(",")) or _ARM)
 # intrinsics cannot run as Python: without the JIT the dispatch uses the portable kernels
 AVAILABLE = not numba.config.DISABLE_JIT
+
+
+
+def _drop_stale_cache():
+    """Numba's on-disk cache keys a function on its own file only, but the kernels inline the
+    IR written here: after an edit of this file, their cached machine code would be stale. Keep
+    a hash of this file beside the cache and drop the package's cache files when it changes."""
+    cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    try:
+        with open(__file__, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        stamp = os.path.join(cache, "simd.sha256")
+        if os.path.exists(stamp):
+            with open(stamp) as f:
+                if f.read().strip() == digest:
+                    return
+        for path in glob.glob(os.path.join(cache, "*.nb[ic]")):
+            os.remove(path)
+        os.makedirs(cache, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(digest)
+    except OSError:  # a read-only install: its files do not change either
+        pass
+
+
+_drop_stale_cache()
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32, F16 = ir.FloatType(), ir.HalfType()
