@@ -132,6 +132,9 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     threads = [int(t) for t in args.threads.split(",")]
     results = []
+    load = os.getloadavg()[0]
+    print(f"load average {load:.2f} on {os.cpu_count()} cores (other processes skew timings, "
+          f"2-thread ones most)")
     print(f"numba {numba.__version__}, avx2 intrinsics {simd.HAVE_AVX2}, "
           f"f16 SIMD {simd.HAVE_F16}, {args.layers} layers x 7 matvecs "
           f"(per token: x {22 / args.layers:.2f} to 22 layers)")
@@ -198,8 +201,8 @@ def main(argv=None):
           f"token, DESIGN.md); ratio > 1 means faster than that whole token")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"argv": sys.argv, "cpu_count": os.cpu_count(), "results": results}, f,
-                      indent=1)
+            json.dump({"argv": sys.argv, "cpu_count": os.cpu_count(), "load_average": load,
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,19 @@ Decode kernels come in three modes, chosen at import (MODE; tests set each in tu
     "generic"   the same kernels with target-independent IR (what a non-x86 CPU runs)
     "portable"  plain Numba with float32 activations: no intrinsics, runs without the JIT
 A shape the SIMD kernels do not take (an int4 group size that is not 32 * 2^k, a non-contiguous
-matrix) goes to the portable kernels.
+matrix) goes to the portable kernels. Quantizing activations (blocks of 32, as llama.cpp's Q8_0)
+adds a bounded error to int8/int4 decode: quantizes_activations() says when, and
+tests/test_kernels.py states and checks the bound.
+
+ffn() computes straight from row-column bundles: decode reads each row once (gate and up dot
+products, then the down column added into a per-thread partial sum); prefill dequantizes tiles.
 """
 
 import os
 import threading
 
-# OpenMP workers that spin while they wait starve a core shared with another busy process: next
-# to one such process the 154 parallel matvecs of a token took 1.2 s instead of 42 ms on 2
-# threads (benchmarks/kernels.py). Must be set before the first parallel call; a user's own
-# setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import numba  # noqa: E402
+import numba
+import numpy as np
 
 from .. import encodings
 from ..errors import EdgeLLMError
@@ -46,6 +45,12 @@ from .halfs import F16_TO_F32 as _LUT
 from .reference import rope_tables  # noqa: F401  (NumPy, once per model)
 
 __all__ = ["linear", "rmsnorm", "layernorm", "rope_tables", "apply_rope", "attention", "ffn"]
+
+# OpenMP workers that spin while they wait starve a core shared with another busy process: next
+# to one such process the 154 parallel matvecs of a token took 1.2 s instead of 42 ms on 2
+# threads (benchmarks/kernels.py). Read when Numba starts its threads (the first parallel call);
+# a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TILE_BYTES = 1 << 22  # prefill tile (all parts): 4 MiB; smaller tiles made BLAS slower (measured)
 
