@@ -405,3 +405,4 @@ def test_no_jit_subset():
                         __file__, "-k", "tiny and not no_jit"], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "5 passed" in r.stdout, r.stdout[-3000:]
