@@ -70,7 +70,8 @@ class Model:
 
         prompt: a string or a list of token ids. stop: strings that end generation (not
         included in the output). Sampling options: see SamplingParams (temperature=0 is greedy).
-        After the generator ends, self.last_stats holds token counts, timings and finish_reason.
+        After the generator ends, self.last_stats holds token counts, timings, finish_reason and
+        token_ids (the generated ids).
         """
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
@@ -102,6 +103,7 @@ class Model:
                 break
             history.append(tok)
             stats["generated_tokens"] = n + 1
+            stats["token_ids"] = history[len(ids):]
             emit, held, hit = _split_stop(held + stream.push(tok), stop)
             if emit:
                 yield emit
