@@ -7,7 +7,8 @@ __version__ = "0.1.0"
 
 
 def load(path, verify=False, **kwargs):
-    """Load a converted model directory. See edgellm.model.Model."""
+    """Load a converted model directory: load(path, verify=False, n_ctx=None, threads=None).
+    See edgellm.model.Model.load."""
     from .model import Model
 
     return Model.load(path, verify=verify, **kwargs)

@@ -110,7 +110,7 @@ def cmd_run(a):
     from . import load
 
     t0 = time.perf_counter()
-    model = load(a.model, verify=a.verify, n_ctx=a.ctx)
+    model = load(a.model, verify=a.verify, n_ctx=a.ctx, threads=a.threads)
     load_s = time.perf_counter() - t0
     if a.stats:
         warm = model.warmup()
@@ -149,7 +149,7 @@ def cmd_demo(a):
     path = demo_model_path()
     if not os.path.isfile(os.path.join(path, "manifest.json")):
         raise EdgeLLMError(f"the demo model is missing from this installation ({path})")
-    a.model, a.verify, a.ctx, a.stats = path, False, None, True
+    a.model, a.verify, a.ctx, a.stats, a.threads = path, False, None, True, None
     print(f"demo model: {path}\nprompt: {a.prompt!r}\n", file=sys.stderr)
     sys.stdout.write(a.prompt)
     cmd_run(a)
@@ -187,6 +187,7 @@ def build_parser():
     r.add_argument("--ctx", type=int, default=None, help="context length (default: model's, "
                    "capped at 4096)")
     r.add_argument("--stats", action="store_true", help="print speed and time per part")
+    r.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
     r.add_argument("--verify", action="store_true", help="check checksums before running")
     add_sampling_args(r)
     r.set_defaults(func=cmd_run)

@@ -12,6 +12,7 @@ from .runtime import format
 from .runtime.errors import ContextLengthError, EdgeLLMError
 from .runtime.model import Transformer
 from .runtime.reader import Reader
+from .runtime.threads import set_threads
 from .runtime.tokenizer import Tokenizer
 from .sampling import Sampler, SamplingParams
 
@@ -30,9 +31,12 @@ class Model:
         self.last_stats = None
 
     @classmethod
-    def load(cls, path, verify=False, n_ctx=None):
-        """Open a model directory. verify=True reads every chunk and checks its sha256."""
+    def load(cls, path, verify=False, n_ctx=None, threads=None):
+        """Open a model directory. verify=True reads every chunk and checks its sha256.
+        n_ctx: context length (default: the model's, capped at 4096). threads: kernel and BLAS
+        threads (default: one per core)."""
         path = os.fspath(path)
+        set_threads(threads)
         manifest, config = format.read_manifest(path)
         reader = Reader(path, manifest)
         if verify:

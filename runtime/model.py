@@ -13,7 +13,8 @@ import numpy as np
 from . import format, kernels
 from .errors import ContextLengthError, EdgeLLMError
 
-PREFILL_BLOCK = 64  # tokens per prefill block: large enough for BLAS, small enough for cache
+PREFILL_BLOCK = 256  # tokens per prefill block: weights are dequantized once per block, so
+# larger blocks amortize that (TinyLlama int4, 256-token prompt: 64 -> 256 gave ~1.5x, measured)
 
 
 @dataclass
