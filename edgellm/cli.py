@@ -134,7 +134,7 @@ def print_stats(stats, load_s):
     total = sum(parts.values()) or 1.0
     lines = [
         f"load       {load_s * 1e3:8.1f} ms",
-        f"prefill    {stats['prompt_tokens']:5d} tokens {stats['prefill_s'] * 1e3:8.1f} ms "
+        f"prefill    {stats['prompt_tokens'] - stats.get('cached_tokens', 0):5d} tokens {stats['prefill_s'] * 1e3:8.1f} ms "
         f"{s['prefill_tokens_per_s']:8.1f} tokens/s",
         f"decode     {stats.get('decode_tokens', 0):5d} tokens {stats['decode_s'] * 1e3:8.1f} ms "
         f"{s['decode_tokens_per_s']:8.1f} tokens/s",

@@ -88,13 +88,17 @@ class Model:
         stop = [stop] if isinstance(stop, str) else [s for s in stop if s]
         sampler = Sampler(params or SamplingParams(**sampling))
         rt = self.runtime
-        rt.reset()
+        # reuse the cached keys/values of the longest common prefix with the previous call (a
+        # chat turn only processes its new tokens); at least one token is run to get logits
+        reuse = _common_prefix(rt.tokens, ids[:-1])
+        rt.rewind(reuse)
         rt.timer.parts.clear()
-        stats = {"prompt_tokens": len(ids), "generated_tokens": 0, "finish_reason": "length"}
+        stats = {"prompt_tokens": len(ids), "cached_tokens": reuse, "generated_tokens": 0,
+                 "finish_reason": "length"}
         self.last_stats = stats
 
         t0 = time.perf_counter()
-        logits = rt.forward(ids)[-1]
+        logits = rt.forward(ids[reuse:])[-1]
         stats["prefill_s"] = time.perf_counter() - t0
         history = list(ids)
         stream = self.tokenizer.streamer(ids)
@@ -131,6 +135,14 @@ class Model:
         return "".join(self.generate(prompt, **kwargs))
 
 
+def _common_prefix(a, b):
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 def _split_stop(text, stop, final=False):
     """Split text into (safe to emit, held back, stop found).
 
@@ -155,7 +167,8 @@ def _split_stop(text, stop, final=False):
 
 def stats_summary(stats):
     """Tokens/s for prefill and decode from Model.last_stats."""
-    prefill = stats["prompt_tokens"] / stats["prefill_s"] if stats.get("prefill_s") else 0.0
+    n = stats["prompt_tokens"] - stats.get("cached_tokens", 0)  # tokens the prefill ran
+    prefill = n / stats["prefill_s"] if stats.get("prefill_s") else 0.0
     n = stats.get("decode_tokens", 0)  # forward passes after the prefill
     decode = n / stats["decode_s"] if stats.get("decode_s") and n else 0.0
     return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode}

@@ -65,7 +65,7 @@ class Transformer:
         shape = (cfg.n_kv_heads, self.n_ctx, cfg.head_dim)
         self.k_cache = [np.zeros(shape, np.float32) for _ in range(cfg.n_layers)]
         self.v_cache = [np.zeros(shape, np.float32) for _ in range(cfg.n_layers)]
-        self.pos = 0  # tokens currently in the cache
+        self.tokens = []  # token ids whose keys and values are in the cache (len == pos)
 
     def _norm(self, file, name):
         w = self.reader.vector(file, name + ".weight")
@@ -91,8 +91,16 @@ class Transformer:
 
     # -----------------------------------------------------------------------------------------
 
+    @property
+    def pos(self):
+        return len(self.tokens)
+
     def reset(self):
-        self.pos = 0
+        self.tokens = []
+
+    def rewind(self, n):
+        """Keep only the first n cached tokens (their keys and values stay valid)."""
+        del self.tokens[n:]
 
     def apply_norm(self, x, norm):
         w, b = norm
@@ -139,7 +147,7 @@ class Transformer:
                 f += L.down_bias
             x = x + f
             t = self.timer.add("ffn", t)
-        self.pos += T
+        self.tokens.extend(int(i) for i in ids)
         return x
 
     def _attention(self, i, L, x, positions):

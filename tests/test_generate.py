@@ -43,6 +43,19 @@ def test_logits_of_prefix_match_block_prefill(model):
     assert np.abs(full - step).max() < 1e-4 * scale
 
 
+def test_kv_cache_reused_across_calls(model):
+    """A prompt that extends the previous conversation only runs its new tokens, and the result is
+    the same as from an empty cache."""
+    first = model.tokenizer.encode("the quick brown fox")
+    list(model.generate(first, max_tokens=5, temperature=0))
+    turn = first + model.last_stats["token_ids"] + model.tokenizer.encode("jumps", add_bos=False)
+    again = model.complete(turn, max_tokens=8, temperature=0)
+    assert model.last_stats["cached_tokens"] >= len(first)
+    fresh = edgellm.load(model.path)
+    assert fresh.complete(turn, max_tokens=8, temperature=0) == again
+    assert fresh.last_stats["cached_tokens"] == 0
+
+
 def test_streamed_pieces_concatenate_to_the_decoding(model):
     pieces = list(model.generate("hello", max_tokens=20, temperature=1.0, seed=3))
     assert "".join(pieces) == model.complete("hello", max_tokens=20, temperature=1.0, seed=3)
