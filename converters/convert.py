@@ -1,4 +1,5 @@
-"""`edgellm convert`: a Hugging Face checkpoint directory -> an edgellm model directory (format v1).
+"""`edgellm convert`: a Hugging Face checkpoint directory or a GGUF file -> an edgellm model
+directory (format v1). GGUF sources: converters/sources/gguf.py.
 
 Order of work, so that nothing is written for a conversion that cannot succeed:
 1. check everything: quantization options, config.json (converters/arch.py), every tensor's
@@ -22,6 +23,7 @@ from edgellm.runtime import encodings, format
 from edgellm.runtime.errors import ConvertError
 
 from . import arch, quantize, writer
+from .sources import gguf as gguf_source
 from .sources.hf import HFSource
 
 log = logging.getLogger(__name__)
@@ -232,66 +234,102 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     """
     src, dst = os.fspath(src), os.fspath(dst)
     quantize.check_quant(quant, group_size)
+    if gguf_source.is_gguf(src):
+        return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command)
     spec = arch.from_hf_dir(src)
-    cfg = spec.config
     with HFSource(src, optional_prefixes=arch.OPTIONAL_PREFIXES) as source:
-        # Everything the conversion will read must exist with the right shape, before we write.
-        for canonical, hf in spec.global_tensors().items():
-            source.check(hf, spec.shape(canonical))
-        for i in range(cfg.n_layers):
-            for canonical, hf in spec.layer_tensors(i).items():
-                source.check(hf, spec.shape(canonical))
+        _check_tensors(source, spec)
         tokenizer, tok_path, tok_cfg = find_tokenizer(src, spec)
         chat_template = find_chat_template(src, tok_cfg)
         writer.check_destination(dst, overwrite, src)
-        for note in spec.notes:
-            log.info("%s", note)
+        _write(src, dst, spec, source, tokenizer,
+               lambda st: st.copy(tok_path, tokenizer["file"]), chat_template, quant,
+               group_size, progress, overwrite, command)
+    return dst
 
-        enc = _Encoder(source, spec, quant, group_size)
-        from tqdm.auto import tqdm
 
-        chunks = []
-        with writer.Staging(dst, overwrite) as st, \
-                tqdm(total=cfg.n_layers + 1, desc="convert", unit="chunk",
-                     disable=not progress) as bar:
-            entries, arrays = enc.embed_chunk()
-            chunks.append(st.write_chunk(format.EMBED_CHUNK, entries, arrays))
+def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command):
+    """A GGUF file: same table, quantizer and writer; tokenizer.json built from its vocabulary."""
+    with gguf_source.GGUFSource(src) as source:
+        spec = source.spec()
+        _check_tensors(source, spec)
+        tok_json, add_bos, chat_template = source.tokenizer()
+        tokenizer = {"kind": "hf", "file": "tokenizer.json",
+                     "add_bos": bool(add_bos and spec.config.bos_token_id is not None)}
+        writer.check_destination(dst, overwrite, src)
+
+        def write_tokenizer(st):
+            with open(st.path(tokenizer["file"]), "w", encoding="utf-8") as f:
+                f.write(tok_json)
+
+        _write(source.path, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant,
+               group_size, progress, overwrite, command,
+               extra={"source_format": "gguf", "source_architecture": source.arch})
+    return dst
+
+
+def _check_tensors(source, spec):
+    """Everything the conversion will read must exist with the right shape, before we write."""
+    for canonical, name in spec.global_tensors().items():
+        source.check(name, spec.shape(canonical))
+    for i in range(spec.config.n_layers):
+        for canonical, name in spec.layer_tensors(i).items():
+            source.check(name, spec.shape(canonical))
+
+
+def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant, group_size,
+           progress, overwrite, command, extra=None):
+    """Stream the chunks into a staging directory, add tokenizer and manifest, verify, rename."""
+    cfg = spec.config
+    for note in spec.notes:
+        log.info("%s", note)
+
+    enc = _Encoder(source, spec, quant, group_size)
+    from tqdm.auto import tqdm
+
+    chunks = []
+    with writer.Staging(dst, overwrite) as st, \
+            tqdm(total=cfg.n_layers + 1, desc="convert", unit="chunk",
+                 disable=not progress) as bar:
+        entries, arrays = enc.embed_chunk()
+        chunks.append(st.write_chunk(format.EMBED_CHUNK, entries, arrays))
+        del entries, arrays
+        bar.update(1)
+        for i in range(cfg.n_layers):
+            entries, arrays = enc.layer_chunk(i)
+            chunks.append(st.write_chunk(format.layer_chunk(i), entries, arrays))
             del entries, arrays
             bar.update(1)
-            for i in range(cfg.n_layers):
-                entries, arrays = enc.layer_chunk(i)
-                chunks.append(st.write_chunk(format.layer_chunk(i), entries, arrays))
-                del entries, arrays
-                bar.update(1)
-            st.copy(tok_path, tokenizer["file"])
-            st.write_manifest({
-                "format": format.FORMAT_NAME,
-                "version": format.VERSION,
-                "config": cfg.to_dict(),
-                "tokenizer": tokenizer,
-                "chat_template": chat_template,
-                "chunks": chunks,
-                "provenance": {
-                    "source": os.path.abspath(src),
-                    "source_model_type": spec.model_type,
-                    "source_dtypes": source.dtypes(),
-                    "converter_version": converter_version(),
-                    "command": command or _command(src, dst, quant, group_size),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                        timespec="seconds"),
-                    "notes": list(spec.notes),
-                    "quantization": {"quant": quant,
-                                     "group_size": group_size if quant == "int4" else None,
-                                     "fallbacks": enc.fallbacks,
-                                     "tensors": enc.errors},
-                },
-            })
-            st.commit()
+        write_tokenizer(st)
+        provenance = {
+            "source": os.path.abspath(src),
+            "source_model_type": spec.model_type,
+            "source_dtypes": source.dtypes(),
+            **(extra or {}),
+            "converter_version": converter_version(),
+            "command": command or _command(src, dst, quant, group_size),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "notes": list(spec.notes),
+            "quantization": {"quant": quant,
+                             "group_size": group_size if quant == "int4" else None,
+                             "fallbacks": enc.fallbacks,
+                             "tensors": enc.errors},
+        }
+        st.write_manifest({
+            "format": format.FORMAT_NAME,
+            "version": format.VERSION,
+            "config": cfg.to_dict(),
+            "tokenizer": tokenizer,
+            "chat_template": chat_template,
+            "chunks": chunks,
+            "provenance": provenance,
+        })
+        st.commit()
     worst = max(enc.errors.items(), key=lambda kv: kv[1]["max_abs_error"], default=None)
     if worst is not None and worst[1]["max_abs_error"] > 0:
         log.info("largest quantization error: %s %.3g (max|w| %.3g)", worst[0],
                  worst[1]["max_abs_error"], worst[1]["max_abs"])
-    return dst
 
 
 def _command(src, dst, quant, group_size):

