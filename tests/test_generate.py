@@ -3,6 +3,7 @@ limits and the command line behave as documented."""
 
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -95,21 +96,24 @@ def test_bad_generation_parameters(kw, model):
         model.complete("hi", **kw)
 
 
+def edgellm_cli(*args):
+    """Run the command line as a user would; cwd outside the checkout so that `-m` finds the
+    installed package."""
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=tempfile.gettempdir())
+
+
 def test_cli_run_and_inspect():
     d = tiny.converted("llama", "int8")
-    r = subprocess.run([sys.executable, "-m", "edgellm.cli", "run", d, "-p", "hello", "-n", "8",
-                        "--temperature", "0", "--stats"], capture_output=True, text=True,
-                       timeout=300)
+    r = edgellm_cli("run", d, "-p", "hello", "-n", "8", "--temperature", "0", "--stats")
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stderr and "decode" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "edgellm.cli", "inspect", d, "--verify"],
-                       capture_output=True, text=True, timeout=300)
+    r = edgellm_cli("inspect", d, "--verify")
     assert r.returncode == 0, r.stderr
     assert "int8" in r.stdout and "checksums    OK" in r.stdout
 
 
 def test_cli_reports_bad_model_dir_without_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "edgellm.cli", "run", str(tmp_path), "-p", "x"],
-                       capture_output=True, text=True, timeout=300)
+    r = edgellm_cli("run", str(tmp_path), "-p", "x")
     assert r.returncode == 1
     assert "manifest.json" in r.stderr and "Traceback" not in r.stderr
