@@ -10,6 +10,7 @@
 
 import glob
 import os
+import unicodedata
 
 import numpy as np
 import pytest
@@ -247,21 +248,61 @@ STRINGS = [
 ]
 
 
+def generated_strings(n=160, seed=0):
+    """Random mixtures of the strings above, special tokens, whitespace runs and characters
+    from many scripts (Latin, Cyrillic, Greek, CJK, Arabic, Devanagari, emoji)."""
+    rng = np.random.default_rng(seed)
+    ranges = [(0x20, 0x7E), (0xA0, 0x17F), (0x370, 0x3FF), (0x400, 0x4FF), (0x600, 0x6FF),
+              (0x900, 0x97F), (0x3040, 0x30FF), (0x4E00, 0x4FFF), (0xAC00, 0xAD00),
+              (0x1F300, 0x1F64F)]
+    pieces = [s for s in STRINGS if s] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>",
+                                           " ", "  ", "\n", "\n\n", "\t", "   \n  "]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(int(rng.integers(1, 6))):
+            if rng.random() < 0.5:
+                parts.append(pieces[int(rng.integers(len(pieces)))])
+            else:
+                lo, hi = ranges[int(rng.integers(len(ranges)))]
+                parts.append("".join(chr(int(c)) for c in rng.integers(lo, hi + 1,
+                                                                       int(rng.integers(1, 9)))))
+        out.append("".join(parts))
+    return out
+
+
+ALL_STRINGS = STRINGS + generated_strings()
+
+
+def space_before_number(s):
+    """Whitespace followed by a numeric character (Unicode category N*)."""
+    return any(a.isspace() and unicodedata.category(b).startswith("N") for a, b in zip(s, s[1:]))
+
+
 @needs_smol
 @pytest.mark.slow
 def test_smollm2_tokenizer_matches_transformers(smol, hf):
+    """Identical ids and text, except where transformers' GGUF tokenizer is known to differ:
+    it omits the digit split of llama.cpp's `smollm` pre-tokenizer (and of SmolLM's own
+    tokenizer.json), so whitespace before a number is cut differently; there edgellm follows
+    llama.cpp (test_smollm2_tokenizer_matches_llama_cpp)."""
     _, htok = hf
     tok = smol.tokenizer
-    bad = []
-    for s in STRINGS:
+    assert len(ALL_STRINGS) >= 200
+    bad, known = [], 0
+    for s in ALL_STRINGS:
         ids = tok.encode(s, add_bos=False)
         want = htok.encode(s, add_special_tokens=False)
+        assert tok.decode(ids) == s
         if ids != want:
+            if space_before_number(s):
+                known += 1
+                continue
             bad.append((s, ids, want))
-            continue
-        if tok.decode(ids) != htok.decode(want) or tok.decode(ids) != s:
+        elif tok.decode(ids) != htok.decode(want):
             bad.append((s, tok.decode(ids), htok.decode(want)))
     assert not bad, bad[:5]
+    assert known <= len(ALL_STRINGS) // 20
 
 
 @needs_smol
@@ -272,3 +313,14 @@ def test_smollm2_chat_template(smol_dir, hf):
     _, htok = hf
     manifest, _ = format.read_manifest(smol_dir)
     assert manifest["chat_template"] == htok.chat_template
+
+
+@needs_smol
+def test_smollm2_tokenizer_matches_llama_cpp(smol):
+    """llama.cpp's own tokenizer on the same file (vocabulary only: fast)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lc = llama_cpp.Llama(SMOL, vocab_only=True, verbose=False)
+    tok = smol.tokenizer
+    bad = [s for s in ALL_STRINGS
+           if tok.encode(s, add_bos=False) != lc.tokenize(s.encode(), add_bos=False, special=True)]
+    assert not bad, bad[:5]

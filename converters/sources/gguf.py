@@ -49,6 +49,9 @@ LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 
+# tokenizer.ggml.pre values whose llama.cpp pre-tokenizer isolates each digit (\p{N}) first
+DIGIT_SPLIT_PRE = ("smollm",)
+
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 CONTROL, USER_DEFINED = 3, 4
 
@@ -322,7 +325,15 @@ def build_bpe_tokenizer(tokens, merges, types, pre=None):
             raise ValueError(f"merge {' '.join(p)!r} names tokens missing from the vocabulary")
     bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
     tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in DIGIT_SPLIT_PRE:
+        # llama.cpp's `smollm` pre-tokenizer splits every number into single digits before the
+        # GPT-2 regex, as SmolLM's own tokenizer.json does (Digits then ByteLevel). It matters for
+        # whitespace before a digit: "  1" is "  " + "1", not " " + " 1".
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False)
                for t, ty in zip(tokens, types) if ty == CONTROL]
