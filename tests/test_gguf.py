@@ -324,3 +324,104 @@ def test_smollm2_tokenizer_matches_llama_cpp(smol):
     bad = [s for s in ALL_STRINGS
            if tok.encode(s, add_bos=False) != lc.tokenize(s.encode(), add_bos=False, special=True)]
     assert not bad, bad[:5]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny Hugging Face checkpoints (tests/tiny.py) written as GGUF the way llama.cpp's
+# convert_hf_to_gguf.py does (Q/K rows permuted for `llama`, not for `qwen2`): the GGUF import
+# must give the logits of the safetensors import.
+
+GGUF_VARIANTS = ["llama", "llama_tied", "qwen2"]
+
+
+def write_gguf_from_hf(name, path, qtype=None, as_f32=False):
+    """qtype: store matrices in that GGML type; with as_f32, store them as F32 after a
+    quantize/dequantize round trip (the values the quantized file holds)."""
+    import tiny
+    from safetensors.numpy import load_file
+
+    s = tiny.spec(name)
+    w = load_file(os.path.join(tiny.checkpoint(name), "model.safetensors"))
+    arch = "qwen2" if s["model_type"] == "qwen2" else "llama"
+    g = gguf.GGUFWriter(str(path), arch)
+    g.add_block_count(s["layers"])
+    g.add_context_length(s["max_pos"])
+    g.add_embedding_length(s["d"])
+    g.add_feed_forward_length(s["d_ff"])
+    g.add_head_count(s["heads"])
+    g.add_head_count_kv(s["kv"])
+    g.add_key_length(s["head_dim"])
+    g.add_value_length(s["head_dim"])
+    g.add_rope_dimension_count(s["head_dim"])
+    g.add_rope_freq_base(s["theta"])
+    g.add_layer_norm_rms_eps(1e-5)
+    g.add_tokenizer_model("gpt2")
+    V = w["model.embed_tokens.weight"].shape[0]
+    # a stand-in vocabulary: V-1 characters and one merge
+    g.add_token_list([chr(0x100 + i) for i in range(V - 1)] + ["\u0100\u0101"])
+    g.add_token_types([1] * V)
+    g.add_token_merges(["\u0100 \u0101"])
+
+    def permute(x, n_head):
+        return (x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:])
+                .swapaxes(1, 2).reshape(x.shape))
+
+    def add(gname, hname, n_head=None):
+        x = w[hname]
+        if n_head is not None and arch == "llama":
+            x = permute(x, n_head)
+        if qtype is not None and x.ndim == 2:
+            q = gguf.quants.quantize(x, qtype)
+            if as_f32:
+                g.add_tensor(gname, gguf.quants.dequantize(q, qtype).astype(np.float32))
+            else:
+                g.add_tensor(gname, q, raw_dtype=qtype)
+        else:
+            g.add_tensor(gname, np.ascontiguousarray(x))
+
+    add("token_embd.weight", "model.embed_tokens.weight")
+    add("output_norm.weight", "model.norm.weight")
+    if not s["tied"]:
+        add("output.weight", "lm_head.weight")
+    from edgellm.converters.sources.gguf import LAYER_NAMES
+
+    for i in range(s["layers"]):
+        for gn, hn in LAYER_NAMES.items():
+            full = f"model.layers.{i}.{hn}"
+            if full in w:
+                heads = {"attn_q": s["heads"], "attn_k": s["kv"]}.get(gn.split(".")[0])
+                add(f"blk.{i}.{gn}", full, heads)
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()
+    return path
+
+
+@pytest.mark.parametrize("name", GGUF_VARIANTS)
+def test_gguf_import_matches_safetensors_import(tmp_path, name):
+    import tiny
+
+    src = write_gguf_from_hf(name, tmp_path / f"{name}.gguf")
+    got = edgellm.load(convert(src, tmp_path / "out", quant="f32", progress=False))
+    want = edgellm.load(tiny.converted(name, "f32"))
+    ignore = {"bos_token_id": None, "eos_token_ids": []}  # the stand-in vocabulary has none
+    assert got.config.to_dict() | ignore == want.config.to_dict() | ignore
+    ids = tiny.token_ids(name, n=12)
+    a, b = got.logits(ids), want.logits(ids)
+    assert np.abs(a - b).max() <= 1e-5 * float(np.abs(b).max())
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_gguf_quantized_tensors(tmp_path, name, qtype):
+    """A quantized GGUF imports to the logits of an F32 GGUF holding the same (dequantized)
+    values: dequantization and the Q/K un-permutation of quantized rows are exact."""
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    q = write_gguf_from_hf(name, tmp_path / "q.gguf", qt)
+    f = write_gguf_from_hf(name, tmp_path / "f.gguf", qt, as_f32=True)
+    a = edgellm.load(convert(q, tmp_path / "q", quant="f32", progress=False))
+    b = edgellm.load(convert(f, tmp_path / "f", quant="f32", progress=False))
+    ids = list(range(3, 15))
+    la, lb = a.logits(ids), b.logits(ids)
+    assert np.abs(la - lb).max() <= 1e-5 * float(np.abs(lb).max())

@@ -90,6 +90,12 @@ def is_gguf(path):
         return False
 
 
+def _f32(v):
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not
+    9.999999747378752e-06): the value the source model's config most likely stated."""
+    return float(str(np.float32(v)))
+
+
 class GGUFSource:
     """A GGUF file seen through Hugging Face checkpoint names (the HFSource interface)."""
 
@@ -166,8 +172,8 @@ class GGUFSource:
         vocab = m("vocab_size") or (int(emb.shape[1]) if emb is not None else None) or \
             (len(tokens) if tokens else None)
         hf["vocab_size"] = vocab
-        hf["rms_norm_eps"] = float(m("attention.layer_norm_rms_epsilon", 1e-5))
-        hf["rope_theta"] = float(m("rope.freq_base", 10000.0))
+        hf["rms_norm_eps"] = _f32(m("attention.layer_norm_rms_epsilon", 1e-5))
+        hf["rope_theta"] = _f32(m("rope.freq_base", 10000.0))
         key_len = m("attention.key_length")
         if key_len is not None:
             hf["head_dim"] = key_len
