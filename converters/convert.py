@@ -253,14 +253,14 @@ def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command):
     with gguf_source.GGUFSource(src) as source:
         spec = source.spec()
         _check_tensors(source, spec)
-        tok_json, add_bos, chat_template = source.tokenizer()
-        tokenizer = {"kind": "hf", "file": "tokenizer.json",
+        kind, file, data, add_bos, chat_template = source.tokenizer()
+        tokenizer = {"kind": kind, "file": file,
                      "add_bos": bool(add_bos and spec.config.bos_token_id is not None)}
         writer.check_destination(dst, overwrite, src)
 
         def write_tokenizer(st):
-            with open(st.path(tokenizer["file"]), "w", encoding="utf-8") as f:
-                f.write(tok_json)
+            with open(st.path(file), "wb") as f:
+                f.write(data)
 
         _write(source.path, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant,
                group_size, progress, overwrite, command,

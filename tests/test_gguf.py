@@ -334,7 +334,7 @@ def test_smollm2_tokenizer_matches_llama_cpp(smol):
 GGUF_VARIANTS = ["llama", "llama_tied", "qwen2"]
 
 
-def write_gguf_from_hf(name, path, qtype=None, as_f32=False):
+def write_gguf_from_hf(name, path, qtype=None, as_f32=False, sp=False):
     """qtype: store matrices in that GGML type; with as_f32, store them as F32 after a
     quantize/dequantize round trip (the values the quantized file holds)."""
     import tiny
@@ -355,12 +355,25 @@ def write_gguf_from_hf(name, path, qtype=None, as_f32=False):
     g.add_rope_dimension_count(s["head_dim"])
     g.add_rope_freq_base(s["theta"])
     g.add_layer_norm_rms_eps(1e-5)
-    g.add_tokenizer_model("gpt2")
     V = w["model.embed_tokens.weight"].shape[0]
-    # a stand-in vocabulary: V-1 characters and one merge
-    g.add_token_list([chr(0x100 + i) for i in range(V - 1)] + ["\u0100\u0101"])
-    g.add_token_types([1] * V)
-    g.add_token_merges(["\u0100 \u0101"])
+    if sp:  # the variant's sentencepiece vocabulary, as llama.cpp's converter stores it
+        import sentencepiece
+
+        p = sentencepiece.SentencePieceProcessor(model_proto=tiny.sentencepiece_model())
+        n = p.get_piece_size()
+        g.add_tokenizer_model("llama")
+        g.add_token_list([p.id_to_piece(i) for i in range(n)])
+        g.add_token_scores([p.get_score(i) for i in range(n)])
+        g.add_token_types([2 if p.is_unknown(i) else 3 if p.is_control(i) else
+                           5 if p.is_unused(i) else 6 if p.is_byte(i) else 1 for i in range(n)])
+        g.add_unk_token_id(p.unk_id())
+        g.add_bos_token_id(p.bos_id())
+        g.add_eos_token_id(p.eos_id())
+    else:  # a stand-in vocabulary: V-1 characters and one merge
+        g.add_tokenizer_model("gpt2")
+        g.add_token_list([chr(0x100 + i) for i in range(V - 1)] + ["\u0100\u0101"])
+        g.add_token_types([1] * V)
+        g.add_token_merges(["\u0100 \u0101"])
 
     def permute(x, n_head):
         return (x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:])
@@ -425,3 +438,22 @@ def test_gguf_quantized_tensors(tmp_path, name, qtype):
     ids = list(range(3, 15))
     la, lb = a.logits(ids), b.logits(ids)
     assert np.abs(la - lb).max() <= 1e-5 * float(np.abs(lb).max())
+
+
+def test_gguf_sentencepiece_vocabulary(tmp_path):
+    """tokenizer.ggml.model `llama`: a sentencepiece model rebuilt from tokens, scores and
+    types encodes and decodes like the original."""
+    import sentencepiece
+    import tiny
+
+    src = write_gguf_from_hf("llama", tmp_path / "sp.gguf", sp=True)
+    m = edgellm.load(convert(src, tmp_path / "out", quant="f32", progress=False))
+    ref = sentencepiece.SentencePieceProcessor(model_proto=tiny.sentencepiece_model())
+    assert m.tokenizer.kind == "sentencepiece" and m.tokenizer.bos_id == ref.bos_id()
+    assert m.tokenizer.eos_ids == {ref.eos_id()} and m.tokenizer.add_bos
+    # the GGUF keeps no normalizer: compare on text the original's NFKC and whitespace
+    # folding leave as it is (llama.cpp and transformers do not normalize either)
+    texts = tiny.corpus(n=50) + [t for t in STRINGS if t.isascii() and t == " ".join(t.split())]
+    for t in texts:
+        assert m.tokenizer.encode(t, add_bos=False) == ref.encode(t), t
+        assert m.tokenizer.decode(ref.encode(t)) == ref.decode(ref.encode(t))

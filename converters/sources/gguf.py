@@ -17,6 +17,7 @@ rotate_half convention, which the runtime uses.
 
 import json
 import os
+import struct
 
 import numpy as np
 
@@ -292,11 +293,16 @@ class GGUFSource:
     # -- tokenizer ------------------------------------------------------------------------------
 
     def tokenizer(self):
-        """(tokenizer.json text, add_bos, chat template) built from the GGUF vocabulary."""
+        """(kind, file name, file bytes, add_bos, chat template) from the GGUF vocabulary:
+        `gpt2` -> a byte-level BPE tokenizer.json, `llama` -> a sentencepiece tokenizer.model."""
         model = self.meta("tokenizer.ggml.model")
+        template = self.meta("tokenizer.chat_template")
+        if model == "llama":
+            return ("sentencepiece", "tokenizer.model", self._sentencepiece(),
+                    bool(self.meta("tokenizer.ggml.add_bos_token", True)), template)
         if model != "gpt2":
             raise ConvertError(f"{self.path}: tokenizer model {model!r} is not supported yet "
-                               "(supported: gpt2 byte-level BPE)")
+                               "(supported: gpt2 byte-level BPE, llama sentencepiece)")
         tokens = self.meta("tokenizer.ggml.tokens")
         merges = self.meta("tokenizer.ggml.merges")
         types = self.meta("tokenizer.ggml.token_type") or [1] * len(tokens or [])
@@ -307,7 +313,21 @@ class GGUFSource:
         except Exception as e:
             raise ConvertError(f"{self.path}: cannot build the tokenizer ({e})") from None
         add_bos = bool(self.meta("tokenizer.ggml.add_bos_token", False))
-        return tok.to_str(), add_bos, self.meta("tokenizer.chat_template")
+        return "hf", "tokenizer.json", tok.to_str().encode("utf-8"), add_bos, template
+
+    def _sentencepiece(self):
+        tokens = self.meta("tokenizer.ggml.tokens")
+        scores = self.meta("tokenizer.ggml.scores")
+        types = self.meta("tokenizer.ggml.token_type")
+        if not tokens or scores is None or types is None:
+            raise ConvertError(f"{self.path}: tokenizer.ggml.tokens/scores/token_type missing")
+        ids = {k: self.meta(f"tokenizer.ggml.{k}_token_id")
+               for k in ("unknown", "bos", "eos", "padding")}
+        try:
+            return sentencepiece_model(tokens, scores, types, ids,
+                                       bool(self.meta("tokenizer.ggml.add_space_prefix", True)))
+        except Exception as e:
+            raise ConvertError(f"{self.path}: cannot build the tokenizer ({e})") from None
 
     def close(self):
         self._cache = (None, None)
@@ -318,6 +338,46 @@ class GGUFSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(num, wire, payload):
+    key = _varint(num << 3 | wire)
+    if wire == 0:
+        return key + _varint(payload)
+    if wire == 5:
+        return key + struct.pack("<f", payload)
+    return key + _varint(len(payload)) + payload  # wire 2: bytes
+
+
+def sentencepiece_model(tokens, scores, types, ids, add_space_prefix):
+    """Serialized sentencepiece ModelProto (BPE) for a GGUF `llama` vocabulary, written by hand
+    (no protobuf dependency). llama.cpp's SPM tokenizer is sentencepiece's BPE: pieces merged by
+    score; GGUF token types use sentencepiece's numbering (1 normal, 2 unknown, 3 control,
+    4 user defined, 5 unused, 6 byte). Field numbers: sentencepiece_model.proto."""
+    out = bytearray()
+    for tok, score, ty in zip(tokens, scores, types):
+        ty = int(ty) if int(ty) in (1, 2, 3, 4, 5, 6) else 1
+        out += _field(1, 2, _field(1, 2, tok.encode("utf-8")) + _field(2, 5, float(score))
+                      + _field(3, 0, ty))
+    trainer = _field(3, 0, 2) + _field(4, 0, len(tokens))  # model_type BPE, vocab_size
+    trainer += _field(35, 0, int(any(int(t) == 6 for t in types)))  # byte_fallback
+    for num, key in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding")):
+        v = ids.get(key)
+        trainer += _field(num, 0, (int(v) if v is not None else -1) & 0xFFFFFFFFFFFFFFFF)
+    out += _field(2, 2, trainer)
+    norm = _field(1, 2, b"identity") + _field(3, 0, int(add_space_prefix)) \
+        + _field(4, 0, 0) + _field(5, 0, 1)
+    out += _field(3, 2, norm)
+    return bytes(out)
 
 
 def build_bpe_tokenizer(tokens, merges, types, pre=None):
