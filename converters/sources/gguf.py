@@ -261,7 +261,13 @@ class GGUFSource:
         return sorted({t.tensor_type.name for t in self.tensors.values()})
 
     def read(self, name, rows=None):
-        """float32 copy of a tensor (dequantized, Q/K rows un-permuted), or rows [r0, r1)."""
+        """float32 copy of a tensor (dequantized, Q/K rows un-permuted), or rows [r0, r1).
+
+        Row blocks of a 2-D tensor are dequantized alone (GGML blocks never span rows), so the
+        embedding is never whole in float32; Q and K (un-permuted as a whole) and tensors read
+        whole are cached, one at a time."""
+        if rows is not None and len(self.info(name)[2]) == 2 and not self._permuted(name):
+            return self._dequantize(name, rows)
         if self._cache[0] != name:
             self._cache = (None, None)
             self._cache = (name, self._dequantize(name))
@@ -270,14 +276,22 @@ class GGUFSource:
             return w[rows[0]:rows[1]]
         return w
 
-    def _dequantize(self, name):
+    def _permuted(self, name):
+        return self.arch == "llama" and ".self_attn.q_proj." in name or \
+            self.arch == "llama" and ".self_attn.k_proj." in name
+
+    def _dequantize(self, name, rows=None):
         file, dtype, shape = self.info(name)
         if dtype not in TYPES:
             raise ConvertError(f"{file}: tensor {self.gguf_names[name]} has unsupported type "
                                f"{dtype}")
         t = self.tensors[name]
+        data = np.asarray(t.data)
+        if rows is not None:  # data is [rows, bytes (or values) per row]
+            data = data[rows[0]:rows[1]]
+            shape = (rows[1] - rows[0],) + tuple(shape[1:])
         try:
-            w = self._gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            w = self._gguf.quants.dequantize(data, t.tensor_type)
         except Exception as e:
             raise ConvertError(f"{file}: cannot dequantize {self.gguf_names[name]} ({e})") from None
         w = np.ascontiguousarray(w, dtype=np.float32).reshape(shape)
