@@ -10,7 +10,8 @@ ms/token, the weight bytes read per second and the ratio to llama.cpp's whole to
     python benchmarks/kernels.py --json out.json
 
 --ffn also times the same token with the FFN computed from row-column bundles (kernels.ffn,
-gate/up/down of one neuron in one row) instead of three matvecs. --kernels portable times the
+gate/up/down of one neuron in one row) instead of three matvecs, then the FFN alone (ms per
+layer, bundle bytes read per second). --kernels portable times the
 fallback kernels (float32 activations, no SIMD intrinsics).
 """
 
@@ -196,6 +197,17 @@ def main(argv=None):
                                 "llama_cpp_ratio": LLAMA_CPP_MS / (sec * 1e3)})
                 print(f"{enc:5} {'api+ffn':9} {t:3d} {sec * 1e3:9.1f} {fbytes / sec / 1e9:6.1f} "
                       f"{LLAMA_CPP_MS / (sec * 1e3):11.2f}x")
+            # the FFN alone, per layer: ms and bundle bytes read per second
+            ffns, fin = fns[4::5], inputs[4::5]
+            bbytes = bundles[0][0].nbytes
+            for t in threads:
+                set_threads(t)
+                sec = time_token(ffns, fin, args.repeats) / args.layers
+                results.append({"enc": enc, "kernel": "ffn/layer", "threads": t,
+                                "ms_per_layer": sec * 1e3, "gb_per_s": bbytes / sec / 1e9,
+                                "bytes_per_layer": bbytes})
+                print(f"{enc:5} {'ffn/layer':9} {t:3d} {sec * 1e3:9.2f} {bbytes / sec / 1e9:6.1f} "
+                      f"{'':11}  (one layer's FFN, {bbytes / 1e6:.1f} MB of bundles)")
         del mats, bundles
     print(f"llama.cpp reference: {LLAMA_CPP_MS} ms/token (TinyLlama-1.1B Q4_0, 2 threads, whole "
           f"token, DESIGN.md); ratio > 1 means faster than that whole token")
