@@ -2,7 +2,7 @@
 
 One table row per architecture family: which Hugging Face `model_type`s it covers, how its
 config.json becomes a runtime ModelConfig, and which checkpoint tensor holds each canonical tensor
-(docs/CONTRACT.md). Tensor names are templates with an `{i}` layer slot; a name that exists only for
+(docs/INTERNALS.md). Tensor names are templates with an `{i}` layer slot; a name that exists only for
 some configurations names the ModelConfig flag it depends on. Everything a conversion needs to know
 about an architecture is here, and every refusal happens here, before anything is written.
 

@@ -1,4 +1,4 @@
-"""Kernel API (docs/CONTRACT.md, "Kernel API"): everything float32 in, float32 out.
+"""Kernel API (docs/INTERNALS.md, "Kernel API"): everything float32 in, float32 out.
 
     linear(m, x)                          Matrix [n, d], x [T, d] -> [T, n]
     rmsnorm(x, w, eps), layernorm(x, w, b, eps)

@@ -1,4 +1,4 @@
-"""Plain NumPy references for every kernel in runtime/kernels (docs/CONTRACT.md, "Kernel API").
+"""Plain NumPy references for every kernel in runtime/kernels (docs/INTERNALS.md, "Kernel API").
 
 These are the definitions: readable, float32 throughout (float64 only where a sum needs it), and
 slow where slowness buys clarity. Each Numba kernel has a test in tests/test_kernels.py comparing
