@@ -50,6 +50,15 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
+_USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # before edgellm sets its default
+
+# The timed runs happen in child processes, one engine each (see timed_in_child): both load an
+# OpenMP runtime (libgomp) whose wait policy is fixed by whoever starts it first. edgellm asks for
+# PASSIVE (its threads share 2 cores with OpenBLAS's); llama.cpp runs best with its default
+# spinning. In one process one of them loses: measured 64 -> 11 prefill tokens/s for edgellm int4
+# when llama_cpp started libgomp first, and 50 -> 31 decode tokens/s for llama.cpp Q4_0 the other
+# way round.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPE = dict(d=2048, layers=22, heads=32, kv=4, head_dim=64, d_ff=5632, vocab=32000,
@@ -468,6 +477,45 @@ def _common_prefix(a, b):
     return n
 
 
+def make_prompt(n):
+    rng = np.random.default_rng(1)
+    return [1] + rng.integers(3, SHAPE["vocab"], size=n - 1).tolist()
+
+
+def timed_in_child(engine, path, args):
+    """One timed run (after warm-up) of one engine in a fresh process: (prefill s, decode s, ids)."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, path,
+           "--threads", str(args.threads), "--n-ctx", str(args.n_ctx),
+           "--prompt", str(args.prompt), "--decode", str(args.decode)]
+    env = dict(os.environ)  # each engine with its own OpenMP default unless the user set one
+    env.pop("OMP_WAIT_POLICY", None)
+    if _USER_WAIT_POLICY is not None:
+        env["OMP_WAIT_POLICY"] = _USER_WAIT_POLICY
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"child {engine} failed:\n{r.stderr[-2000:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return out["prefill_s"], out["decode_s"], out["tokens"]
+
+
+def child(args):
+    engine, path = args.child
+    prompt = make_prompt(args.prompt)
+    if engine == "edgellm":
+        # edgellm.load sets the threads; starting Numba's pool before edgellm is imported would
+        # start OpenMP with its spinning default (prefill measured 6x slower that way)
+        e = Edge(path, args.n_ctx, args.threads)
+    else:
+        e = Llama(path, args.n_ctx, args.threads)
+    run_once(e, prompt[:16], 2)  # compile or load kernels, touch pages
+    run_once(e, prompt, 2)
+    tp, td, out = run_once(e, prompt, args.decode)
+    print(json.dumps({"prefill_s": tp, "decode_s": td, "tokens": out}))
+    return 0
+
+
 def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
     qname = PAIRS[enc]
     log(f"--- {enc} / {qname}")
@@ -481,18 +529,15 @@ def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
         eq = equivalence(edge, gguf_path, prompt, args.n_ctx, args.threads, args.check_tokens,
                          None if enc == "f16" else reference)
         log("equivalence:", json.dumps(eq))
-    llama = Llama(gguf_path, args.n_ctx, args.threads)
-    run_once(llama, prompt[:16], 2)
-    run_once(llama, prompt, 2)
-
-    res = {e.name: {"prefill_s": [], "decode_s": []} for e in (edge, llama)}
+    engines = (("edgellm", edge_path), ("llama.cpp", gguf_path))
+    res = {name: {"prefill_s": [], "decode_s": []} for name, _ in engines}
     for r in range(args.repeats):
-        for e in (edge, llama):  # alternate, so that noise from other users hits both
-            tp, td, out = run_once(e, prompt, args.decode)
-            res[e.name]["prefill_s"].append(tp)
-            res[e.name]["decode_s"].append(td)
-            res[e.name]["tokens"] = out
-            log(f"  repeat {r + 1} {e.name:9s} prefill {len(prompt) / tp:7.1f} tok/s  "
+        for name, path in engines:  # alternate, so that noise from other users hits both
+            tp, td, out = timed_in_child(name, path, args)
+            res[name]["prefill_s"].append(tp)
+            res[name]["decode_s"].append(td)
+            res[name]["tokens"] = out
+            log(f"  repeat {r + 1} {name:9s} prefill {len(prompt) / tp:7.1f} tok/s  "
                 f"decode {args.decode / td:6.2f} tok/s")
     # Time per part: one more edgellm run, the timer read after the prefill and reset.
     edge.rt.reset()
@@ -526,8 +571,7 @@ def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
                     "best_prefill_tok_s": len(prompt) / min(r["prefill_s"]),
                     "best_decode_tok_s": args.decode / min(r["decode_s"]),
                     "prefill_s": r["prefill_s"], "decode_s": r["decode_s"]}
-    llama.close()
-    del edge, llama
+    del edge
     return out
 
 
@@ -660,7 +704,10 @@ def main(argv=None):
     ap.add_argument("--prepare-only", action="store_true",
                     help="build the checkpoint, conversions and GGUFs, measure nothing")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        return child(args)
     encs = [e.strip() for e in args.encodings.split(",") if e.strip()]
     for e in encs:
         if e not in PAIRS:
@@ -683,8 +730,7 @@ def main(argv=None):
     read_bw = read_bandwidth()
     bw = max(copy_bw, read_bw)
     log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s, parallel read {read_bw / 1e9:.1f} GB/s")
-    rng = np.random.default_rng(1)
-    prompt = [1] + rng.integers(3, SHAPE["vocab"], size=args.prompt - 1).tolist()
+    prompt = make_prompt(args.prompt)
 
     reference = None
     if args.check_tokens and any(e != "f16" for e in encs):
