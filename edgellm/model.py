@@ -93,8 +93,9 @@ class Model:
         reuse = _common_prefix(rt.tokens, ids[:-1])
         rt.rewind(reuse)
         rt.timer.parts.clear()
+        generated = []
         stats = {"prompt_tokens": len(ids), "cached_tokens": reuse, "generated_tokens": 0,
-                 "finish_reason": "length"}
+                 "token_ids": generated, "finish_reason": "length"}
         self.last_stats = stats
 
         t0 = time.perf_counter()
@@ -110,8 +111,8 @@ class Model:
                 stats["finish_reason"] = "stop"
                 break
             history.append(tok)
+            generated.append(tok)
             stats["generated_tokens"] = n + 1
-            stats["token_ids"] = history[len(ids):]
             emit, held, hit = _split_stop(held + stream.push(tok), stop)
             if emit:
                 yield emit
