@@ -28,6 +28,7 @@ class Model:
         self.tokenizer = tokenizer
         self.chat_template = manifest.get("chat_template")
         self.runtime = Transformer(reader, config, n_ctx=n_ctx)
+        self.default_cache = self.runtime.cache
         self.last_stats = None
 
     @classmethod
@@ -51,10 +52,16 @@ class Model:
     def n_ctx(self):
         return self.runtime.n_ctx
 
+    def new_cache(self):
+        """A KV cache for one more conversation (pass it to generate(cache=...)). Each holds
+        n_ctx positions of keys and values for every layer (cache.nbytes())."""
+        return self.runtime.new_cache()
+
     def warmup(self):
         """Run the prefill and decode paths once, so that kernel compilation (first run after
         install: Numba compiles and caches them) and page faults do not count in timings."""
         t = time.perf_counter()
+        self.runtime.cache = self.default_cache
         self.runtime.reset()
         self.runtime.forward([0, 0])
         self.runtime.forward([0])
@@ -64,18 +71,21 @@ class Model:
 
     def logits(self, ids):
         """float32 logits [len(ids), vocab] for a token sequence, from an empty context."""
+        self.runtime.cache = self.default_cache
         self.runtime.reset()
         out = self.runtime.forward(ids, all_logits=True)
         self.runtime.reset()
         return out
 
-    def generate(self, prompt, max_tokens=128, stop=(), params=None, **sampling):
+    def generate(self, prompt, max_tokens=128, stop=(), params=None, cache=None, **sampling):
         """Yield text pieces as they are produced.
 
         prompt: a string or a list of token ids. stop: strings that end generation (not
         included in the output). Sampling options: see SamplingParams (temperature=0 is greedy).
         After the generator ends, self.last_stats holds token counts, timings, finish_reason and
         token_ids (the generated ids).
+        cache: the KV cache of this conversation (new_cache()); default: the model's own. Its
+        keys and values are reused for the prompt's prefix that matches its tokens.
         """
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
@@ -88,6 +98,7 @@ class Model:
         stop = [stop] if isinstance(stop, str) else [s for s in stop if s]
         sampler = Sampler(params or SamplingParams(**sampling))
         rt = self.runtime
+        rt.cache = cache if cache is not None else self.default_cache
         # reuse the cached keys/values of the longest common prefix with the previous call (a
         # chat turn only processes its new tokens); at least one token is run to get logits
         reuse = _common_prefix(rt.tokens, ids[:-1])

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import format, kernels
 from .errors import ContextLengthError, EdgeLLMError
+from .kvcache import KVCache
 
 PREFILL_BLOCK = 256  # tokens per prefill block: weights are dequantized once per block, so
 # larger blocks amortize that (TinyLlama int4, 256-token prompt: 64 -> 256 gave ~1.5x, measured)
@@ -29,10 +30,23 @@ class Layer:
     v_bias: np.ndarray | None
     o_bias: np.ndarray | None
     ffn_norm: tuple
-    bundles: np.ndarray  # uint8 [d_ff, stride]
-    layout: list
-    up_bias: np.ndarray | None
-    down_bias: np.ndarray | None
+    ffn: object  # h f32[T, d] -> f32[T, d]: ResidentFFN, or a streaming one (flash)
+
+
+class ResidentFFN:
+    """The feed-forward block computed from its row-column bundles as mapped from the chunk."""
+
+    def __init__(self, cfg, bundles, layout, up_bias, down_bias):
+        self.cfg, self.bundles, self.layout = cfg, bundles, layout
+        self.up_bias, self.down_bias = up_bias, down_bias
+
+    def __call__(self, h):
+        cfg = self.cfg
+        f = kernels.ffn(h, self.bundles, self.layout, cfg.d_model, cfg.activation, cfg.gated_ffn,
+                        self.up_bias)
+        if self.down_bias is not None:
+            f += self.down_bias
+        return f
 
 
 class Timer:
@@ -61,11 +75,7 @@ class Transformer:
         if cfg.positions == "rope":
             self.cos, self.sin = kernels.rope_tables(cfg.head_dim, self.n_ctx, cfg.rope_theta,
                                                      cfg.rope_scaling)
-        # KV cache, allocated once: per layer (n_kv_heads, n_ctx, head_dim)
-        shape = (cfg.n_kv_heads, self.n_ctx, cfg.head_dim)
-        self.k_cache = [np.zeros(shape, np.float32) for _ in range(cfg.n_layers)]
-        self.v_cache = [np.zeros(shape, np.float32) for _ in range(cfg.n_layers)]
-        self.tokens = []  # token ids whose keys and values are in the cache (len == pos)
+        self.cache = self.new_cache()  # the cache forward() runs against; callers may swap it
 
     def _norm(self, file, name):
         w = self.reader.vector(file, name + ".weight")
@@ -85,22 +95,29 @@ class Transformer:
             q_bias=self._opt(f, "attn_q.bias"), k_bias=self._opt(f, "attn_k.bias"),
             v_bias=self._opt(f, "attn_v.bias"), o_bias=self._opt(f, "attn_o.bias"),
             ffn_norm=self._norm(f, "ffn_norm"),
-            bundles=r.array(f, "ffn_bundles"), layout=entry["parts"],
-            up_bias=self._opt(f, "ffn_up.bias"), down_bias=self._opt(f, "ffn_down.bias"),
+            ffn=ResidentFFN(self.cfg, r.array(f, "ffn_bundles"), entry["parts"],
+                            self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias")),
         )
 
     # -----------------------------------------------------------------------------------------
 
+    def new_cache(self):
+        return KVCache(self.cfg, self.n_ctx)
+
+    @property
+    def tokens(self):
+        return self.cache.tokens
+
     @property
     def pos(self):
-        return len(self.tokens)
+        return self.cache.pos
 
     def reset(self):
-        self.tokens = []
+        self.cache.reset()
 
     def rewind(self, n):
         """Keep only the first n cached tokens (their keys and values stay valid)."""
-        del self.tokens[n:]
+        self.cache.rewind(n)
 
     def apply_norm(self, x, norm):
         w, b = norm
@@ -140,14 +157,9 @@ class Transformer:
         for i, L in enumerate(self.layers):
             x = self._attention(i, L, x, positions)
             t = self.timer.add("attention", t)
-            h = self.apply_norm(x, L.ffn_norm)
-            f = kernels.ffn(h, L.bundles, L.layout, cfg.d_model, cfg.activation, cfg.gated_ffn,
-                            L.up_bias)
-            if L.down_bias is not None:
-                f += L.down_bias
-            x = x + f
+            x = x + L.ffn(self.apply_norm(x, L.ffn_norm))
             t = self.timer.add("ffn", t)
-        self.tokens.extend(int(i) for i in ids)
+        self.cache.tokens.extend(int(i) for i in ids)
         return x
 
     def _attention(self, i, L, x, positions):
@@ -159,9 +171,8 @@ class Transformer:
         if cfg.positions == "rope":
             q = kernels.apply_rope(q, self.cos, self.sin, positions)
             k = kernels.apply_rope(k, self.cos, self.sin, positions)
-        self.k_cache[i][:, p0:p0 + T] = k.transpose(1, 0, 2)
-        self.v_cache[i][:, p0:p0 + T] = v.transpose(1, 0, 2)
-        a = kernels.attention(q, self.k_cache[i], self.v_cache[i], p0)
+        self.cache.store(i, p0, k, v)
+        a = kernels.attention(q, *self.cache.layer(i), p0)
         return x + _linear(L.o, a.reshape(T, cfg.q_dim), L.o_bias)
 
     def _logits(self, x):
