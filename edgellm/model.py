@@ -26,7 +26,7 @@ class Model:
         self.config = config
         self.reader = reader
         self.tokenizer = tokenizer
-        self.chat_template = manifest.get("chat_template")
+        self.chat_template = manifest.get("chat_template")  # Jinja source or None
         self.runtime = Transformer(reader, config, n_ctx=n_ctx)
         self.default_cache = self.runtime.cache
         self.last_stats = None
@@ -51,6 +51,16 @@ class Model:
     @property
     def n_ctx(self):
         return self.runtime.n_ctx
+
+    def template(self):
+        """The model's ChatTemplate (its own Jinja template, or the plain fallback)."""
+        from .template import ChatTemplate
+
+        tok = self.tokenizer
+        bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
+        eos_ids = self.config.eos_token_ids or sorted(tok.eos_ids)  # the model's own first
+        eos = tok.decode([eos_ids[0]]) if eos_ids else ""
+        return ChatTemplate(self.chat_template, bos_token=bos, eos_token=eos)
 
     def new_cache(self):
         """A KV cache for one more conversation (pass it to generate(cache=...)). Each holds

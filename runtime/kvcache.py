@@ -37,5 +37,26 @@ class KVCache:
         """(keys, values) of a layer as the attention kernel reads them: f32[KVH, n_ctx, hd]."""
         return self.k[layer], self.v[layer]
 
+    def state(self):
+        """The cached tokens and their keys and values as plain arrays (for session files):
+        {"tokens": int32[pos], "k.{layer}": [KVH, pos, hd], "v.{layer}": ...}."""
+        n = self.pos
+        out = {"tokens": np.asarray(self.tokens, np.int32)}
+        for i in range(len(self.k)):
+            out[f"k.{i}"] = self.k[i][:, :n]
+            out[f"v.{i}"] = self.v[i][:, :n]
+        return out
+
+    def load_state(self, state):
+        """Restore what state() returned (shapes are checked by the caller's file reader)."""
+        tokens = [int(t) for t in state["tokens"]]
+        if len(tokens) > self.n_ctx:
+            raise ValueError(f"{len(tokens)} cached tokens exceed the context of {self.n_ctx}")
+        n = len(tokens)
+        for i in range(len(self.k)):
+            self.k[i][:, :n] = state[f"k.{i}"]
+            self.v[i][:, :n] = state[f"v.{i}"]
+        self.tokens = tokens
+
     def nbytes(self):
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
