@@ -155,6 +155,19 @@ def cmd_demo(a):
     cmd_run(a)
 
 
+def cmd_eval(a):
+    from .evaluate import main
+
+    main(a)
+
+
+def cmd_export(a):
+    from .export import export
+
+    out = export(a.model, a.output, to=a.to, overwrite=a.force, progress=True)
+    print(f"wrote {out}")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -198,6 +211,34 @@ def build_parser():
     d.add_argument("-n", type=int, default=64, help="tokens to generate (default 64)")
     add_sampling_args(d)
     d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="perplexity of a model over a text, and its speed",
+                       description="Perplexity over a text in sliding windows of --ctx tokens "
+                       "moved by --stride tokens; each token is scored once (see "
+                       "edgellm/evaluate.py). Default text: the held-out text shipped with "
+                       "edgellm (edgellm/data/eval).")
+    e.add_argument("model", help="edgellm model directory")
+    e.add_argument("--ppl", metavar="FILE.txt", default=None,
+                   help="UTF-8 text to score (default: the shipped held-out text)")
+    e.add_argument("--ctx", type=int, default=None, help="window length in tokens (default 512, "
+                   "or the model's context if shorter)")
+    e.add_argument("--stride", type=int, default=None, help="window step in tokens (default "
+                   "half the window, at most 256)")
+    e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens "
+                   "of the text")
+    e.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
+    e.add_argument("--json", action="store_true", help="print a JSON object (perplexity, tokens, "
+                   "tokens_per_s, ...)")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="export a model as GGUF (llama.cpp) or a Hugging Face "
+                       "directory (transformers)")
+    x.add_argument("model", help="edgellm model directory")
+    x.add_argument("--to", required=True, choices=["gguf", "hf"], help="target format")
+    x.add_argument("-o", "--output", required=True, help="output GGUF file or HF directory "
+                   "(must not exist)")
+    x.add_argument("--force", action="store_true", help="replace an existing output")
+    x.set_defaults(func=cmd_export)
     return p
 
 
