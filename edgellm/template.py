@@ -5,6 +5,7 @@ they are untrusted: they run in Jinja's immutable sandbox, which refuses attribu
 Python internals and mutation of the values passed in.
 """
 
+import json
 from datetime import datetime
 
 from .runtime.errors import EdgeLLMError
@@ -27,12 +28,37 @@ def _raise(message):
     raise TemplateError(f"chat template: {message}")
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson, which templates are written against: Jinja's own escapes <, >, &, '
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _generation_extension():
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        """transformers' {% generation %}...{% endgeneration %}, which marks the assistant's
+        text for training masks: here it renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return Generation
+
+
 def _compile(source):
     from jinja2 import TemplateError as JinjaError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    # the environment transformers' apply_chat_template renders in, so prompts are identical
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=[_generation_extension(),
+                                                    "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -58,7 +84,7 @@ class ChatTemplate:
     def __init__(self, source=None, bos_token="", eos_token=""):
         self.fallback = not source
         self._template = _compile(source or FALLBACK_TEMPLATE)
-        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token, self.eos_token = bos_token or "", eos_token or ""
         self.stop = list(FALLBACK_STOP) if self.fallback else []
 
     def render(self, messages, add_generation_prompt=True):
