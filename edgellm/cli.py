@@ -33,6 +33,46 @@ def add_sampling_args(p):
                    help="stop when this text is generated (repeatable)")
 
 
+def add_kv_args(p):
+    """KV cache options (run, chat, serve): its encoding and the sliding window."""
+    from .model import SINKS
+    from .runtime import kvcache
+
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--kv", choices=kvcache.ENCODINGS, default=kvcache.DEFAULT,
+                   help=f"KV cache encoding (default {kvcache.DEFAULT}; f16 and int8 halve and "
+                   "quarter its memory, see docs/INTERNALS.md for their error)")
+    g.add_argument("--context-shift", action=argparse.BooleanOptionalAction, default=None,
+                   help="when the context is full, drop old tokens (keeping the first --sinks) "
+                   "and go on; --no-context-shift stops there with finish reason 'length' "
+                   "(default: on for rotary-position models, off for learned positions)")
+    g.add_argument("--sinks", type=int, default=SINKS,
+                   help=f"first tokens the sliding window always keeps (default {SINKS})")
+    g.add_argument("--shift-size", type=int, default=None, metavar="N",
+                   help="tokens dropped per shift (default: a quarter of the context)")
+
+
+def kv_from_args(a):
+    """Model.load keyword arguments from the add_kv_args options."""
+    return {"kv": a.kv}
+
+
+def window_from_args(a):
+    """Model.generate keyword arguments from the add_kv_args options."""
+    return {"context_shift": a.context_shift, "sinks": a.sinks, "shift_size": a.shift_size}
+
+
+def context_full_message(model):
+    """What to tell a person when generation stopped at a full context (else None)."""
+    if not (model.last_stats or {}).get("context_full"):
+        return None
+    msg = (f"the context of {model.n_ctx} tokens is full: generation stopped (finish reason "
+           f"'length'). Use --ctx for a larger context")
+    if model.config.positions == "rope":
+        return msg + ", or drop --no-context-shift to let the window slide."
+    return msg + f" (this model's {model.config.positions} positions cannot slide)."
+
+
 def sampling_from_args(a):
     from .sampling import SamplingParams
 
@@ -110,7 +150,7 @@ def cmd_run(a):
     from . import load
 
     t0 = time.perf_counter()
-    model = load(a.model, verify=a.verify, n_ctx=a.ctx, threads=a.threads)
+    model = load(a.model, verify=a.verify, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a))
     load_s = time.perf_counter() - t0
     if a.stats:
         warm = model.warmup()
@@ -118,10 +158,14 @@ def cmd_run(a):
             print(f"(compiled kernels in {warm:.1f} s; they are cached for the next run)",
                   file=sys.stderr)
     params = sampling_from_args(a)
-    for piece in model.generate(a.prompt, max_tokens=a.n, stop=a.stop, params=params):
+    for piece in model.generate(a.prompt, max_tokens=a.n, stop=a.stop, params=params,
+                                **window_from_args(a)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    full = context_full_message(model)
+    if full:
+        print(f"edgellm: {full}", file=sys.stderr)
     if a.stats:
         print_stats(model.last_stats, load_s)
 
@@ -204,12 +248,14 @@ def build_parser():
     r.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
     r.add_argument("--verify", action="store_true", help="check checksums before running")
     add_sampling_args(r)
+    add_kv_args(r)
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="generate from the small demo model shipped with edgellm")
     d.add_argument("-p", "--prompt", default=DEMO_PROMPT, help=f"default {DEMO_PROMPT!r}")
     d.add_argument("-n", type=int, default=64, help="tokens to generate (default 64)")
     add_sampling_args(d)
+    add_kv_args(d)
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval", help="perplexity of a model over a text, and its speed",

@@ -8,7 +8,7 @@
 import os
 import time
 
-from .runtime import format
+from .runtime import format, kvcache
 from .runtime.errors import ContextLengthError, EdgeLLMError
 from .runtime.model import Transformer
 from .runtime.reader import Reader
@@ -17,25 +17,37 @@ from .runtime.tokenizer import Tokenizer
 from .sampling import Sampler, SamplingParams
 
 DEFAULT_CONTEXT = 4096  # KV cache is allocated up front: cap it unless asked for more
+SINKS = 4  # first tokens the sliding window always keeps (StreamingLLM: 4 sinks suffice)
 
 
 class Model:
-    def __init__(self, path, manifest, config, reader, tokenizer, n_ctx):
+    def __init__(self, path, manifest, config, reader, tokenizer, n_ctx, kv=kvcache.DEFAULT,
+                 stream=None):
         self.path = path
         self.manifest = manifest
         self.config = config
         self.reader = reader
         self.tokenizer = tokenizer
         self.chat_template = manifest.get("chat_template")  # Jinja source or None
-        self.runtime = Transformer(reader, config, n_ctx=n_ctx)
+        self.runtime = Transformer(reader, config, n_ctx=n_ctx, kv=kv, stream=stream)
+        self.stream = stream  # runtime.streaming.Stream under a DRAM budget, else None
+        self.plan = stream.plan if stream is not None else None
         self.default_cache = self.runtime.cache
         self.last_stats = None
 
     @classmethod
-    def load(cls, path, verify=False, n_ctx=None, threads=None):
+    def load(cls, path, verify=False, n_ctx=None, threads=None, kv=kvcache.DEFAULT,
+             dram_budget=None, mode=None, window=None, io_threads=4, cold=False,
+             oracle=False):
         """Open a model directory. verify=True reads every chunk and checks its sha256.
         n_ctx: context length (default: the model's, capped at 4096). threads: kernel and BLAS
-        threads (default: one per core)."""
+        threads (default: one per core). kv: KV cache encoding, "f16" (default), "f32" or
+        "int8" (docs/INTERNALS.md, "KV cache": memory and measured error of each).
+        dram_budget: bytes or a size such as "800MB": weights stream from flash to stay within
+        it (runtime/plan.py); mode: "window" (default when the model has predictors), "dense"
+        or "naive"; window: tokens a neuron stays cached; io_threads: parallel reads; cold:
+        drop read pages from the page cache; oracle: window mode with the true active set of a
+        ReLU model (measurements only; docs/INTERNALS.md, "Streaming")."""
         path = os.fspath(path)
         set_threads(threads)
         manifest, config = format.read_manifest(path)
@@ -45,8 +57,15 @@ class Model:
         tokenizer = Tokenizer.load(path, manifest)
         if n_ctx is not None and n_ctx <= 0:
             raise EdgeLLMError(f"n_ctx must be positive, got {n_ctx}")
-        return cls(path, manifest, config, reader, tokenizer,
-                   n_ctx or min(config.max_context, DEFAULT_CONTEXT))
+        kvcache.check_encoding(kv)
+        n_ctx = n_ctx or min(config.max_context, DEFAULT_CONTEXT)
+        stream = None
+        if dram_budget is not None or mode is not None:
+            from .runtime.streaming import open_stream
+
+            stream = open_stream(reader, config, dram_budget, mode, n_ctx=n_ctx, kv=kv,
+                                 window=window, io_threads=io_threads, cold=cold, oracle=oracle)
+        return cls(path, manifest, config, reader, tokenizer, n_ctx, kv, stream)
 
     @property
     def n_ctx(self):
@@ -77,6 +96,8 @@ class Model:
         self.runtime.forward([0])
         self.runtime.reset()
         self.runtime.timer.parts.clear()
+        if self.stream is not None:
+            self.stream.reset_caches()
         return time.perf_counter() - t
 
     def logits(self, ids):
@@ -87,37 +108,54 @@ class Model:
         self.runtime.reset()
         return out
 
-    def generate(self, prompt, max_tokens=128, stop=(), params=None, cache=None, **sampling):
+    def generate(self, prompt, max_tokens=128, stop=(), params=None, cache=None,
+                 context_shift=None, sinks=SINKS, shift_size=None, **sampling):
         """Yield text pieces as they are produced.
 
         prompt: a string or a list of token ids. stop: strings that end generation (not
         included in the output). Sampling options: see SamplingParams (temperature=0 is greedy).
-        After the generator ends, self.last_stats holds token counts, timings, finish_reason and
-        token_ids (the generated ids).
+        After the generator ends, self.last_stats holds token counts, timings, finish_reason,
+        token_ids (the generated ids), shifts (context shifts done) and context_full (True when
+        generation ended because the context was full).
         cache: the KV cache of this conversation (new_cache()); default: the model's own. Its
-        keys and values are reused for the prompt's prefix that matches its tokens.
+        keys and values are reused for the prompt's prefix that matches its conversation.
+        context_shift: when the context is full, drop shift_size tokens (default a quarter of
+        the context) after the first `sinks` and go on (StreamingLLM sliding window); False:
+        stop with finish_reason "length". None (default): on for rotary-position models, off
+        for learned positions (OPT), which cannot shift (True there is an error).
         """
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise EdgeLLMError("the prompt is empty")
         if max_tokens < 0:
             raise EdgeLLMError(f"max_tokens must be >= 0, got {max_tokens}")
-        if len(ids) >= self.n_ctx:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds "
-                                     f"{self.n_ctx} (use a shorter prompt or a larger n_ctx)")
+        shift = self._window(context_shift, sinks, shift_size)
         stop = [stop] if isinstance(stop, str) else [s for s in stop if s]
         sampler = Sampler(params or SamplingParams(**sampling))
         rt = self.runtime
         rt.cache = cache if cache is not None else self.default_cache
         # reuse the cached keys/values of the longest common prefix with the previous call (a
         # chat turn only processes its new tokens); at least one token is run to get logits
-        reuse = _common_prefix(rt.tokens, ids[:-1])
-        rt.rewind(reuse)
+        reuse = rt.cache.match(ids[:-1])
+        new = len(ids) - reuse
+        if rt.pos + new >= self.n_ctx:  # the prompt must leave room for one generated token
+            if not shift or sinks + new >= self.n_ctx:
+                raise ContextLengthError(
+                    f"the prompt has {len(ids)} tokens ({new} not cached); the context holds "
+                    f"{self.n_ctx} (use a shorter prompt or a larger n_ctx)")
         rt.timer.parts.clear()
+        if self.stream is not None:
+            self.stream.reset_stats()
         generated = []
         stats = {"prompt_tokens": len(ids), "cached_tokens": reuse, "generated_tokens": 0,
-                 "token_ids": generated, "finish_reason": "length"}
+                 "token_ids": generated, "finish_reason": "length", "shifts": 0,
+                 "context_full": False}
         self.last_stats = stats
+        keep = rt.cache.sinks if rt.cache.n_dropped else sinks  # a shifted cache keeps its own
+        if shift:
+            while rt.pos + new >= self.n_ctx:
+                rt.shift(min(shift, rt.pos - keep), keep)
+                stats["shifts"] += 1
 
         t0 = time.perf_counter()
         logits = rt.forward(ids[reuse:])[-1]
@@ -140,8 +178,14 @@ class Model:
             if hit:
                 stats["finish_reason"] = "stop"
                 break
-            if n + 1 == max_tokens or rt.pos >= self.n_ctx:
+            if n + 1 == max_tokens:
                 break
+            if rt.pos >= self.n_ctx:
+                if not shift:
+                    stats["context_full"] = True
+                    break
+                rt.shift(shift, keep)
+                stats["shifts"] += 1
             logits = rt.forward([tok])[-1]
             forwards += 1
         if not hit:
@@ -151,18 +195,31 @@ class Model:
         stats["decode_s"] = time.perf_counter() - t1
         stats["decode_tokens"] = forwards
         stats["parts_s"] = dict(rt.timer.parts)
+        if self.stream is not None:
+            stats["flash"] = self.stream.summary()
+
+    def _window(self, context_shift, sinks, shift_size):
+        """Tokens dropped per shift when the context may slide, else None."""
+        rope = self.config.positions == "rope"
+        if context_shift is None:
+            context_shift = rope
+        if not context_shift:
+            return None
+        if not rope:
+            raise EdgeLLMError(
+                f"context shift needs rotary position embeddings; this model uses "
+                f"{self.config.positions} absolute positions ({self.config.arch}), which cannot "
+                f"be moved: turn it off (context_shift=False, --no-context-shift)")
+        size = shift_size if shift_size is not None else self.n_ctx // 4
+        if sinks < 0 or size < 1 or sinks + size >= self.n_ctx:
+            raise EdgeLLMError(f"sliding window: need sinks >= 0 and shift_size >= 1 with "
+                               f"sinks + shift_size < n_ctx ({self.n_ctx}); got sinks={sinks}, "
+                               f"shift_size={size}")
+        return size
 
     def complete(self, prompt, **kwargs):
         """Non-streaming generate: the whole generated text."""
         return "".join(self.generate(prompt, **kwargs))
-
-
-def _common_prefix(a, b):
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _split_stop(text, stop, final=False):

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import format, kernels
 from .errors import ContextLengthError, EdgeLLMError
+from .kvcache import DEFAULT as DEFAULT_KV
 from .kvcache import KVCache
 
 PREFILL_BLOCK = 256  # tokens per prefill block: weights are dequantized once per block, so
@@ -62,9 +63,10 @@ class Timer:
 
 
 class Transformer:
-    def __init__(self, reader, cfg, n_ctx=None):
+    def __init__(self, reader, cfg, n_ctx=None, kv=DEFAULT_KV):
         self.reader, self.cfg = reader, cfg
         self.n_ctx = min(cfg.max_context, n_ctx or cfg.max_context)
+        self.kv = kv  # KV cache encoding of new caches (kvcache.ENCODINGS)
         self.timer = Timer()
         E = format.EMBED_CHUNK
         self.embed = reader.matrix(E, "tok_embeddings")
@@ -102,7 +104,7 @@ class Transformer:
     # -----------------------------------------------------------------------------------------
 
     def new_cache(self):
-        return KVCache(self.cfg, self.n_ctx)
+        return KVCache(self.cfg, self.n_ctx, self.kv)
 
     @property
     def tokens(self):
@@ -118,6 +120,23 @@ class Transformer:
     def rewind(self, n):
         """Keep only the first n cached tokens (their keys and values stay valid)."""
         self.cache.rewind(n)
+
+    def shift(self, n_drop, sinks):
+        """Sliding window: drop n_drop cached tokens after the first `sinks`, move the rest down
+        (KVCache.shift). Only rotary positions can move: learned absolute positions are baked
+        into the hidden states of every later layer."""
+        if self.cfg.positions != "rope":
+            raise EdgeLLMError(f"the context window cannot slide on this model: its positions "
+                               f"are {self.cfg.positions} absolute embeddings, not rotary")
+        self.cache.shift(n_drop, sinks, self._rotate_back)
+
+    def _rotate_back(self, keys, delta):
+        """RoPE-rotated keys f32[KVH, n, hd] rotated by -delta positions: cos(-a) = cos(a),
+        sin(-a) = -sin(a), so row delta of the tables with the sine negated."""
+        flat = keys.reshape(-1, 1, keys.shape[-1])
+        out = kernels.apply_rope(flat, self.cos[delta:delta + 1], -self.sin[delta:delta + 1],
+                                 np.zeros(flat.shape[0], np.int64))
+        return out.reshape(keys.shape)
 
     def apply_norm(self, x, norm):
         w, b = norm
@@ -172,7 +191,8 @@ class Transformer:
             q = kernels.apply_rope(q, self.cos, self.sin, positions)
             k = kernels.apply_rope(k, self.cos, self.sin, positions)
         self.cache.store(i, p0, k, v)
-        a = kernels.attention(q, *self.cache.layer(i), p0)
+        kc, vc, ks, vs = self.cache.layer(i)
+        a = kernels.attention(q, kc, vc, p0, ks, vs)
         return x + _linear(L.o, a.reshape(T, cfg.q_dim), L.o_bias)
 
     def _logits(self, x):

@@ -4,7 +4,7 @@
     rmsnorm(x, w, eps), layernorm(x, w, b, eps)
     rope_tables(head_dim, max_pos, theta, scaling) -> (cos, sin) [max_pos, head_dim // 2]
     apply_rope(x, cos, sin, positions)    x [T, H, hd] -> rotated copy
-    attention(q, k_cache, v_cache, start_pos)
+    attention(q, k_cache, v_cache, start_pos, k_scale=None, v_scale=None)
     ffn(x, bundles, layout, d, activation, gated, up_bias)
 
 Decode (T == 1) runs Numba matrix-vector kernels on the weights as stored; prefill (T > 1)
@@ -193,7 +193,8 @@ def apply_rope(x, cos, sin, positions):
     return _rope.apply_rope(x, cos, sin, positions, np.empty_like(x))
 
 
-def attention(q, k_cache, v_cache, start_pos):
+def attention(q, k_cache, v_cache, start_pos, k_scale=None, v_scale=None):
+    """Caches float32, float16, or int8 with scales f32[KVH, C] (kvcache.py), read as stored."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     T, H, hd = q.shape
     if H % k_cache.shape[0]:
@@ -202,7 +203,16 @@ def attention(q, k_cache, v_cache, start_pos):
     if start_pos + T > k_cache.shape[1]:
         raise EdgeLLMError(f"attention: positions up to {start_pos + T} exceed the cache "
                            f"({k_cache.shape[1]})")
-    return _attention.attention(q, k_cache, v_cache, int(start_pos), np.empty_like(q))
+    if k_cache.dtype != v_cache.dtype or (k_cache.dtype == np.int8) != (k_scale is not None):
+        raise EdgeLLMError(f"attention: caches {k_cache.dtype}/{v_cache.dtype} with scales "
+                           f"{k_scale is not None}: expected float32, float16, or int8 with scales")
+    lut = None
+    if k_cache.dtype == np.float16:
+        k_cache, v_cache, lut = k_cache.view(np.uint16), v_cache.view(np.uint16), _LUT
+    elif k_cache.dtype != np.float32 and k_cache.dtype != np.int8:
+        raise EdgeLLMError(f"attention: unsupported cache dtype {k_cache.dtype}")
+    return _attention.attention(q, k_cache, v_cache, k_scale, v_scale, lut, int(start_pos),
+                                np.empty_like(q))
 
 
 # ---------------------------------------------------------------------------------------------

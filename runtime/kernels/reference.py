@@ -83,12 +83,18 @@ def apply_rope(x, cos, sin, positions):
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(np.float32)
 
 
-def attention(q, k_cache, v_cache, start_pos):
-    """Causal attention of q f32[T, H, hd] over the caches f32[KVH, C, hd] -> f32[T, H, hd].
+def attention(q, k_cache, v_cache, start_pos, k_scale=None, v_scale=None):
+    """Causal attention of q f32[T, H, hd] over the caches [KVH, C, hd] -> f32[T, H, hd].
 
     Query t sits at position start_pos + t and sees keys 0..start_pos + t; head h reads kv head
-    h // (H // KVH); scores are scaled by 1/sqrt(hd).
+    h // (H // KVH); scores are scaled by 1/sqrt(hd). Caches are float32 or float16, or int8
+    with scales f32[KVH, C] (value = q * scale), and mean their float32 values.
     """
+    k_cache = k_cache.astype(np.float32)
+    v_cache = v_cache.astype(np.float32)
+    if k_scale is not None:
+        k_cache = k_cache * k_scale[..., None]
+        v_cache = v_cache * v_scale[..., None]
     T, H, hd = q.shape
     kvh = k_cache.shape[0]
     group = H // kvh
