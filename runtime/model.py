@@ -37,14 +37,15 @@ class Layer:
 class ResidentFFN:
     """The feed-forward block computed from its row-column bundles as mapped from the chunk."""
 
-    def __init__(self, cfg, bundles, layout, up_bias, down_bias):
+    def __init__(self, cfg, bundles, layout, up_bias, down_bias, down=None):
         self.cfg, self.bundles, self.layout = cfg, bundles, layout
         self.up_bias, self.down_bias = up_bias, down_bias
+        self.down = down  # Matrix [d, d_ff] when the bundles hold no down part (GGUF kept)
 
     def __call__(self, h):
         cfg = self.cfg
         f = kernels.ffn(h, self.bundles, self.layout, cfg.d_model, cfg.activation, cfg.gated_ffn,
-                        self.up_bias)
+                        self.up_bias, self.down)
         if self.down_bias is not None:
             f += self.down_bias
         return f
@@ -63,8 +64,14 @@ class Timer:
 
 
 class Transformer:
-    def __init__(self, reader, cfg, n_ctx=None, kv=DEFAULT_KV):
+    def __init__(self, reader, cfg, n_ctx=None, kv=DEFAULT_KV, stream=None):
+        """stream: a runtime.streaming.Stream (DRAM budget): weights come from its memory
+        source and streamed layers are entered through it; None: everything mapped."""
+        self.stream = stream
+        if stream is not None:
+            reader = stream.src
         self.reader, self.cfg = reader, cfg
+        self.prefill_block = stream.prefill_block if stream is not None else PREFILL_BLOCK
         self.n_ctx = min(cfg.max_context, n_ctx or cfg.max_context)
         self.kv = kv  # KV cache encoding of new caches (kvcache.ENCODINGS)
         self.timer = Timer()
@@ -73,7 +80,10 @@ class Transformer:
         self.pos_embed = reader.vector(E, "pos_embeddings") if cfg.positions == "learned" else None
         self.norm = self._norm(E, "norm")
         self.head = self.embed if cfg.tied_embeddings else reader.matrix(E, "output")
-        self.layers = [self._layer(format.layer_chunk(i)) for i in range(cfg.n_layers)]
+        if stream is not None:
+            self.layers = stream.build_layers(self)
+        else:
+            self.layers = [self._layer(format.layer_chunk(i)) for i in range(cfg.n_layers)]
         if cfg.positions == "rope":
             self.cos, self.sin = kernels.rope_tables(cfg.head_dim, self.n_ctx, cfg.rope_theta,
                                                      cfg.rope_scaling)
@@ -98,7 +108,8 @@ class Transformer:
             v_bias=self._opt(f, "attn_v.bias"), o_bias=self._opt(f, "attn_o.bias"),
             ffn_norm=self._norm(f, "ffn_norm"),
             ffn=ResidentFFN(self.cfg, r.array(f, "ffn_bundles"), entry["parts"],
-                            self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias")),
+                            self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias"),
+                            r.matrix(f, "ffn_down") if r.has(f, "ffn_down") else None),
         )
 
     # -----------------------------------------------------------------------------------------
@@ -156,9 +167,10 @@ class Transformer:
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise EdgeLLMError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
         out = []
-        for b in range(0, ids.size, PREFILL_BLOCK):
-            block = ids[b:b + PREFILL_BLOCK]
-            last = b + PREFILL_BLOCK >= ids.size
+        step = self.prefill_block
+        for b in range(0, ids.size, step):
+            block = ids[b:b + step]
+            last = b + step >= ids.size
             x = self._block(block)
             if all_logits or last:
                 out.append(self._logits(x if all_logits else x[-1:]))
@@ -166,6 +178,18 @@ class Transformer:
 
     def _block(self, ids):
         """Hidden states f32[T, d] after all layers for a block of new tokens."""
+        if self.stream is None:
+            return self._layers(ids)
+        self.stream.begin(ids.size)
+        try:
+            x = self._layers(ids)
+        except BaseException:
+            self.stream.abort()  # e.g. a failed read: the model stays usable
+            raise
+        self.stream.end()
+        return x
+
+    def _layers(self, ids):
         cfg, T, p0 = self.cfg, ids.size, self.pos
         t = time.perf_counter()
         x = self.embed.dequantize(ids)
@@ -174,6 +198,8 @@ class Transformer:
         positions = np.arange(p0, p0 + T, dtype=np.int64)
         t = self.timer.add("embed", t)
         for i, L in enumerate(self.layers):
+            if self.stream is not None:
+                L = self.stream.enter(i, L)  # its streamed weights in place
             x = self._attention(i, L, x, positions)
             t = self.timer.add("attention", t)
             x = x + L.ffn(self.apply_norm(x, L.ffn_norm))

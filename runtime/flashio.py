@@ -1,0 +1,181 @@
+"""The flash reader: weight reads with pread/preadv from a thread pool, every byte and second counted.
+
+Under a DRAM budget every weight byte the runtime uses comes through a FlashReader (runtime/
+streaming.py): resident parts are read once at load into memory the planner accounted for, streamed
+parts are read per token into preallocated buffers. Nothing is read through an mmap, so the page
+cache is the only memory outside the budget's ledger, and cold mode drops it (below).
+
+Reads are requests (file offset, list of destination buffers): a run of adjacent rows in the file
+becomes one preadv into as many buffers as it fills (they need not be adjacent in memory), so the
+kernel sees one large read instead of many small ones (disk reads here: ~1.5 GB/s with 4 MiB
+reads, ~0.14 GB/s with 4 KiB reads, ../shared/DESIGN.md). Requests run on a pool of `depth`
+threads (os.preadv releases the GIL).
+
+Cold mode calls posix_fadvise(DONTNEED) on each range after reading it, so the page cache does not
+keep it: the next read of the same bytes goes to the device (measurements are then not served from
+memory), and the page cache does not grow past the budget.
+"""
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .errors import EdgeLLMError
+
+MAX_IOV = 512  # buffers per preadv call (Linux allows IOV_MAX = 1024)
+MAX_RUN_BYTES = 8 << 20  # a coalesced read is split above this, so the pool can share the work
+
+
+class FlashReadError(EdgeLLMError):
+    """A weight read failed (device error, file removed or truncated under us). Names the file."""
+
+
+class FlashReader:
+    def __init__(self, depth=4, cold=False):
+        if depth < 1:
+            raise EdgeLLMError(f"io threads must be >= 1, got {depth}")
+        self.depth, self.cold = int(depth), bool(cold)
+        self._fds = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="edgellm-io")
+        self.bytes_read = 0  # counters, for the stats
+        self.reads = 0  # preadv calls
+        self.read_s = 0.0  # seconds spent inside preadv, summed over threads
+
+    # -----------------------------------------------------------------------------------------
+
+    def _fd(self, path):
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError as e:
+                        raise FlashReadError(f"{path}: cannot open for reading: {e.strerror}") \
+                            from None
+                    self._fds[path] = fd
+        return fd
+
+    def _preadv(self, fd, bufs, offset):
+        """One request; loops on short reads. (Tests replace this to inject errors.)"""
+        total = sum(b.nbytes for b in bufs)
+        done = 0
+        while done < total:
+            if done:  # rare: a short read; continue where it stopped
+                bufs = _skip(bufs, done)
+            n = os.preadv(fd, bufs, offset + done)
+            if n <= 0:
+                raise OSError(5, f"unexpected end of file at byte {offset + done}")
+            done += n
+        return total
+
+    def _run(self, path, offset, bufs):
+        fd = self._fd(path)
+        t = time.perf_counter()
+        try:
+            n = self._preadv(fd, bufs, offset)
+            if self.cold:
+                os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
+            raise FlashReadError(f"{path}: read of {sum(b.nbytes for b in bufs)} bytes at offset "
+                                 f"{offset} failed: {e.strerror or e}") from None
+        dt = time.perf_counter() - t
+        with self._lock:
+            self.bytes_read += n
+            self.reads += 1
+            self.read_s += dt
+        return n
+
+    def submit(self, requests):
+        """Start requests [(path, offset, [uint8 buffers])]; returns a list of futures."""
+        return [self._pool.submit(self._run, p, o, b) for p, o, b in requests]
+
+    @staticmethod
+    def wait(futures):
+        """Wait for all futures; raise the first error after all have finished (so no read is
+        still writing into a buffer when the caller reuses it)."""
+        err = None
+        for f in futures:
+            try:
+                f.result()
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                err = err or e
+        if err is not None:
+            raise err
+
+    def read(self, requests):
+        """Run requests and wait for them. One request runs on the calling thread."""
+        if len(requests) == 1:
+            self._run(*requests[0])
+            return
+        self.wait(self.submit(requests))
+
+    def read_into(self, path, offset, out):
+        """Read out.nbytes bytes at offset into the contiguous array out."""
+        self.read(split_request(path, offset, _bytes_view(out)))
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building requests
+
+
+def _bytes_view(a):
+    if not a.flags.c_contiguous:
+        raise EdgeLLMError("flash reads need a contiguous destination buffer")
+    return a.reshape(-1).view(np.uint8)
+
+
+def _skip(bufs, n):
+    out = []
+    for b in bufs:
+        if n >= b.nbytes:
+            n -= b.nbytes
+            continue
+        out.append(b[n:])
+        n = 0
+    return out
+
+
+def split_request(path, offset, buf):
+    """One contiguous range as requests of at most MAX_RUN_BYTES (so the pool shares it)."""
+    n = buf.nbytes
+    return [(path, offset + a, [buf[a:min(n, a + MAX_RUN_BYTES)]])
+            for a in range(0, max(n, 1), MAX_RUN_BYTES)] if n else []
+
+
+def row_requests(path, base, stride, rows, dest, dest_rows):
+    """Requests that read file rows `rows` (sorted, unique) of `stride` bytes starting at byte
+    `base` into dest[dest_rows[j]] (dest uint8 [n, stride]). Adjacent file rows are coalesced
+    into one preadv with one buffer per destination row, or one buffer when the destination rows
+    are adjacent too."""
+    rows = np.asarray(rows, dtype=np.int64)
+    dest_rows = np.asarray(dest_rows, dtype=np.int64)
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    reqs = []
+    max_rows = max(1, MAX_RUN_BYTES // stride)
+    for run in np.split(np.arange(rows.size), breaks):
+        for a in range(0, run.size, max_rows):
+            part = run[a:a + max_rows]
+            d = dest_rows[part]
+            off = base + int(rows[part[0]]) * stride
+            if np.all(np.diff(d) == 1):  # destinations adjacent too: one buffer
+                reqs.append((path, off, [dest[d[0]:d[-1] + 1].reshape(-1)]))
+            else:
+                for b in range(0, d.size, MAX_IOV):
+                    dd = d[b:b + MAX_IOV]
+                    reqs.append((path, off + b * stride, [dest[int(r)] for r in dd]))
+    return reqs

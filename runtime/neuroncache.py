@@ -1,0 +1,132 @@
+"""The windowed neuron cache of one layer ("LLM in a flash", section 3.3).
+
+A preallocated buffer of bundle rows, uint8 [capacity, stride], holds the FFN neurons of the
+current window: rows 0..n_pinned-1 are pinned hot neurons (never evicted), rows n_pinned..n-1 are
+neurons used in the last k tokens. Bookkeeping is three index arrays:
+
+    ids[r]        neuron held in row r (r < n)
+    slot[i]       row holding neuron i, or -1
+    last_used[r]  step at which row r's neuron was last in an active set
+
+A step (one token, or one prefill block) asks for its active neurons: rows already cached are hits;
+neurons that left the window (not used in the last k steps) are evicted by moving the last rows
+into their places (no reallocation, no copy of the whole buffer); missing neurons get rows at the
+end and the caller reads their bundles straight into those rows. The FFN is then computed from
+rows 0..n of the buffer directly.
+"""
+
+import numpy as np
+
+from .errors import EdgeLLMError
+
+
+class NeuronCache:
+    def __init__(self, n_neurons, capacity, stride):
+        if capacity < 1:
+            raise EdgeLLMError(f"neuron cache capacity must be >= 1, got {capacity}")
+        self.n_neurons, self.capacity, self.stride = n_neurons, min(capacity, n_neurons), stride
+        self.buf = np.zeros((self.capacity, stride), dtype=np.uint8)  # (capacity, stride)
+        self.ids = np.full(self.capacity, -1, dtype=np.int32)  # (capacity,)
+        self.last_used = np.zeros(self.capacity, dtype=np.int64)  # (capacity,)
+        self.slot = np.full(n_neurons, -1, dtype=np.int32)  # (n_neurons,)
+        self.n = 0
+        self.n_pinned = 0
+
+    @property
+    def nbytes(self):
+        return self.buf.nbytes + self.ids.nbytes + self.last_used.nbytes + self.slot.nbytes
+
+    def cached(self):
+        """Neuron ids held, in row order (a copy)."""
+        return self.ids[:self.n].copy()
+
+    def pin(self, neurons):
+        """Reserve rows 0..len(neurons)-1 for neurons kept for good (call once, while empty).
+        Returns their rows; the caller reads the bundles into them."""
+        neurons = np.asarray(neurons, dtype=np.int32)
+        if self.n:
+            raise EdgeLLMError("pin() must come before any other use of the cache")
+        if neurons.size > self.capacity:
+            raise EdgeLLMError(f"cannot pin {neurons.size} neurons in a cache of {self.capacity}")
+        rows = self._append(neurons, 0)
+        self.n_pinned = self.n
+        return rows
+
+    def lookup(self, active, step):
+        """Mark the cached neurons of `active` as used at `step`; return the missing ones."""
+        active = np.asarray(active, dtype=np.int32)
+        rows = self.slot[active]
+        hit = rows >= 0
+        self.last_used[rows[hit]] = step
+        return active[~hit]
+
+    def evict(self, keep_after, protect=None):
+        """Evict unpinned rows whose last use is <= keep_after, except neurons in `protect`.
+        Returns the number evicted."""
+        n, p = self.n, self.n_pinned
+        gone = np.flatnonzero(self.last_used[p:n] <= keep_after) + p
+        if protect is not None and gone.size:
+            gone = gone[~np.isin(self.ids[gone], protect)]
+        self._remove(gone)
+        return gone.size
+
+    def evict_oldest(self, count, protect):
+        """Make room: evict the `count` unpinned rows used longest ago, except `protect`."""
+        n, p = self.n, self.n_pinned
+        cand = np.arange(p, n)
+        cand = cand[~np.isin(self.ids[cand], protect)]
+        if count <= 0 or cand.size == 0:
+            return 0
+        order = np.argsort(self.last_used[cand], kind="stable")[:count]
+        self._remove(cand[order])
+        return min(count, cand.size)
+
+    def evict_unpinned(self):
+        """Drop every unpinned row (a step whose active set exceeds the capacity)."""
+        self._remove(np.arange(self.n_pinned, self.n))
+
+    def insert(self, neurons, step):
+        """Append rows for neurons (not cached; must fit). Returns their rows, in order; the
+        caller fills buf[rows] with the neurons' bundles (or calls drop_tail on failure)."""
+        neurons = np.asarray(neurons, dtype=np.int32)
+        if self.n + neurons.size > self.capacity:
+            raise EdgeLLMError(f"neuron cache overflow: {self.n} + {neurons.size} rows > "
+                               f"{self.capacity}")
+        return self._append(neurons, step)
+
+    def drop_tail(self, n_before):
+        """Undo inserts past row n_before (their reads failed: the rows hold no valid data)."""
+        tail = self.ids[n_before:self.n]
+        self.slot[tail] = -1
+        self.ids[n_before:self.n] = -1
+        self.n = n_before
+
+    # -----------------------------------------------------------------------------------------
+
+    def _append(self, neurons, step):
+        a, b = self.n, self.n + neurons.size
+        self.ids[a:b] = neurons
+        self.slot[neurons] = np.arange(a, b, dtype=np.int32)
+        self.last_used[a:b] = step
+        self.n = b
+        return np.arange(a, b)
+
+    def _remove(self, rows):
+        """Remove rows (unique, unpinned): each hole below the new end takes one of the rows
+        that stay from the tail, as repeated swap-with-last does, in one vectorized move."""
+        if rows.size == 0:
+            return
+        n = self.n
+        m = n - rows.size
+        self.slot[self.ids[rows]] = -1
+        holes = rows[rows < m]
+        tail = np.arange(m, n)
+        movers = tail[~np.isin(tail, rows)]  # rows past the new end that stay
+        holes = np.sort(holes)
+        # holes.size == movers.size: both count the removed rows below m
+        self.buf[holes] = self.buf[movers]
+        self.ids[holes] = self.ids[movers]
+        self.last_used[holes] = self.last_used[movers]
+        self.slot[self.ids[holes]] = holes.astype(np.int32)
+        self.ids[m:n] = -1
+        self.n = m

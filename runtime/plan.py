@@ -1,0 +1,308 @@
+"""The planner: a DRAM budget -> what stays resident and what streams from flash.
+
+The budget covers what the model needs: resident weights (read into memory, not mapped), the
+neuron caches, the KV cache, the staging buffers that whole streamed layers are read into, and the
+scratch the forward pass uses. The process's own baseline (interpreter, NumPy, Numba and its
+compiled kernels) is not in it; benchmarks measure and report that separately.
+
+Always resident: norms and biases, the KV cache, the head (with tied embeddings the embedding
+matrix is the head), positional embeddings, predictors, scratch. Untied token embeddings are read
+row by row, one row per token. Then, from what is left:
+
+    attention of a layer    resident, or streamed with its layer
+    FFN of a layer          dense: resident whole, or streamed whole every token
+                            naive: streamed whole every token (the paper's baseline)
+                            window: a neuron cache per layer (runtime/neuroncache.py), as many
+                            rows as the budget allows (hot rows pinned first when calibrated)
+
+Layers whose attention (dense/naive: or FFN) streams are read into one of two staging buffers,
+the next one read ahead while the current one computes. The plan with the most resident bytes
+that fits wins; a budget below the smallest plan is refused with that minimum.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from . import format
+from .errors import EdgeLLMError
+
+MODES = ("window", "dense", "naive")
+DEFAULT_WINDOW = 5  # tokens a neuron stays cached after its last use (the paper's k)
+DEFAULT_ACTIVE_FRACTION = 0.25  # when the model states none: per-token active share assumed
+PREFILL_TILE = 4 << 20  # kernels.TILE_BYTES: the float32 tile prefill (T > 1) dequantizes into
+PREFILL_BLOCK = 256
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_budget(value):
+    """'800MB', '1.5GB', '512MiB', '2000000' (bytes) or an int -> bytes. KB/MB/GB (and k/m/g)
+    are powers of 10, KiB/MiB/GiB powers of 2."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise EdgeLLMError(f"dram budget {value!r}: expected a size such as 800MB, 1.5GB or "
+                               "512MiB")
+        n = float(m.group(1)) * _UNITS[unit]
+    if not n > 0:
+        raise EdgeLLMError(f"dram budget must be positive, got {value!r}")
+    return int(n)
+
+
+def human(n):
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= f:
+            return f"{n / f:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class Part:
+    name: str
+    nbytes: int  # DRAM bytes taken
+    where: str  # resident | streamed | buffer
+    read_per_token: float = 0.0  # expected bytes read from flash per token
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    mode: str
+    budget: int
+    n_layers: int
+    attn_resident: list  # per layer: bool
+    ffn_resident: list  # per layer: bool (dense; window: the cache is resident by nature)
+    cache_rows: list  # per layer: neuron cache capacity (window)
+    pinned_rows: list  # per layer: hot rows pinned in the cache (window)
+    stage_bytes: int  # bytes of each of the two staging buffers (0: nothing streams whole)
+    prefill_block: int  # tokens per prefill block (1 when the prefill tile does not fit)
+    window: int
+    parts: list = field(default_factory=list)
+
+    @property
+    def total(self):
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def read_per_token(self):
+        return sum(p.read_per_token for p in self.parts)
+
+    def table(self):
+        """The plan as a text table (edgellm plan)."""
+        lines = [f"{'part':34} {'DRAM':>11}  {'':9} {'read/token':>11}  note"]
+        for p in self.parts:
+            r = human(p.read_per_token) if p.read_per_token else "-"
+            lines.append(f"{p.name:34} {human(p.nbytes):>11}  {p.where:9} {r:>11}  {p.note}")
+        lines.append(f"{'total':34} {human(self.total):>11}  {'':9} "
+                     f"{human(self.read_per_token):>11}  budget {human(self.budget)}, "
+                     f"mode {self.mode}")
+        return "\n".join(lines)
+
+    def to_dict(self):
+        return {"mode": self.mode, "budget_bytes": self.budget, "total_bytes": self.total,
+                "read_per_token_bytes": self.read_per_token, "window": self.window,
+                "prefill_block": self.prefill_block, "stage_bytes": self.stage_bytes,
+                "parts": [p.__dict__ for p in self.parts]}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def tensor_bytes(chunk, name):
+    e = chunk["tensors"].get(name)
+    if e is None:
+        return 0
+    return sum(math.prod(shape) * dt.itemsize
+               for dt, shape in format.stored_tensors(name, e).values())
+
+
+ATTN = ("attn_q", "attn_k", "attn_v", "attn_o")
+SMALL = ("attn_norm.weight", "attn_norm.bias", "ffn_norm.weight", "ffn_norm.bias",
+         "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_o.bias", "ffn_up.bias",
+         "ffn_down.bias")
+
+
+@dataclass
+class Sizes:
+    """What the planner needs to know about a model, in bytes."""
+
+    small: int  # norms and biases of all layers
+    attn: list  # per layer
+    ffn: list  # per layer (bundles)
+    stride: int
+    d_ff: int
+    head: int  # head (tied: the embedding matrix)
+    embed_row: int  # untied: one embedding row (read per token); 0 when tied
+    embed_other: int  # final norm, positional embeddings
+    predictors: int
+
+    @classmethod
+    def of(cls, manifest, cfg):
+        chunks = {c["file"]: c for c in manifest["chunks"]}
+        e = chunks[format.EMBED_CHUNK]
+        layers = [chunks[format.layer_chunk(i)] for i in range(cfg.n_layers)]
+        emb = tensor_bytes(e, "tok_embeddings")
+        head = emb if cfg.tied_embeddings else tensor_bytes(e, "output")
+        stride = layers[0]["tensors"]["ffn_bundles"]["shape"][1]
+        pred = chunks.get("predictors.safetensors", {}).get("size", 0)
+        return cls(
+            small=sum(tensor_bytes(c, n) for c in layers for n in SMALL),
+            attn=[sum(tensor_bytes(c, n) for n in ATTN) for c in layers],
+            ffn=[tensor_bytes(c, "ffn_bundles") for c in layers],
+            stride=stride, d_ff=cfg.d_ff, head=head,
+            embed_row=0 if cfg.tied_embeddings else emb // cfg.vocab_size,
+            embed_other=tensor_bytes(e, "norm.weight") + tensor_bytes(e, "norm.bias")
+            + tensor_bytes(e, "pos_embeddings"),
+            predictors=pred)
+
+
+def scratch_bytes(cfg, n_ctx, T):
+    """Working memory of a forward pass over T tokens (activations, scores, logits, FFN partial
+    sums; T > 1 adds the prefill tile). An estimate with headroom, not a ledger."""
+    d, f = cfg.d_model, cfg.d_ff
+    per_token = 4 * (12 * d + 3 * cfg.q_dim + 4 * cfg.kv_dim + 2 * f)
+    attn = 4 * 2 * cfg.n_heads * n_ctx * min(T, 16)
+    out = T * per_token + attn + 2 * 4 * cfg.vocab_size + 8 * 4 * d + (64 << 10)
+    if T > 1:
+        out += PREFILL_TILE
+    return out
+
+
+def kv_bytes(cfg, n_ctx, kv=None):
+    from .kvcache import DEFAULT, KVCache
+
+    return KVCache(cfg, n_ctx, kv or DEFAULT).nbytes()  # zero pages: nothing is touched here
+
+
+def cache_row_overhead(stride):
+    return stride + 4 + 8  # buffer row, ids, last_used
+
+
+def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=None,
+              active_fraction=None, hot_rows=None):
+    """The plan for `budget` bytes. active_fraction: share of FFN neurons a token needs (from
+    calibration; window mode's minimum cache and read estimate). hot_rows: per layer, neurons
+    calibration marks hot (pinned first, up to half a layer's cache)."""
+    if mode not in MODES:
+        raise EdgeLLMError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    n_ctx = n_ctx or cfg.max_context
+    window = window or DEFAULT_WINDOW
+    s = Sizes.of(manifest, cfg)
+    L = cfg.n_layers
+    a_frac = active_fraction if active_fraction is not None else DEFAULT_ACTIVE_FRACTION
+    min_rows = max(1, math.ceil(a_frac * s.d_ff))
+    row_cost = cache_row_overhead(s.stride)
+    slot_bytes = 4 * s.d_ff  # NeuronCache.slot
+
+    fixed = [
+        Part("norms and biases", s.small + s.embed_other, "resident"),
+        Part("head" + (" (tied embeddings)" if cfg.tied_embeddings else ""), s.head, "resident"),
+        Part("KV cache", kv_bytes(cfg, n_ctx, kv), "buffer", note=f"{n_ctx} positions"),
+    ]
+    if s.embed_row:
+        fixed.append(Part("token embedding rows", s.embed_row, "streamed", s.embed_row,
+                          "one row per token"))
+    if s.predictors:
+        fixed.append(Part("predictors", s.predictors, "resident"))
+    fixed_total = sum(p.nbytes for p in fixed)
+    scratch1 = scratch_bytes(cfg, n_ctx, 1)
+    scratchP = scratch_bytes(cfg, n_ctx, PREFILL_BLOCK)
+
+    def stage(n_attn_res, n_ffn_res):
+        """Bytes of one staging buffer: the largest streamed (attention + whole FFN) of a layer."""
+        out = 0
+        for i in range(L):
+            b = (0 if i < n_attn_res else s.attn[i] + 8 * 64)  # + alignment of 8 tensors
+            if mode != "window" and (mode == "naive" or i >= n_ffn_res):
+                b += s.ffn[i] + 64
+            out = max(out, b)
+        return out
+
+    def cost(a, f, rows):
+        res = sum(s.attn[:a])
+        if mode == "dense":
+            res += sum(s.ffn[:f])
+        if mode == "window":
+            res += L * (rows * row_cost + slot_bytes)
+        return fixed_total + res + 2 * stage(a, f)
+
+    best = None
+    for a in range(L, -1, -1):
+        for f in ((range(L, -1, -1)) if mode == "dense" else (0,)):
+            base = cost(a, f, min_rows if mode == "window" else 0)
+            for sc, block in ((scratchP, PREFILL_BLOCK), (scratch1, 1)):
+                if base + sc > budget:
+                    continue
+                rows = 0
+                if mode == "window":
+                    spare = budget - base - sc
+                    rows = min(s.d_ff, min_rows + spare // (L * row_cost))
+                key = (sum(s.attn[:a]) + (sum(s.ffn[:f]) if mode == "dense" else 0)
+                       + L * rows * s.stride, block)
+                if best is None or key > best[0]:
+                    best = (key, a, f, rows, block, sc)
+                break
+    minimum = min(cost(a, f, min_rows if mode == "window" else 0)
+                  for a in range(L + 1) for f in range(L + 1)) + scratch1
+    if best is None:
+        raise EdgeLLMError(
+            f"a DRAM budget of {human(budget)} cannot run this model in {mode} mode: the "
+            f"minimum is {human(minimum)} ({minimum} bytes: norms, head, KV cache for {n_ctx} "
+            f"positions, scratch and two staging buffers"
+            + (f", and {min_rows} cached neurons per layer" if mode == "window" else "")
+            + "); a shorter context (--ctx) lowers it")
+    _, a, f, rows, block, sc = best
+
+    attn_res = [i < a for i in range(L)]
+    ffn_res = [mode == "dense" and i < f for i in range(L)]
+    pinned = [0] * L
+    if mode == "window" and hot_rows is not None:
+        pinned = [min(int(h), rows // 2) for h in hot_rows]
+    st = stage(a, f)
+    plan = Plan(mode, budget, L, attn_res, ffn_res, [rows] * L if mode == "window" else [0] * L,
+                pinned, st, block, window)
+    plan.parts = list(fixed)
+    n_sa = L - a
+    if a:
+        plan.parts.append(Part(f"attention, {a} layers", sum(s.attn[:a]), "resident"))
+    if n_sa:
+        plan.parts.append(Part(f"attention, {n_sa} layers", 0, "streamed", sum(s.attn[a:]),
+                               "whole layer, read ahead"))
+    if mode == "dense":
+        if f:
+            plan.parts.append(Part(f"FFN, {f} layers", sum(s.ffn[:f]), "resident"))
+        if L - f:
+            plan.parts.append(Part(f"FFN, {L - f} layers", 0, "streamed", sum(s.ffn[f:]),
+                                   "all neurons every token"))
+    elif mode == "naive":
+        plan.parts.append(Part(f"FFN, {L} layers", 0, "streamed", sum(s.ffn),
+                               "all neurons every token (naive)"))
+    else:
+        est = L * a_frac * s.d_ff * s.stride
+        plan.parts.append(Part(f"neuron caches, {L} x {rows} rows", L * (rows * row_cost
+                                                                      + slot_bytes),
+                               "buffer", est,
+                               f"window k={window}; read/token at most {a_frac:.0%} of rows"
+                               + (" (assumed)" if active_fraction is None else "")
+                               + (f", {sum(pinned)} pinned" if sum(pinned) else "")))
+    if st:
+        plan.parts.append(Part("staging buffers (2)", 2 * st, "buffer"))
+    plan.parts.append(Part("scratch" + (" (prefill tile)" if block > 1 else " (token by token)"),
+                           sc, "buffer"))
+    return plan
+
+
+def minimum_budget(manifest, cfg, mode="dense", n_ctx=None, **kw):
+    """The smallest budget make_plan accepts (found from its refusal message's figure)."""
+    try:
+        make_plan(manifest, cfg, 1, mode, n_ctx, **kw)
+    except EdgeLLMError as e:
+        m = re.search(r"\((\d+) bytes", str(e))
+        return int(m.group(1))
+    return 1
