@@ -1,4 +1,4 @@
-"""The `edgellm` command line: convert, inspect, run, demo, chat."""
+"""The `edgellm` command line: convert, inspect, run, demo."""
 
 import argparse
 import json
@@ -86,12 +86,8 @@ def sampling_from_args(a):
 def cmd_convert(a):
     from .converters.convert import convert
 
-    extra = {k: v for k, v in (("tokens", a.calib_tokens), ("rank", a.predictor_rank),
-                               ("recall", a.predictor_recall), ("sparsity", a.sparsity))
-             if v is not None}
     dst = convert(a.src, a.output, quant=a.quant, group_size=a.group_size, progress=True,
-                  overwrite=a.force, command=" ".join(["edgellm"] + sys.argv[1:]),
-                  predictor=a.predictor, calib=a.calib, calib_options=extra)
+                  overwrite=a.force, command=" ".join(["edgellm"] + sys.argv[1:]))
     print(f"wrote {dst}")
 
 
@@ -139,8 +135,8 @@ def cmd_inspect(a):
 def _part_of(name):
     if name.startswith("attn_norm") or name.startswith("ffn_norm") or name.startswith("norm."):
         return "norms"
-    for prefix, part in (("attn_", "attention"), ("ffn_pred", "predictor"), ("ffn_", "ffn"),
-                         ("tok_", "embedding"), ("pos_", "embedding"), ("output", "head")):
+    for prefix, part in (("attn_", "attention"), ("ffn_", "ffn"), ("tok_", "embedding"),
+                         ("pos_", "embedding"), ("output", "head")):
         if name.startswith(prefix):
             return part
     return "other"
@@ -220,18 +216,6 @@ def cmd_export(a):
     print(f"wrote {out}")
 
 
-def cmd_chat(a):
-    from .chat import run
-
-    run(a)
-
-
-def cmd_serve(a):
-    from .server import serve_command
-
-    serve_command(a)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -250,21 +234,6 @@ def build_parser():
     c.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="int4 group size (default 32)")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
-    g = c.add_argument_group("calibration (hot-neuron order, thresholds, predictors)")
-    g.add_argument("--calib", metavar="FILE.txt", default=None,
-                   help="calibrate on this UTF-8 text (default with --predictor: the shipped "
-                   "Austen sample)")
-    g.add_argument("--predictor", action="store_true",
-                   help="train low-rank neuron predictors (ReLU: threshold; SiLU: top-k)")
-    g.add_argument("--calib-tokens", type=int, default=None, help="at most this many "
-                   "calibration tokens (default 16384)")
-    g.add_argument("--predictor-rank", type=int, default=None,
-                   help="predictor rank (default max(32, d_model/8))")
-    g.add_argument("--predictor-recall", type=float, default=None,
-                   help="target recall of truly active neurons (default 0.99)")
-    g.add_argument("--sparsity", type=float, default=None,
-                   help="SiLU models: fraction of neurons below the magnitude threshold "
-                   "(default 0.5)")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="show a model's config, sizes and encodings")
@@ -297,19 +266,6 @@ def build_parser():
     add_kv_args(d)
     d.set_defaults(func=cmd_demo)
 
-    h = sub.add_parser("chat", help="chat with a model in the terminal",
-                       description="Interactive chat with the model's chat template; the KV "
-                       "cache is reused between turns. Commands: /reset /save FILE /load FILE "
-                       "/stats /help /exit; Ctrl-C stops an answer, Ctrl-D leaves.")
-    h.add_argument("model", nargs="?", help="edgellm model directory")
-    h.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
-    h.add_argument("-n", type=int, default=256, help="maximum tokens per answer (default 256)")
-    h.add_argument("--ctx", type=int, default=None, help="context length (default: model's, "
-                   "capped at 4096)")
-    h.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
-    add_sampling_args(h)
-    h.set_defaults(func=cmd_chat)
-
     e = sub.add_parser("eval", help="perplexity of a model over a text, and its speed",
                        description="Perplexity over a text in sliding windows of --ctx tokens "
                        "moved by --stride tokens; each token is scored once (see "
@@ -337,25 +293,6 @@ def build_parser():
                    "(must not exist)")
     x.add_argument("--force", action="store_true", help="replace an existing output")
     x.set_defaults(func=cmd_export)
-    v = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                       description="OpenAI-compatible HTTP API (/v1/chat/completions, "
-                       "/v1/completions, /v1/models, /health); one generation at a time, others "
-                       "wait in a bounded queue. See docs/SERVER.md.")
-    v.add_argument("model", nargs="?", help="edgellm model directory (default: see edgellm chat)")
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: "
-                   "this machine only)")
-    v.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    v.add_argument("--name", default=None, help="model id in the API (default: directory name)")
-    v.add_argument("--queue-size", type=int, default=8, help="requests that may wait behind the "
-                   "running one; more get 503 (default 8)")
-    v.add_argument("--kv-slots", type=int, default=4, help="KV caches kept for prefix reuse "
-                   "across requests (default 4)")
-    v.add_argument("--ctx", type=int, default=None, help="context length (default: model's, "
-                   "capped at 4096)")
-    v.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
-    v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="server log level (default info: one line per request)")
-    v.set_defaults(func=cmd_serve)
     return p
 
 
