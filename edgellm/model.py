@@ -160,6 +160,8 @@ class Model:
         t0 = time.perf_counter()
         logits = rt.forward(ids[reuse:])[-1]
         stats["prefill_s"] = time.perf_counter() - t0
+        if self.stream is not None:
+            self.stream.mark_decode()
         history = list(ids)
         stream = self.tokenizer.streamer(ids)
         held, hit, forwards = "", False, 0  # held: text that could be the start of a stop string

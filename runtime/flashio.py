@@ -26,6 +26,7 @@ import numpy as np
 from .errors import EdgeLLMError
 
 MAX_IOV = 512  # buffers per preadv call (Linux allows IOV_MAX = 1024)
+INLINE = 1 << 20  # batches below this are read on the calling thread (no pool round trip)
 MAX_RUN_BYTES = 8 << 20  # a coalesced read is split above this, so the pool can share the work
 
 
@@ -74,26 +75,36 @@ class FlashReader:
             done += n
         return total
 
-    def _run(self, path, offset, bufs):
-        fd = self._fd(path)
+    def _run_all(self, requests):
+        """Run requests one after the other; count them once (per-request overhead matters:
+        a token in window mode makes hundreds of small reads)."""
         t = time.perf_counter()
-        try:
-            n = self._preadv(fd, bufs, offset)
-            if self.cold:
-                os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
-        except OSError as e:
-            raise FlashReadError(f"{path}: read of {sum(b.nbytes for b in bufs)} bytes at offset "
-                                 f"{offset} failed: {e.strerror or e}") from None
+        total = 0
+        for path, offset, bufs in requests:
+            fd = self._fd(path)
+            try:
+                n = self._preadv(fd, bufs, offset)
+                if self.cold:
+                    os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+            except OSError as e:
+                raise FlashReadError(f"{path}: read of {sum(b.nbytes for b in bufs)} bytes at "
+                                     f"offset {offset} failed: {e.strerror or e}") from None
+            total += n
         dt = time.perf_counter() - t
         with self._lock:
-            self.bytes_read += n
-            self.reads += 1
+            self.bytes_read += total
+            self.reads += len(requests)
             self.read_s += dt
-        return n
+        return total
 
     def submit(self, requests):
-        """Start requests [(path, offset, [uint8 buffers])]; returns a list of futures."""
-        return [self._pool.submit(self._run, p, o, b) for p, o, b in requests]
+        """Start requests [(path, offset, [uint8 buffers])] on the pool, as at most `depth`
+        tasks of consecutive requests (one task per request costs more than a small read);
+        returns a list of futures."""
+        n = len(requests)
+        k = min(self.depth, n)
+        return [self._pool.submit(self._run_all, requests[j * n // k:(j + 1) * n // k])
+                for j in range(k)]
 
     @staticmethod
     def wait(futures):
@@ -109,9 +120,9 @@ class FlashReader:
             raise err
 
     def read(self, requests):
-        """Run requests and wait for them. One request runs on the calling thread."""
-        if len(requests) == 1:
-            self._run(*requests[0])
+        """Run requests and wait for them. Small batches run on the calling thread."""
+        if len(requests) <= 1 or sum(sum(b.nbytes for b in r[2]) for r in requests) < INLINE:
+            self._run_all(requests)
             return
         self.wait(self.submit(requests))
 
@@ -164,18 +175,21 @@ def row_requests(path, base, stride, rows, dest, dest_rows):
     dest_rows = np.asarray(dest_rows, dtype=np.int64)
     if rows.size == 0:
         return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    reqs = []
     max_rows = max(1, MAX_RUN_BYTES // stride)
-    for run in np.split(np.arange(rows.size), breaks):
-        for a in range(0, run.size, max_rows):
-            part = run[a:a + max_rows]
-            d = dest_rows[part]
-            off = base + int(rows[part[0]]) * stride
-            if np.all(np.diff(d) == 1):  # destinations adjacent too: one buffer
-                reqs.append((path, off, [dest[d[0]:d[-1] + 1].reshape(-1)]))
-            else:
-                for b in range(0, d.size, MAX_IOV):
-                    dd = d[b:b + MAX_IOV]
-                    reqs.append((path, off + b * stride, [dest[int(r)] for r in dd]))
+    # a run breaks where the file rows stop being consecutive (or at max_rows)
+    starts = np.flatnonzero(np.diff(rows) != 1) + 1
+    bounds = np.concatenate(([0], starts, [rows.size])).tolist()
+    dest_adjacent = bool(np.all(np.diff(dest_rows) == 1))  # rows appended in order: the rule
+    reqs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        for a0 in range(a, b, max_rows):
+            a1 = min(b, a0 + max_rows)
+            off = base + int(rows[a0]) * stride
+            if dest_adjacent:  # one buffer per run
+                d0 = int(dest_rows[a0])
+                reqs.append((path, off, [dest[d0:d0 + a1 - a0].reshape(-1)]))
+                continue
+            d = dest_rows[a0:a1]
+            for c in range(0, d.size, MAX_IOV):
+                reqs.append((path, off + c * stride, [dest[int(r)] for r in d[c:c + MAX_IOV]]))
     return reqs
