@@ -85,16 +85,34 @@ def model_files(model, gguf):
 
 
 class Cgroup:
-    """A memory cgroup under this process's own (cgroup v2), limit in bytes."""
+    """A memory cgroup under this process's own, limit in bytes (cgroup v1 memory controller,
+    as on these machines, or cgroup v2)."""
 
     def __init__(self, name, limit):
-        own = open("/proc/self/cgroup").read().strip().split("::")[-1]
-        self.path = os.path.join("/sys/fs/cgroup" + own.rstrip("/"), name)
-        os.makedirs(self.path, exist_ok=True)
-        with open(os.path.join(self.path, "memory.max"), "w") as f:
-            f.write(str(limit))
-        with open(os.path.join(self.path, "memory.swap.max"), "w") as f:
-            f.write("0")
+        lines = open("/proc/self/cgroup").read().splitlines()
+        v1 = [ln.split(":", 2)[2] for ln in lines if ln.split(":")[1] == "memory"]
+        if v1:
+            self.path = "/sys/fs/cgroup/memory" + v1[0].rstrip("/") + "/" + name
+            files = {"limit": "memory.limit_in_bytes", "swap": "memory.memsw.limit_in_bytes",
+                     "peak": "memory.max_usage_in_bytes"}
+        elif os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            own = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")][0]
+            self.path = "/sys/fs/cgroup" + own.rstrip("/") + "/" + name
+            files = {"limit": "memory.max", "swap": "memory.swap.max", "peak": "memory.peak"}
+        else:
+            raise SystemExit("no memory cgroup controller found")
+        self.files = files
+        os.mkdir(self.path)
+        self._write("limit", limit)
+        self._write("swap", limit if v1 else 0)  # no swap: v1 counts memory + swap
+
+    def _write(self, what, value):
+        try:
+            with open(os.path.join(self.path, self.files[what]), "w") as f:
+                f.write(str(value))
+        except OSError:
+            if what != "swap":  # swap accounting may be off; the memory limit is what matters
+                raise
 
     def enter(self):  # in the child, before exec
         with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
@@ -102,15 +120,15 @@ class Cgroup:
 
     def peak(self):
         try:
-            return int(open(os.path.join(self.path, "memory.peak")).read())
+            return int(open(os.path.join(self.path, self.files["peak"])).read())
         except OSError:
             return None
 
     def remove(self):
         try:
             os.rmdir(self.path)
-        except OSError:
-            pass
+        except OSError as e:
+            print(f"could not remove cgroup {self.path}: {e}", file=sys.stderr)
 
 
 def run_one(args, engine, budget, baseline):
