@@ -22,7 +22,7 @@ import numpy as np
 from edgellm.runtime import encodings, format
 from edgellm.runtime.errors import ConvertError
 
-from . import arch, quantize, writer
+from . import arch, calibrate, quantize, writer
 from .sources import gguf as gguf_source
 from .sources.hf import HFSource
 
@@ -223,7 +223,8 @@ class _Encoder:
 # ---------------------------------------------------------------------------------------------
 
 
-def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False, command=None):
+def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False, command=None,
+            predictor=False, calib=None, calib_options=None):
     """Convert the Hugging Face model directory src into the edgellm model directory dst.
 
     quant: f32 | f16 | int8 | int4 (int4 uses groups of group_size values per scale; a matrix
@@ -231,11 +232,15 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     overwrite: replace an existing dst (only an edgellm model directory), after the new one has
     been verified. Returns dst. Raises ConvertError (before writing anything) for an unsupported
     or incomplete source.
+    calib: a text file to calibrate on (activation frequencies, hot-first neuron order, SiLU
+    thresholds); predictor=True also trains low-rank neuron predictors (on the shipped calibration
+    text when calib is None); calib_options: more calibrate.CalibOptions fields as a dict.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     quantize.check_quant(quant, group_size)
+    calib = calibrate.options(predictor, calib, calib_options)
     if gguf_source.is_gguf(src):
-        return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command)
+        return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib)
     spec = arch.from_hf_dir(src)
     with HFSource(src, optional_prefixes=arch.OPTIONAL_PREFIXES) as source:
         _check_tensors(source, spec)
@@ -244,11 +249,11 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
         writer.check_destination(dst, overwrite, src)
         _write(src, dst, spec, source, tokenizer,
                lambda st: st.copy(tok_path, tokenizer["file"]), chat_template, quant,
-               group_size, progress, overwrite, command)
+               group_size, progress, overwrite, command, calib=calib)
     return dst
 
 
-def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command):
+def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib=None):
     """A GGUF file: same table, quantizer and writer; tokenizer.json built from its vocabulary."""
     with gguf_source.GGUFSource(src) as source:
         spec = source.spec()
@@ -264,7 +269,8 @@ def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command):
 
         _write(source.path, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant,
                group_size, progress, overwrite, command,
-               extra={"source_format": "gguf", "source_architecture": source.arch})
+               extra={"source_format": "gguf", "source_architecture": source.arch},
+               calib=calib)
     return dst
 
 
@@ -278,7 +284,7 @@ def _check_tensors(source, spec):
 
 
 def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant, group_size,
-           progress, overwrite, command, extra=None):
+           progress, overwrite, command, extra=None, calib=None):
     """Stream the chunks into a staging directory, add tokenizer and manifest, verify, rename."""
     cfg = spec.config
     for note in spec.notes:
@@ -301,6 +307,9 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
             del entries, arrays
             bar.update(1)
         write_tokenizer(st)
+        calibration = None
+        if calib is not None:  # measures the staged model, rewrites its layer chunks
+            chunks, calibration = calibrate.run(st, cfg, tokenizer, chunks, calib, progress)
         provenance = {
             "source": os.path.abspath(src),
             "source_model_type": spec.model_type,
@@ -324,6 +333,7 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
             "chat_template": chat_template,
             "chunks": chunks,
             "provenance": provenance,
+            **({"calibration": calibration} if calibration else {}),
         })
         st.commit()
     worst = max(enc.errors.items(), key=lambda kv: kv[1]["max_abs_error"], default=None)

@@ -86,8 +86,12 @@ def sampling_from_args(a):
 def cmd_convert(a):
     from .converters.convert import convert
 
+    extra = {k: v for k, v in (("tokens", a.calib_tokens), ("rank", a.predictor_rank),
+                               ("recall", a.predictor_recall), ("sparsity", a.sparsity))
+             if v is not None}
     dst = convert(a.src, a.output, quant=a.quant, group_size=a.group_size, progress=True,
-                  overwrite=a.force, command=" ".join(["edgellm"] + sys.argv[1:]))
+                  overwrite=a.force, command=" ".join(["edgellm"] + sys.argv[1:]),
+                  predictor=a.predictor, calib=a.calib, calib_options=extra)
     print(f"wrote {dst}")
 
 
@@ -135,8 +139,8 @@ def cmd_inspect(a):
 def _part_of(name):
     if name.startswith("attn_norm") or name.startswith("ffn_norm") or name.startswith("norm."):
         return "norms"
-    for prefix, part in (("attn_", "attention"), ("ffn_", "ffn"), ("tok_", "embedding"),
-                         ("pos_", "embedding"), ("output", "head")):
+    for prefix, part in (("attn_", "attention"), ("ffn_pred", "predictor"), ("ffn_", "ffn"),
+                         ("tok_", "embedding"), ("pos_", "embedding"), ("output", "head")):
         if name.startswith(prefix):
             return part
     return "other"
@@ -240,6 +244,21 @@ def build_parser():
     c.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="int4 group size (default 32)")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    g = c.add_argument_group("calibration (hot-neuron order, thresholds, predictors)")
+    g.add_argument("--calib", metavar="FILE.txt", default=None,
+                   help="calibrate on this UTF-8 text (default with --predictor: the shipped "
+                   "Austen sample)")
+    g.add_argument("--predictor", action="store_true",
+                   help="train low-rank neuron predictors (ReLU: threshold; SiLU: top-k)")
+    g.add_argument("--calib-tokens", type=int, default=None, help="at most this many "
+                   "calibration tokens (default 16384)")
+    g.add_argument("--predictor-rank", type=int, default=None,
+                   help="predictor rank (default max(32, d_model/8))")
+    g.add_argument("--predictor-recall", type=float, default=None,
+                   help="target recall of truly active neurons (default 0.99)")
+    g.add_argument("--sparsity", type=float, default=None,
+                   help="SiLU models: fraction of neurons below the magnitude threshold "
+                   "(default 0.5)")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="show a model's config, sizes and encodings")

@@ -206,6 +206,30 @@ def expected_tensors(cfg, file):
     return out
 
 
+def calibration_tensors(path, cfg, file, tensors):
+    """The optional calibration tensors (docs/FORMAT.md §3.3) present in a layer chunk:
+    {name: (allowed encodings, shape)}. A predictor comes whole (a, b, bias and one of threshold
+    or top_k) or not at all."""
+    if file == EMBED_CHUNK:
+        return {}
+    d, n = cfg.d_model, cfg.d_ff
+    pred = ("ffn_pred.a", "ffn_pred.b", "ffn_pred.bias")
+    has = [k in tensors for k in pred]
+    select = [k for k in ("ffn_pred.threshold", "ffn_pred.top_k") if k in tensors]
+    if (any(has) or select) and not (all(has) and len(select) == 1):
+        raise FormatError(path, f"chunk {file}: an FFN predictor needs {', '.join(pred)} and "
+                                "exactly one of ffn_pred.threshold, ffn_pred.top_k")
+    out = {"ffn_freq": (("f32",), [n]), "ffn_act_threshold": (("f32",), [1])}
+    if all(has):
+        shape = tensors["ffn_pred.a"].get("shape")
+        r = shape[0] if isinstance(shape, list) and shape else None
+        out.update({"ffn_pred.a": (encodings.NAMES, [r, d]),
+                    "ffn_pred.b": (encodings.NAMES, [n, r]),
+                    "ffn_pred.bias": (("f32",), [n]), "ffn_pred.threshold": (("f32",), [1]),
+                    "ffn_pred.top_k": (("i32",), [1])})
+    return {k: v for k, v in out.items() if k in tensors}
+
+
 def bundle_parts(cfg):
     return ("gate", "up", "down") if cfg.gated_ffn else ("up", "down")
 
@@ -213,6 +237,7 @@ def bundle_parts(cfg):
 def _check_against_config(path, chunk, cfg):
     file, tensors = chunk["file"], chunk["tensors"]
     want = expected_tensors(cfg, file)
+    want.update(calibration_tensors(path, cfg, file, tensors))
     if set(tensors) != set(want):
         missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
         raise FormatError(path, f"chunk {file}: tensors do not match the config (missing "
