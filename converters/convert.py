@@ -154,6 +154,8 @@ class _Encoder:
         n, d = shape
         if canonical == "pos_embeddings":
             c, note = encodings.codec("f32"), None
+        elif self.quant == quantize.KEEP:
+            return self._add_kept(entries, arrays, chunk, canonical, hf_name, n, d)
         else:
             c, note = quantize.matrix_codec(self.quant, self.group_size, d)
         key = f"{chunk}/{canonical}"
@@ -167,6 +169,78 @@ class _Encoder:
         if s is not None:
             arrays[format.scales_name(canonical)] = s
         self._record(key, c.name, stats)
+
+    def _keep_codec(self, hf_name):
+        enc, g, kept = self.source.keep_encoding(hf_name)
+        return encodings.codec(enc, g), kept
+
+    def _kept_matrix(self, hf_name, n, d, c, key):
+        """A GGUF tensor in its kept encoding (blocks regrouped, not re-rounded); the error
+        recorded is measured against gguf's own dequantization, so it shows 0 when exact."""
+        q = np.empty(c.data_shape(n, d), dtype=c.data_dtype())
+        s = np.empty(c.scale_shape(n, d), dtype=c.scale_dtype())
+        err = peak = 0.0
+        step = max(1, quantize.BLOCK_VALUES // max(d, 1))
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            q[r0:r1], s[r0:r1] = self.source.read_kept(hf_name, rows=(r0, r1))
+            x = self.source.read(hf_name, rows=(r0, r1))
+            err = max(err, float(np.abs(c.dequantize(q[r0:r1], s[r0:r1]) - x).max(initial=0)))
+            peak = max(peak, float(np.abs(x).max(initial=0)))
+        self._record(key, c.name, {"max_abs_error": err, "max_abs": peak})
+        return q, s
+
+    def _encoded(self, hf_name, n, d, key, read_rows=None):
+        """(codec, q, s) of a matrix under --quant keep: kept blocks, or the nearest encoding."""
+        c, kept = self._keep_codec(hf_name)
+        if kept:
+            return (c,) + self._kept_matrix(hf_name, n, d, c, key)
+        if c.name == "q8_0" and d % encodings.GGML_BLOCK:
+            c = encodings.codec("f32")
+        self.fallbacks[key] = f"GGUF type {self.source.info(hf_name)[1]} -> {c.name}"
+        read_rows = read_rows or (lambda r0, r1: self.source.read(hf_name, rows=(r0, r1)))
+        q, s, stats = quantize.encode_matrix(read_rows, n, d, c, name=hf_name)
+        self._record(key, c.name, stats)
+        return c, q, s
+
+    def _add_kept(self, entries, arrays, chunk, canonical, hf_name, n, d):
+        c, q, s = self._encoded(hf_name, n, d, f"{chunk}/{canonical}")
+        entries[canonical] = quantize.entry(c, (n, d))
+        arrays[canonical] = q
+        if s is not None:
+            arrays[format.scales_name(canonical)] = s
+
+    def kept_bundles(self, entries, arrays, chunk, names):
+        """--quant keep: gate and up rows in their GGUF blocks; the down projection, whose
+        blocks run along d_ff rather than along a column, becomes a matrix of its own
+        (`ffn_down`, docs/FORMAT.md) when kept, else its columns join the bundles."""
+        cfg = self.spec.config
+        d, n = cfg.d_model, cfg.d_ff
+        separate = self._keep_codec(names["ffn_down"])[1]
+        parts, encoded = [], {}
+        for p in self.spec.arch.ffn_parts:
+            if p == "down" and separate:
+                continue
+            key = f"{chunk}/ffn_bundles.{p}"
+            if p == "down":
+                down = self.source.read(names["ffn_down"])
+                c, q, s = self._encoded(names["ffn_down"], n, d, key,
+                                        lambda r0, r1: down[:, r0:r1].T)
+                del down
+            else:
+                c, q, s = self._encoded(names["ffn_" + p], n, d, key)
+            parts.append((p, c))
+            encoded[p] = (q, s)
+        b, layout = encodings.pack_encoded_bundles(encoded, parts, d)
+        del encoded
+        entries["ffn_bundles"] = {"encoding": "bundle", "shape": list(b.shape),
+                                  "group_size": None, "parts": layout}
+        arrays["ffn_bundles"] = b
+        # identity: the columns of a separate ffn_down are in source order too
+        entries["ffn_perm"] = {"encoding": "i32", "shape": [n], "group_size": None}
+        arrays["ffn_perm"] = np.arange(n, dtype=np.int32)
+        if separate:
+            self._add_kept(entries, arrays, chunk, "ffn_down", names["ffn_down"], d, n)
 
     def bundles(self, entries, arrays, chunk, names):
         cfg = self.spec.config
@@ -216,7 +290,10 @@ class _Encoder:
             if canonical in ("ffn_gate", "ffn_up", "ffn_down"):
                 continue
             self.add(entries, arrays, chunk, canonical, hf)
-        self.bundles(entries, arrays, chunk, names)
+        if self.quant == quantize.KEEP:
+            self.kept_bundles(entries, arrays, chunk, names)
+        else:
+            self.bundles(entries, arrays, chunk, names)
         return entries, arrays
 
 
@@ -228,7 +305,9 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     """Convert the Hugging Face model directory src into the edgellm model directory dst.
 
     quant: f32 | f16 | int8 | int4 (int4 uses groups of group_size values per scale; a matrix
-    whose row length is not a multiple falls back to int8, recorded in the manifest).
+    whose row length is not a multiple falls back to int8, recorded in the manifest), or keep
+    (GGUF sources only: Q8_0, Q4_0, Q4_1 tensors stored as they are, other types in the nearest
+    encoding, see sources/gguf.py).
     overwrite: replace an existing dst (only an edgellm model directory), after the new one has
     been verified. Returns dst. Raises ConvertError (before writing anything) for an unsupported
     or incomplete source.
@@ -241,6 +320,9 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     calib = calibrate.options(predictor, calib, calib_options)
     if gguf_source.is_gguf(src):
         return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib)
+    if quant == quantize.KEEP:
+        raise ConvertError(f"{src}: --quant keep stores a GGUF file's quantized blocks as they "
+                           "are; this source is not a GGUF file (choose f32, f16, int8 or int4)")
     spec = arch.from_hf_dir(src)
     with HFSource(src, optional_prefixes=arch.OPTIONAL_PREFIXES) as source:
         _check_tensors(source, spec)

@@ -20,12 +20,14 @@ from edgellm.runtime import encodings
 from edgellm.runtime.errors import ConvertError, EdgeLLMError
 
 QUANTS = ("f32", "f16", "int8", "int4")
+KEEP = "keep"  # GGUF sources only: Q8_0/Q4_0/Q4_1 blocks stored as they are (sources/gguf.py)
 BLOCK_VALUES = 1 << 20  # values per encoding block (4 MiB as float32)
 
 
 def check_quant(quant, group_size):
-    if quant not in QUANTS:
-        raise ConvertError(f"quant {quant!r} is not supported (choose one of {', '.join(QUANTS)})")
+    if quant not in QUANTS + (KEEP,):
+        raise ConvertError(f"quant {quant!r} is not supported (choose one of "
+                           f"{', '.join(QUANTS + (KEEP,))})")
     if quant == "int4":
         if (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0
                 or group_size % encodings.INT4_BLOCK):

@@ -8,6 +8,13 @@ the byte layout; the functions here are its executable definition.
     f16   q float16 [n, d]                       s None
     int8  q int8    [n, d]                       s float32 [n]          x = q * s[row]
     int4  q uint8   [n, d/2] (two per byte)      s float16 [n, d/g]     x = (nibble - 8) * s[row, group]
+    q8_0  q int8    [n, d]                       s float16 [n, d/32]    x = q * s[row, block]
+    q4_1  q uint8   [n, d/2] (as int4)           s float16 [n, d/16]    x = nibble * s[r, 2b] + s[r, 2b+1]
+
+q8_0 and q4_1 hold llama.cpp's blocks of the same names (32 values each) with the values of a row
+first and the per-block float16 numbers separate, as int4 does; int4 with groups of 32 holds
+Q4_0's blocks. A GGUF's Q8_0, Q4_0 and Q4_1 tensors are re-laid out into them byte for byte
+(converters/sources/gguf.py, `--quant keep`) and decode to the very values llama.cpp computes.
 
 int4 packs each run of 32 values as llama.cpp's Q4_0 does: byte k of the run holds value k in its
 low nibble and value k+16 in its high nibble, so unpacking gives two contiguous halves. A group
@@ -28,6 +35,7 @@ import numpy as np
 from .errors import EdgeLLMError
 
 INT4_BLOCK = 32  # values per packed run (see the module docstring)
+GGML_BLOCK = 32  # values per block of q8_0 and q4_1
 
 
 class F32:
@@ -156,6 +164,93 @@ class Int4(F32):
         return float(np.abs(x).max(initial=0)) * (1 / 8 + 2.0**-10) * 1.0001
 
 
+class Q8_0(Int8):
+    """llama.cpp's Q8_0: blocks of 32 int8 values with a float16 scale, s = f16(max|x| / 127)."""
+
+    name = "q8_0"
+    group_size = GGML_BLOCK
+
+    def __init__(self, group_size=None):
+        if group_size not in (None, GGML_BLOCK):
+            raise EdgeLLMError(f"{self.name} has blocks of {GGML_BLOCK} values, got group size "
+                               f"{group_size}")
+
+    def check(self, d):
+        if d % GGML_BLOCK:
+            raise EdgeLLMError(f"{self.name} needs a row length divisible by {GGML_BLOCK}, got {d}")
+
+    def quantize(self, x):
+        x = np.asarray(x, dtype=np.float32)
+        n, d = x.shape
+        self.check(d)
+        b = x.reshape(n, d // GGML_BLOCK, GGML_BLOCK)
+        s = (np.abs(b).max(axis=2) / np.float32(127.0)).astype(np.float16)
+        s32 = s.astype(np.float32)
+        inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 != 0)
+        q = np.clip(np.rint(b * inv[..., None]), -127, 127).astype(np.int8).reshape(n, d)
+        return q, s
+
+    def dequantize(self, q, s):
+        n, d = q.shape
+        b = q.reshape(n, d // GGML_BLOCK, GGML_BLOCK).astype(np.float32)
+        return (b * np.asarray(s, dtype=np.float32)[..., None]).reshape(n, d)
+
+    def scale_shape(self, n, d):
+        return (n, d // GGML_BLOCK)
+
+    def scale_dtype(self):
+        return np.dtype(np.float16)
+
+    def max_error_bound(self, x):
+        # half a step of the largest block, plus the float16 rounding of its scale times 127
+        return float(np.abs(x).max(initial=0)) * (0.5 / 127 + 2.0**-11) * 1.0001
+
+
+class Q4_1(Q8_0):
+    """llama.cpp's Q4_1: blocks of 32 unsigned 4-bit codes with a float16 step and minimum:
+    x = code * step + min, computed as two float32 roundings (a product, then a sum) as llama.cpp's
+    reference dequantization and gguf.quants do. Writer rule: min = f16(min x),
+    step = f16((max x - min x) / 15), code = clip(rint((x - min) / step), 0, 15)."""
+
+    name = "q4_1"
+
+    def quantize(self, x):
+        x = np.asarray(x, dtype=np.float32)
+        n, d = x.shape
+        self.check(d)
+        b = x.reshape(n, d // GGML_BLOCK, GGML_BLOCK)
+        lo = b.min(axis=2).astype(np.float16)
+        step = ((b.max(axis=2) - lo.astype(np.float32)) / np.float32(15.0)).astype(np.float16)
+        st32 = step.astype(np.float32)
+        inv = np.divide(1.0, st32, out=np.zeros_like(st32), where=st32 != 0)
+        code = np.rint((b - lo.astype(np.float32)[..., None]) * inv[..., None])
+        nib = np.clip(code, 0, 15).astype(np.uint8).reshape(n, d)
+        s = np.stack([step, lo], axis=2).reshape(n, 2 * (d // GGML_BLOCK))
+        return pack_nibbles(nib), s
+
+    def dequantize(self, q, s):
+        n = q.shape[0]
+        vals = unpack_nibbles(q).astype(np.float32)
+        d = vals.shape[1]
+        sm = np.asarray(s, dtype=np.float32).reshape(n, d // GGML_BLOCK, 2)
+        b = vals.reshape(n, d // GGML_BLOCK, GGML_BLOCK)
+        return (b * sm[..., 0:1] + sm[..., 1:2]).reshape(n, d)
+
+    def data_shape(self, n, d):
+        return (n, d // 2)
+
+    def data_dtype(self):
+        return np.dtype(np.uint8)
+
+    def scale_shape(self, n, d):
+        return (n, 2 * (d // GGML_BLOCK))
+
+    def max_error_bound(self, x):
+        # half a step (range / 30) plus the float16 roundings of min and of step (times 15)
+        a = float(np.abs(x).max(initial=0))
+        return a * (1 / 15 + 2.0**-10 + 30 * 2.0**-11) * 1.0001
+
+
 def pack_nibbles(nib):
     """uint8 values 0..15 [n, d] -> packed uint8 [n, d/2], Q4_0 order within each run of 32."""
     n, d = nib.shape
@@ -170,7 +265,7 @@ def unpack_nibbles(q):
     return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(n, 2 * h)
 
 
-NAMES = ("f32", "f16", "int8", "int4")
+NAMES = ("f32", "f16", "int8", "int4", "q8_0", "q4_1")
 
 
 def codec(name, group_size=None):
@@ -183,6 +278,10 @@ def codec(name, group_size=None):
         return Int8()
     if name == "int4":
         return Int4(group_size if group_size is not None else 32)
+    if name == "q8_0":
+        return Q8_0(group_size)
+    if name == "q4_1":
+        return Q4_1(group_size)
     raise EdgeLLMError(f"unknown encoding {name!r} (known: {', '.join(NAMES)})")
 
 
@@ -229,12 +328,19 @@ def bundle_layout(parts, d):
 
 def pack_bundles(vectors, parts, d):
     """vectors: dict part_name -> float32 [n_neurons, d]. Returns (uint8 [n, stride], layout)."""
+    encoded = {name: c.quantize(np.ascontiguousarray(vectors[name], dtype=np.float32))
+               for name, c in parts}
+    return pack_encoded_bundles(encoded, parts, d)
+
+
+def pack_encoded_bundles(encoded, parts, d):
+    """As pack_bundles, from parts already encoded: dict part_name -> (q, s) of its codec."""
     layout, stride = bundle_layout(parts, d)
-    n = next(iter(vectors.values())).shape[0]
+    n = next(iter(encoded.values()))[0].shape[0]
     out = np.zeros((n, stride), dtype=np.uint8)
     for entry, (name, c) in zip(layout, parts):
-        q, s = c.quantize(np.ascontiguousarray(vectors[name], dtype=np.float32))
-        qb = q.reshape(n, -1).view(np.uint8)
+        q, s = encoded[name]
+        qb = np.ascontiguousarray(q).reshape(n, -1).view(np.uint8)
         out[:, entry["offset"]:entry["offset"] + qb.shape[1]] = qb
         if s is not None:
             sb = np.ascontiguousarray(s).reshape(n, -1).view(np.uint8)

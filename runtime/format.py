@@ -55,9 +55,9 @@ def stored_tensors(name, entry):
             raise EdgeLLMError(f"vector {name} must be f32 or f16, got {enc}")
         return {name: (c.data_dtype(), shape)}
     n, d = shape
-    if enc == "int4":
-        if entry.get("group_size") is None:
-            raise EdgeLLMError("int4 needs a group_size")
+    if enc == "int4" and entry.get("group_size") is None:
+        raise EdgeLLMError("int4 needs a group_size")
+    if hasattr(c, "check"):  # int4, q8_0, q4_1: whole blocks per row
         c.check(d)
     out = {name: (c.data_dtype(), tuple(c.data_shape(n, d)))}
     if c.scale_shape(n, d) is not None:
@@ -179,7 +179,7 @@ def expected_tensors(cfg, file):
     """{name: (allowed encodings, shape)} every chunk of a model with this config must hold.
     A shape of None is checked elsewhere (bundles); a leading None means "at least"."""
     d, vec = cfg.d_model, ("f32",)
-    mat = ("f32", "f16", "int8", "int4")
+    mat = encodings.NAMES
     if file == EMBED_CHUNK:
         out = {"tok_embeddings": (mat, [cfg.vocab_size, d]), "norm.weight": (vec, [d])}
         if cfg.norm == "layer":
@@ -238,6 +238,8 @@ def _check_against_config(path, chunk, cfg):
     file, tensors = chunk["file"], chunk["tensors"]
     want = expected_tensors(cfg, file)
     want.update(calibration_tensors(path, cfg, file, tensors))
+    if file != EMBED_CHUNK and "ffn_down" in tensors:  # down as a matrix, not in the bundles
+        want["ffn_down"] = (encodings.NAMES, [cfg.d_model, cfg.d_ff])
     if set(tensors) != set(want):
         missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
         raise FormatError(path, f"chunk {file}: tensors do not match the config (missing "
@@ -255,8 +257,11 @@ def _check_against_config(path, chunk, cfg):
         try:
             parts = [(p["name"], encodings.codec(p["encoding"], p.get("group_size")))
                      for p in e["parts"]]
-            if tuple(n for n, _ in parts) != bundle_parts(cfg):
-                raise EdgeLLMError(f"parts must be {bundle_parts(cfg)}")
+            names = bundle_parts(cfg)
+            if "ffn_down" in tensors:
+                names = names[:-1]
+            if tuple(n for n, _ in parts) != names:
+                raise EdgeLLMError(f"parts must be {names}")
             for _, c in parts:
                 if c.group_size and cfg.d_model % c.group_size:
                     raise EdgeLLMError(f"group size {c.group_size} does not divide d_model")

@@ -37,14 +37,15 @@ class Layer:
 class ResidentFFN:
     """The feed-forward block computed from its row-column bundles as mapped from the chunk."""
 
-    def __init__(self, cfg, bundles, layout, up_bias, down_bias):
+    def __init__(self, cfg, bundles, layout, up_bias, down_bias, down=None):
         self.cfg, self.bundles, self.layout = cfg, bundles, layout
         self.up_bias, self.down_bias = up_bias, down_bias
+        self.down = down  # Matrix [d, d_ff] when the bundles hold no down part (GGUF kept)
 
     def __call__(self, h):
         cfg = self.cfg
         f = kernels.ffn(h, self.bundles, self.layout, cfg.d_model, cfg.activation, cfg.gated_ffn,
-                        self.up_bias)
+                        self.up_bias, self.down)
         if self.down_bias is not None:
             f += self.down_bias
         return f
@@ -107,7 +108,8 @@ class Transformer:
             v_bias=self._opt(f, "attn_v.bias"), o_bias=self._opt(f, "attn_o.bias"),
             ffn_norm=self._norm(f, "ffn_norm"),
             ffn=ResidentFFN(self.cfg, r.array(f, "ffn_bundles"), entry["parts"],
-                            self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias")),
+                            self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias"),
+                            r.matrix(f, "ffn_down") if r.has(f, "ffn_down") else None),
         )
 
     # -----------------------------------------------------------------------------------------

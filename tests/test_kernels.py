@@ -81,6 +81,9 @@ def linear_cases():
         for n, d in SHAPES_32:
             if d % g == 0:
                 yield "int4", n, d, g
+    for enc in ("q8_0", "q4_1"):  # llama.cpp's blocks of 32 (kept from a GGUF)
+        for n, d in SHAPES_32 + [(5, 96), (9, 1536)]:  # odd and even counts of blocks
+            yield enc, n, d, 32
 
 
 @pytest.mark.parametrize("T,mode", T_MODES)
@@ -94,12 +97,13 @@ def test_linear(enc, n, d, g, T, mode, set_mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("enc,g", [("f16", 32), ("int8", 32), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("enc,g", [("f16", 32), ("int8", 32), ("int4", 32), ("int4", 64),
+                                   ("q8_0", 32), ("q4_1", 32)])
 def test_linear_prefill_many_tiles(enc, g, mode, set_mode, monkeypatch):
     set_mode(mode)
     monkeypatch.setattr(kernels, "TILE_BYTES", 64 * 4 * 16)  # 16 rows per tile of width 64
     rng = np.random.default_rng(7)
-    for d in (128, 100) if enc != "int4" else (128,):
+    for d in {"f16": (128, 100), "int8": (128, 100), "int4": (128,)}.get(enc, (128, 96)):
         m = make_matrix(rng, enc, 70, d, g)
         x = rng.standard_normal((9, d)).astype(np.float32)
         assert_linear_close(m, x, kernels.linear(m, x))
@@ -268,11 +272,13 @@ def make_bundles(rng, d, n, encs, gated, g=32):
     return bundles, layout
 
 
-def ffn_allowed(x, bundles, layout, d, activation, gated, up_bias):
+def ffn_allowed(x, bundles, layout, d, activation, gated, up_bias, down=None):
     """Bound on |kernel - exact|: float32 summation, plus activation quantization when used.
 
     First-stage errors (gate/up dot products, bounded as in assert_linear_close) pass through the
-    activation (|silu'| <= 1.1, |relu'| <= 1) and the product with up, then through down."""
+    activation (|silu'| <= 1.1, |relu'| <= 1) and the product with up, then through down. A
+    separate down Matrix (no down part in the bundles) multiplies the hidden vector as linear()
+    does, quantizing it when linear() would."""
     parts = {e["name"]: encodings.unpack_bundle_part(bundles, e, d).astype(np.float64)
              for e in layout}
     x64 = x.astype(np.float64)
@@ -297,6 +303,13 @@ def ffn_allowed(x, bundles, layout, d, activation, gated, up_bias):
             u = u + up_bias
         h = ref.activate(u, activation)
         eh = 1.1 * eu
+    if down is not None:
+        dm = down.dequantize().astype(np.float64).T  # [n, d] like a down part
+        exact = h @ dm
+        allowed = eh @ np.abs(dm) + RTOL * ((np.abs(h) + eh) @ np.abs(dm)) + 1e-30
+        if kernels.quantizes_activations(down, x.shape[0]):
+            allowed = allowed + act_quant_bound(np.abs(dm).T, np.abs(h) + eh) * 1.001
+        return exact, allowed
     down = parts["down"]
     exact = h @ down
     allowed = (eh @ np.abs(down) + RTOL * ((np.abs(h) + eh) @ np.abs(down))) + 1e-30
@@ -316,7 +329,9 @@ def check_ffn(rng, d, n, encs, gated, activation, T, g=32, bias=False):
     assert np.all(err <= allowed), f"max excess {(err - allowed).max()}"
 
 
-FFN_ENCS = ["f32", "f16", "int8", "int4", ["int4", "int8", "f16"]]
+FFN_ENCS = ["f32", "f16", "int8", "int4", ["int4", "int8", "f16"], "q8_0", "q4_1",
+            ["q4_1", "q8_0", "int8"]]
+BLOCKED = ("int4", "q8_0", "q4_1")  # row length a multiple of 32
 
 
 @pytest.mark.parametrize("T,mode", T_MODES)
@@ -326,10 +341,38 @@ FFN_ENCS = ["f32", "f16", "int8", "int4", ["int4", "int8", "f16"]]
 def test_ffn(encs, gated, activation, bias, T, mode, set_mode):
     set_mode(mode)
     rng = np.random.default_rng(T)
-    sizes = [(64, 1), (96, 37), (256, 300)] + ([(100, 7)] if "int4" not in encs else [])
+    blocked = any(e in BLOCKED for e in ([encs] if isinstance(encs, str) else encs))
+    sizes = [(64, 1), (96, 37), (256, 300)] + ([(100, 7)] if not blocked else [])
     for d, n in sizes:
         e = encs if isinstance(encs, str) or gated else encs[1:]
         check_ffn(rng, d, n, e, gated, activation, T, bias=bias)
+
+
+@pytest.mark.parametrize("T,mode", T_MODES)
+@pytest.mark.parametrize("enc", ["q4_1", "q8_0", "int4"])
+def test_ffn_separate_down(enc, T, mode, set_mode):
+    """Bundles of gate and up only, the down projection a Matrix [d, n] of its own (a GGUF kept
+    as is): against the exact product, and the NumPy reference."""
+    set_mode(mode)
+    rng = np.random.default_rng(T + 40)
+    for d, n in [(64, 32), (96, 96), (256, 320)]:  # the down rows have n values: blocks of 32
+        bundles, layout = make_bundles(rng, d, n, enc, True)
+        bundles = np.ascontiguousarray(bundles)
+        gate_up = [e for e in layout if e["name"] != "down"]
+        parts = [(e["name"], encodings.codec(e["encoding"], e["group_size"])) for e in gate_up]
+        encoded = {e["name"]: encodings.bundle_part(bundles, e, d) for e in gate_up}
+        bundles, layout = encodings.pack_encoded_bundles(encoded, parts, d)
+        down = make_matrix(rng, enc, d, n, readonly=True)
+        x = rng.standard_normal((T, d)).astype(np.float32)
+        out = kernels.ffn(x, bundles, layout, d, "silu", True, None, down)
+        expected = ref.ffn(x, bundles, layout, d, "silu", True, None, down)
+        exact, allowed = ffn_allowed(x, bundles, layout, d, "silu", True, None, down)
+        assert out.shape == (T, d) and out.dtype == np.float32
+        assert np.all(np.abs(expected - exact) <= allowed)
+        err = np.abs(out - exact)
+        assert np.all(err <= allowed), f"max excess {(err - allowed).max()}"
+    with pytest.raises(Exception, match="down"):  # neither a down part nor a matrix
+        kernels.ffn(x, bundles, layout, d, "silu", True)
 
 
 @pytest.mark.parametrize("T,mode", T_MODES)

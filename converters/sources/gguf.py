@@ -28,6 +28,30 @@ ARCHES = {"llama": "llama", "qwen2": "qwen2"}
 # tensor types the gguf package dequantizes and we accept (the issue's list)
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
+# --quant keep: GGUF block types stored as they are (encoding, group size), byte for byte; and the
+# encoding every other type is converted to (floats exactly; Q5 and K-quants re-rounded to 8 bits
+# per block of 32, a small error next to their own 5-6 bits: measured and recorded per tensor)
+KEPT = {"Q8_0": ("q8_0", None), "Q4_0": ("int4", 32), "Q4_1": ("q4_1", None)}
+NEAREST = {"F32": "f32", "F16": "f16", "BF16": "f32", "Q5_0": "q8_0", "Q5_1": "q8_0",
+           "Q4_K": "q8_0", "Q5_K": "q8_0", "Q6_K": "q8_0"}
+# bytes of one block of 32 and where its parts lie: (block bytes, scale bytes, value bytes)
+BLOCK_BYTES = {"Q8_0": (34, 2, 32), "Q4_0": (18, 2, 16), "Q4_1": (20, 4, 16)}
+
+
+def split_blocks(raw, ggml_type):
+    """GGUF rows of blocks uint8 [n, nb * block bytes] -> (q, s) of the kept encoding: values of
+    a row first, then its per-block float16 numbers (scale; or step and min for Q4_1). Q4_0 and
+    Q4_1 pack nibbles as edgellm's int4 does, so the bytes are only regrouped."""
+    size, sbytes, vbytes = BLOCK_BYTES[ggml_type]
+    n = raw.shape[0]
+    b = np.asarray(raw, dtype=np.uint8).reshape(n, -1, size)
+    s = np.ascontiguousarray(b[:, :, :sbytes]).view(np.float16).reshape(n, -1)
+    q = np.ascontiguousarray(b[:, :, sbytes:]).reshape(n, -1)
+    if ggml_type == "Q8_0":
+        q = q.view(np.int8)
+    return q, s
+
+
 # GGUF tensor name -> Hugging Face checkpoint name (arch.py's table)
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -275,6 +299,34 @@ class GGUFSource:
         if rows is not None:
             return w[rows[0]:rows[1]]
         return w
+
+    def keep_encoding(self, name):
+        """(encoding, group size, kept) for --quant keep: the GGUF's own blocks when kept."""
+        dtype = self.info(name)[1]
+        if dtype in KEPT:
+            return KEPT[dtype] + (True,)
+        if dtype not in NEAREST:
+            raise ConvertError(f"{self.path}: tensor {self.gguf_names[name]} has unsupported type "
+                               f"{dtype}")
+        return NEAREST[dtype], None, False
+
+    def read_kept(self, name, rows=None):
+        """(q, s) of a Q8_0/Q4_0/Q4_1 tensor in its kept encoding (encodings.py), rows [r0, r1)
+        or all; Q/K rows un-permuted (blocks never span rows, so moving rows is exact)."""
+        file, dtype, shape = self.info(name)
+        data = np.asarray(self.tensors[name].data)
+        permuted = self._permuted(name)
+        if rows is not None and not permuted:
+            data = data[rows[0]:rows[1]]
+        q, s = split_blocks(data.reshape(data.shape[0], -1), dtype)
+        if permuted:
+            if self.n_heads is None:
+                self.hf_config()
+            heads = self.n_heads if ".q_proj." in name else self.n_kv_heads
+            q, s = unpermute(q, heads), unpermute(s, heads)
+            if rows is not None:
+                q, s = q[rows[0]:rows[1]], s[rows[0]:rows[1]]
+        return q, s
 
     def _permuted(self, name):
         return self.arch == "llama" and ".self_attn.q_proj." in name or \

@@ -57,6 +57,7 @@ TILE_BYTES = 1 << 22  # prefill tile (all parts): 4 MiB; smaller tiles made BLAS
 _local = threading.local()
 
 MODE = "fast" if _simd.AVAILABLE else "portable"
+INT_ENCODINGS = ("int8", "int4", "q8_0", "q4_1")  # decoded against int8 activations (SIMD)
 
 
 def _tile(rows, d):
@@ -91,6 +92,8 @@ def _simd_ok(m):
     if name == "int4":
         g = m.codec.group_size
         return g % 32 == 0 and (g // 32) & (g // 32 - 1) == 0 and m.s.flags.c_contiguous
+    if name in ("q8_0", "q4_1"):
+        return m.s.flags.c_contiguous
     return name in ("int8", "f16")
 
 
@@ -102,6 +105,10 @@ def _matvec(m, x, out):
             _qmv.matvec_int4(m.q, m.s.view(np.uint16), m.codec.group_size, x, _LUT, out, fast)
         elif name == "int8":
             _qmv.matvec_int8(m.q, m.s, x, out, fast)
+        elif name == "q4_1":
+            _qmv.matvec_q4_1(m.q, m.s.view(np.uint16), x, _LUT, out, fast)
+        elif name == "q8_0":
+            _qmv.matvec_q8_0(m.q, m.s.view(np.uint16), x, _LUT, out, fast)
         else:
             _qmv.matvec_f16(m.q.view(np.uint16), x, _LUT, out, fast)
         return out
@@ -111,6 +118,10 @@ def _matvec(m, x, out):
         _mv.matvec_int8(m.q, m.s, x, out)
     elif name == "int4":
         _mv.matvec_int4(m.q, m.s.view(np.uint16), m.codec.group_size, x, _LUT, out)
+    elif name == "q4_1":
+        _mv.matvec_q4_1(m.q, m.s.view(np.uint16), x, _LUT, out)
+    elif name == "q8_0":
+        _mv.matvec_q8_0(m.q, m.s.view(np.uint16), x, _LUT, out)
     else:
         raise EdgeLLMError(f"linear: unsupported encoding {name!r}")
     return out
@@ -124,6 +135,10 @@ def _dequant_rows(m, r0, r1, out):
                                      r0, r1, _LUT, out)
         elif name == "int8":
             _tiles.dequant_int8_simd(m.q, m.s, r0, r1, out)
+        elif name == "q4_1":
+            _tiles.dequant_q4_1_simd(m.q, m.s.view(np.uint16), r0, r1, _LUT, out)
+        elif name == "q8_0":
+            _tiles.dequant_q8_0_simd(m.q, m.s.view(np.uint16), r0, r1, _LUT, out)
         else:
             _tiles.dequant_f16_simd(m.q.view(np.uint16), r0, r1, _LUT, out, MODE == "fast")
         return out
@@ -133,6 +148,10 @@ def _dequant_rows(m, r0, r1, out):
         _tiles.dequant_int8(m.q, m.s, r0, r1, out)
     elif name == "int4":
         _tiles.dequant_int4(m.q, m.s.view(np.uint16), m.codec.group_size, r0, r1, _LUT, out)
+    elif name == "q4_1":
+        _tiles.dequant_q4_1(m.q, m.s.view(np.uint16), r0, r1, _LUT, out)
+    elif name == "q8_0":
+        _tiles.dequant_q8_0(m.q, m.s.view(np.uint16), r0, r1, _LUT, out)
     else:
         raise EdgeLLMError(f"linear: unsupported encoding {name!r}")
     return out
@@ -219,15 +238,17 @@ def attention(q, k_cache, v_cache, start_pos, k_scale=None, v_scale=None):
 # ffn
 
 
-def _part_table(layout, gated, d, bundles):
+def _part_table(layout, gated, d, bundles, separate_down=False):
     """(encs, offs, soffs, gs) int64[3] by slot 0 gate, 1 up, 2 down; checks that every part
-    lies inside a row (the kernels address bytes directly)."""
+    lies inside a row (the kernels address bytes directly). separate_down: the layout has no
+    down part (slot 2 is NONE), the down projection is a matrix of its own."""
     if bundles.dtype != np.uint8 or bundles.ndim != 2:
         raise EdgeLLMError(f"ffn: bundles must be uint8 [n, stride], got {bundles.dtype} "
                            f"{list(bundles.shape)}")
     stride = bundles.shape[1]
     tab = np.zeros((4, 3), dtype=np.int64)
-    slot = {"gate": 0, "up": 1, "down": 2}
+    tab[0, 2] = _ffn.NONE
+    slot = {"gate": 0, "up": 1} if separate_down else {"gate": 0, "up": 1, "down": 2}
     seen = set()
     for e in layout:
         if e["name"] not in slot:
@@ -239,7 +260,7 @@ def _part_table(layout, gated, d, bundles):
         tab[2, i] = e["scale_offset"] if e["scale_offset"] is not None else 0
         tab[3, i] = e["group_size"] or 0
         c = encodings.codec(e["encoding"], e["group_size"])
-        if e["encoding"] == "int4":
+        if hasattr(c, "check"):
             c.check(d)
         end = e["offset"] + int(np.prod(c.data_shape(1, d))) * c.data_dtype().itemsize
         if c.scale_shape(1, d) is not None:
@@ -250,7 +271,9 @@ def _part_table(layout, gated, d, bundles):
         if end > stride:
             raise EdgeLLMError(f"ffn: bundle part {e['name']!r} ends at byte {end}, past the "
                                f"row stride {stride} (d = {d})")
-    need = {"gate", "up", "down"} if gated else {"up", "down"}
+    need = {"gate", "up"} if gated else {"up"}
+    if not separate_down:
+        need.add("down")
     if not need <= seen:
         raise EdgeLLMError(f"ffn: bundle layout lacks parts {sorted(need - seen)}")
     return tab
@@ -274,32 +297,41 @@ def _group_shifts(tab):
     return out
 
 
-def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
-    """Feed-forward over the neurons in bundle rows uint8[n, stride] -> f32[T, d]."""
+def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
+    """Feed-forward over the neurons in bundle rows uint8[n, stride] -> f32[T, d]. down: the
+    down projection as a Matrix [d, n] (columns in bundle-row order) when the bundles hold no
+    down part (a GGUF kept as is: its down blocks run along d_ff, not along a column)."""
     x = _as_rows(x, d, "ffn")
     T = x.shape[0]
     if activation not in _ffn.ACT_CODES:
         raise EdgeLLMError(f"ffn: unknown activation {activation!r} (known: silu, relu)")
     kind = _ffn.ACT_CODES[activation]
     bundles = np.ascontiguousarray(bundles)
-    tab = _part_table(layout, gated, d, bundles)
+    tab = _part_table(layout, gated, d, bundles, down is not None)
     n = bundles.shape[0]
+    if down is not None and down.shape != (d, n):
+        raise EdgeLLMError(f"ffn: down matrix of shape {list(down.shape)} for {n} neurons and "
+                           f"d = {d}")
     has_bias = up_bias is not None and not gated
     bias = np.asarray(up_bias, np.float32) if has_bias else np.zeros(1, np.float32)
     if n == 0:
         return np.zeros((T, d), dtype=np.float32)
     if T == 1:
         partial = np.empty((max(1, min(numba.get_num_threads(), n)), d), dtype=np.float32)
+        hidden = np.empty(n if down is not None else 1, dtype=np.float32)
         if _ffn_simd_ok(layout):
             out = _ffn.ffn_decode_simd(x[0], bundles, tab[0], tab[1], tab[2], _group_shifts(tab),
-                                       d, kind, gated, bias, has_bias, _LUT, partial,
+                                       d, kind, gated, bias, has_bias, _LUT, partial, hidden,
                                        MODE == "fast")
         else:
             out = _ffn.ffn_decode(x[0], bundles, tab[0], tab[1], tab[2], tab[3], d, kind, gated,
-                                  bias, has_bias, _LUT, partial)
+                                  bias, has_bias, _LUT, partial, hidden)
+        if down is not None:
+            return linear(down, hidden.reshape(1, n))
         return out.reshape(1, d)
     xT = np.ascontiguousarray(x.T)
     outT = np.zeros((d, T), dtype=np.float32)  # transposed products: see linear
+    hT = np.empty((n, T), dtype=np.float32) if down is not None else None
     simd = _ffn_simd_ok(layout)
     shifts = _group_shifts(tab)
     rows = _rows_per_tile(d, 3)
@@ -308,7 +340,9 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
         r1 = min(n, r0 + rows)
         k = r1 - r0
         w = [None, None, None]
-        for i in range(3) if gated else (1, 2):
+        for i in (0, 1, 2) if gated else (1, 2):
+            if i == 2 and down is not None:
+                continue
             t = tile[i * rows:i * rows + k]
             if simd:
                 w[i] = _ffn.dequant_part_simd(bundles, r0, r1, tab[0, i], tab[1, i], tab[2, i],
@@ -323,7 +357,12 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
             if has_bias:
                 u += bias[r0:r1, None]
             h = _activate(u, activation)
-        outT += w[2].T @ h
+        if down is not None:
+            hT[r0:r1] = h
+        else:
+            outT += w[2].T @ h
+    if down is not None:
+        return linear(down, hT.T)
     return np.ascontiguousarray(outT.T)
 
 
@@ -340,10 +379,10 @@ def _activate(v, activation):
 
 def quantizes_activations(m, T):
     """True when linear(m, x) with T rows quantizes x to int8 blocks of 32 (adds bounded error)."""
-    return T == 1 and m.codec.name in ("int8", "int4") and _simd_ok(m)
+    return T == 1 and m.codec.name in INT_ENCODINGS and _simd_ok(m)
 
 
 def ffn_quantizes_activations(layout, T):
     """{part name: True when its dot products with x use int8-quantized activations}."""
     simd = T == 1 and _ffn_simd_ok(layout)
-    return {e["name"]: simd and e["encoding"] in ("int8", "int4") for e in layout}
+    return {e["name"]: simd and e["encoding"] in INT_ENCODINGS for e in layout}

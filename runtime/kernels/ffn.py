@@ -15,10 +15,12 @@ from numba import njit, prange
 
 from .simd import (act_buffers, f16_axpy_fast, f16_axpy_generic, f16_dot_fast, f16_dot_generic,
                    f32_axpy, f32_dot, ld_f32, ld_i8, ld_u16, q4_axpy, q4_dot_fast, q4_dot_generic,
-                   prefetch, q8_axpy, q8_dot_fast, q8_dot_generic, quantize_act)
+                   prefetch, q8_axpy, q8_dot_fast, q8_dot_generic, q41_axpy, q41_dot_fast,
+                   q41_dot_generic, q80_axpy, q80_dot_fast, q80_dot_generic, quantize_act)
 
-F32, F16, INT8, INT4 = 0, 1, 2, 3
-ENC_CODES = {"f32": F32, "f16": F16, "int8": INT8, "int4": INT4}
+F32, F16, INT8, INT4, Q8_0, Q4_1 = 0, 1, 2, 3, 4, 5
+NONE = -1  # slot without a part: the down projection is a separate matrix (hidden written out)
+ENC_CODES = {"f32": F32, "f16": F16, "int8": INT8, "int4": INT4, "q8_0": Q8_0, "q4_1": Q4_1}
 SILU, RELU = 0, 1
 ACT_CODES = {"silu": SILU, "relu": RELU}
 
@@ -42,6 +44,24 @@ def part_dot(row, enc, off, soff, g, d, x, lut):
         for j in range(d):
             acc += np.float32(w[off + j]) * x[j]
         acc *= row.view(np.float32)[soff // 4]
+    elif enc == Q8_0:
+        w = row.view(np.int8)
+        sc = row.view(np.uint16)
+        for b in range(d // 32):
+            part = np.float32(0.0)
+            for k in range(32):
+                part += np.float32(w[off + b * 32 + k]) * x[b * 32 + k]
+            acc += part * lut[sc[soff // 2 + b]]
+    elif enc == Q4_1:
+        sc = row.view(np.uint16)
+        for b in range(d // 32):
+            dot = np.float32(0.0)
+            xsum = np.float32(0.0)
+            for k in range(16):
+                v = row[off + b * 16 + k]
+                dot += np.float32(v & 15) * x[b * 32 + k] + np.float32(v >> 4) * x[b * 32 + 16 + k]
+                xsum += x[b * 32 + k] + x[b * 32 + 16 + k]
+            acc += dot * lut[sc[soff // 2 + 2 * b]] + xsum * lut[sc[soff // 2 + 2 * b + 1]]
     else:
         sc = row.view(np.uint16)
         bpg = g // 32
@@ -74,6 +94,22 @@ def part_axpy(row, enc, off, soff, g, d, a, acc, lut):
         a = a * row.view(np.float32)[soff // 4]
         for j in range(d):
             acc[j] += a * np.float32(w[off + j])
+    elif enc == Q8_0:
+        w = row.view(np.int8)
+        sc = row.view(np.uint16)
+        for b in range(d // 32):
+            ab = a * lut[sc[soff // 2 + b]]
+            for k in range(32):
+                acc[b * 32 + k] += np.float32(w[off + b * 32 + k]) * ab
+    elif enc == Q4_1:
+        sc = row.view(np.uint16)
+        for b in range(d // 32):
+            st = a * lut[sc[soff // 2 + 2 * b]]
+            mn = a * lut[sc[soff // 2 + 2 * b + 1]]
+            for k in range(16):
+                v = row[off + b * 16 + k]
+                acc[b * 32 + k] += np.float32(v & 15) * st + mn
+                acc[b * 32 + 16 + k] += np.float32(v >> 4) * st + mn
     else:
         sc = row.view(np.uint16)
         bpg = g // 32
@@ -93,8 +129,10 @@ def act(v, kind):
 
 
 @njit(cache=True, parallel=True)
-def ffn_decode(x, bundles, encs, offs, soffs, gs, d, kind, gated, up_bias, has_bias, lut, partial):
-    """x f32[d] -> sum over rows of h_i * down_i; partial f32[nchunks, d] is scratch."""
+def ffn_decode(x, bundles, encs, offs, soffs, gs, d, kind, gated, up_bias, has_bias, lut, partial,
+               hidden):
+    """x f32[d] -> sum over rows of h_i * down_i; partial f32[nchunks, d] is scratch. Without
+    a down part (encs[2] == NONE) h_i goes to hidden f32[n] instead (and the sum is zero)."""
     n = bundles.shape[0]
     nchunks = partial.shape[0]
     per = (n + nchunks - 1) // nchunks
@@ -110,7 +148,9 @@ def ffn_decode(x, bundles, encs, offs, soffs, gs, d, kind, gated, up_bias, has_b
                 if has_bias:
                     u += up_bias[i]
                 h = act(u, kind)
-            if h != 0:
+            if encs[2] == NONE:
+                hidden[i] = h
+            elif h != 0:
                 part_axpy(row, encs[2], offs[2], soffs[2], gs[2], d, h, acc, lut)
     out = np.zeros(d, dtype=np.float32)
     for c in range(nchunks):
@@ -171,6 +211,14 @@ def simd_part_dot(b, base, enc, off, soff, gshift, d, x, xq, xs, xp, corr, lut, 
         for j in range(nv * 32, d):
             acc += np.float32(ld_i8(b, o + j)) * x[j]
         return acc * ld_f32(b, base + soff)
+    if enc == Q8_0:
+        if fast:
+            return q80_dot_fast(b, o, b, base + soff, nv, xq, xs, lut)
+        return q80_dot_generic(b, o, b, base + soff, nv, xq, xs, lut)
+    if enc == Q4_1:
+        if fast:
+            return q41_dot_fast(b, o, b, base + soff, nv, xp, corr, xs, lut)
+        return q41_dot_generic(b, o, b, base + soff, nv, xp, corr, xs, lut)
     if fast:
         return q4_dot_fast(b, o, b, base + soff, gshift, nv, xp, corr, xs, lut)
     return q4_dot_generic(b, o, b, base + soff, gshift, nv, xp, corr, xs, lut)
@@ -197,13 +245,17 @@ def simd_part_axpy(b, base, enc, off, soff, gshift, d, a, acc, lut, fast):
         q8_axpy(acc, b, o, nv, a)
         for j in range(nv * 32, d):
             acc[j] += a * np.float32(ld_i8(b, o + j))
+    elif enc == Q8_0:
+        q80_axpy(acc, b, o, b, base + soff, nv, a, lut)
+    elif enc == Q4_1:
+        q41_axpy(acc, b, o, b, base + soff, nv, a, lut)
     else:
         q4_axpy(acc, b, o, b, base + soff, gshift, nv, a, lut)
 
 
 @njit(cache=True, parallel=True)
 def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_bias, has_bias,
-                    lut, partial, fast):
+                    lut, partial, hidden, fast):
     """As ffn_decode, with the SIMD dot products and axpys; gshifts[slot] = log2(g / 32)."""
     n = bundles.shape[0]
     nchunks = partial.shape[0]
@@ -244,7 +296,9 @@ def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_b
             if pf:
                 for line in range(2 * third, nlines):
                     prefetch(bundles, base + stride + 64 * line)
-            if h != 0:
+            if encs[2] == NONE:
+                hidden[i] = h
+            elif h != 0:
                 simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
                                lut, fast)
     out = np.zeros(d, dtype=np.float32)

@@ -3,6 +3,8 @@
     f16   q uint16 [n, d] (float16 bits)                  out[i] = sum_j f16(q[i, j]) x[j]
     int8  q int8 [n, d], s f32 [n]                        out[i] = s[i] sum_j q[i, j] x[j]
     int4  q uint8 [n, d/2] (Q4_0 nibble order), s uint16 [n, d/g] (float16 bits)
+    q8_0  q int8 [n, d], s uint16 [n, d/32]              out[i] = sum_b s[i, b] sum_k q x
+    q4_1  q uint8 [n, d/2], s uint16 [n, d/16] (step, min per block of 32)
 
 These kernels keep x in float32, so they are exact up to float32 summation order; they are the
 fallback when the SIMD kernels (simd.py) are unavailable or the shape does not suit them.
@@ -48,5 +50,38 @@ def matvec_int4(q, s, g, x, lut, out):
                     part += (np.float32(v & 15) - 8) * x[b * 32 + k]
                     part += (np.float32(v >> 4) - 8) * x[b * 32 + 16 + k]
             acc += part * lut[s[i, gi]]
+        out[i] = acc
+    return out
+
+
+@njit(cache=True, parallel=True)
+def matvec_q8_0(q, s, x, lut, out):
+    n, d = q.shape
+    for i in prange(n):
+        acc = np.float32(0.0)
+        for b in range(d // 32):
+            part = np.float32(0.0)
+            for k in range(32):
+                part += np.float32(q[i, b * 32 + k]) * x[b * 32 + k]
+            acc += part * lut[s[i, b]]
+        out[i] = acc
+    return out
+
+
+@njit(cache=True, parallel=True)
+def matvec_q4_1(q, s, x, lut, out):
+    n, h = q.shape
+    for i in prange(n):
+        acc = np.float32(0.0)
+        for b in range(h // 16):
+            dot = np.float32(0.0)
+            xsum = np.float32(0.0)
+            for k in range(16):
+                v = q[i, b * 16 + k]
+                x0 = x[b * 32 + k]
+                x1 = x[b * 32 + 16 + k]
+                dot += np.float32(v & 15) * x0 + np.float32(v >> 4) * x1
+                xsum += x0 + x1
+            acc += dot * lut[s[i, 2 * b]] + xsum * lut[s[i, 2 * b + 1]]
         out[i] = acc
     return out

@@ -13,7 +13,8 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (act_buffers, f16_dot_fast, f16_dot_generic, q4_dot_fast, q4_dot_generic,
-                   q8_dot_fast, q8_dot_generic, quantize_act, quantize_q8)
+                   q8_dot_fast, q8_dot_generic, q41_dot_fast, q41_dot_generic, q80_dot_fast,
+                   q80_dot_generic, quantize_act, quantize_q8)
 
 
 @njit(cache=True)
@@ -74,4 +75,36 @@ def matvec_f16(q, x, lut, out, fast):
         for j in range(nv * 32, d):
             v += lut[q[i, j]] * x[j]
         out[i] = v
+    return out
+
+
+@njit(cache=True, parallel=True)
+def matvec_q8_0(q, s, x, lut, out, fast):
+    """q int8 [n, d], s uint16 [n, d/32] (float16 bits), x f32[d] -> out f32[n]."""
+    n, d = q.shape
+    nb = d // 32
+    xq, xs, _, _ = act_buffers(d)
+    quantize_q8(x, xq, xs)
+    for i in prange(n):
+        if fast:
+            out[i] = q80_dot_fast(q, i * d, s, i * 2 * nb, nb, xq, xs, lut)
+        else:
+            out[i] = q80_dot_generic(q, i * d, s, i * 2 * nb, nb, xq, xs, lut)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def matvec_q4_1(q, s, x, lut, out, fast):
+    """q uint8 [n, d/2] (Q4_0 nibble order), s uint16 [n, d/16] ((step, min) float16 bits per
+    block), x f32[d] -> out f32[n]."""
+    n, h = q.shape
+    d = 2 * h
+    nb = d // 32
+    xq, xs, xp, corr = act_buffers(d)
+    quantize_act(x, xq, xs, xp, corr)
+    for i in prange(n):
+        if fast:
+            out[i] = q41_dot_fast(q, i * h, s, i * 4 * nb, nb, xp, corr, xs, lut)
+        else:
+            out[i] = q41_dot_generic(q, i * h, s, i * 4 * nb, nb, xp, corr, xs, lut)
     return out

@@ -123,10 +123,11 @@ def activate(x, activation):
     raise EdgeLLMError(f"unknown activation {activation!r} (known: silu, relu)")
 
 
-def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
+def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
     """Feed-forward over the neurons held in bundle rows -> f32[T, d].
 
     gated: down^T (act(gate x) * (up x)); otherwise down^T act(up x + up_bias). No down bias.
+    down: a Matrix [d, n] holding the down projection when the bundles have no down part.
     """
     x = np.asarray(x, dtype=np.float32)
     parts = {e["name"]: encodings.unpack_bundle_part(bundles, e, d) for e in layout}
@@ -137,4 +138,6 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None):
         if up_bias is not None:
             up = up + up_bias
         h = activate(up, activation)
+    if down is not None:
+        return (h @ down.dequantize().T).astype(np.float32)
     return (h @ parts["down"]).astype(np.float32)

@@ -574,3 +574,183 @@ def f32_axpy(typingctx, acc, q, qoff, nv, a):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's Q8_0 and Q4_1 blocks (encodings q8_0, q4_1): per block of 32 a float16 scale, and
+# for q4_1 a float16 minimum; scales of block b at soff + 2b (q8_0) or (step, min) at soff + 4b.
+
+
+def _f16_scalar(builder, sbase, off, lut, native):
+    """One float16 at byte off of sbase -> float (the CPU's conversion when native)."""
+    if native and HAVE_F16:
+        h = _at(builder, sbase, off, I16, align=2)
+        return builder.fpext(builder.bitcast(h, F16), F32)
+    return _lut_scale(builder, sbase, off, lut)
+
+
+def _make_q80_dot(avx2):
+    @intrinsic
+    def q80_dot(typingctx, q, qoff, s, soff, nb, xq, xs, lut):
+        """q8_0 row (nb blocks of int8 at byte qoff, float16 scales at soff) . int8 x."""
+        sig = types.float32(q, types.int64, s, types.int64, types.int64, xq, xs, lut)
+
+        def codegen(context, builder, sig, args):
+            qa, qoff, sa, soff, nb, xqa, xsa, luta = args
+            qb = _base(context, builder, sig.args[0], qa)
+            sb = _base(context, builder, sig.args[2], sa)
+            xqb = _base(context, builder, sig.args[5], xqa)
+            xsb = _base(context, builder, sig.args[6], xsa)
+            lb = _base(context, builder, sig.args[7], luta)
+
+            def body(b, acc):
+                w = _at(builder, qb, builder.add(qoff, builder.shl(b, ir.Constant(I64, 5))),
+                        _v(I8, 32))
+                xv = _at(builder, xqb, builder.shl(b, ir.Constant(I64, 5)), _v(I8, 32))
+                p = _block_dot(builder, w, xv, avx2)
+                ws = _f16_scalar(builder, sb, builder.add(soff, builder.shl(b, ir.Constant(I64, 1))),
+                                 lb, avx2)
+                d = builder.fmul(ws, _at(builder, xsb, builder.shl(b, ir.Constant(I64, 2)), F32,
+                                         align=4))
+                return _fmuladd(builder, builder.sitofp(p, _v(F32, 8)), _splat(builder, d, 8),
+                                acc)
+
+            return _hsum(builder, _block_loop(builder, nb, body))
+
+        return sig, codegen
+
+    return q80_dot
+
+
+def _make_q41_dot(avx2):
+    @intrinsic
+    def q41_dot(typingctx, q, qoff, s, soff, nb, xp, corr, xs, lut):
+        """q4_1 row (nb blocks at byte qoff; float16 step and min of block b at soff + 4b)
+        . activations in pair layout: sum over blocks of step * xs * sum(code * xq)
+        + min * xs * sum(xq), the last from corr (8 * sum(xq) per block)."""
+        sig = types.float32(q, types.int64, s, types.int64, types.int64, xp, corr, xs, lut)
+
+        def codegen(context, builder, sig, args):
+            qa, qoff, sa, soff, nb, xpa, corra, xsa, luta = args
+            qb = _base(context, builder, sig.args[0], qa)
+            sb = _base(context, builder, sig.args[2], sa)
+            xpb = _base(context, builder, sig.args[5], xpa)
+            cb = _base(context, builder, sig.args[6], corra)
+            xsb = _base(context, builder, sig.args[7], xsa)
+            c5, c6 = ir.Constant(I64, 5), ir.Constant(I64, 6)
+
+            def pair(p, qv, b1, acc):
+                lo = builder.and_(qv, _const_vec(I8, 32, 0x0F))
+                hi = builder.lshr(qv, _const_vec(I8, 32, 4))
+                x0 = builder.shl(p, c6)
+                xlo = _at(builder, xpb, x0, _v(I8, 32))
+                xhi = _at(builder, xpb, builder.add(x0, ir.Constant(I64, 32)), _v(I8, 32))
+                dot = _pair_dot(builder, lo, hi, xlo, xhi, avx2)
+                sums = _at(builder, cb, builder.shl(p, c5), _v(I32, 8), align=4)
+                b0 = builder.shl(p, ir.Constant(I64, 1))
+                h = ir.Constant(_v(I16, 4), ir.Undefined)
+                for k, (b, extra) in enumerate(((b0, 0), (b0, 2), (b1, 0), (b1, 2))):
+                    o = builder.add(soff, builder.add(builder.shl(b, ir.Constant(I64, 2)),
+                                                      ir.Constant(I64, extra)))
+                    h = builder.insert_element(h, _at(builder, sb, o, I16, align=2),
+                                               ir.Constant(I32, k))
+                sm = _half_to_float(builder, h, avx2)  # step0, min0, step1, min1
+                x2 = _at(builder, xsb, builder.shl(p, ir.Constant(I64, 3)), _v(F32, 2), align=4)
+                x4 = builder.shuffle_vector(x2, ir.Constant(x2.type, ir.Undefined),
+                                            ir.Constant(_v(I32, 4), [0, 0, 1, 1]))
+                f = builder.fmul(sm, x4)
+                f = builder.fmul(f, ir.Constant(_v(F32, 4), [1.0, 0.125, 1.0, 0.125]))
+                d8 = builder.shuffle_vector(f, ir.Constant(f.type, ir.Undefined),
+                                            ir.Constant(_v(I32, 8), [0, 0, 0, 0, 2, 2, 2, 2]))
+                m8 = builder.shuffle_vector(f, ir.Constant(f.type, ir.Undefined),
+                                            ir.Constant(_v(I32, 8), [1, 1, 1, 1, 3, 3, 3, 3]))
+                acc = _fmuladd(builder, builder.sitofp(dot, _v(F32, 8)), d8, acc)
+                return _fmuladd(builder, builder.sitofp(sums, _v(F32, 8)), m8, acc)
+
+            def body(p, acc):
+                qv = _at(builder, qb, builder.add(qoff, builder.shl(p, c5)), _v(I8, 32))
+                b1 = builder.add(builder.shl(p, ir.Constant(I64, 1)), ir.Constant(I64, 1))
+                return pair(p, qv, b1, acc)
+
+            npairs = builder.lshr(nb, ir.Constant(I64, 1))
+            total = cgutils.alloca_once_value(builder, _block_loop(builder, npairs, body, 2))
+            odd = builder.icmp_unsigned("!=", builder.and_(nb, ir.Constant(I64, 1)),
+                                        ir.Constant(I64, 0))
+            with builder.if_then(odd):  # last block alone: its 16 bytes and its own scales
+                q16 = _at(builder, qb, builder.add(qoff, builder.shl(npairs, c5)), _v(I8, 16))
+                qv = builder.shuffle_vector(q16, ir.Constant(q16.type, [0] * 16),
+                                            ir.Constant(_v(I32, 32), list(range(32))))
+                b0 = builder.shl(npairs, ir.Constant(I64, 1))
+                builder.store(pair(npairs, qv, b0, builder.load(total)), total)
+            return _hsum(builder, builder.load(total))
+
+        return sig, codegen
+
+    return q41_dot
+
+
+q80_dot_fast, q80_dot_generic = _make_q80_dot(True), _make_q80_dot(False)
+q41_dot_fast, q41_dot_generic = _make_q41_dot(True), _make_q41_dot(False)
+
+
+@intrinsic
+def q80_axpy(typingctx, acc, q, qoff, s, soff, nb, a, lut):
+    """acc[0:32 * nb] += a * (q8_0 row at qoff, scales at soff): per block code * (a * scale),
+    so with a = 1 the values are exactly the codec's (one rounding)."""
+    sig = types.void(acc, q, types.int64, s, types.int64, types.int64, types.float32, lut)
+
+    def codegen(context, builder, sig, args):
+        acca, qa, qoff, sa, soff, nb, a, luta = args
+        ab = _base(context, builder, sig.args[0], acca)
+        qb = _base(context, builder, sig.args[1], qa)
+        sb = _base(context, builder, sig.args[3], sa)
+        lb = _base(context, builder, sig.args[7], luta)
+        with cgutils.for_range(builder, nb) as lp:
+            b = lp.index
+            sc = _lut_scale(builder, sb, builder.add(soff, builder.shl(b, ir.Constant(I64, 1))),
+                            lb)
+            av = _splat(builder, builder.fmul(a, sc), 32)
+            w = _at(builder, qb, builder.add(qoff, builder.shl(b, ir.Constant(I64, 5))),
+                    _v(I8, 32))
+            w = builder.sitofp(w, _v(F32, 32))
+            off = builder.shl(b, ir.Constant(I64, 7))
+            old = _at(builder, ab, off, _v(F32, 32), align=4)
+            _store_at(builder, ab, off, builder.fadd(old, builder.fmul(w, av)), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def q41_axpy(typingctx, acc, q, qoff, s, soff, nb, a, lut):
+    """acc[0:32 * nb] += a * (q4_1 row at qoff, (step, min) at soff): per block
+    code * (a * step) + a * min, a product then a sum (no fused multiply-add), so with a = 1 the
+    values are exactly the codec's and gguf.quants'."""
+    sig = types.void(acc, q, types.int64, s, types.int64, types.int64, types.float32, lut)
+
+    def codegen(context, builder, sig, args):
+        acca, qa, qoff, sa, soff, nb, a, luta = args
+        ab = _base(context, builder, sig.args[0], acca)
+        qb = _base(context, builder, sig.args[1], qa)
+        sb = _base(context, builder, sig.args[3], sa)
+        lb = _base(context, builder, sig.args[7], luta)
+        with cgutils.for_range(builder, nb) as lp:
+            b = lp.index
+            so = builder.add(soff, builder.shl(b, ir.Constant(I64, 2)))
+            st = _lut_scale(builder, sb, so, lb)
+            mn = _lut_scale(builder, sb, builder.add(so, ir.Constant(I64, 2)), lb)
+            sv = _splat(builder, builder.fmul(a, st), 32)
+            mv = _splat(builder, builder.fmul(a, mn), 32)
+            q16 = _at(builder, qb, builder.add(qoff, builder.shl(b, ir.Constant(I64, 4))),
+                      _v(I8, 16))
+            lo = builder.and_(q16, _const_vec(I8, 16, 0x0F))
+            hi = builder.lshr(q16, _const_vec(I8, 16, 4))
+            u = builder.shuffle_vector(lo, hi, ir.Constant(_v(I32, 32), list(range(32))))
+            w = builder.uitofp(u, _v(F32, 32))
+            off = builder.shl(b, ir.Constant(I64, 7))
+            old = _at(builder, ab, off, _v(F32, 32), align=4)
+            _store_at(builder, ab, off, builder.fadd(old, builder.fadd(builder.fmul(w, sv), mv)),
+                      align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -3,7 +3,7 @@
 import numpy as np
 from numba import njit, prange
 
-from .simd import f16_axpy_fast, f16_axpy_generic, q4_axpy, q8_axpy
+from .simd import f16_axpy_fast, f16_axpy_generic, q4_axpy, q8_axpy, q41_axpy, q80_axpy
 
 
 @njit(cache=True, parallel=True)
@@ -84,4 +84,57 @@ def dequant_f16_simd(q, r0, r1, lut, out, fast):
             f16_axpy_generic(row, q, 2 * i * d, nv, np.float32(1.0))
         for j in range(nv * 32, d):
             row[j] = lut[q[i, j]]
+    return out
+
+
+# q8_0 and q4_1: the values are exactly the codecs' (and gguf.quants.dequantize's for a GGUF's
+# blocks): code * scale, and code * step + min as a product then a sum (no fused multiply-add).
+
+
+@njit(cache=True, parallel=True)
+def dequant_q8_0(q, s, r0, r1, lut, out):
+    d = q.shape[1]
+    for r in prange(r1 - r0):
+        i = r0 + r
+        for b in range(d // 32):
+            sc = lut[s[i, b]]
+            for k in range(32):
+                out[r, b * 32 + k] = np.float32(q[i, b * 32 + k]) * sc
+    return out
+
+
+@njit(cache=True, parallel=True)
+def dequant_q4_1(q, s, r0, r1, lut, out):
+    h = q.shape[1]
+    for r in prange(r1 - r0):
+        i = r0 + r
+        for b in range(h // 16):
+            st = lut[s[i, 2 * b]]
+            mn = lut[s[i, 2 * b + 1]]
+            for k in range(16):
+                v = q[i, b * 16 + k]
+                out[r, b * 32 + k] = np.float32(v & 15) * st + mn
+                out[r, b * 32 + 16 + k] = np.float32(v >> 4) * st + mn
+    return out
+
+
+@njit(cache=True, parallel=True)
+def dequant_q8_0_simd(q, s, r0, r1, lut, out):
+    d = q.shape[1]
+    nb = d // 32
+    for r in prange(r1 - r0):
+        row = out[r]
+        row[:] = 0.0
+        q80_axpy(row, q, (r0 + r) * d, s, (r0 + r) * 2 * nb, nb, np.float32(1.0), lut)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def dequant_q4_1_simd(q, s, r0, r1, lut, out):
+    h = q.shape[1]
+    nb = 2 * h // 32
+    for r in prange(r1 - r0):
+        row = out[r]
+        row[:] = 0.0
+        q41_axpy(row, q, (r0 + r) * h, s, (r0 + r) * 4 * nb, nb, np.float32(1.0), lut)
     return out
