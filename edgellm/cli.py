@@ -239,8 +239,9 @@ def build_parser():
                        "safetensors, tokenizer) or a GGUF file into an edgellm model directory.")
     c.add_argument("src", help="Hugging Face model directory or GGUF file")
     c.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
-    c.add_argument("--quant", choices=["f32", "f16", "int8", "int4"], default="f16",
-                   help="weight encoding (default f16)")
+    c.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "keep"], default="f16",
+                   help="weight encoding (default f16); keep: a GGUF's Q8_0/Q4_0/Q4_1 blocks "
+                        "as they are, other tensor types in the nearest encoding")
     c.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="int4 group size (default 32)")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
