@@ -196,7 +196,8 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
     s = Sizes.of(manifest, cfg)
     L = cfg.n_layers
     a_frac = active_fraction if active_fraction is not None else DEFAULT_ACTIVE_FRACTION
-    min_rows = max(1, math.ceil(a_frac * s.d_ff))
+    fracs = list(a_frac) if isinstance(a_frac, (list, tuple)) else [a_frac] * L
+    min_rows = [max(1, math.ceil(fr * s.d_ff)) for fr in fracs]  # one token's worth per layer
     row_cost = cache_row_overhead(s.stride)
     slot_bytes = 4 * s.d_ff  # NeuronCache.slot
 
@@ -229,33 +230,51 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
         if mode == "dense":
             res += sum(s.ffn[:f])
         if mode == "window":
-            res += L * (rows * row_cost + slot_bytes)
+            res += sum(rows) * row_cost + L * slot_bytes
         return fixed_total + res + 2 * stage(a, f)
+
+    def share(extra):
+        """Cache rows per layer: the minimum plus `extra` rows shared in proportion to each
+        layer's active fraction (layers that need more neurons per token get more cache)."""
+        rows = list(min_rows)
+        for _ in range(3):  # what a full layer cannot take goes to the others
+            open_ = [i for i in range(L) if rows[i] < s.d_ff]
+            if extra <= 0 or not open_:
+                break
+            w = sum(fracs[i] for i in open_) or 1.0
+            given = 0
+            for i in open_:
+                add = min(s.d_ff - rows[i], int(extra * fracs[i] / w))
+                rows[i] += add
+                given += add
+            extra -= given
+            if given == 0:
+                break
+        return rows
 
     best = None
     for a in range(L, -1, -1):
         for f in ((range(L, -1, -1)) if mode == "dense" else (0,)):
-            base = cost(a, f, min_rows if mode == "window" else 0)
+            base = cost(a, f, min_rows if mode == "window" else [0] * L)
             for sc, block in ((scratchP, PREFILL_BLOCK), (scratch1, 1)):
                 if base + sc > budget:
                     continue
-                rows = 0
+                rows = [0] * L
                 if mode == "window":
-                    spare = budget - base - sc
-                    rows = min(s.d_ff, min_rows + spare // (L * row_cost))
+                    rows = share((budget - base - sc) // row_cost)
                 key = (sum(s.attn[:a]) + (sum(s.ffn[:f]) if mode == "dense" else 0)
-                       + L * rows * s.stride, block)
+                       + sum(rows) * s.stride, block)
                 if best is None or key > best[0]:
                     best = (key, a, f, rows, block, sc)
                 break
-    minimum = min(cost(a, f, min_rows if mode == "window" else 0)
+    minimum = min(cost(a, f, min_rows if mode == "window" else [0] * L)
                   for a in range(L + 1) for f in range(L + 1)) + scratch1
     if best is None:
         raise EdgeLLMError(
             f"a DRAM budget of {human(budget)} cannot run this model in {mode} mode: the "
             f"minimum is {human(minimum)} ({minimum} bytes: norms, head, KV cache for {n_ctx} "
             f"positions, scratch and two staging buffers"
-            + (f", and {min_rows} cached neurons per layer" if mode == "window" else "")
+            + (f", and {sum(min_rows)} cached neurons" if mode == "window" else "")
             + "); a shorter context (--ctx) lowers it")
     _, a, f, rows, block, sc = best
 
@@ -263,9 +282,9 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
     ffn_res = [mode == "dense" and i < f for i in range(L)]
     pinned = [0] * L
     if mode == "window" and hot_rows is not None:
-        pinned = [min(int(h), rows // 2) for h in hot_rows]
+        pinned = [min(int(h), r // 2) for h, r in zip(hot_rows, rows)]
     st = stage(a, f)
-    plan = Plan(mode, budget, L, attn_res, ffn_res, [rows] * L if mode == "window" else [0] * L,
+    plan = Plan(mode, budget, L, attn_res, ffn_res, rows,
                 pinned, st, block, window)
     plan.parts = list(fixed)
     n_sa = L - a
@@ -284,11 +303,11 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
         plan.parts.append(Part(f"FFN, {L} layers", 0, "streamed", sum(s.ffn),
                                "all neurons every token (naive)"))
     else:
-        est = L * a_frac * s.d_ff * s.stride
-        plan.parts.append(Part(f"neuron caches, {L} x {rows} rows", L * (rows * row_cost
-                                                                      + slot_bytes),
+        est = sum(fracs) * s.d_ff * s.stride
+        plan.parts.append(Part(f"neuron caches, {min(rows)}..{max(rows)} rows per layer",
+                               sum(rows) * row_cost + L * slot_bytes,
                                "buffer", est,
-                               f"window k={window}; read/token at most {a_frac:.0%} of rows"
+                               f"window k={window}; read/token at most {sum(fracs) / L:.0%} of rows"
                                + (" (assumed)" if active_fraction is None else "")
                                + (f", {sum(pinned)} pinned" if sum(pinned) else "")))
     if st:

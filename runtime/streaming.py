@@ -501,14 +501,20 @@ class OraclePredictor:
 
 
 def calibration_hints(src, cfg):
-    """(active fraction, hot rows per layer) from the calibration tensors, or (None, None)."""
+    """(active fraction, hot rows) per layer from calibration, or (None, None). The fraction is
+    the predictor's predicted fraction (manifest calibration record) when there is one, else the
+    mean activation frequency (ffn_freq)."""
     freqs = []
     for i in range(cfg.n_layers):
         f = format.layer_chunk(i)
         if not src.has(f, "ffn_freq"):
             return None, None
         freqs.append(src.vector(f, "ffn_freq"))
-    frac = float(np.mean([x.mean() for x in freqs]))
+    frac = [float(x.mean()) for x in freqs]
+    layers = (src.manifest.get("calibration") or {}).get("layers") or []
+    pred = [r.get("predicted_fraction") for r in layers if isinstance(r, dict)]
+    if len(pred) == len(frac) and all(isinstance(p, (int, float)) for p in pred):
+        frac = [max(a, float(b)) for a, b in zip(frac, pred)]
     return frac, [int((x >= HOT_FREQ).sum()) for x in freqs]
 
 
