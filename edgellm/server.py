@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .runtime.errors import ContextLengthError, EdgeLLMError
@@ -134,16 +134,28 @@ def validation_error(errors):
 # Request bodies (strict types: "0.5" is not a number; unknown fields are ignored)
 
 
+def _encodable(text):
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"); tokenizers cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode ({e.reason} at index {e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = None
 
     def text(self):
@@ -164,7 +176,7 @@ class CommonRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy")
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, description="only 1 is supported")
@@ -191,8 +203,8 @@ class ChatRequest(CommonRequest):
 
 
 class CompletionRequest(CommonRequest):
-    prompt: str | Annotated[list[int], Field(min_length=1)] | \
-        Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Text | Annotated[list[int], Field(min_length=1)] | \
+        Annotated[list[Text], Field(min_length=1, max_length=1)]
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None

@@ -309,6 +309,11 @@ BAD = [
     ("five stop strings", "completions", {"prompt": "x", "stop": list("abcde")}, 400,
      "invalid_value", "stop"),
     ("seed a string", "completions", {"prompt": "x", "seed": "s"}, 400, "invalid_type", "seed"),
+    ("seed negative", "completions", {"prompt": "x", "seed": -1}, 400, "invalid_value", "seed"),
+    ("lone surrogate in prompt", "completions", '{"prompt": "a\\ud800b"}', 400, "invalid_value",
+     "prompt"),
+    ("lone surrogate in content", "chat", '{"messages": [{"role": "user", "content": '
+     '"a\\ud800b"}]}', 400, "invalid_value", "messages[0].content"),
     ("stream a string", "completions", {"prompt": "x", "stream": "yes"}, 400, "invalid_type",
      "stream"),
     ("n = 2", "chat", {"messages": MSG, "n": 2}, 400, "unsupported_value", "n"),
