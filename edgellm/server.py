@@ -270,31 +270,38 @@ class Job:
 class KVPool:
     """A few KV caches reused across requests (only the worker thread touches them).
 
-    Policy: the cache sharing the longest token prefix with the prompt is used (Model.generate
-    then runs only the tokens after that prefix); ties go to the least recently used. While
-    slots remain unallocated, a prompt that would reuse less than half of the best cache's tokens
-    gets a new cache instead, so one conversation does not evict another.
+    Policy: a request continues the cache whose previous prompt its prompt extends (a chat's
+    next turn; the longest shared prefix if several); else it gets a new cache while slots
+    remain; else the least recently used cache. Model.generate then computes only the tokens
+    after the prefix the prompt shares with that cache.
     """
 
     def __init__(self, model, slots):
         self.model, self.slots = model, max(1, slots)
         self.caches = [model.default_cache]
+        self.prompt_len = [0]  # length of the last prompt run on each cache
         self.used = [0.0]
 
     def pick(self, ids):
-        def prefix(c):
+        def shared(c):
             n, toks = 0, c.tokens
             m = min(len(toks), len(ids))
             while n < m and toks[n] == ids[n]:
                 n += 1
             return n
 
-        shared = [prefix(c) for c in self.caches]
-        best = max(range(len(self.caches)), key=lambda i: (shared[i], -self.used[i]))
-        if len(self.caches) < self.slots and 2 * shared[best] < len(self.caches[best].tokens):
+        common = [shared(c) for c in self.caches]
+        continuing = [i for i, n in enumerate(common) if n >= self.prompt_len[i]]
+        if continuing:
+            best = max(continuing, key=lambda i: common[i])
+        elif len(self.caches) < self.slots:
             self.caches.append(self.model.new_cache())
+            self.prompt_len.append(0)
             self.used.append(0.0)
             best = len(self.caches) - 1
+        else:
+            best = min(range(len(self.caches)), key=lambda i: self.used[i])
+        self.prompt_len[best] = len(ids)
         self.used[best] = time.monotonic()
         return self.caches[best]
 

@@ -247,6 +247,24 @@ def test_next_chat_turn_reuses_the_kv_cache(client):
     assert r1.usage.prompt_tokens - 1 <= cached < r2.usage.prompt_tokens
 
 
+def test_interleaved_conversations_keep_their_own_kv_cache(client):
+    """Two chats taking turns: each turn reuses its own conversation's cache (the pool keeps
+    one per conversation) rather than only the prefix the two share."""
+    chats = {k: [{"role": "system", "content": "You are helpful."},
+                 {"role": "user", "content": f"Tell me about {k}."}] for k in ("cats", "ships")}
+    first = {}
+    for turn in range(2):
+        for k, messages in chats.items():
+            r = client.chat.completions.create(model="demo", messages=messages, max_tokens=10,
+                                               temperature=0)
+            if turn == 0:
+                first[k] = r.usage.prompt_tokens
+            else:
+                assert r.usage.prompt_tokens_details.cached_tokens >= first[k] - 1
+            messages += [{"role": "assistant", "content": r.choices[0].message.content},
+                         {"role": "user", "content": "Go on."}]
+
+
 def test_accepted_and_ignored_fields(server):
     body = {"prompt": PROMPT, "max_tokens": 3, "user": "someone", "presence_penalty": 0,
             "frequency_penalty": 0.0, "logit_bias": {}, "n": 1, "best_of": 1, "echo": False,
