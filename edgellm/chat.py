@@ -193,7 +193,7 @@ HELP = """commands:
   /reset        start the conversation again (the system prompt stays)
   /save FILE    save the conversation and its KV cache to FILE
   /load FILE    continue a conversation saved with /save (same model)
-  /stats        token counts and timings of each turn, context used
+  /stats        token counts and timings of each turn (since the start, /reset or /load)
   /help         this help
   /exit         leave (or Ctrl-D)
 Ctrl-C stops an answer (what was said so far stays in the conversation).

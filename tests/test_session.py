@@ -52,6 +52,23 @@ def test_saved_session_continues_like_the_original(tmp_path, kv):
     assert restored.turns[-1]["cached_tokens"] == conv.turns[-1]["cached_tokens"] > 0
 
 
+def test_session_after_the_window_slid(tmp_path):
+    """A conversation longer than the context (the window has slid) saves and continues with its
+    cache reused: the window's bookkeeping is in the file."""
+    model = edgellm.load(demo_model_path(), n_ctx=96)
+    conv, _ = chat(model, ["Tell me more."] * 5)
+    assert conv.cache.n_dropped > 0
+    path = save_session(tmp_path / "w.session", model, conv.cache, conv.messages, conv.ids)
+    other = edgellm.load(demo_model_path(), n_ctx=96)
+    s = load_session(path, other)
+    restored = Conversation(other, system="Be brief.", max_tokens=16, params=GREEDY)
+    restored.restore(s.messages, s.cache, s.tokens)
+    _, (a,) = chat(other, ["And then?"], restored)
+    _, (b,) = chat(model, ["And then?"], conv)
+    assert a == b
+    assert restored.turns[-1]["cached_tokens"] == conv.turns[-1]["cached_tokens"] > model.n_ctx
+
+
 def test_session_of_another_kv_encoding_is_converted(tmp_path, demo):
     """load_state converts between encodings: an int8 session loads into an f16 model."""
     q = edgellm.load(demo_model_path(), kv="int8")
