@@ -134,8 +134,8 @@ def load_session(path, model):
         raise SessionError(path, f"damaged: bad messages ({e})") from None
 
     state = {k[3:]: v for k, v in tensors.items() if k.startswith("kv/")}
+    _check_state(path, state, model)
     cache = model.new_cache()
-    _check_state(path, state, cache)
     n = len(state["tokens"])
     if n > cache.n_ctx:
         raise SessionError(path, f"holds {n} tokens, more than this model's context of "
@@ -150,36 +150,30 @@ def load_session(path, model):
     return Session(cache, messages, tokens)
 
 
-def _check_state(path, state, cache):
-    """The saved arrays must be those of a KV cache of this model's shape: the names of its
-    state(), keys and values [KVH, tokens, hd] of every layer in one of the KV encodings (another
-    encoding than the model runs with is converted by load_state), int8 ones with their scales."""
-    cache.reset()
-    want = cache.state()
-    n = state["tokens"].shape[0] if "tokens" in state and state["tokens"].ndim == 1 else None
-    if n is None:
-        raise SessionError(path, "damaged: no token list")
-    layers = sum(k.startswith("k.") for k in want)
-    allowed = {"tokens", "window"} | {f"{p}.{i}" for p in ("k", "v", "k_scale", "v_scale")
-                                       for i in range(layers)}
-    unknown = sorted(set(state) - allowed)
-    if unknown:
-        raise SessionError(path, f"unknown KV arrays {', '.join(unknown[:4])} (written by "
-                           "another edgellm version?)")
+ENCODING_OF = {"float32": "f32", "float16": "f16", "int8": "int8"}  # KV dtype -> encoding
 
-    def check(name, shape, dtypes):
-        got = state.get(name)
-        if got is None:
-            raise SessionError(path, f"KV array {name} is missing (a model with more layers?)")
-        if got.dtype.name not in dtypes or got.shape != shape:
-            raise SessionError(path, f"KV array {name} is {got.dtype.name}{list(got.shape)}; "
-                               f"this model needs {'/'.join(dtypes)}{list(shape)}")
 
-    if "window" in state:
-        check("window", (3,), ("int64",))
-    for i in range(layers):
-        kvh, _, hd = want[f"k.{i}"].shape
-        for p in ("k", "v"):
-            check(f"{p}.{i}", (kvh, n, hd), ("float32", "float16", "int8"))
-            if state[f"{p}.{i}"].dtype == np.int8:
-                check(f"{p}_scale.{i}", (kvh, n), ("float32",))
+def _check_state(path, state, model):
+    """The saved arrays must be what state() of a KV cache of this model gives, in the encoding
+    the file was saved with (load_state converts to the model's): the same names, dtypes and
+    shapes, except along the token axis (the axis that is empty in an empty cache)."""
+    from .runtime.kvcache import KVCache
+
+    tokens, keys = state.get("tokens"), state.get("k.0")
+    if tokens is None or tokens.ndim != 1 or keys is None:
+        raise SessionError(path, "damaged: no token list or no keys")
+    encoding = ENCODING_OF.get(keys.dtype.name)
+    if encoding is None:
+        raise SessionError(path, f"keys stored as {keys.dtype.name}, not a KV cache encoding")
+    want = KVCache(model.config, 1, kv=encoding).state()  # empty: its token axes have size 0
+    if set(state) != set(want):
+        diff = sorted(set(state) ^ set(want))
+        raise SessionError(path, f"its KV cache layout differs from this model's ({encoding}: "
+                           f"{', '.join(diff[:4])}): another model or edgellm version?")
+    n = tokens.shape[0]
+    for k, w in want.items():
+        got = state[k]
+        shape = tuple(n if e == 0 else e for e in w.shape)
+        if got.dtype != w.dtype or got.shape != shape:
+            raise SessionError(path, f"KV array {k} is {got.dtype.name}{list(got.shape)}; this "
+                               f"model needs {w.dtype.name}{list(shape)}")
