@@ -210,9 +210,10 @@ class Transformer:
     def _attention(self, i, L, x, positions):
         cfg, T, p0 = self.cfg, x.shape[0], self.pos
         h = self.apply_norm(x, L.attn_norm)
-        q = _linear(L.q, h, L.q_bias).reshape(T, cfg.n_heads, cfg.head_dim)
-        k = _linear(L.k, h, L.k_bias).reshape(T, cfg.n_kv_heads, cfg.head_dim)
-        v = _linear(L.v, h, L.v_bias).reshape(T, cfg.n_kv_heads, cfg.head_dim)
+        q, k, v = kernels.linear_many((L.q, L.k, L.v), h, (L.q_bias, L.k_bias, L.v_bias))
+        q = q.reshape(T, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(T, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.positions == "rope":
             q = kernels.apply_rope(q, self.cos, self.sin, positions)
             k = kernels.apply_rope(k, self.cos, self.sin, positions)

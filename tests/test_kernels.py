@@ -112,6 +112,28 @@ def test_linear_prefill_many_tiles(enc, g, mode, set_mode, monkeypatch):
         assert np.array_equal(w, m.dequantize())
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("enc,g", [("q4_1", 32), ("q8_0", 32), ("int4", 64), ("int8", 32),
+                                   ("f16", 32), ("f32", 32)])
+def test_linear_many(enc, g, mode, set_mode):
+    """q, k, v in one call (decode: activations quantized once, one parallel loop): each output
+    as linear() gives it, biases added; prefill and mixed encodings fall back to linear()."""
+    set_mode(mode)
+    rng = np.random.default_rng(len(enc) + g)
+    ms = [make_matrix(rng, enc, n, 128, g, readonly=True) for n in (96, 32, 32)]
+    biases = [rng.standard_normal(n).astype(np.float32) for n in (96, 32, 32)]
+    for T in (1, 3):
+        x = rng.standard_normal((T, 128)).astype(np.float32)
+        outs = kernels.linear_many(ms, x, biases)
+        for m, b, y in zip(ms, biases, outs):
+            assert y.shape == (T, m.shape[0])
+            assert_linear_close(m, x, y - b)
+            assert np.array_equal(y, kernels.linear(m, x) + b)
+    mixed = [ms[0], make_matrix(rng, "int8", 32, 128), ms[2]]
+    for m, y in zip(mixed, kernels.linear_many(mixed, x[:1])):
+        assert np.array_equal(y, kernels.linear(m, x[:1]))
+
+
 def test_linear_tiny(set_mode):
     rng = np.random.default_rng(1)
     for mode in MODES:

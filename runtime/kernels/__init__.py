@@ -157,11 +157,9 @@ def _dequant_rows(m, r0, r1, out):
     return out
 
 
-def linear(m, x):
-    """x f32[T, d] @ m.T for an encoded Matrix m [n, d] -> f32[T, n]."""
+def _check_matrix(m):
+    """The arrays of m agree with its codec (the kernels index them directly)."""
     n, d = m.shape
-    x = _as_rows(x, d, "linear")
-    T = x.shape[0]
     c = m.codec
     if (m.q.shape != c.data_shape(n, d) or m.q.dtype != c.data_dtype()
             or (m.s is None) != (c.scale_shape(n, d) is None)
@@ -170,6 +168,48 @@ def linear(m, x):
         raise EdgeLLMError(f"linear: {c.name} matrix of shape {list(m.shape)} has values "
                            f"{m.q.dtype} {list(m.q.shape)} and scales "
                            f"{None if m.s is None else (m.s.dtype, list(m.s.shape))}")
+
+
+_NO_SCALES = np.zeros(1, dtype=np.uint16)
+
+
+def linear_many(ms, x, biases=None):
+    """[linear(m, x) (+ bias) for m in ms]. Decode of three matrices of one encoding (q, k, v)
+    runs as one call with the activations quantized once (qmatvec.matvec3); same results as
+    three linear calls."""
+    biases = biases or [None] * len(ms)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    names = {(m.codec.name, m.codec.group_size, m.shape[1]) for m in ms}
+    if (len(ms) != 3 or x.ndim != 2 or x.shape[0] != 1 or len(names) != 1
+            or ms[0].codec.name == "f32" or x.shape[1] != ms[0].shape[1]
+            or x.shape[1] % 32 or not all(_simd_ok(m) for m in ms)):
+        outs = [linear(m, x) for m in ms]
+    else:
+        for m in ms:
+            _check_matrix(m)
+        m0 = ms[0]
+        enc = _ffn.ENC_CODES[m0.codec.name]
+        gshift = _qmv.group_shift(m0.codec.group_size) if m0.codec.name == "int4" else 0
+        # Numba takes no float16 arrays: f16 values and scales go as their bits
+        q = [m.q.view(np.uint16) if m.q.dtype == np.float16 else m.q for m in ms]
+        s = [_NO_SCALES if m.s is None else
+             m.s.view(np.uint16) if m.s.dtype == np.float16 else m.s for m in ms]
+        srow = 0 if m0.s is None else m0.s.strides[0]
+        outs = [np.empty((1, m.shape[0]), dtype=np.float32) for m in ms]
+        _qmv.matvec3(enc, gshift, m0.q.strides[0], srow, q[0], s[0], q[1], s[1], q[2], s[2],
+                     x[0], _LUT, outs[0][0], outs[1][0], outs[2][0], MODE == "fast")
+    for y, b in zip(outs, biases):
+        if b is not None:
+            y += b
+    return outs
+
+
+def linear(m, x):
+    """x f32[T, d] @ m.T for an encoded Matrix m [n, d] -> f32[T, n]."""
+    n, d = m.shape
+    x = _as_rows(x, d, "linear")
+    T = x.shape[0]
+    _check_matrix(m)
     if m.codec.name == "f32":
         return x @ m.q.T
     if T == 1:
@@ -279,6 +319,25 @@ def _part_table(layout, gated, d, bundles, separate_down=False):
     return tab
 
 
+_TABLES = {}  # part tables by layout contents: built once per layer shape, not per token
+
+
+def _part_table_cached(layout, gated, d, bundles, separate_down):
+    if bundles.dtype != np.uint8 or bundles.ndim != 2:
+        return _part_table(layout, gated, d, bundles, separate_down)  # raises
+    key = (tuple((e.get("name"), e.get("encoding"), e.get("group_size"), e.get("offset"),
+                  e.get("scale_offset")) for e in layout),
+           bool(gated), int(d), bundles.shape[1], bool(separate_down))
+    tab = _TABLES.get(key)
+    if tab is None:
+        tab = _part_table(layout, gated, d, bundles, separate_down)
+        tab.flags.writeable = False
+        if len(_TABLES) > 1024:
+            _TABLES.clear()
+        _TABLES[key] = tab
+    return tab
+
+
 def _ffn_simd_ok(layout):
     if MODE == "portable":
         return False
@@ -307,7 +366,7 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
         raise EdgeLLMError(f"ffn: unknown activation {activation!r} (known: silu, relu)")
     kind = _ffn.ACT_CODES[activation]
     bundles = np.ascontiguousarray(bundles)
-    tab = _part_table(layout, gated, d, bundles, down is not None)
+    tab = _part_table_cached(layout, gated, d, bundles, down is not None)
     n = bundles.shape[0]
     if down is not None and down.shape != (d, n):
         raise EdgeLLMError(f"ffn: down matrix of shape {list(down.shape)} for {n} neurons and "
@@ -320,9 +379,26 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
         partial = np.empty((max(1, min(numba.get_num_threads(), n)), d), dtype=np.float32)
         hidden = np.empty(n if down is not None else 1, dtype=np.float32)
         if _ffn_simd_ok(layout):
+            # a separate down matrix the SIMD rows take is multiplied inside the same call
+            fused = (down is not None and n % 32 == 0 and down.codec.name != "f32"
+                     and _simd_ok(down))
+            if fused:
+                _check_matrix(down)
+                dq = down.q.view(np.uint16) if down.q.dtype == np.float16 else down.q
+                ds = (_NO_SCALES if down.s is None else down.s.view(np.uint16)
+                      if down.s.dtype == np.float16 else down.s)
+                denc = _ffn.ENC_CODES[down.codec.name]
+                dshift = (_qmv.group_shift(down.codec.group_size)
+                          if down.codec.name == "int4" else 0)
+                dqrow, dsrow = down.q.strides[0], 0 if down.s is None else down.s.strides[0]
+            else:
+                dq = ds = _NO_SCALES
+                denc, dshift, dqrow, dsrow = _ffn.NONE, 0, 0, 0
             out = _ffn.ffn_decode_simd(x[0], bundles, tab[0], tab[1], tab[2], _group_shifts(tab),
                                        d, kind, gated, bias, has_bias, _LUT, partial, hidden,
-                                       MODE == "fast")
+                                       dq, ds, denc, dshift, dqrow, dsrow, MODE == "fast")
+            if fused:
+                return out.reshape(1, d)
         else:
             out = _ffn.ffn_decode(x[0], bundles, tab[0], tab[1], tab[2], tab[3], d, kind, gated,
                                   bias, has_bias, _LUT, partial, hidden)

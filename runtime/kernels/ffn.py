@@ -17,6 +17,7 @@ from .simd import (act_buffers, f16_axpy_fast, f16_axpy_generic, f16_dot_fast, f
                    f32_axpy, f32_dot, ld_f32, ld_i8, ld_u16, q4_axpy, q4_dot_fast, q4_dot_generic,
                    prefetch, q8_axpy, q8_dot_fast, q8_dot_generic, q41_axpy, q41_dot_fast,
                    q41_dot_generic, q80_axpy, q80_dot_fast, q80_dot_generic, quantize_act)
+from .qmatvec import row_dot
 
 F32, F16, INT8, INT4, Q8_0, Q4_1 = 0, 1, 2, 3, 4, 5
 NONE = -1  # slot without a part: the down projection is a separate matrix (hidden written out)
@@ -255,8 +256,11 @@ def simd_part_axpy(b, base, enc, off, soff, gshift, d, a, acc, lut, fast):
 
 @njit(cache=True, parallel=True)
 def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_bias, has_bias,
-                    lut, partial, hidden, fast):
-    """As ffn_decode, with the SIMD dot products and axpys; gshifts[slot] = log2(g / 32)."""
+                    lut, partial, hidden, dq, ds, denc, dshift, dqrow, dsrow, fast):
+    """As ffn_decode, with the SIMD dot products and axpys; gshifts[slot] = log2(g / 32). With
+    denc != NONE the down projection is a matrix of its own (values dq, scales ds, dqrow and
+    dsrow bytes per row, encoding denc): multiplied here with the hidden vector, in the same
+    call, rather than by a second linear() (fewer calls per layer)."""
     n = bundles.shape[0]
     nchunks = partial.shape[0]
     stride = bundles.shape[1]
@@ -301,6 +305,16 @@ def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_b
             elif h != 0:
                 simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
                                lut, fast)
+    if denc != NONE:
+        nh = hidden.shape[0]
+        hq, hs, hp, hc = act_buffers(nh)
+        if denc != F16:
+            quantize_act(hidden, hq, hs, hp, hc)
+        out = np.empty(d, dtype=np.float32)
+        for r in prange(d):
+            out[r] = row_dot(dq, r * dqrow, ds, r * dsrow, denc, dshift, nh // 32, hidden, hq, hs,
+                             hp, hc, lut, fast)
+        return out
     out = np.zeros(d, dtype=np.float32)
     for c in range(nchunks):
         for j in range(d):
