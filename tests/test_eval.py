@@ -55,7 +55,7 @@ def test_perplexity_matches_transformers(name):
     transformers.logging.set_verbosity_error()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny.checkpoint(name),
                                                            dtype=torch.float32).eval()
-    model = edgellm.load(tiny.converted(name, "f32"))
+    model = edgellm.load(tiny.converted(name, "f32"), kv="f32")  # an f32 reference throughout
     text = _text()
     ctx, stride = 48, 20
     got = perplexity(model, text, ctx=ctx, stride=stride)
