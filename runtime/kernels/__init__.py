@@ -158,7 +158,11 @@ def _dequant_rows(m, r0, r1, out):
 
 
 def _check_matrix(m):
-    """The arrays of m agree with its codec (the kernels index them directly)."""
+    """The arrays of m agree with its codec (the kernels index them directly). Remembered per
+    Matrix while it holds the same arrays (a decode token passes ~150 matrices through here)."""
+    seen = m.__dict__.get("_kernels_checked")
+    if seen is not None and seen[0] is m.q and seen[1] is m.s and seen[2] == m.shape:
+        return
     n, d = m.shape
     c = m.codec
     if (m.q.shape != c.data_shape(n, d) or m.q.dtype != c.data_dtype()
@@ -168,6 +172,7 @@ def _check_matrix(m):
         raise EdgeLLMError(f"linear: {c.name} matrix of shape {list(m.shape)} has values "
                            f"{m.q.dtype} {list(m.q.shape)} and scales "
                            f"{None if m.s is None else (m.s.dtype, list(m.s.shape))}")
+    m.__dict__["_kernels_checked"] = (m.q, m.s, m.shape)
 
 
 _NO_SCALES = np.zeros(1, dtype=np.uint16)
@@ -247,7 +252,12 @@ def apply_rope(x, cos, sin, positions):
     positions = np.ascontiguousarray(positions, dtype=np.int64)
     if positions.shape != (x.shape[0],):
         raise EdgeLLMError(f"apply_rope: {x.shape[0]} rows but {positions.shape} positions")
-    if positions.size and (positions.min() < 0 or positions.max() >= cos.shape[0]):
+    # one or two positions (decode): plain comparisons; NumPy reductions cost more than
+    # rotating one token
+    if positions.size and (min(positions[0], positions[-1]) < 0
+                           or max(positions[0], positions[-1]) >= cos.shape[0]
+                           or (positions.size > 2 and (positions.min() < 0
+                                                       or positions.max() >= cos.shape[0]))):
         raise EdgeLLMError(f"apply_rope: position out of range 0..{cos.shape[0] - 1}")
     return _rope.apply_rope(x, cos, sin, positions, np.empty_like(x))
 
