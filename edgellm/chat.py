@@ -50,8 +50,8 @@ class Conversation:
     def reset(self):
         """Forget the conversation (the system prompt stays)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        if self.messages:
-            self.template.render(self.messages)  # a template that refuses a system prompt: now
+        if self.messages:  # a template that refuses a system prompt: say so now
+            self.template.render(self.messages + [{"role": "user", "content": "Hello"}])
         self.ids = []  # token ids of the conversation so far, as the model read and wrote them
         self.text = ""  # the rendered text of self.messages that self.ids encode ("" at start)
         self.turns = []  # per-turn statistics
@@ -64,10 +64,11 @@ class Conversation:
         self.turns = []
         self.text = self.template.render(self.messages, add_generation_prompt=False) \
             if self.messages else ""
-        if tokens is not None:
-            self.ids = list(tokens)
-        elif self.messages:  # no saved ids: tokenize the text (the cache's matching prefix is used)
-            self.ids = self._encode_start(self.text)
+        tokens = list(tokens or [])
+        if tokens and self._spells(tokens, self.text):
+            self.ids = tokens
+        elif self.messages:  # no saved ids, or ids for another template: tokenize the text (the
+            self.ids = self._encode_start(self.text)  # cache's matching prefix is still used)
         else:
             self.ids = []
 
@@ -144,6 +145,14 @@ class Conversation:
         # a template that writes the BOS token itself: do not add a second one
         return tok.encode(text, add_bos=False if bos and text.startswith(bos) else None)
 
+    def _spells(self, ids, text):
+        """Do ids decode to text (a BOS the tokenizer added and the template did not write
+        aside)?"""
+        tok = self.model.tokenizer
+        if tok.decode(ids) == text:
+            return True
+        return ids[0] == tok.bos_id and tok.decode(ids[1:]) == text
+
     def _encode_after(self, text, before):
         """Token ids of text that follows the ids `before`, or None when they would not decode
         to exactly that text after them (the caller then tokenizes the whole conversation)."""
@@ -162,10 +171,6 @@ class Conversation:
         if tok.decode(tail + ids) != tok.decode(tail) + text:
             return None
         return ids
-
-    @property
-    def context_used(self):
-        return self.cache.pos
 
 
 def turn_end(template):

@@ -152,6 +152,20 @@ def test_closing_an_answer_keeps_the_partial_answer(demo):
         conv.messages, add_generation_prompt=False)
 
 
+def test_restore_without_or_with_foreign_token_ids(demo):
+    """Restoring messages without their ids (or with ids that do not spell them) tokenizes the
+    rendered text; the cache's matching prefix is still reused."""
+    conv, _ = run_turns(demo, QUESTIONS[:2], max_tokens=12)
+    for tokens in (None, [1, 2, 3]):
+        other = Conversation(demo, max_tokens=12, params=GREEDY)
+        cache = demo.new_cache()
+        cache.load_state(conv.cache.state())
+        other.restore(conv.messages, cache, tokens)
+        assert demo.tokenizer.decode(other.ids) == other.text == conv.text
+        "".join(other.ask(QUESTIONS[2]))
+        assert other.turns[-1]["cached_tokens"] > len(conv.ids) // 2
+
+
 def test_full_context_is_an_error_and_leaves_the_conversation_as_it_was():
     model = edgellm.load(tiny.converted("opt", "f32"))  # 64 positions
     conv = Conversation(model, max_tokens=8, params=GREEDY)
