@@ -7,9 +7,10 @@ context starts over). The clients' first turns are the warm-up; then each sends 
 requests, which are measured. Reports per client: time to first token (from sending the
 request to the first content chunk; it includes the wait in the server's queue, since the model
 runs one generation at a time), decode tokens/s as the client sees them (tokens after the first /
-time from the first to the last), errors (must be zero); and the server's resident memory after
-the warm-up and after the run (no growth expected: KV caches are allocated once). Bounded: at most
-64 clients, 100 requests each, and a wall-clock limit.
+time from the first to the last), prompt tokens and how many of them the server found in its KV
+caches, errors (must be zero); and the server's resident memory after the warm-up and after the
+run (no growth expected: KV caches are allocated once). Bounded: at most 64 clients, 100 requests
+each, and a wall-clock limit.
 
     python benchmarks/serve.py                       # demo model, 4 clients x 3 requests
     python benchmarks/serve.py --clients 8 --requests 5 --json serve.json
@@ -62,7 +63,7 @@ def start_server(model, port, queue_size, log):
 
 
 def stream_chat(client, url, messages, max_tokens, deadline):
-    """One streamed chat request: (answer, ttft_s, completion_tokens, decode_s, prompt_tokens)."""
+    """One streamed chat request: (answer, ttft_s, completion_tokens, decode_s, usage)."""
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.7, "seed": 1,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -92,8 +93,8 @@ def stream_chat(client, url, messages, max_tokens, deadline):
     end = time.perf_counter()
     if not done or usage is None:
         raise RuntimeError("the stream ended without usage and [DONE]")
-    return ("".join(parts), (first or end) - t0, usage["completion_tokens"], end - (first or end),
-            usage["prompt_tokens"])
+    return "".join(parts), (first or end) - t0, usage["completion_tokens"], end - (first or end), \
+        usage
 
 
 def client_run(i, url, requests, max_tokens, n_ctx, deadline, out, messages):
@@ -101,7 +102,7 @@ def client_run(i, url, requests, max_tokens, n_ctx, deadline, out, messages):
     import httpx
 
     rec = {"client": i, "requests": 0, "errors": 0, "ttft_s": [], "tokens": 0, "decode_s": 0.0,
-           "tokens_after_first": 0, "error_messages": []}
+           "tokens_after_first": 0, "prompt_tokens": 0, "cached_tokens": 0, "error_messages": []}
     with httpx.Client() as client:
         for k in range(len(messages), len(messages) + requests):
             if time.monotonic() > deadline:
@@ -109,14 +110,17 @@ def client_run(i, url, requests, max_tokens, n_ctx, deadline, out, messages):
             messages.append({"role": "user",
                              "content": f"Tell me more about {TOPICS[(i + k) % len(TOPICS)]}."})
             try:
-                text, ttft, n, decode, prompt = stream_chat(client, url, messages, max_tokens,
-                                                            deadline)
+                text, ttft, n, decode, usage = stream_chat(client, url, messages, max_tokens,
+                                                           deadline)
             except Exception as e:  # counted, reported; the benchmark goes on
                 rec["errors"] += 1
                 rec["error_messages"].append(f"{type(e).__name__}: {e}")
                 messages.pop()
                 continue
             messages.append({"role": "assistant", "content": text})
+            prompt = usage["prompt_tokens"]
+            rec["prompt_tokens"] += prompt
+            rec["cached_tokens"] += usage["prompt_tokens_details"]["cached_tokens"]
             if prompt + n + 2 * max_tokens + 32 > n_ctx:  # the next turn might not fit
                 del messages[1:]
             rec["requests"] += 1
@@ -185,7 +189,7 @@ def main():
           f"{a.clients} clients x {a.requests} streamed chat requests, max_tokens "
           f"{a.max_tokens}, load average {os.getloadavg()[0]:.2f}")
     print(f"{'client':>6} {'ok':>4} {'err':>4} {'ttft mean ms':>13} {'ttft max ms':>12} "
-          f"{'tokens':>7} {'decode tok/s':>13}")
+          f"{'tokens':>7} {'decode tok/s':>13} {'prompt tok':>11} {'cached':>7}")
     for r in rows:
         tt = r["ttft_s"] or [float("nan")]
         tps = r.get("tokens_after_first", 0) / r["decode_s"] if r["decode_s"] else float("nan")
@@ -193,7 +197,8 @@ def main():
         r["ttft_max_ms"] = 1e3 * max(tt)
         r["decode_tokens_per_s"] = tps
         print(f"{r['client']:>6} {r['requests']:>4} {r['errors']:>4} {r['ttft_mean_ms']:>13.1f} "
-              f"{r['ttft_max_ms']:>12.1f} {r['tokens']:>7} {tps:>13.1f}")
+              f"{r['ttft_max_ms']:>12.1f} {r['tokens']:>7} {tps:>13.1f} {r['prompt_tokens']:>11} "
+              f"{r['cached_tokens']:>7}")
     tokens = sum(r["tokens"] for r in rows)
     errors = sum(r["errors"] for r in rows) + warm_errors
     summary = {"clients": a.clients, "requests_per_client": a.requests,
