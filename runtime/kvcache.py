@@ -6,8 +6,9 @@ allocated once, for n_ctx positions, in one of three encodings (docs/INTERNALS.m
 
     f32   k, v float32 [KVH, n_ctx, hd]
     f16   k, v float16 [KVH, n_ctx, hd]                                   (default)
-    int8  k, v int8    [KVH, n_ctx, hd], k_scale, v_scale float32 [KVH, n_ctx]
-          one scale per (head, position) over head_dim: x = q * scale (encodings.Int8)
+    int8  k, v int8    [KVH, n_ctx, hd], k_scale, v_scale float32 [KVH, n_ctx, hd / block]
+          a scale per block of 32 values along head_dim (the whole row when head_dim is not
+          a multiple of 32): x = q * scale, scale = max|x| / 127 (encodings.Int8 on blocks)
 
 The attention kernel reads every encoding as stored. Keys are stored rotated (RoPE applied).
 
@@ -52,10 +53,18 @@ def _common_prefix(a, b):
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
+def int8_block(head_dim):
+    """Values per int8 scale: blocks of 32 as llama.cpp's Q8_0 (per-row scales lost 2% top-1
+    agreement on SmolLM2-135M, blocks of 32 1%: docs/INTERNALS.md), else the whole row."""
+    return 32 if head_dim % 32 == 0 else head_dim
+
+
 def bytes_per_token(cfg, kv):
     """Cache bytes one token takes over all layers (keys, values and their scales)."""
     check_encoding(kv)
-    row = cfg.head_dim * np.dtype(_DTYPES[kv]).itemsize + (4 if kv == "int8" else 0)
+    row = cfg.head_dim * np.dtype(_DTYPES[kv]).itemsize
+    if kv == "int8":
+        row += 4 * (cfg.head_dim // int8_block(cfg.head_dim))
     return 2 * cfg.n_layers * cfg.n_kv_heads * row
 
 
@@ -69,8 +78,10 @@ class KVCache:
         self.k = [np.zeros(shape, dt) for _ in range(cfg.n_layers)]
         self.v = [np.zeros(shape, dt) for _ in range(cfg.n_layers)]
         if kv == "int8":
-            self.k_scale = [np.zeros(shape[:2], np.float32) for _ in range(cfg.n_layers)]
-            self.v_scale = [np.zeros(shape[:2], np.float32) for _ in range(cfg.n_layers)]
+            self.block = int8_block(cfg.head_dim)
+            sshape = shape[:2] + (cfg.head_dim // self.block,)
+            self.k_scale = [np.zeros(sshape, np.float32) for _ in range(cfg.n_layers)]
+            self.v_scale = [np.zeros(sshape, np.float32) for _ in range(cfg.n_layers)]
         else:
             self.k_scale = self.v_scale = [None] * cfg.n_layers
         self.tokens = []  # token ids whose keys and values are cached (len == pos)
@@ -131,7 +142,7 @@ class KVCache:
                 scale[layer][:, p0:p0 + T] = s
 
     def _encode(self, x):
-        """f32[KVH, T, hd] -> (values in the cache dtype, scales f32[KVH, T] or None)."""
+        """f32[KVH, T, hd] -> (values in the cache dtype, scales f32[KVH, T, nb] or None)."""
         if self.kv == "f32":
             return x, None
         rows = x.reshape(-1, x.shape[-1])
@@ -141,18 +152,18 @@ class KVCache:
             except EdgeLLMError:
                 raise EdgeLLMError("a key or value is out of float16 range; use the f32 or "
                                    "int8 KV cache (kv='f32', --kv f32)") from None
-        q, s = encodings.codec("int8").quantize(rows)
-        return q.reshape(x.shape), s.reshape(x.shape[:2])
+        q, s = encodings.codec("int8").quantize(rows.reshape(-1, self.block))
+        return q.reshape(x.shape), s.reshape(x.shape[:2] + (x.shape[2] // self.block,))
 
     def _decode(self, q, s):
         """Inverse of _encode for a slice of the cache: f32[KVH, n, hd]."""
         if s is None:
             return q.astype(np.float32)
-        return q.astype(np.float32) * s[..., None]
+        return q.astype(np.float32) * np.repeat(s, q.shape[-1] // s.shape[-1], axis=-1)
 
     def layer(self, layer):
         """(k, v, k_scale, v_scale) of a layer as the attention kernel reads them: values
-        [KVH, n_ctx, hd] in the cache's dtype, scales f32[KVH, n_ctx] (int8) or None."""
+        [KVH, n_ctx, hd] in the cache's dtype, scales f32[KVH, n_ctx, nb] (int8) or None."""
         return self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer]
 
     def nbytes(self):
@@ -199,7 +210,7 @@ class KVCache:
         """The cached tokens, the window bookkeeping and the keys and values as plain arrays (for
         session files): {"tokens": int32[pos], "window": int64[3] (sinks, n_dropped, dropped_hash),
         "k.{layer}": [KVH, pos, hd] in the cache's dtype (float32, float16 or int8), "v.{layer}",
-        and for int8 "k_scale.{layer}", "v_scale.{layer}": float32[KVH, pos]}."""
+        and for int8 "k_scale.{layer}", "v_scale.{layer}": float32[KVH, pos, nb]}."""
         n = self.pos
         out = {"tokens": np.asarray(self.tokens, np.int32),
                "window": np.asarray([self.sinks, self.n_dropped, self.dropped_hash], np.int64)}

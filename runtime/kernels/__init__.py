@@ -280,8 +280,9 @@ def attention(q, k_cache, v_cache, start_pos, k_scale=None, v_scale=None):
         k_cache, v_cache, lut = k_cache.view(np.uint16), v_cache.view(np.uint16), _LUT
     elif k_cache.dtype != np.float32 and k_cache.dtype != np.int8:
         raise EdgeLLMError(f"attention: unsupported cache dtype {k_cache.dtype}")
-    return _attention.attention(q, k_cache, v_cache, k_scale, v_scale, lut, int(start_pos),
-                                np.empty_like(q))
+    simd = {"fast": 2, "generic": 1}.get(MODE, 0)  # float16 conversion (attention._f16_row)
+    return _attention.attention(q, k_cache, v_cache, k_scale, v_scale, lut, simd,
+                                int(start_pos), np.empty_like(q))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Causal grouped-query attention over a KV cache (reference: reference.attention).
 
-The cache is read as stored: float32, float16 (as uint16, converted through the F16_TO_F32
-table) or int8 with one float32 scale per (head, position). No dequantized copy is made: an int8
-key's scale multiplies its dot product once, an int8 value's scale folds into its softmax weight.
+The cache is read as stored: float32, float16 (as uint16) or int8 with float32 scales per block
+of head_dim (kvcache.py). No dequantized copy of the cache is made: a float16 row is converted
+when it is read, once, into a float32 scratch row that all the query heads sharing its kv head
+use; int8 rows are multiplied as they are, block by block, each block's sum times its scale.
 Which encoding a call runs is decided when Numba compiles it (lut / scales None or not: Numba
 prunes the branches on None arguments), so the float32 path is the same code as before.
 """
@@ -10,44 +11,92 @@ prunes the branches on None arguments), so the float32 path is the same code as 
 import numpy as np
 from numba import njit, prange
 
+from .simd import f16_axpy_fast, f16_axpy_generic
+
 
 @njit(inline="always")
-def _elem(c, lut, kv, j, i):
-    if lut is None:
-        return np.float32(c[kv, j, i])
-    return lut[c[kv, j, i]]
+def _f16_row(c, kv, j, lut, simd, row):
+    """row f32[hd] = float16 row (kv, j) of c (uint16 bits [KVH, C, hd]), converted 32 values
+    at a time by the CPU (simd 2) or integer SIMD (simd 1) as row += 1 * c[kv, j], the tail and
+    simd 0 (no JIT) through the table."""
+    hd = row.size
+    nv = hd // 32 if simd else 0
+    if nv:
+        for i in range(32 * nv):
+            row[i] = 0.0
+        off = 2 * (kv * c.shape[1] + j) * hd  # bytes
+        if simd == 2:
+            f16_axpy_fast(row, c, off, nv, np.float32(1.0))
+        else:
+            f16_axpy_generic(row, c, off, nv, np.float32(1.0))
+    for i in range(32 * nv, hd):
+        row[i] = lut[c[kv, j, i]]
+
+
+@njit(inline="always")
+def _score(q, t, h0, group, row, scale, s, j):
+    """s[g, j] = q[t, h0 + g] . row * scale for the group's query heads."""
+    for g in range(group):
+        acc = np.float32(0.0)
+        for i in range(row.size):
+            acc += q[t, h0 + g, i] * row[i]
+        s[g, j] = acc * scale
+
+
+@njit(inline="always")
+def _accumulate(o, s, j, row):
+    """o[g] += s[g, j] * row for the group's query heads."""
+    for g in range(o.shape[0]):
+        p = s[g, j]
+        for i in range(row.size):
+            o[g, i] += p * row[i]
 
 
 # fastmath lets LLVM reorder the float32 sums over head_dim into SIMD lanes (the strict order
 # ran 3x slower than NumPy at 2000 positions); the test bounds the difference.
 @njit(cache=True, parallel=True, fastmath=True)
-def attention(q, k_cache, v_cache, k_scale, v_scale, lut, start_pos, out):
+def attention(q, k_cache, v_cache, k_scale, v_scale, lut, simd, start_pos, out):
     """q f32[T, H, hd], caches [KVH, C, hd] -> out f32[T, H, hd].
 
-    Caches: float32 (lut and scales None), uint16 float16 bits (lut = F16_TO_F32, scales None)
-    or int8 (scales f32[KVH, C], lut None). One (query, kv head) pair per parallel iteration:
-    the query heads that share a kv head are scored together, so each cached key and value row
-    is read once for all of them. Scores are float32, the softmax subtracts the row maximum.
+    Caches: float32 (lut and scales None), uint16 float16 bits (lut = F16_TO_F32, scales None;
+    simd as in _f16_row) or int8 (scales f32[KVH, C, hd / block], lut None). One (query, kv
+    head) pair per parallel iteration: the query heads that share a kv head are scored
+    together, so each cached key and value row is read once for all of them. Scores are
+    float32, the softmax subtracts the row maximum.
     """
     T, H, hd = q.shape
     kvh = k_cache.shape[0]
     group = H // kvh
     scale = np.float32(1.0 / np.sqrt(hd))
+    nb = k_scale.shape[2] if k_scale is not None else 1  # int8 blocks per row
+    blk = hd // nb
     for tk in prange(T * kvh):
         t = tk // kvh
         kv = tk - t * kvh
         h0 = kv * group
         n = start_pos + t + 1
         s = np.empty((group, n), dtype=np.float32)
+        row = np.empty(hd, dtype=np.float32)
         for j in range(n):
-            ks = scale
-            if k_scale is not None:
-                ks = scale * k_scale[kv, j]
-            for g in range(group):
-                acc = np.float32(0.0)
-                for i in range(hd):
-                    acc += q[t, h0 + g, i] * _elem(k_cache, lut, kv, j, i)
-                s[g, j] = acc * ks
+            if lut is not None:
+                _f16_row(k_cache, kv, j, lut, simd, row)
+                _score(q, t, h0, group, row, scale, s, j)
+            elif k_scale is not None:  # int8: a dot product per block, times its scale
+                for g in range(group):
+                    acc = np.float32(0.0)
+                    for b in range(nb):
+                        o0 = b * blk
+                        part = np.float32(0.0)
+                        for i in range(blk):
+                            part += q[t, h0 + g, o0 + i] * np.float32(k_cache[kv, j, o0 + i])
+                        acc += part * k_scale[kv, j, b]
+                    s[g, j] = acc * scale
+            else:  # float32: read in place (a row view would cost reference counting)
+                for g in range(group):
+                    acc = np.float32(0.0)
+                    for i in range(hd):
+                        acc += q[t, h0 + g, i] * k_cache[kv, j, i]
+                    s[g, j] = acc * scale
         for g in range(group):
             mx = s[g, 0]
             for j in range(1, n):
@@ -62,13 +111,21 @@ def attention(q, k_cache, v_cache, k_scale, v_scale, lut, start_pos, out):
                 s[g, j] *= inv
         o = np.zeros((group, hd), dtype=np.float32)
         for j in range(n):
-            vs = np.float32(1.0)
-            if v_scale is not None:
-                vs = v_scale[kv, j]
-            for g in range(group):
-                p = s[g, j] * vs
-                for i in range(hd):
-                    o[g, i] += p * _elem(v_cache, lut, kv, j, i)
+            if lut is not None:
+                _f16_row(v_cache, kv, j, lut, simd, row)
+                _accumulate(o, s, j, row)
+            elif v_scale is not None:
+                for g in range(group):
+                    for b in range(nb):
+                        o0 = b * blk
+                        p = s[g, j] * v_scale[kv, j, b]
+                        for i in range(blk):
+                            o[g, o0 + i] += p * np.float32(v_cache[kv, j, o0 + i])
+            else:
+                for g in range(group):
+                    p = s[g, j]
+                    for i in range(hd):
+                        o[g, i] += p * v_cache[kv, j, i]
         for g in range(group):
             for i in range(hd):
                 out[t, h0 + g, i] = o[g, i]

@@ -88,13 +88,15 @@ def attention(q, k_cache, v_cache, start_pos, k_scale=None, v_scale=None):
 
     Query t sits at position start_pos + t and sees keys 0..start_pos + t; head h reads kv head
     h // (H // KVH); scores are scaled by 1/sqrt(hd). Caches are float32 or float16, or int8
-    with scales f32[KVH, C] (value = q * scale), and mean their float32 values.
+    with scales f32[KVH, C, nb] (value i of a row = q[i] * scale[i // (hd / nb)]), and mean
+    their float32 values.
     """
     k_cache = k_cache.astype(np.float32)
     v_cache = v_cache.astype(np.float32)
     if k_scale is not None:
-        k_cache = k_cache * k_scale[..., None]
-        v_cache = v_cache * v_scale[..., None]
+        blk = k_cache.shape[-1] // k_scale.shape[-1]
+        k_cache = k_cache * np.repeat(k_scale, blk, axis=-1)
+        v_cache = v_cache * np.repeat(v_scale, blk, axis=-1)
     T, H, hd = q.shape
     kvh = k_cache.shape[0]
     group = H // kvh
