@@ -1,6 +1,7 @@
 """KV cache encodings side by side: error against f32, memory per token, decode speed.
 
     python benchmarks/kvcache.py [MODEL_DIR ...] [--tokens 300] [--decode 128]
+    NUMBA_NUM_THREADS=1 python benchmarks/kvcache.py --kernel
 
 For each model (default: the demo model): a text of --tokens tokens sampled from the model
 itself (temperature 1, seed 0, f32 cache) is run teacher-forced with each cache encoding; the
@@ -8,6 +9,7 @@ logits at every position are compared with the f32 cache's: max |difference|, th
 largest |logit|, and how often the top-1 token agrees. Then greedy decode speed with each
 encoding after a prompt of half the context, interleaved (ratios in one run are what to read:
 timings on a shared machine are indicative). docs/INTERNALS.md ("KV cache") has the figures.
+--kernel times the attention kernel alone, one decode query over a full cache, per encoding.
 """
 
 import argparse
@@ -72,13 +74,46 @@ def decode_speed(path, n_decode, reps=3):
             **{kv: round(max(v), 1) for kv, v in speeds.items()}}
 
 
+def kernel_times(reps=20):
+    """Microseconds per attention call (best of reps) for (H, KVH, hd, positions) shapes."""
+    from edgellm.runtime import kernels
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for H, kvh, hd, C in [(4, 2, 64, 512), (9, 3, 64, 2048), (32, 4, 64, 2048)]:
+        q = rng.standard_normal((1, H, hd)).astype(np.float32)
+        cfg = argparse.Namespace(n_kv_heads=kvh, head_dim=hd, n_layers=1)
+        times = {}
+        for kv in kvcache.ENCODINGS:
+            c = kvcache.KVCache(cfg, C, kv)
+            c.store(0, 0, rng.standard_normal((C, kvh, hd)).astype(np.float32),
+                    rng.standard_normal((C, kvh, hd)).astype(np.float32))
+            kc, vc, ks, vs = c.layer(0)
+            kernels.attention(q, kc, vc, C - 1, ks, vs)
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                for _ in range(10):
+                    kernels.attention(q, kc, vc, C - 1, ks, vs)
+                best = min(best, (time.perf_counter() - t) / 10)
+            times[kv] = round(best * 1e6)
+        out[f"H{H} KVH{kvh} hd{hd} n{C}"] = times
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="*", help="model directories (default: the demo model)")
     ap.add_argument("--tokens", type=int, default=300, help="teacher-forced positions")
     ap.add_argument("--decode", type=int, default=128, help="tokens decoded per speed run")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--kernel", action="store_true", help="time the attention kernel alone")
     a = ap.parse_args()
+    if a.kernel:
+        for shape, t in kernel_times().items():
+            print(f"{shape:24} " + ", ".join(f"{kv} {us} us" for kv, us in t.items()))
+        print(f"(load average {os.getloadavg()[0]:.2f}: timings indicative)")
+        return
     report = {"load_average": os.getloadavg()[0], "models": {}}
     for path in a.models or [demo_model_path()]:
         cfg = edgellm.load(path).config
