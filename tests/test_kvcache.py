@@ -61,6 +61,27 @@ def test_attention_encoded_cache_tiny():
     test_attention_encoded_cache("int8", 3, 2, 1, 64)
 
 
+@pytest.mark.parametrize("T,kvh,hd", [(1, 2, 64), (7, 3, 96), (5, 2, 16), (3, 1, 24)])
+def test_store_int8_equals_the_codec(T, kvh, hd):
+    """The int8 store kernel encodes each block exactly as encodings.Int8 (bit for bit)."""
+    rng = np.random.default_rng(T * hd)
+    x = (rng.standard_normal((T, kvh, hd)) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
+    x[0, 0, :8] = 0.0
+    blk = kvcache.int8_block(hd)
+    if blk == hd:
+        x[-1, -1] = 0.0  # an all-zero block: scale 0, values 0
+    c = kvcache.KVCache(SimpleNamespace(n_kv_heads=kvh, head_dim=hd, n_layers=1), 10, "int8")
+    c.store(0, 2, x, x)
+    q, s = encodings.codec("int8").quantize(x.transpose(1, 0, 2).reshape(-1, blk))
+    np.testing.assert_array_equal(c.k[0][:, 2:2 + T].reshape(-1, blk), q)
+    np.testing.assert_array_equal(c.k_scale[0][:, 2:2 + T].reshape(-1), s)
+    assert not c.k[0][:, :2].any() and not c.k[0][:, 2 + T:].any()
+
+
+def test_store_int8_tiny():
+    test_store_int8_equals_the_codec(2, 2, 64)
+
+
 def test_attention_rejects_mismatched_caches():
     q = np.zeros((1, 2, 32), np.float32)
     k = np.zeros((1, 8, 32), np.int8)
@@ -75,7 +96,7 @@ def test_no_jit_subset():
                         __file__, "-k", "tiny and not no_jit"], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "2 passed" in r.stdout, r.stdout[-3000:]
+    assert "3 passed" in r.stdout, r.stdout[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,20 +147,23 @@ def logit_errors(path, n):
     return out
 
 
-# Bounds, relative to the largest |logit| (measured: docs/INTERNALS.md, "KV cache"). f16 keeps
-# 11 significant bits: each cached value is off by <= 2^-11 relative, and the logits, a
-# smooth function of them through 4 (2) layers, moved by ~1e-4 of their size (demo 1.4e-4);
-# 2e-3 is 10x that. int8 steps are max|x|/127 per block of 32 (16 times coarser than f16):
-# measured 1.7e-3, bound 2e-2. Top-1: the winner changes only where the top two logits are
-# closer than the error; at ~300 positions that happened nowhere for f16 and int8 on the demo
-# model; allowed: 1% (f16) and 3% (int8) of positions.
-@pytest.mark.parametrize("path,n", [(DEMO, 300), (tiny.converted("llama", "f32"), 200),
-                                    (tiny.converted("llama_relu", "f32"), 200)],
-                         ids=["demo", "hf-llama", "hf-llama-hd32"])
-def test_logit_error_against_f32(path, n):
+# Bounds on max |logit difference| / max |logit| and on top-1 agreement, per model (measured:
+# docs/INTERNALS.md, "KV cache"). f16 keeps 11 significant bits: each cached value is off by
+# <= 2^-11 relative and the logits, a smooth function of them through a few layers, moved by
+# 1.4e-4 (demo) and 6e-4 (random tiny models) of their size; bounds 10x and 5x that. int8 steps
+# are max|x|/127 per block of 32, 16 times coarser: measured 2.3e-3 (demo), 1e-2 and 1.5e-2
+# (tiny); bounds 2e-2 and 4e-2. Top-1 changes only where the two best logits are closer than
+# the error: measured for int8 99.7% (demo) and 97.5-98% (the random tiny models, whose logits
+# are nearly flat, so near-ties are common), for f16 99.5-100%; bounds a few flips below.
+@pytest.mark.parametrize("path,n,f16,int8", [
+    (DEMO, 300, (2e-3, 0.99), (2e-2, 0.97)),
+    (tiny.converted("llama", "f32"), 200, (3e-3, 0.98), (4e-2, 0.94)),
+    (tiny.converted("llama_relu", "f32"), 200, (3e-3, 0.98), (4e-2, 0.94)),
+], ids=["demo", "hf-llama", "hf-llama-hd32"])
+def test_logit_error_against_f32(path, n, f16, int8):
     err = logit_errors(path, n)
-    assert err["f16"][0] < 2e-3 and err["f16"][1] >= 0.99, err
-    assert err["int8"][0] < 2e-2 and err["int8"][1] >= 0.97, err
+    assert err["f16"][0] < f16[0] and err["f16"][1] >= f16[1], err
+    assert err["int8"][0] < int8[0] and err["int8"][1] >= int8[1], err
 
 
 # ---------------------------------------------------------------------------------------------

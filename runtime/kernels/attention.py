@@ -173,3 +173,24 @@ def attention(q, k_cache, v_cache, k_scale, v_scale, lut, simd, start_pos, out):
             for i in range(hd):
                 out[t, h0 + g, i] = o[g, i]
     return out
+
+
+@njit(cache=True)
+def store_int8(x, p0, blk, q, s):
+    """Encode x f32[T, KVH, hd] into the int8 cache q [KVH, C, hd] and its scales
+    s f32[KVH, C, hd / blk] at positions p0..p0+T: per block of blk values, scale max|x| / 127
+    and q = round-half-even(x / scale), as encodings.Int8 does for each block (its reference)."""
+    T, kvh, hd = x.shape
+    for t in range(T):
+        for h in range(kvh):
+            for b in range(hd // blk):
+                o0 = b * blk
+                m = np.float32(0.0)
+                for i in range(blk):
+                    m = max(m, abs(x[t, h, o0 + i]))
+                sc = np.float32(m / np.float32(127.0))
+                inv = np.float32(1.0) / sc if sc > 0 else np.float32(0.0)
+                s[h, p0 + t, b] = sc
+                for i in range(blk):
+                    v = np.rint(x[t, h, o0 + i] * inv)
+                    q[h, p0 + t, o0 + i] = np.int8(min(max(v, -127.0), 127.0))
