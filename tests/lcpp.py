@@ -5,12 +5,13 @@ policy is fixed by whoever starts it first (see benchmarks/decode.py): in one pr
 crawls. The child reads a JSON request and writes a JSON answer:
 
     {"model": FILE.gguf, "n_ctx": N, "jobs": [
-        {"kind": "score", "ids": [...], "first": F},   -> {"nll": [...], "top": [...]}
+        {"kind": "score", "ids": [...], "first": F},   -> {"nll": [...], "top": [...],
+                                                             "margin": [...]}
         {"kind": "generate", "ids": [...], "n": N}]}    -> {"tokens": [...]}
 
 score: run ids from an empty context with logits for every position; for each i >= F, the negative
-log-likelihood of ids[i] given ids[:i] and the top-1 prediction there (edgellm.evaluate.score, the
-same arithmetic edgellm's perplexity uses). generate: greedy, n tokens (stops early at end of
+log-likelihood of ids[i] given ids[:i], the top-1 prediction there and its margin over the second
+logit (edgellm.evaluate.score, the same arithmetic edgellm's perplexity uses). generate: greedy, n tokens (stops early at end of
 generation).
 
     results = lcpp.run("model.gguf", jobs, n_ctx=1024)
@@ -63,7 +64,9 @@ def _serve(req_path, out_path):
         if job["kind"] == "score":
             logits = np.array(llm.scores[:len(ids)], dtype=np.float32)
             nll, top = score(logits, ids, job["first"])
-            results.append({"nll": nll.tolist(), "top": top.tolist()})
+            two = np.sort(logits[job["first"] - 1:len(ids) - 1], axis=1)[:, -2:]
+            results.append({"nll": nll.tolist(), "top": top.tolist(),
+                            "margin": (two[:, 1] - two[:, 0]).tolist()})
         else:
             out = []
             for _ in range(job["n"]):

