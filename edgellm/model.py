@@ -138,8 +138,9 @@ class Model:
         # chat turn only processes its new tokens); at least one token is run to get logits
         reuse = rt.cache.match(ids[:-1])
         new = len(ids) - reuse
+        keep = rt.cache.sinks if rt.cache.n_dropped else sinks  # a shifted cache keeps its own
         if rt.pos + new >= self.n_ctx:  # the prompt must leave room for one generated token
-            if not shift or sinks + new >= self.n_ctx:
+            if not shift or keep + new >= self.n_ctx:
                 raise ContextLengthError(
                     f"the prompt has {len(ids)} tokens ({new} not cached); the context holds "
                     f"{self.n_ctx} (use a shorter prompt or a larger n_ctx)")
@@ -151,7 +152,6 @@ class Model:
                  "token_ids": generated, "finish_reason": "length", "shifts": 0,
                  "context_full": False}
         self.last_stats = stats
-        keep = rt.cache.sinks if rt.cache.n_dropped else sinks  # a shifted cache keeps its own
         if shift:
             while rt.pos + new >= self.n_ctx:
                 rt.shift(min(shift, rt.pos - keep), keep)
@@ -186,7 +186,7 @@ class Model:
                 if not shift:
                     stats["context_full"] = True
                     break
-                rt.shift(shift, keep)
+                rt.shift(min(shift, rt.pos - keep), keep)
                 stats["shifts"] += 1
             logits = rt.forward([tok])[-1]
             forwards += 1

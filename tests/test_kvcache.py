@@ -15,7 +15,7 @@ import edgellm
 import tiny
 from edgellm.cli import demo_model_path
 from edgellm.runtime import encodings, kernels, kvcache
-from edgellm.runtime.errors import EdgeLLMError
+from edgellm.runtime.errors import ContextLengthError, EdgeLLMError
 from edgellm.runtime.kernels import reference as ref
 
 DEMO = demo_model_path()
@@ -339,6 +339,26 @@ def test_window_off_stops_at_the_context():
     s = m.last_stats
     assert s["finish_reason"] == "length" and s["context_full"] and s["shifts"] == 0
     assert s["generated_tokens"] == 64 - n_prompt + 1
+
+
+def test_new_prompt_tokens_make_room_by_shifting():
+    """A continued conversation whose new tokens do not fit shifts before its prefill; new
+    tokens that cannot fit even then are a ContextLengthError, window or not."""
+    m = edgellm.load(DEMO, n_ctx=64)
+    prompt = m.tokenizer.encode(PROMPT)
+    m.complete(prompt, max_tokens=50, temperature=0, context_shift=False)
+    conv = prompt + m.last_stats["token_ids"]
+    extra = m.tokenizer.encode(" She said that the house was very fine indeed, and the rest "
+                               "of them went to town", add_bos=False)
+    assert m.default_cache.pos == len(conv) - 1 and m.default_cache.pos + len(extra) > 64
+    m.complete(conv + extra, max_tokens=5, temperature=0)
+    s, c = m.last_stats, m.default_cache
+    assert s["cached_tokens"] == len(conv) - 1 and s["shifts"] >= 1
+    assert c.pos <= 64 and c.n_dropped + c.pos == len(conv) + len(extra) + 4
+    with pytest.raises(ContextLengthError, match="context holds 64"):
+        m.complete(conv + list(range(5, 70)), max_tokens=5)
+    with pytest.raises(ContextLengthError):  # the window off: the prompt must fit as it is
+        edgellm.load(DEMO, n_ctx=64).complete(conv + extra, max_tokens=5, context_shift=False)
 
 
 def test_learned_positions_refuse_the_window():
