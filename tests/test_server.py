@@ -427,7 +427,7 @@ def test_disconnected_waiting_request_never_runs(server):
         next(lines)  # the long one is running
         with pytest.raises(httpx.ReadTimeout):  # the waiting one gives up
             httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 5},
-                       timeout=0.3)
+                       timeout=0.2)
     after = server.wait_idle()
     assert after["cancelled"] == before["cancelled"] + 2
     assert after["completed"] == before["completed"]
