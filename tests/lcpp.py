@@ -11,8 +11,8 @@ crawls. The child reads a JSON request and writes a JSON answer:
 
 score: run ids from an empty context with logits for every position; for each i >= F, the negative
 log-likelihood of ids[i] given ids[:i], the top-1 prediction there and its margin over the second
-logit (edgellm.evaluate.score, the same arithmetic edgellm's perplexity uses). generate: greedy, n tokens (stops early at end of
-generation).
+logit (edgellm.evaluate.score, the same arithmetic edgellm's perplexity uses). generate: greedy,
+n tokens (stops early at end of generation).
 
     results = lcpp.run("model.gguf", jobs, n_ctx=1024)
 """

@@ -217,7 +217,7 @@ def test_smollm2_gguf_export_in_llama_cpp(tmp_path):
                                      "content": "What is the capital of France?"}])
     jobs = [{"kind": "score", "ids": ids, "first": 1},
             {"kind": "generate", "ids": model.tokenizer.encode(chat), "n": 16}]
-    exported, original = lcpp.run(out, jobs, n_ctx=1024), lcpp.run(src, jobs[:1], n_ctx=1024)
+    exported, original = lcpp.run(out, jobs, n_ctx=1024), lcpp.run(src, jobs, n_ctx=1024)
     assert np.allclose(exported[0]["nll"], original[0]["nll"], rtol=0, atol=1e-4)
     assert exported[0]["top"] == original[0]["top"]
     _, top = score(model.logits(ids), ids, 1)
@@ -227,5 +227,5 @@ def test_smollm2_gguf_export_in_llama_cpp(tmp_path):
           f"over {same.size} positions, {100 * same[clear].mean():.2f}% away from near-ties",
           file=sys.stderr)
     assert same.size == 512 and same.mean() >= 0.96 and same[clear].mean() >= 0.99
-    text = model.tokenizer.decode(exported[1]["tokens"])
-    assert "Paris" in text, text
+    # it generates, the very tokens llama.cpp generates from the original file
+    assert len(exported[1]["tokens"]) == 16 and exported[1] == original[1]
