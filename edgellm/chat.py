@@ -224,6 +224,16 @@ def run(a):
     kind = "fallback" if conv.template.fallback else "the model's"
     print(f"edgellm chat: {path}\ncontext {model.n_ctx} tokens, {kind} chat template. "
           f"/help for commands, Ctrl-D to leave.", file=sys.stderr)
+    try:
+        _repl(conv)
+    finally:
+        if getattr(a, "stats_json", None) and conv.turns:  # the last answer's speed (and flash)
+            from .streamcli import report
+
+            report(model, a)
+
+
+def _repl(conv):
     while True:
         try:
             line = input(PROMPT)
@@ -327,4 +337,9 @@ def stats_table(conv):
                          f"{t['prefill_s'] * 1e3:10.1f}  {rate:12.1f}  {t['finish_reason']}")
     lines.append(f"context: {conv.cache.pos} of {conv.model.n_ctx} tokens cached "
                  f"(KV cache {conv.cache.nbytes() / 1e6:.1f} MB), {len(conv.messages)} messages")
+    flash = (conv.model.last_stats or {}).get("flash") if conv.turns else None
+    if flash:  # running under a DRAM budget: the last answer's reads from flash
+        from .streamcli import text
+
+        lines.append("last answer:\n" + text(flash))
     return "\n".join(lines)
