@@ -64,7 +64,8 @@ def test_checkpoint_loads_in_transformers_and_matches_reference(name):
 def test_edgellm_logits_match_transformers(name):
     ids = tiny.token_ids(name, n=16)
     want = hf_logits(name, ids)
-    got = edgellm.load(tiny.converted(name, "f32")).logits(ids)
+    # f32 KV cache: the f16 default moves logits by ~6e-4 of their size (INTERNALS.md, KV cache)
+    got = edgellm.load(tiny.converted(name, "f32"), kv="f32").logits(ids)
     assert got.shape == want.shape
     assert np.abs(got - want).max() < tolerance(want)
 
