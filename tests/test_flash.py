@@ -329,3 +329,52 @@ def test_small_budget_holds_no_more_than_the_budget(mode):
     model_size = sum(c["size"] for c in manifest["chunks"])
     assert budget < model_size  # a budget that matters
     assert out["peak"] - out["base"] <= budget, out
+
+
+@pytest.fixture(scope="module")
+def relu_with_predictors(tmp_path_factory):
+    from edgellm.converters.convert import convert
+
+    return convert(tiny.checkpoint("llama_relu"), str(tmp_path_factory.mktemp("pred") / "m"),
+                   quant="int8", progress=False, predictor=True)
+
+
+@pytest.mark.slow  # conversion with calibration and predictor training: ~1-2 min here
+def test_window_mode_with_the_models_predictors(relu_with_predictors):
+    """Window mode takes each token's rows from runtime/predictor.py: after every FFN call the
+    predicted rows are cached, the output is the FFN over exactly the cache's rows, and the rows
+    read are the predicted ones that were not cached."""
+    from edgellm.runtime import kernels
+
+    m = edgellm.load(relu_with_predictors, n_ctx=64, dram_budget="2MB")
+    assert m.plan.mode == "window" and m.stream.ffns
+    checked = []
+    for w in m.stream.ffns:
+        call, active = w.__call__, w.predictor.active
+
+        def wrapped(h, w=w, call=call, active=active):
+            seen = []
+            w.predictor.active = lambda x: seen.append(active(x)) or seen[-1]
+            before = w.cache.slot.copy()
+            loaded0 = m.stream.cur.neurons_loaded
+            out = call(h)
+            w.predictor.active = active
+            pred = np.unique(np.concatenate(seen))
+            if pred.size <= w.cache.capacity:
+                assert np.all(w.cache.slot[pred] >= 0)
+                assert m.stream.cur.neurons_loaded - loaded0 == np.sum(before[pred] < 0)
+                c = w.cache
+                ref = kernels.ffn(h, c.buf[:c.n].copy(), w.layout, m.config.d_model,
+                                  m.config.activation, m.config.gated_ffn)
+                np.testing.assert_array_equal(out, ref)
+                checked.append(pred.size)
+            return out
+
+        w.__call__ = wrapped
+    layers = m.runtime.layers
+    for L, w in zip(layers, m.stream.ffns):
+        L.ffn = w.__call__
+    m.complete(tiny.token_ids("llama_relu"), max_tokens=8, temperature=0)
+    assert len(checked) >= 8 * m.config.n_layers
+    f = m.last_stats["flash"]
+    assert 0 < f["neurons_active_per_token"] <= m.config.n_layers * m.config.d_ff
