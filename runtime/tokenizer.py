@@ -53,7 +53,9 @@ class Tokenizer:
             ids = list(self._impl.encode(text))
         else:
             ids = list(self._impl.encode(text, add_special_tokens=False).ids)
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+        # a chat template may write the BOS text itself (Llama 3): never add a second one
+        add = self.add_bos if add_bos is None else add_bos
+        if add and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids
 

@@ -118,3 +118,19 @@ def test_cli_reports_bad_model_dir_without_traceback(tmp_path):
     r = edgellm_cli("run", str(tmp_path), "-p", "x")
     assert r.returncode == 1
     assert "manifest.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bos_written_by_a_template_is_not_doubled():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from edgellm.runtime.tokenizer import Tokenizer
+
+    hf = HFTokenizer(WordLevel({"<s>": 0, "hello": 1, "world": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    hf.pre_tokenizer = Whitespace()
+    hf.add_special_tokens(["<s>"])
+    tok = Tokenizer(hf, "tokenizers", bos_id=0, eos_ids=[], add_bos=True, vocab_size=4)
+    assert tok.encode("hello world") == [0, 1, 2]
+    assert tok.encode("<s>hello world") == [0, 1, 2]  # the template's own BOS is kept, not doubled
+    assert tok.encode("hello <s>", add_bos=False) == [1, 0]

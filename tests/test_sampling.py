@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgellm.model import _split_stop
 from edgellm.runtime.errors import EdgeLLMError
-from edgellm.sampling import Sampler, SamplingParams
+from edgellm.sampling import Sampler, SamplingParams, _top_order
 
 
 def test_greedy_is_argmax():
@@ -67,3 +69,13 @@ def test_split_stop():
     assert _split_stop("abc", []) == ("abc", "", False)
     assert _split_stop("ab\n", ["\n\n"]) == ("ab", "\n", False)
     assert _split_stop("ab\n", ["\n\n"], final=True) == ("ab\n", "", False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-4, 4), min_size=1, max_size=200), st.integers(0, 210))
+def test_top_k_selection_equals_a_full_stable_sort(values, k):
+    # ties at the k-th value are frequent with small integers: the partial selection must
+    # still pick the same ids, in the same order, as sorting everything
+    logits = np.asarray(values, dtype=np.float64)
+    full = np.argsort(-logits, kind="stable")
+    np.testing.assert_array_equal(_top_order(logits, k), full[:k] if k else full)
