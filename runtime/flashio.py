@@ -75,11 +75,17 @@ class FlashReader:
             done += n
         return total
 
+    def _count(self, requests):
+        """Count requests when they are issued, not when they finish: a read-ahead that ends
+        after the step that started it still belongs to that step (per-token stats)."""
+        with self._lock:
+            self.bytes_read += sum(sum(b.nbytes for b in r[2]) for r in requests)
+            self.reads += len(requests)
+
     def _run_all(self, requests):
-        """Run requests one after the other; count them once (per-request overhead matters:
-        a token in window mode makes hundreds of small reads)."""
+        """Run requests one after the other (per-request overhead matters: a token in window
+        mode makes hundreds of small reads)."""
         t = time.perf_counter()
-        total = 0
         for path, offset, bufs in requests:
             fd = self._fd(path)
             try:
@@ -89,18 +95,15 @@ class FlashReader:
             except OSError as e:
                 raise FlashReadError(f"{path}: read of {sum(b.nbytes for b in bufs)} bytes at "
                                      f"offset {offset} failed: {e.strerror or e}") from None
-            total += n
         dt = time.perf_counter() - t
         with self._lock:
-            self.bytes_read += total
-            self.reads += len(requests)
             self.read_s += dt
-        return total
 
     def submit(self, requests):
         """Start requests [(path, offset, [uint8 buffers])] on the pool, as at most `depth`
         tasks of consecutive requests (one task per request costs more than a small read);
         returns a list of futures."""
+        self._count(requests)
         n = len(requests)
         k = min(self.depth, n)
         return [self._pool.submit(self._run_all, requests[j * n // k:(j + 1) * n // k])
@@ -122,6 +125,7 @@ class FlashReader:
     def read(self, requests):
         """Run requests and wait for them. Small batches run on the calling thread."""
         if len(requests) <= 1 or sum(sum(b.nbytes for b in r[2]) for r in requests) < INLINE:
+            self._count(requests)
             self._run_all(requests)
             return
         self.wait(self.submit(requests))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_demo  # noqa: E402  (the recipe itself; this script only changes its sizes)

