@@ -152,10 +152,9 @@ def _mb(n):
 
 def cmd_run(a):
     from . import load
-
-    t0 = time.perf_counter()
     from .streamcli import report, stream_from_args
 
+    t0 = time.perf_counter()
     model = load(a.model, verify=a.verify, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a),
                  **stream_from_args(a))
     load_s = time.perf_counter() - t0
@@ -165,6 +164,8 @@ def cmd_run(a):
             print(f"(compiled kernels in {warm:.1f} s; they are cached for the next run)",
                   file=sys.stderr)
     params = sampling_from_args(a)
+    if getattr(a, "echo", False):  # after the compile note, so that the text reads as one
+        sys.stdout.write(a.prompt)
     for piece in model.generate(a.prompt, max_tokens=a.n, stop=a.stop, params=params,
                                 **window_from_args(a)):
         sys.stdout.write(piece)
@@ -203,7 +204,7 @@ def cmd_demo(a):
         raise EdgeLLMError(f"the demo model is missing from this installation ({path})")
     a.model, a.verify, a.ctx, a.stats, a.threads = path, False, None, True, None
     print(f"demo model: {path}\nprompt: {a.prompt!r}\n", file=sys.stderr)
-    sys.stdout.write(a.prompt)
+    a.echo = True
     cmd_run(a)
 
 
