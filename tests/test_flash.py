@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import edgellm
 import tiny
+from clirun import edgellm_cli
 from edgellm.cli import demo_model_path
 from edgellm.runtime import format
 from edgellm.runtime import plan as planner
@@ -59,12 +60,10 @@ def test_planner_refuses_below_minimum_and_fits_above(mode):
 
 
 def test_plan_command_refusal_names_minimum():
-    r = subprocess.run([sys.executable, "-m", "edgellm.cli", "plan", DEMO, "--dram-budget", "1MB"],
-                       capture_output=True, text=True)
+    r = edgellm_cli("plan", DEMO, "--dram-budget", "1MB")
     assert r.returncode == 1
     assert "minimum is" in r.stderr and "1.00 MB" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "edgellm.cli", "plan", DEMO, "--dram-budget",
-                        "20MB", "--json"], capture_output=True, text=True)
+    r = edgellm_cli("plan", DEMO, "--dram-budget", "20MB", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["read_per_token_bytes"] == 0
 
@@ -321,8 +320,9 @@ def test_small_budget_holds_no_more_than_the_budget(mode):
     runtime allocates for weights and buffers stay within the plan."""
     manifest, cfg = format.read_manifest(DEMO)
     budget = planner.minimum_budget(manifest, cfg, mode, n_ctx=cfg.max_context)
+    # cwd outside the checkout, so that the child imports the installed package
     r = subprocess.run([sys.executable, "-c", MEASURE, DEMO, str(budget), mode],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["allocated"] <= out["plan"] <= budget

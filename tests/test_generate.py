@@ -1,15 +1,12 @@
 """Generation through the KV cache agrees with recomputing from scratch; streaming, stop strings,
 limits and the command line behave as documented."""
 
-import subprocess
-import sys
-import tempfile
-
 import numpy as np
 import pytest
 
 import edgellm
 import tiny
+from clirun import edgellm_cli
 from edgellm.runtime.errors import ContextLengthError, EdgeLLMError
 
 
@@ -96,12 +93,6 @@ def test_bad_generation_parameters(kw, model):
     with pytest.raises(EdgeLLMError):
         model.complete("hi", **kw)
 
-
-def edgellm_cli(*args):
-    """Run the command line as a user would; cwd outside the checkout so that `-m` finds the
-    installed package."""
-    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True,
-                          text=True, timeout=300, cwd=tempfile.gettempdir())
 
 
 def test_cli_run_and_inspect():

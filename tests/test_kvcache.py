@@ -5,7 +5,6 @@ prefix reuse across shifts)."""
 import os
 import subprocess
 import sys
-import tempfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 
 import edgellm
 import tiny
+from clirun import edgellm_cli
 from edgellm.cli import demo_model_path
 from edgellm.runtime import encodings, kernels, kvcache
 from edgellm.runtime.errors import ContextLengthError, EdgeLLMError
@@ -409,10 +409,6 @@ def test_reuse_across_a_shift():
     fresh = edgellm.load(DEMO, n_ctx=64)
     assert fresh.complete(other, max_tokens=10, temperature=0) == mine
 
-
-def edgellm_cli(*args):
-    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True,
-                          text=True, timeout=300, cwd=tempfile.gettempdir())
 
 
 def test_cli_window_options():
