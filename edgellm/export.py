@@ -513,7 +513,7 @@ def _hf_tokenizer(m, dst):
             json.dump(tj, f, ensure_ascii=False)
     else:
         shutil.copyfile(src, os.path.join(dst, spec["file"]))
-    name = lambda i: tok.decode([i]) if i is not None else None  # noqa: E731
+    name = lambda i: tok.token_text(i) if i is not None else None  # noqa: E731
     cfg = {"model_max_length": c.max_context, "add_bos_token": bool(tok.add_bos),
            "add_eos_token": False, "bos_token": name(tok.bos_id),
            "eos_token": name(c.eos_token_ids[0]) if c.eos_token_ids else None,

@@ -65,6 +65,12 @@ class Tokenizer:
             return self._impl.decode(ids)
         return self._impl.decode(ids, skip_special_tokens=False)
 
+    def token_text(self, token_id):
+        """A token's own string in the vocabulary (e.g. "<s>" for a BOS that decodes to "")."""
+        if self.kind == "sentencepiece":
+            return self._impl.id_to_piece(int(token_id))
+        return self._impl.id_to_token(int(token_id))
+
     def streamer(self, context=()):
         """A StreamDecoder; context: the prompt ids, so the first piece gets its leading space."""
         return StreamDecoder(self, context)
