@@ -61,6 +61,8 @@ _USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # before edgellm sets its
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from engines import Edge, Llama  # noqa: E402  (after the thread environment above)
+
 SHAPE = dict(d=2048, layers=22, heads=32, kv=4, head_dim=64, d_ff=5632, vocab=32000,
              theta=10000.0, max_pos=2048, eps=1e-5)
 SEED = 0
@@ -322,7 +324,9 @@ def edgellm_matrix_bytes(rt):
     and padding) and the head; not the token embedding (one row is gathered)."""
     n = rt.head.nbytes
     for L in rt.layers:
-        n += L.q.nbytes + L.k.nbytes + L.v.nbytes + L.o.nbytes + L.bundles.nbytes
+        n += L.q.nbytes + L.k.nbytes + L.v.nbytes + L.o.nbytes + L.ffn.bundles.nbytes
+        if L.ffn.down is not None:  # a GGUF's kept down matrix, outside the bundles
+            n += L.ffn.down.nbytes
     return n
 
 
@@ -363,62 +367,6 @@ def read_bandwidth(mb=1024, repeats=7):
         total(a)
         ts.append(time.perf_counter() - t0)
     return a.nbytes / statistics.median(ts)
-
-
-class Edge:
-    name = "edgellm"
-
-    def __init__(self, path, n_ctx, threads):
-        import edgellm
-
-        try:
-            self.model = edgellm.load(path, n_ctx=n_ctx, threads=threads)  # Numba and BLAS
-        except TypeError:  # an older runtime without the option: numba.set_num_threads only
-            self.model = edgellm.load(path, n_ctx=n_ctx)
-        self.rt = self.model.runtime
-
-    def prefill(self, ids):
-        self.rt.reset()
-        return self.rt.forward(ids)[-1]
-
-    def step(self, tok):
-        return self.rt.forward([tok])[-1]
-
-    def all_logits(self, ids):
-        self.rt.reset()
-        return self.rt.forward(ids, all_logits=True)
-
-
-class Llama:
-    name = "llama.cpp"
-
-    def __init__(self, path, n_ctx, threads, logits_all=False):
-        from llama_cpp import Llama as L
-
-        self.llm = L(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                     n_batch=n_ctx, use_mmap=True, logits_all=logits_all, verbose=False)
-        self.n_vocab = self.llm.n_vocab()
-
-    def _last(self):
-        # the last output row (with logits_all every position has one)
-        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
-
-    def prefill(self, ids):
-        self.llm.reset()
-        self.llm.eval(list(map(int, ids)))
-        return self._last()
-
-    def step(self, tok):
-        self.llm.eval([int(tok)])
-        return self._last()
-
-    def all_logits(self, ids):
-        self.llm.reset()
-        self.llm.eval(list(map(int, ids)))
-        return np.array(self.llm.scores[:len(ids)])
-
-    def close(self):
-        self.llm.close()
 
 
 def run_once(engine, prompt, n_decode):

