@@ -70,12 +70,7 @@ class Reader:
         return name in self.chunks[file]["tensors"]
 
     def matrix(self, file, name):
-        entry = self.entry(file, name)
-        c = encodings.codec(entry["encoding"], entry.get("group_size"))
-        s = None
-        if c.scale_shape(*entry["shape"]) is not None:
-            s = self.array(file, format.scales_name(name))
-        return Matrix(self.array(file, name), s, c, tuple(entry["shape"]))
+        return load_matrix(self, file, name)
 
     def vector(self, file, name):
         """A small tensor (norm weight, bias) as float32."""
@@ -99,3 +94,14 @@ class Reader:
     def close(self):
         # views handed out keep their mmap alive; just drop our references
         self._maps.clear()
+
+
+def load_matrix(src, file, name):
+    """A Matrix from any source with entry() and array() (the mmap Reader, or the streaming
+    runtime's MemorySource, which reads into counted memory)."""
+    entry = src.entry(file, name)
+    c = encodings.codec(entry["encoding"], entry.get("group_size"))
+    s = None
+    if c.scale_shape(*entry["shape"]) is not None:
+        s = src.array(file, format.scales_name(name))
+    return Matrix(src.array(file, name), s, c, tuple(entry["shape"]))

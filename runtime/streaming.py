@@ -26,7 +26,7 @@ from . import encodings, format, kernels
 from .errors import EdgeLLMError
 from .flashio import FlashReader, row_requests, split_request
 from .neuroncache import NeuronCache
-from .reader import Matrix
+from .reader import Matrix, load_matrix
 
 HOT_FREQ = 0.2  # calibrated activation frequency from which a neuron is pinned (when room)
 ALIGN = 64
@@ -73,10 +73,7 @@ class MemorySource:
         c = encodings.codec(entry["encoding"], entry.get("group_size"))
         if (file, name) in self.streamed_rows:
             return RowStreamedMatrix(self, file, name, c, tuple(entry["shape"]))
-        s = None
-        if c.scale_shape(*entry["shape"]) is not None:
-            s = self.array(file, format.scales_name(name))
-        return Matrix(self.array(file, name), s, c, tuple(entry["shape"]))
+        return load_matrix(self, file, name)
 
     def vector(self, file, name):
         return np.asarray(self.array(file, name), dtype=np.float32)
