@@ -3,21 +3,19 @@
 
 The demo model (scripts/train_demo.py) is 5 MB, too small for a DRAM budget to matter. This is
 the same recipe (same text, tokenizer, ReLU-gated Llama, optimizer, schedule, seed) scaled up:
-d_model 512, 8 layers, 8 heads of 64 with 4 KV heads, d_ff 2048, context 512: 33.6M parameters
-(tied embeddings), 67 MB at f16 (the flash benchmark asks for at least 40 MB), d_ff 2048 neurons
-per layer for the predictors and the neuron cache to work with.
+d_model 512, 6 layers, 8 heads of 64 with 4 KV heads, d_ff 2048, context 512: about 25.7M
+parameters (tied embeddings), about 51 MB at f16 (the flash benchmark asks for at least 40 MB),
+d_ff 2048 neurons per layer for the predictors and the neuron cache to work with.
 
     python scripts/get_demo_text.py             # text -> ~/.cache/edgellm-demo/text
     python scripts/train_relu_large.py          # model -> ~/.cache/edgellm-demo/hf-large
     edgellm convert ~/.cache/edgellm-demo/hf-large -o models/relu-large --quant f16 --predictor
     python benchmarks/predictor.py models/relu-large --text ~/.cache/edgellm-demo/text/heldout.txt
 
-Expected time (not measured: estimated from the demo's run): a token costs about 6.8x the
-demo's compute (33.6M vs 4.9M parameters in the matrix products), so at the demo's ~1,800
-tokens/s on one thread this runs ~265 tokens/s; 600 steps of 8 x 512 tokens (2.46M tokens, 1.5x
-the demo's) take about 2.5-3 hours on one thread of these shared cores, roughly half that with
---threads 2 on an idle machine. Any option of train_demo.py can be passed through
-(e.g. --steps 300 for a quicker, weaker model).
+Time: a token costs about 5x the demo's compute (25.7M vs 4.9M parameters in the matrix
+products); 300 steps of 8 x 512 tokens (1.23M tokens, 0.75x the demo's) were sized to finish in
+about an hour on one thread of these shared cores. Any option of train_demo.py can be passed
+through (e.g. --steps 600 for a longer, stronger run).
 """
 from __future__ import annotations
 
@@ -27,8 +25,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_demo  # noqa: E402  (the recipe itself; this script only changes its sizes)
 
-LARGE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=2048, steps=600, lr=1e-3,
-             warmup=60)
+LARGE = dict(d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=2048, steps=300, lr=1e-3,
+             warmup=30)
 
 
 def main(argv=None) -> int:
