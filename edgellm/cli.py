@@ -286,11 +286,12 @@ def build_parser():
     r.add_argument("--verify", action="store_true", help="check checksums before running")
     add_sampling_args(r)
     add_kv_args(r)
-    from .streamcli import add_plan_parser, add_stream_args
+    from .streamcli import add_bench_parser, add_plan_parser, add_stream_args
 
     add_stream_args(r)
     r.set_defaults(func=cmd_run)
     add_plan_parser(sub)
+    add_bench_parser(sub)
 
     d = sub.add_parser("demo", help="generate from the small demo model shipped with edgellm")
     d.add_argument("-p", "--prompt", default=DEMO_PROMPT, help=f"default {DEMO_PROMPT!r}")

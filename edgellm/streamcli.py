@@ -3,6 +3,8 @@
 import json
 import sys
 
+from .runtime.errors import EdgeLLMError
+
 
 def add_stream_args(p):
     g = p.add_argument_group("DRAM budget and flash streaming (docs/INTERNALS.md, Streaming)")
@@ -31,8 +33,9 @@ def stream_from_args(a):
     return out
 
 
-def report(model, a, per_token=False):
-    """--stats: flash figures per token and in total; --stats-json FILE: the same as JSON."""
+def report(model, a, per_token=False, show=None):
+    """--stats (or show=True): flash figures per token and in total; --stats-json FILE: the
+    same as JSON."""
     from .model import stats_summary
 
     st = model.last_stats
@@ -48,7 +51,9 @@ def report(model, a, per_token=False):
 
         f["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         f["dram_budget_bytes"] = None
-    if getattr(a, "stats", False) and st.get("flash"):
+    if show is None:
+        show = getattr(a, "stats", False)
+    if show and st.get("flash"):
         print(text(f, per_token), file=sys.stderr)
     if getattr(a, "stats_json", None):
         with open(a.stats_json, "w") as out:
@@ -106,3 +111,47 @@ def add_plan_parser(sub):
     p.add_argument("--ctx", type=int, default=None, help="context length (KV cache size)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
+
+
+def add_bench_parser(sub):
+    from .cli import DEMO_PROMPT, add_kv_args
+
+    b = sub.add_parser("bench", help="prefill and decode speed, and flash reads under a DRAM "
+                       "budget",
+                       description="Load a model, compile its kernels, prefill a short prompt "
+                       "and generate N tokens greedily; print load time, prefill and decode "
+                       "tokens/s and, under --dram-budget or --mode, the flash statistics "
+                       "(bytes read per token, neurons loaded, cache hit rate, time split).")
+    b.add_argument("model", help="edgellm model directory")
+    b.add_argument("-p", "--prompt", default=DEMO_PROMPT, help=f"default {DEMO_PROMPT!r}")
+    b.add_argument("-n", type=int, default=64, help="tokens to generate (default 64)")
+    b.add_argument("--ctx", type=int, default=None, help="context length (default: model's, "
+                   "capped at 4096)")
+    b.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
+    b.add_argument("--stats", action="store_true", help="also print the flash figures of every "
+                   "step")
+    add_kv_args(b)
+    add_stream_args(b)
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(a):
+    """edgellm bench: `edgellm run --stats` without the text, greedy, flash figures always."""
+    import time
+
+    from . import load
+    from .cli import kv_from_args, print_stats
+    from .sampling import SamplingParams
+
+    if a.n < 1:
+        raise EdgeLLMError(f"-n must be at least 1, got {a.n}")
+    t0 = time.perf_counter()
+    model = load(a.model, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a),
+                 **stream_from_args(a))
+    load_s = time.perf_counter() - t0
+    warm = model.warmup()
+    print(f"model      {a.model}" + (f" (compiled kernels in {warm:.1f} s)" if warm > 1.0 else ""),
+          file=sys.stderr)
+    model.complete(a.prompt, max_tokens=a.n, params=SamplingParams(temperature=0.0, repetition_penalty=1.0))
+    print_stats(model.last_stats, load_s)
+    report(model, a, per_token=a.stats, show=True)

@@ -378,3 +378,21 @@ def test_window_mode_with_the_models_predictors(relu_with_predictors):
     assert len(checked) >= 8 * m.config.n_layers
     f = m.last_stats["flash"]
     assert 0 < f["neurons_active_per_token"] <= m.config.n_layers * m.config.d_ff
+
+
+def test_bench_command_reports_speed_and_flash_reads(tmp_path):
+    """edgellm bench: prefill/decode tokens/s and, under a budget, the flash figures; its JSON
+    bytes per token is what naive mode must read (every FFN bundle of every layer)."""
+    out = tmp_path / "bench.json"
+    r = edgellm_cli("bench", DEMO, "-n", "6", "--dram-budget", "5MB", "--mode", "naive",
+                    "--stats-json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "decode" in r.stderr and "tokens/s" in r.stderr and "per decode token" in r.stderr
+    f = json.loads(out.read_text())
+    manifest, cfg = format.read_manifest(DEMO)
+    assert f["mode"] == "naive" and f["generated_tokens"] == 6 and f["tokens"] == 5
+    assert f["bytes_read_per_token"] == sum(planner.Sizes.of(manifest, cfg).ffn)
+    assert f["decode_tokens_per_s"] > 0 and f["prefill_tokens_per_s"] > 0
+    assert f["peak_rss_bytes"] > 0 and f["dram_budget_bytes"] == 5_000_000
+    r = edgellm_cli("bench", DEMO, "-n", "0")
+    assert r.returncode == 1 and "-n must be at least 1" in r.stderr
