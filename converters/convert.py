@@ -22,7 +22,7 @@ import numpy as np
 from edgellm.runtime import encodings, format
 from edgellm.runtime.errors import ConvertError
 
-from . import arch, calibrate, quantize, writer
+from . import arch, calibrate, quantize, structural, writer
 from .sources import gguf as gguf_source
 from .sources.hf import HFSource
 
@@ -301,7 +301,8 @@ class _Encoder:
 
 
 def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False, command=None,
-            predictor=False, calib=None, calib_options=None):
+            predictor=False, calib=None, calib_options=None, drop_layers=0,
+            drop_metric="angular", prune_neurons=None):
     """Convert the Hugging Face model directory src into the edgellm model directory dst.
 
     quant: f32 | f16 | int8 | int4 (int4 uses groups of group_size values per scale; a matrix
@@ -314,8 +315,20 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     calib: a text file to calibrate on (activation frequencies, hot-first neuron order, SiLU
     thresholds); predictor=True also trains low-rank neuron predictors (on the shipped calibration
     text when calib is None); calib_options: more calibrate.CalibOptions fields as a dict.
+    drop_layers, drop_metric, prune_neurons: structural compression (converters/structural.py):
+    drop this many layers chosen by angular distance or block influence ("bi"), prune this
+    fraction of every layer's FFN neurons; src may then also be an edgellm model directory
+    (quant=None keeps its encodings).
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    if drop_layers or prune_neurons is not None or structural.is_model_dir(src):
+        if quant is not None:
+            quantize.check_quant(quant, group_size)
+        return structural.convert_structural(
+            src, dst, convert, quant=quant, drop_layers=drop_layers, drop_metric=drop_metric,
+            prune_fraction=prune_neurons, calib=calibrate.options(predictor, calib, calib_options),
+            overwrite=overwrite, progress=progress, command=command, group_size=group_size)
+    quant = quant or "f16"
     quantize.check_quant(quant, group_size)
     calib = calibrate.options(predictor, calib, calib_options)
     if gguf_source.is_gguf(src):

@@ -89,9 +89,19 @@ def cmd_convert(a):
     extra = {k: v for k, v in (("tokens", a.calib_tokens), ("rank", a.predictor_rank),
                                ("recall", a.predictor_recall), ("sparsity", a.sparsity))
              if v is not None}
+    command = " ".join(["edgellm"] + sys.argv[1:])
+    if a.recipe:
+        from .converters import recipe
+
+        report = recipe.run(a.src, a.output, a.recipe, overwrite=a.force, command=command)
+        print(recipe.report_table(report))
+        print(f"wrote {a.output}")
+        return
     dst = convert(a.src, a.output, quant=a.quant, group_size=a.group_size, progress=True,
-                  overwrite=a.force, command=" ".join(["edgellm"] + sys.argv[1:]),
-                  predictor=a.predictor, calib=a.calib, calib_options=extra)
+                  overwrite=a.force, command=command,
+                  predictor=a.predictor, calib=a.calib, calib_options=extra,
+                  drop_layers=a.drop_layers, drop_metric=a.drop_metric,
+                  prune_neurons=a.prune_neurons)
     print(f"wrote {dst}")
 
 
@@ -244,11 +254,13 @@ def build_parser():
                        "edgellm format",
                        description="Convert a Hugging Face checkpoint directory (config.json, "
                        "safetensors, tokenizer) or a GGUF file into an edgellm model directory.")
-    c.add_argument("src", help="Hugging Face model directory or GGUF file")
+    c.add_argument("src", help="Hugging Face model directory or GGUF file (or an edgellm model "
+                   "directory, with --drop-layers, --prune-neurons or --recipe)")
     c.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
-    c.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "keep"], default="f16",
-                   help="weight encoding (default f16); keep: a GGUF's Q8_0/Q4_0/Q4_1 blocks "
-                        "as they are, other tensor types in the nearest encoding")
+    c.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "keep"], default=None,
+                   help="weight encoding (default f16; an edgellm directory keeps its own); keep: "
+                        "a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are, other tensor types in the "
+                        "nearest encoding")
     c.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="int4 group size (default 32)")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -267,6 +279,19 @@ def build_parser():
     g.add_argument("--sparsity", type=float, default=None,
                    help="SiLU models: fraction of neurons below the magnitude threshold "
                    "(default 0.5)")
+    g = c.add_argument_group("structural compression and recipes (docs/COMPRESSION.md)")
+    g.add_argument("--drop-layers", type=int, default=0, metavar="N",
+                   help="drop N layers, measured on the calibration text")
+    g.add_argument("--drop-metric", choices=["angular", "bi"], default="angular",
+                   help="angular: the block of N consecutive layers whose input and output are "
+                   "closest (Gromov et al.); bi: the N layers of lowest block influence "
+                   "(ShortGPT). Default angular")
+    g.add_argument("--prune-neurons", type=float, default=None, metavar="FRACTION",
+                   help="prune this fraction of every layer's FFN neurons, the least often "
+                   "active on the calibration text")
+    g.add_argument("--recipe", metavar="RECIPE.toml", default=None,
+                   help="apply the compression steps of a recipe in order, with a report per "
+                   "step (docs/COMPRESSION.md)")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="show a model's config, sizes and encodings")
