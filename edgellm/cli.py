@@ -387,6 +387,15 @@ def build_parser():
     v.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
     v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default info: one line per request)")
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on "
+                   "every /v1 route (default: $EDGELLM_API_KEY; unset: no key)")
+    v.add_argument("--max-body", type=int, default=None, metavar="BYTES",
+                   help="largest request body; larger ones get 413 (default 1 MiB)")
+    v.add_argument("--dram-budget", default=None, metavar="SIZE",
+                   help="memory for the model and all --kv-slots KV caches, e.g. 300MB; weights "
+                   "beyond it stream from flash")
+    v.add_argument("--mode", choices=["window", "dense", "naive"], default=None,
+                   help="streaming mode under --dram-budget (see edgellm run --help)")
     v.set_defaults(func=cmd_serve)
     return p
 

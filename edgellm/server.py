@@ -17,6 +17,7 @@ conversation continued through the API only runs its new tokens.
 import asyncio
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -38,6 +39,7 @@ DEFAULT_QUEUE = 8  # requests waiting behind the running one
 DEFAULT_KV_SLOTS = 4  # KV caches kept for reuse (allocated when first needed)
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
 MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_STOP_CHARS = 256  # each stop string is searched for in the text's tail after every token
 
 # Server-side defaults follow OpenAI's meaning of an absent field: plain sampling at temperature 1,
 # no truncation, no penalty (not the CLI's defaults, which suit a person typing prompts).
@@ -175,7 +177,9 @@ class CommonRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy")
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | \
+        Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]],
+                  Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -426,6 +430,17 @@ class Service:
         self.model, self.name, self.engine = model, name, engine
         self.template = model.template()
         self.created = int(time.time())
+        # Refuse before tokenizing (which runs on the event loop) a prompt with more characters
+        # than the context could hold were every token the vocabulary's longest.
+        tok = model.tokenizer
+        longest = max(len(tok.token_text(i)) for i in range(model.config.vocab_size))
+        self.max_prompt_chars = model.n_ctx * max(longest, 1)
+
+    def check_prompt_chars(self, n, param):
+        if n > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {n} characters; this server takes at most "
+                           f"{self.max_prompt_chars} (the context of {self.model.n_ctx} tokens "
+                           "could not hold more)", param=param, code="context_length_exceeded")
 
     def model_card(self):
         return {"id": self.name, "object": "model", "created": self.created,
@@ -464,6 +479,7 @@ class Service:
         self.check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
             prompt = self.template.render(messages)
         except EdgeLLMError as e:
@@ -478,6 +494,7 @@ class Service:
         prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) \
             else req.prompt
         if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt), "prompt")
             ids = self.model.tokenizer.encode(prompt)
         else:
             vocab = self.model.config.vocab_size
@@ -586,10 +603,15 @@ class Service:
             job.cancel()  # no-op when finished; stops the worker when the client has gone
 
 
-def create_app(model, name, queue_size=DEFAULT_QUEUE, kv_slots=DEFAULT_KV_SLOTS):
+def create_app(model, name, queue_size=DEFAULT_QUEUE, kv_slots=DEFAULT_KV_SLOTS, api_key=None,
+               max_body=None):
     """The FastAPI app serving a loaded Model under the id `name`. The engine's worker starts
-    with the app (lifespan) and stops with it; app.state.engine is the Engine."""
+    with the app (lifespan) and stops with it; app.state.engine is the Engine. api_key: every
+    /v1 route needs `Authorization: Bearer api_key`; max_body: bytes (default 1 MiB), 413
+    beyond (edgellm/guard.py)."""
     from contextlib import asynccontextmanager
+
+    from .guard import DEFAULT_MAX_BODY, Guard
 
     engine = Engine(model, queue_size=queue_size, kv_slots=kv_slots)
     service = Service(model, name, engine)
@@ -612,7 +634,7 @@ def create_app(model, name, queue_size=DEFAULT_QUEUE, kv_slots=DEFAULT_KV_SLOTS)
     errors = {s: {"description": d, "content": {"application/json": {"example": APIError(
         s, d).body()}}} for s, d in [(400, "invalid request"), (404, "unknown model"),
                                     (503, "queue full"), (500, "internal error")]}
-    v1 = APIRouter(prefix="/v1", responses=errors)  # issue 9's API key goes on this router
+    v1 = APIRouter(prefix="/v1", responses=errors)  # the API key: Guard, below
 
     @app.exception_handler(APIError)
     async def on_api_error(request, exc):
@@ -660,6 +682,8 @@ def create_app(model, name, queue_size=DEFAULT_QUEUE, kv_slots=DEFAULT_KV_SLOTS)
         return await service.respond(request, req, service.completion_job(req), chat=False)
 
     app.include_router(v1)
+    # outside the routes: it covers every route, including ones added after this line
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body or DEFAULT_MAX_BODY)
     return app
 
 
@@ -671,19 +695,43 @@ def _url(host, port):
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT_QUEUE,
-          kv_slots=DEFAULT_KV_SLOTS, n_ctx=None, threads=None, log_level="info"):
-    """Load a model and serve it until Ctrl-C (SIGINT) or SIGTERM."""
-    import os
+def model_budget(model_path, dram_budget, kv_slots, n_ctx=None):
+    """The DRAM budget left for the model once the pool's other KV caches are set aside: the
+    planner counts one KV cache (the model's own), the server keeps up to kv_slots."""
+    from .model import DEFAULT_CONTEXT
+    from .runtime import format, plan
 
+    total = plan.parse_budget(dram_budget)
+    _, config = format.read_manifest(os.fspath(model_path))
+    n = n_ctx or min(config.max_context, DEFAULT_CONTEXT)
+    extra = (max(1, kv_slots) - 1) * plan.kv_bytes(config, n)
+    if total - extra <= 0:
+        raise EdgeLLMError(f"--dram-budget {dram_budget}: the {kv_slots} KV caches of {n} "
+                           f"positions alone take {plan.human(extra + plan.kv_bytes(config, n))}"
+                           "; lower --kv-slots or --ctx")
+    return total - extra
+
+
+def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT_QUEUE,
+          kv_slots=DEFAULT_KV_SLOTS, n_ctx=None, threads=None, log_level="info", api_key=None,
+          max_body=None, dram_budget=None, mode=None):
+    """Load a model and serve it until Ctrl-C (SIGINT) or SIGTERM. dram_budget covers the
+    model and all kv_slots KV caches (model_budget)."""
     import uvicorn
 
     from . import load
+    from .runtime.plan import human
 
-    model = load(model_path, n_ctx=n_ctx, threads=threads)
+    stream = {}
+    if dram_budget is not None or mode is not None:
+        budget = None if dram_budget is None else model_budget(model_path, dram_budget,
+                                                                 kv_slots, n_ctx)
+        stream = {"dram_budget": budget, "mode": mode}
+    model = load(model_path, n_ctx=n_ctx, threads=threads, **stream)
     model.warmup()
     name = name or os.path.basename(os.path.normpath(os.fspath(model_path)))
-    app = create_app(model, name, queue_size=queue_size, kv_slots=kv_slots)
+    app = create_app(model, name, queue_size=queue_size, kv_slots=kv_slots, api_key=api_key,
+                     max_body=max_body)
     url = _url(host, port)
 
     class Server(uvicorn.Server):
@@ -694,9 +742,13 @@ def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT
                 print(f"edgellm serve: {name} at {url}/v1 (n_ctx {model.n_ctx}, queue "
                       f"{queue_size}, up to {kv_slots} KV caches of {kv:.1f} MB); "
                       "Ctrl-C stops", flush=True)
-                if host not in ("127.0.0.1", "localhost", "::1"):
-                    print(f"warning: listening on {host}: anyone who can reach this address can "
-                          "use the model", flush=True)
+                if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+                    print(f"warning: listening on {host} with no --api-key: anyone who can reach "
+                          "this address can use the model", flush=True)
+                if dram_budget is not None:
+                    print(f"edgellm serve: DRAM budget {human(model.plan.budget)} for the model "
+                          f"and its first KV cache, {kv_slots - 1} more KV caches set aside",
+                          flush=True)
 
         async def shutdown(self, sockets=None):
             engine = app.state.engine
@@ -727,4 +779,5 @@ def serve_command(a):
 
     serve(resolve_model(a.model), host=a.host, port=a.port, name=a.name,
           queue_size=a.queue_size, kv_slots=a.kv_slots, n_ctx=a.ctx, threads=a.threads,
-          log_level=a.log_level)
+          log_level=a.log_level, api_key=a.api_key or os.environ.get("EDGELLM_API_KEY") or None,
+          max_body=a.max_body, dram_budget=a.dram_budget, mode=a.mode)

@@ -99,3 +99,5 @@ class ChatTemplate:
             raise
         except JinjaError as e:  # includes the sandbox's SecurityError
             raise TemplateError(f"chat template failed: {e}") from None
+        except Exception as e:  # the template's own code failing ({{ 1 // 0 }}, {% include %})
+            raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
