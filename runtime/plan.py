@@ -11,9 +11,13 @@ row by row, one row per token. Then, from what is left:
 
     attention of a layer    resident, or streamed with its layer
     FFN of a layer          dense: resident whole, or streamed whole every token
-                            naive: streamed whole every token (the paper's baseline)
+                            naive: streamed whole every token (the paper's baseline); when a
+                            whole layer does not fit, read in chunks of rows through two
+                            chunk buffers (sums in another order: not bit-exact)
                             window: a neuron cache per layer (runtime/neuroncache.py), as many
-                            rows as the budget allows (hot rows pinned first when calibrated)
+                            rows as the budget allows (hot rows pinned first when calibrated);
+                            a cache smaller than a token's active set still works (the rest is
+                            read and computed in batches through it) down to MIN_CACHE_ROWS
 
 Layers whose attention (dense/naive: or FFN) streams are read into one of two staging buffers,
 the next one read ahead while the current one computes. The plan with the most resident bytes
@@ -32,6 +36,8 @@ DEFAULT_WINDOW = 5  # tokens a neuron stays cached after its last use (the paper
 DEFAULT_ACTIVE_FRACTION = 0.25  # when the model states none: per-token active share assumed
 PREFILL_TILE = 4 << 20  # kernels.TILE_BYTES: the float32 tile prefill (T > 1) dequantizes into
 PREFILL_BLOCK = 256
+MIN_CACHE_ROWS = 32  # window: smallest neuron cache per layer (below, batches cost more than reads)
+MIN_CHUNK_ROWS = 32  # naive: smallest chunk of FFN rows read and computed at once
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -83,6 +89,7 @@ class Plan:
     stage_bytes: int  # bytes of each of the two staging buffers (0: nothing streams whole)
     prefill_block: int  # tokens per prefill block (1 when the prefill tile does not fit)
     window: int
+    ffn_chunk_rows: int = 0  # naive: FFN rows per chunk buffer (0: whole FFN in the staging)
     parts: list = field(default_factory=list)
 
     @property
@@ -108,6 +115,7 @@ class Plan:
         return {"mode": self.mode, "budget_bytes": self.budget, "total_bytes": self.total,
                 "read_per_token_bytes": self.read_per_token, "window": self.window,
                 "prefill_block": self.prefill_block, "stage_bytes": self.stage_bytes,
+                "ffn_chunk_rows": self.ffn_chunk_rows,
                 "parts": [p.__dict__ for p in self.parts]}
 
 
@@ -197,7 +205,9 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
     L = cfg.n_layers
     a_frac = active_fraction if active_fraction is not None else DEFAULT_ACTIVE_FRACTION
     fracs = list(a_frac) if isinstance(a_frac, (list, tuple)) else [a_frac] * L
-    min_rows = [max(1, math.ceil(fr * s.d_ff)) for fr in fracs]  # one token's worth per layer
+    # one token's worth of rows per layer is what reuse needs; less still runs (batches)
+    want_rows = [max(1, math.ceil(fr * s.d_ff)) for fr in fracs]
+    min_rows = [min(s.d_ff, MIN_CACHE_ROWS, w) for w in want_rows]
     row_cost = cache_row_overhead(s.stride)
     slot_bytes = 4 * s.d_ff  # NeuronCache.slot
 
@@ -215,23 +225,23 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
     scratch1 = scratch_bytes(cfg, n_ctx, 1)
     scratchP = scratch_bytes(cfg, n_ctx, PREFILL_BLOCK)
 
-    def stage(n_attn_res, n_ffn_res):
+    def stage(n_attn_res, n_ffn_res, chunked=False):
         """Bytes of one staging buffer: the largest streamed (attention + whole FFN) of a layer."""
         out = 0
         for i in range(L):
             b = (0 if i < n_attn_res else s.attn[i] + 8 * 64)  # + alignment of 8 tensors
-            if mode != "window" and (mode == "naive" or i >= n_ffn_res):
+            if mode != "window" and not chunked and (mode == "naive" or i >= n_ffn_res):
                 b += s.ffn[i] + 64
             out = max(out, b)
         return out
 
-    def cost(a, f, rows):
+    def cost(a, f, rows, chunk=0):
         res = sum(s.attn[:a])
         if mode == "dense":
             res += sum(s.ffn[:f])
         if mode == "window":
             res += sum(rows) * row_cost + L * slot_bytes
-        return fixed_total + res + 2 * stage(a, f)
+        return fixed_total + res + 2 * stage(a, f, chunk > 0) + 2 * chunk * s.stride
 
     def share(extra):
         """Cache rows per layer: the minimum plus `extra` rows shared in proportion to each
@@ -252,22 +262,33 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
                 break
         return rows
 
-    best = None
-    for a in range(L, -1, -1):
-        for f in ((range(L, -1, -1)) if mode == "dense" else (0,)):
-            base = cost(a, f, min_rows if mode == "window" else [0] * L)
-            for sc, block in ((scratchP, PREFILL_BLOCK), (scratch1, 1)):
-                if base + sc > budget:
-                    continue
-                rows = [0] * L
-                if mode == "window":
-                    rows = share((budget - base - sc) // row_cost)
-                key = (sum(s.attn[:a]) + (sum(s.ffn[:f]) if mode == "dense" else 0)
-                       + sum(rows) * s.stride, block)
-                if best is None or key > best[0]:
-                    best = (key, a, f, rows, block, sc)
-                break
-    minimum = min(cost(a, f, min_rows if mode == "window" else [0] * L)
+    def search(chunked):
+        best = None
+        for a in range(L, -1, -1):
+            for f in ((range(L, -1, -1)) if mode == "dense" else (0,)):
+                base = cost(a, f, min_rows if mode == "window" else [0] * L,
+                            MIN_CHUNK_ROWS if chunked else 0)
+                for sc, block in ((scratchP, PREFILL_BLOCK), (scratch1, 1)):
+                    if base + sc > budget:
+                        continue
+                    rows, chunk = [0] * L, 0
+                    if mode == "window":
+                        rows = share((budget - base - sc) // row_cost)
+                    if chunked:  # the chunk buffers take what is left
+                        chunk = min(s.d_ff, MIN_CHUNK_ROWS
+                                    + (budget - base - sc) // (2 * s.stride))
+                    key = (sum(s.attn[:a]) + (sum(s.ffn[:f]) if mode == "dense" else 0)
+                           + sum(rows) * s.stride, block, chunk)
+                    if best is None or key > best[0]:
+                        best = (key, a, f, rows, block, sc, chunk)
+                    break
+        return best
+
+    best = search(False)
+    if best is None and mode == "naive":  # a whole layer's FFN does not fit: read it in chunks
+        best = search(True)
+    minimum = min(cost(a, f, min_rows if mode == "window" else [0] * L,
+                       MIN_CHUNK_ROWS if mode == "naive" else 0)
                   for a in range(L + 1) for f in range(L + 1)) + scratch1
     if best is None:
         raise EdgeLLMError(
@@ -275,17 +296,18 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
             f"minimum is {human(minimum)} ({minimum} bytes: norms, head, KV cache for {n_ctx} "
             f"positions, scratch and two staging buffers"
             + (f", and {sum(min_rows)} cached neurons" if mode == "window" else "")
+            + (f", and two chunks of {MIN_CHUNK_ROWS} FFN rows" if mode == "naive" else "")
             + "); a shorter context (--ctx) lowers it")
-    _, a, f, rows, block, sc = best
+    _, a, f, rows, block, sc, chunk = best
 
     attn_res = [i < a for i in range(L)]
     ffn_res = [mode == "dense" and i < f for i in range(L)]
     pinned = [0] * L
     if mode == "window" and hot_rows is not None:
         pinned = [min(int(h), r // 2) for h, r in zip(hot_rows, rows)]
-    st = stage(a, f)
+    st = stage(a, f, chunk > 0)
     plan = Plan(mode, budget, L, attn_res, ffn_res, rows,
-                pinned, st, block, window)
+                pinned, st, block, window, chunk)
     plan.parts = list(fixed)
     n_sa = L - a
     if a:
@@ -301,14 +323,20 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
                                    "all neurons every token"))
     elif mode == "naive":
         plan.parts.append(Part(f"FFN, {L} layers", 0, "streamed", sum(s.ffn),
-                               "all neurons every token (naive)"))
+                               "all neurons every token (naive)"
+                               + (f", in chunks of {chunk} rows" if chunk else "")))
+        if chunk:
+            plan.parts.append(Part("FFN chunk buffers (2)", 2 * chunk * s.stride, "buffer"))
     else:
         est = sum(fracs) * s.d_ff * s.stride
+        short = sum(r < w for r, w in zip(rows, want_rows))
         plan.parts.append(Part(f"neuron caches, {min(rows)}..{max(rows)} rows per layer",
                                sum(rows) * row_cost + L * slot_bytes,
                                "buffer", est,
                                f"window k={window}; read/token at most {sum(fracs) / L:.0%} of rows"
                                + (" (assumed)" if active_fraction is None else "")
+                               + (f"; {short} layers cache less than a token's active set"
+                                  if short else "")
                                + (f", {sum(pinned)} pinned" if sum(pinned) else "")))
     if st:
         plan.parts.append(Part("staging buffers (2)", 2 * st, "buffer"))

@@ -11,6 +11,8 @@ Where weights live under a budget (docs/INTERNALS.md, "Streaming"):
 - Layers whose attention (dense/naive: or whole FFN) streams are read into one of two staging
   buffers; entering a layer waits for its read and starts the next streamed layer's read into the
   other buffer, so I/O overlaps compute (after the last layer, the first one of the next token).
+- Naive mode when a layer's whole FFN does not fit the budget: a ChunkedFFN reads its rows in
+  chunks through two buffers, the next chunk read while the current one computes.
 - Window mode: each layer's FFN is a WindowFFN over a NeuronCache; the predictor says which
   neurons a token needs, only the missing rows are read, and the FFN is computed from the cache's
   rows (all of them: rows cached for recent tokens are computed too, which costs a little compute
@@ -170,7 +172,8 @@ class Stream:
         self._reader = reader  # the mapped reader: only the test oracle reads through it
         self._predictors = predictors  # callable layer -> predictor, or None
         self.oracle = oracle
-        self.ffns = []  # window FFNs
+        self.ffns = []  # window FFNs (naive in chunks: ChunkedFFNs)
+        self.chunk_bufs = []  # naive in chunks: the two chunk buffers all layers share
         L = cfg.n_layers
         self.staged = [None] * L
         self.stage_bufs = []
@@ -189,8 +192,8 @@ class Stream:
             if not plan.attn_resident[i]:
                 for n in ("attn_q", "attn_k", "attn_v", "attn_o"):
                     names += list(format.stored_tensors(n, src.entry(f, n)))
-            full_ffn_streams = plan.mode == "naive" or (plan.mode == "dense"
-                                                        and not plan.ffn_resident[i])
+            full_ffn_streams = ((plan.mode == "naive" and not plan.ffn_chunk_rows)
+                                or (plan.mode == "dense" and not plan.ffn_resident[i]))
             if full_ffn_streams:
                 names.append("ffn_bundles")
             if names:
@@ -213,6 +216,8 @@ class Stream:
         layout = src.entry(f, "ffn_bundles")["parts"]
         if plan.mode == "window":
             ffn = self._window_ffn(i, layout, up_bias, down_bias)
+        elif plan.mode == "naive" and plan.ffn_chunk_rows:
+            ffn = self._chunked_ffn(i, layout, up_bias, down_bias)
         elif plan.mode == "dense" and plan.ffn_resident[i]:
             ffn = ResidentFFN(cfg, src.array(f, "ffn_bundles"), layout, up_bias, down_bias)
         else:
@@ -241,6 +246,16 @@ class Stream:
             rows = cache.pin(np.arange(plan.pinned_rows[i], dtype=np.int32))
             self.flash.read(row_requests(path, b, shape[1], np.arange(rows.size), cache.buf,
                                          rows))
+        self.ffns.append(w)
+        return w
+
+    def _chunked_ffn(self, i, layout, up_bias, down_bias):
+        path, dtype, shape, b, e = self.src.extent(format.layer_chunk(i), "ffn_bundles")
+        if not self.chunk_bufs:
+            self.chunk_bufs = [np.zeros((self.plan.ffn_chunk_rows, shape[1]), np.uint8)
+                               for _ in range(2)]
+            self.src.allocated["FFN chunk buffers"] = 2 * self.chunk_bufs[0].nbytes
+        w = ChunkedFFN(self, path, b, shape[0], layout, up_bias, down_bias)
         self.ffns.append(w)
         return w
 
@@ -343,7 +358,8 @@ class Stream:
         """Empty the neuron caches (pinned rows stay) and the staging state."""
         self.abort()
         for w in self.ffns:
-            w.cache.evict_unpinned()
+            if isinstance(w, WindowFFN):
+                w.cache.evict_unpinned()
 
     def reset_stats(self):
         self.history = []
@@ -466,6 +482,55 @@ class WindowFFN:
                 done += batch.size
             if s is not None:
                 s.neurons_computed += done
+        if self.down_bias is not None:
+            out += self.down_bias
+        return out
+
+
+class ChunkedFFN:
+    """One layer's FFN read whole every token (naive) through the stream's two chunk buffers:
+    chunk j+1 is read while chunk j computes; the output is the sum of the chunks' FFNs."""
+
+    def __init__(self, stream, path, base, n, layout, up_bias, down_bias):
+        self.stream, self.path, self.base, self.n = stream, path, base, n
+        self.layout, self.up_bias, self.down_bias = layout, up_bias, down_bias
+        self.cfg = stream.cfg
+
+    def _submit(self, j, r0, r1):
+        buf = self.stream.chunk_bufs[j % 2]
+        stride = buf.shape[1]
+        return self.stream.flash.submit(split_request(self.path, self.base + r0 * stride,
+                                                      buf[:r1 - r0].reshape(-1)))
+
+    def __call__(self, h):
+        cfg, s, flash = self.cfg, self.stream.cur, self.stream.flash
+        R = self.stream.chunk_bufs[0].shape[0]
+        chunks = [(r0, min(self.n, r0 + R)) for r0 in range(0, self.n, R)]
+        pending = self._submit(0, *chunks[0])
+        out = None
+        try:
+            for j, (r0, r1) in enumerate(chunks):
+                t = time.perf_counter()
+                p, pending = pending, None
+                flash.wait(p)
+                if j + 1 < len(chunks):  # the other buffer's chunk is computed: reuse it
+                    pending = self._submit(j + 1, *chunks[j + 1])
+                if s is not None:
+                    s.io_s += time.perf_counter() - t
+                bias = None
+                if self.up_bias is not None and not cfg.gated_ffn:
+                    bias = self.up_bias[r0:r1]
+                part = kernels.ffn(h, self.stream.chunk_bufs[j % 2][:r1 - r0], self.layout,
+                                   cfg.d_model, cfg.activation, cfg.gated_ffn, bias)
+                out = part if out is None else out + part
+        finally:
+            if pending is not None:  # an error: let the read in flight finish first
+                try:
+                    flash.wait(pending)
+                except EdgeLLMError:
+                    pass
+        if s is not None:
+            s.neurons_loaded += self.n
         if self.down_bias is not None:
             out += self.down_bias
         return out

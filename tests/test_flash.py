@@ -57,6 +57,9 @@ def test_planner_refuses_below_minimum_and_fits_above(mode):
     if mode == "naive":  # the baseline reads every FFN byte whatever the budget
         sizes = planner.Sizes.of(manifest, cfg)
         assert previous == sum(sizes.ffn)
+        # at the minimum the FFN is read in chunks through two small buffers, not staged whole
+        p = planner.make_plan(manifest, cfg, low, mode, n_ctx=256)
+        assert p.ffn_chunk_rows == planner.MIN_CHUNK_ROWS and p.stage_bytes < min(sizes.ffn)
 
 
 def test_plan_command_refusal_names_minimum():
@@ -206,7 +209,16 @@ def test_streaming_is_exact(name, mode):
         if budget == low and name == "demo":  # at the minimum every layer streams whole
             assert not any(m.plan.attn_resident) and m.plan.stage_bytes
         got = _tokens_and_logits(m, ids)
-        assert np.array_equal(got[0], ref[0]) and got[1:] == ref[1:]
+        if m.plan.ffn_chunk_rows:
+            # naive below a whole layer's FFN reads it in chunks: the same neurons, summed chunk
+            # by chunk (another float order, and the decode kernel splits rows per thread
+            # differently), so equal up to rounding, not bitwise; the decode kernel quantizes
+            # activations to int8, where a rounding-level change can move a value by one step
+            # (seen: 1e-6 on 11 positions, 4e-2 of a max of 11 on one), hence 1e-2 of the max
+            assert mode == "naive" and budget == low
+            np.testing.assert_allclose(got[0], ref[0], atol=1e-2 * np.abs(ref[0]).max())
+        else:
+            assert np.array_equal(got[0], ref[0]) and got[1:] == ref[1:]
         assert m.stream.allocated_bytes <= budget
 
 
