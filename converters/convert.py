@@ -326,8 +326,9 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
             quantize.check_quant(quant, group_size)
         return structural.convert_structural(
             src, dst, convert, quant=quant, drop_layers=drop_layers, drop_metric=drop_metric,
-            prune_fraction=prune_neurons, calib=calibrate.options(predictor, calib, calib_options),
-            overwrite=overwrite, progress=progress, command=command, group_size=group_size)
+            prune_fraction=prune_neurons, predictor=predictor, calib=calib,
+            calib_options=calib_options, overwrite=overwrite, progress=progress, command=command,
+            group_size=group_size)
     quant = quant or "f16"
     quantize.check_quant(quant, group_size)
     calib = calibrate.options(predictor, calib, calib_options)

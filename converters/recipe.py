@@ -395,8 +395,9 @@ def measure(model_dir, s, eval_text):
     model = edgellm.load(model_dir, n_ctx=ctx)
     r = perplexity(model, eval_text, ctx=ctx, max_tokens=s["eval_tokens"])
     row.update({"perplexity": round(r["perplexity"], 4), "eval_tokens": r["tokens"]})
-    prompt = eval_text[:200]
-    list(model.generate(prompt, max_tokens=s["decode_tokens"], temperature=0.0))
+    prompt = model.tokenizer.encode(eval_text)[:min(16, ctx // 2)]
+    n = max(1, min(s["decode_tokens"], ctx - len(prompt) - 1))
+    list(model.generate(prompt, max_tokens=n, temperature=0.0))
     row["decode_tokens_per_s"] = round(stats_summary(model.last_stats)["decode_tokens_per_s"], 2)
     return row
 

@@ -389,13 +389,14 @@ def remove_tree(path):
 
 
 def convert_structural(src, dst, convert_fn, quant=None, drop_layers=0, drop_metric="angular",
-                       prune_fraction=None, calib=None, overwrite=False, progress=True,
-                       command=None, **convert_kw):
+                       prune_fraction=None, predictor=False, calib=None, calib_options=None,
+                       overwrite=False, progress=True, command=None, **convert_kw):
     """`edgellm convert` with structural steps: convert src (unless it is already an edgellm
     directory and no quant is asked for; an edgellm directory with a quant is exported to float32
-    and converted again), then drop layers, then prune neurons, then calibrate (calib:
-    CalibOptions from calibrate.options, or None), each into a work directory next to dst; the
-    result is staged and renamed to dst. Returns dst."""
+    and converted again), then drop layers, then prune neurons (both measured on the calibration
+    text `calib`, default the shipped one, with calib_options), then calibrate when predictor or
+    calib is given, each into a work directory next to dst; the result is staged and renamed to
+    dst. Returns dst."""
     from .recipe import source_info
 
     src, dst = os.fspath(src), os.fspath(dst)
@@ -405,8 +406,13 @@ def convert_structural(src, dst, convert_fn, quant=None, drop_layers=0, drop_met
         check_metric(drop_metric)
     if prune_fraction is not None:
         check_fraction(prune_fraction)
+    final = calibrate.options(predictor, calib, calib_options)
+    try:
+        opts = calibrate.CalibOptions(text=calib, **{"tokens": 4096, **(calib_options or {})})
+    except TypeError as e:
+        raise ConvertError(f"calibration options: {e}") from None
+    opts.check()
     writer.check_destination(dst, overwrite, src)
-    opts = calib or calibrate.CalibOptions(tokens=4096).check()
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".work-", dir=parent)
@@ -431,11 +437,11 @@ def convert_structural(src, dst, convert_fn, quant=None, drop_layers=0, drop_met
             out = os.path.join(work, "pruned")
             prune_neurons(cur, out, prune_fraction, opts)
             cur = out
-        if calib is not None:
+        if final is not None:
             from .recipe import calibrate_model
 
             out = os.path.join(work, "calibrated")
-            calibrate_model(cur, out, calib)
+            calibrate_model(cur, out, final)
             cur = out
         m, _ = format.read_manifest(cur)
         prov = dict(m.get("provenance") or {})
