@@ -270,6 +270,8 @@ NAMES = ("f32", "f16", "int8", "int4", "q8_0", "q4_1")
 
 def codec(name, group_size=None):
     """The codec for an encoding name as written in the manifest."""
+    if name in SPARSE_NAMES:
+        return Sparse(name, group_size)
     if name == "f32":
         return F32()
     if name == "f16":
@@ -283,6 +285,154 @@ def codec(name, group_size=None):
     if name == "q4_1":
         return Q4_1(group_size)
     raise EdgeLLMError(f"unknown encoding {name!r} (known: {', '.join(NAMES)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse matrices (pruned weights, converters/prune.py): half of every row is kept, in one of two
+# patterns, and the kept values go through a dense codec (f16, int8, int4) as a row of length d/2.
+#
+#   sp24_*  2:4: in every group of 4 values of a row at most 2 are non-zero. The kept values are
+#           stored planar: first the lower-position value of each of the G = d/4 groups, then the
+#           higher one (u = [V0, V1]); a 4-bit code per group, i0 | i1 << 2 with i0 < i1, gives
+#           their positions. Code byte k of a row holds group k (low nibble) and group k + G/2
+#           (high nibble), so a kernel reads the codes as two contiguous runs.
+#   sp50_*  unstructured 50%: exactly d/2 slots per row; a bitmask (bit j of byte k: position
+#           8k + j is kept) and the kept values in position order.
+#
+# q is uint8 [n, V + d/8]: the value codec's bytes for the d/2 kept values (V of them), then the
+# d/8 code or mask bytes; s is the value codec's scales for [n, d/2] (int8: f32 [n]; int4: f16
+# [n, d/2/g]). A row length divisible by 8 is required (int4 values: d/2 divisible by g).
+
+SPARSE_PATTERNS = ("sp24", "sp50")
+SPARSE_VALUES = ("f16", "int8", "int4")
+SPARSE_NAMES = tuple(f"{p}_{v}" for p in SPARSE_PATTERNS for v in SPARSE_VALUES)
+NAMES = NAMES + SPARSE_NAMES
+
+
+def sparse_name(pattern, value):
+    """"sp24" or "sp50" with a value encoding -> the encoding name, e.g. sp24_int8."""
+    name = f"{pattern}_{value}"
+    if name not in SPARSE_NAMES:
+        raise EdgeLLMError(f"no sparse encoding {name!r} (patterns {', '.join(SPARSE_PATTERNS)}; "
+                           f"values {', '.join(SPARSE_VALUES)})")
+    return name
+
+
+class Sparse:
+    def __init__(self, name, group_size=None):
+        self.name = name
+        self.pattern, value = name.split("_", 1)
+        if value == "int4":
+            self.value = Int4(group_size if group_size is not None else 32)
+        else:
+            if group_size is not None:
+                raise EdgeLLMError(f"{name} takes no group size, got {group_size}")
+            self.value = codec(value)
+        self.group_size = self.value.group_size
+
+    def check(self, d):
+        if d % 8:
+            raise EdgeLLMError(f"{self.name} needs a row length divisible by 8, got {d}")
+        if hasattr(self.value, "check"):
+            try:
+                self.value.check(d // 2)
+            except EdgeLLMError:
+                raise EdgeLLMError(f"{self.name} with group size {self.group_size} needs half "
+                                   f"the row length divisible by it, got {d}") from None
+
+    def value_bytes(self, d):
+        """Bytes of the packed values at the start of each row."""
+        return int(np.prod(self.value.data_shape(1, d // 2))) * self.value.data_dtype().itemsize
+
+    def compress(self, x):
+        """float32 [n, d] in the pattern -> (kept values f32 [n, d/2], codes uint8 [n, d/8]).
+        Raises EdgeLLMError when a row does not fit the pattern."""
+        x = np.asarray(x, dtype=np.float32)
+        n, d = x.shape
+        self.check(d)
+        nz = x != 0
+        if self.pattern == "sp24":
+            g4 = x.reshape(n, d // 4, 4)
+            cnt = nz.reshape(n, d // 4, 4).sum(axis=2)
+            if (cnt > 2).any():
+                r, gi = np.argwhere(cnt > 2)[0]
+                raise EdgeLLMError(f"row {r}: group {gi} has {cnt[r, gi]} non-zero values, "
+                                   "2:4 allows 2")
+            # the two kept positions: the non-zeros first, then the lowest zero positions
+            order = np.argsort(~nz.reshape(n, d // 4, 4), axis=2, kind="stable")[:, :, :2]
+            pos = np.sort(order, axis=2)
+            vals = np.take_along_axis(g4, pos, axis=2)  # [n, G, 2]
+            u = np.concatenate([vals[:, :, 0], vals[:, :, 1]], axis=1)
+            code = (pos[:, :, 0] | (pos[:, :, 1] << 2)).astype(np.uint8)  # [n, G]
+            half = d // 8
+            codes = code[:, :half] | (code[:, half:] << 4)
+            return np.ascontiguousarray(u), np.ascontiguousarray(codes, dtype=np.uint8)
+        cnt = nz.sum(axis=1)
+        if (cnt > d // 2).any():
+            r = int(np.argmax(cnt > d // 2))
+            raise EdgeLLMError(f"row {r} has {cnt[r]} non-zero values, sp50 keeps {d // 2}")
+        order = np.argsort(~nz, axis=1, kind="stable")[:, :d // 2]
+        pos = np.sort(order, axis=1)
+        mask = np.zeros((n, d), dtype=bool)
+        np.put_along_axis(mask, pos, True, axis=1)
+        u = np.take_along_axis(x, pos, axis=1)
+        return np.ascontiguousarray(u), np.packbits(mask, axis=1, bitorder="little")
+
+    def expand(self, u, codes, d):
+        """Inverse of compress: kept values f32 [n, d/2] and codes -> float32 [n, d]."""
+        n = u.shape[0]
+        out = np.zeros((n, d), dtype=np.float32)
+        if self.pattern == "sp24":
+            G = d // 4
+            code = np.concatenate([codes & 15, codes >> 4], axis=1).astype(np.int64)  # [n, G]
+            g4 = out.reshape(n, G, 4)
+            np.put_along_axis(g4, (code & 3)[..., None], u[:, :G, None], axis=2)
+            np.put_along_axis(g4, (code >> 2)[..., None], u[:, G:, None], axis=2)
+            return out
+        mask = np.unpackbits(codes, axis=1, count=d, bitorder="little").astype(bool)
+        out[mask] = u.reshape(-1)  # row-major: each row's kept values in position order
+        return out
+
+    def quantize(self, x):
+        u, codes = self.compress(x)
+        qv, s = self.value.quantize(u)
+        n = u.shape[0]
+        q = np.concatenate([np.ascontiguousarray(qv).view(np.uint8).reshape(n, -1), codes],
+                           axis=1)
+        return np.ascontiguousarray(q), s
+
+    def split(self, q, d):
+        """(packed values in the value codec's layout, codes) of q uint8 [n, V + d/8]."""
+        vb = self.value_bytes(d)
+        n = q.shape[0]
+        qv = np.ascontiguousarray(q[:, :vb]).view(self.value.data_dtype())
+        return qv.reshape(self.value.data_shape(n, d // 2)), q[:, vb:]
+
+    def dequantize(self, q, s):
+        d = self.row_length(q.shape[1])
+        qv, codes = self.split(q, d)
+        return self.expand(self.value.dequantize(qv, s), codes, d)
+
+    def row_length(self, nbytes):
+        """d from the stored bytes per row: values and codes take d/2 * v + d/8 bytes, where v is
+        the value codec's bytes per value (f16 2, int8 1, int4 1/2)."""
+        num, den = {"f16": (8, 9), "int8": (8, 5), "int4": (8, 3)}[self.value.name]
+        return nbytes * num // den
+
+    def data_shape(self, n, d):
+        return (n, self.value_bytes(d) + d // 8)
+
+    def data_dtype(self):
+        return np.dtype(np.uint8)
+
+    def scale_shape(self, n, d):
+        return self.value.scale_shape(n, d // 2)
+
+    def scale_dtype(self):
+        return self.value.scale_dtype()
+
+    def max_error_bound(self, x):
+        return self.value.max_error_bound(x)
 
 
 def nbytes(c, n, d):

@@ -40,6 +40,7 @@ from . import norms as _norms
 from . import qmatvec as _qmv
 from . import rope as _rope
 from . import simd as _simd
+from . import sparse as _sparse
 from . import tiles as _tiles
 from .halfs import F16_TO_F32 as _LUT
 from .reference import rope_tables  # noqa: F401  (NumPy, once per model)
@@ -99,6 +100,8 @@ def _simd_ok(m):
 
 def _matvec(m, x, out):
     name = m.codec.name
+    if name in encodings.SPARSE_NAMES:
+        return _sparse.matvec_matrix(m, x, _LUT, out)
     if _simd_ok(m):
         fast = MODE == "fast"
         if name == "int4":
@@ -129,6 +132,8 @@ def _matvec(m, x, out):
 
 def _dequant_rows(m, r0, r1, out):
     name = m.codec.name
+    if name in encodings.SPARSE_NAMES:
+        return _sparse.dequant_matrix(m, r0, r1, _LUT, out)
     if _simd_ok(m):
         if name == "int4":
             _tiles.dequant_int4_simd(m.q, m.s.view(np.uint16), _qmv.group_shift(m.codec.group_size),
@@ -377,6 +382,9 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
         raise EdgeLLMError(f"ffn: unknown activation {activation!r} (known: silu, relu)")
     kind = _ffn.ACT_CODES[activation]
     bundles = np.ascontiguousarray(bundles)
+    if _sparse.is_sparse_layout(layout):  # pruned weights (kernels/sparse.py)
+        return _sparse.ffn(x, bundles, layout, d, kind, gated, up_bias, down, linear,
+                           lambda v: _activate(v, activation), _LUT)
     tab = _part_table_cached(layout, gated, d, bundles, down is not None)
     n = bundles.shape[0]
     if down is not None and down.shape != (d, n):
