@@ -22,7 +22,7 @@ import numpy as np
 from edgellm.runtime import encodings, format
 from edgellm.runtime.errors import ConvertError
 
-from . import arch, calibrate, quantize, structural, writer
+from . import arch, calibquant, calibrate, quantize, structural, writer
 from .sources import gguf as gguf_source
 from .sources.hf import HFSource
 
@@ -140,6 +140,7 @@ class _Encoder:
         self.quant, self.group_size = quant, group_size
         self.errors = {}  # "chunk/tensor" -> {encoding, max_abs_error, max_abs}
         self.fallbacks = {}  # "chunk/tensor" -> reason
+        self.layer = None  # a layerwise.Layer quantized by calibquant: its weights, as encoded
 
     def vector(self, hf_name):
         return np.ascontiguousarray(self.source.read(hf_name), dtype=np.float32)
@@ -149,7 +150,8 @@ class _Encoder:
         shape = self.spec.shape(canonical)
         if _is_vector(canonical):
             entries[canonical] = quantize.vector_entry(shape)
-            arrays[canonical] = self.vector(hf_name)
+            arrays[canonical] = (self.vector(hf_name) if self.layer is None
+                                 else self.layer.weights[canonical])
             return
         n, d = shape
         if canonical == "pos_embeddings":
@@ -162,8 +164,12 @@ class _Encoder:
         if note:
             self.fallbacks[key] = note
             log.info("%s: %s", key, note)
-        q, s, stats = quantize.encode_matrix(
-            lambda r0, r1: self.source.read(hf_name, rows=(r0, r1)), n, d, c, name=hf_name)
+        if self.layer is not None and canonical in self.layer.encoded:  # --method gptq, awq
+            c, q, s = self.layer.encoded[canonical]
+            stats = calibquant.stats(self.layer, canonical)
+        else:
+            q, s, stats = quantize.encode_matrix(
+                lambda r0, r1: self.source.read(hf_name, rows=(r0, r1)), n, d, c, name=hf_name)
         entries[canonical] = quantize.entry(c, shape)
         arrays[canonical] = q
         if s is not None:
@@ -245,6 +251,14 @@ class _Encoder:
     def bundles(self, entries, arrays, chunk, names):
         cfg = self.spec.config
         d = cfg.d_model
+        if self.layer is not None:  # --method gptq, awq: the parts as calibquant encoded them
+            parts = [(p, self.layer.encoded["ffn_" + p][0]) for p in self.spec.arch.ffn_parts]
+            b, layout = encodings.pack_encoded_bundles(
+                {p: self.layer.encoded["ffn_" + p][1:] for p, _ in parts}, parts, d)
+            for p, c in parts:
+                self._record(f"{chunk}/ffn_bundles.{p}", c.name,
+                             calibquant.stats(self.layer, "ffn_" + p))
+            return self._bundle_entries(entries, arrays, b, layout)
         # gate/up (fc1) rows are read a block at a time; down (fc2) is [d, d_ff] and bundle row i
         # holds its column i, so it is read whole and sliced
         down = self.source.read(names["ffn_down"])
@@ -262,11 +276,15 @@ class _Encoder:
         b, layout, stats = quantize.encode_bundles(read_rows, self.spec.arch.ffn_parts, c,
                                                    cfg.d_ff, d, name=f"{chunk} FFN")
         del down
+        for part, st in stats.items():
+            self._record(f"{key}.{part}", c.name, st)
+        self._bundle_entries(entries, arrays, b, layout)
+
+    def _bundle_entries(self, entries, arrays, b, layout):
+        cfg = self.spec.config
         entries["ffn_bundles"] = {"encoding": "bundle", "shape": list(b.shape),
                                   "group_size": None, "parts": layout}
         arrays["ffn_bundles"] = b
-        for part, st in stats.items():
-            self._record(f"{key}.{part}", c.name, st)
         perm = np.arange(cfg.d_ff, dtype=np.int32)  # identity: no hot-first reordering yet
         entries["ffn_perm"] = {"encoding": "i32", "shape": [cfg.d_ff], "group_size": None}
         arrays["ffn_perm"] = perm
@@ -282,7 +300,16 @@ class _Encoder:
             self.add(entries, arrays, format.EMBED_CHUNK, canonical, hf)
         return entries, arrays
 
-    def layer_chunk(self, i):
+    def layer_chunk(self, i, layer=None):
+        """Layer i from the source, or from `layer` (a layerwise.Layer that calibquant
+        quantized: its vectors and encoded matrices as they are)."""
+        self.layer = layer
+        try:
+            return self._layer_chunk(i)
+        finally:
+            self.layer = None
+
+    def _layer_chunk(self, i):
         chunk = format.layer_chunk(i)
         names = self.spec.layer_tensors(i)
         entries, arrays = {}, {}
@@ -302,7 +329,7 @@ class _Encoder:
 
 def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False, command=None,
             predictor=False, calib=None, calib_options=None, drop_layers=0,
-            drop_metric="angular", prune_neurons=None):
+            drop_metric="angular", prune_neurons=None, method="rtn", method_options=None):
     """Convert the Hugging Face model directory src into the edgellm model directory dst.
 
     quant: f32 | f16 | int8 | int4 (int4 uses groups of group_size values per scale; a matrix
@@ -319,6 +346,10 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     drop this many layers chosen by angular distance or block influence ("bi"), prune this
     fraction of every layer's FFN neurons; src may then also be an edgellm model directory
     (quant=None keeps its encodings).
+    method: rtn (round to nearest, the default), or gptq / awq for quant int4 (gptq also int3):
+    calibrated quantization on the calib text (default: the shipped one), converters/calibquant.py;
+    method_options: more calibquant.Options fields as a dict (tokens, seq_len, damp, act_order,
+    clip).
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if drop_layers or prune_neurons is not None or structural.is_model_dir(src):
@@ -331,9 +362,10 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
             group_size=group_size)
     quant = quant or "f16"
     quantize.check_quant(quant, group_size)
+    cq = calibquant.options(method, quant, group_size, calib, method_options)
     calib = calibrate.options(predictor, calib, calib_options)
     if gguf_source.is_gguf(src):
-        return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib)
+        return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib, cq)
     if quant == quantize.KEEP:
         raise ConvertError(f"{src}: --quant keep stores a GGUF file's quantized blocks as they "
                            "are; this source is not a GGUF file (choose f32, f16, int8 or int4)")
@@ -343,13 +375,15 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
         tokenizer, tok_path, tok_cfg = find_tokenizer(src, spec)
         chat_template = find_chat_template(src, tok_cfg)
         writer.check_destination(dst, overwrite, src)
+        walk = calibquant.prepare(cq, spec, source, tokenizer, path=tok_path, progress=progress)
         _write(src, dst, spec, source, tokenizer,
                lambda st: st.copy(tok_path, tokenizer["file"]), chat_template, quant,
-               group_size, progress, overwrite, command, calib=calib)
+               group_size, progress, overwrite, command, calib=calib, walk=walk, cq=cq)
     return dst
 
 
-def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib=None):
+def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib=None,
+                  cq=None):
     """A GGUF file: same table, quantizer and writer; tokenizer.json built from its vocabulary."""
     with gguf_source.GGUFSource(src) as source:
         spec = source.spec()
@@ -358,6 +392,7 @@ def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, cal
         tokenizer = {"kind": kind, "file": file,
                      "add_bos": bool(add_bos and spec.config.bos_token_id is not None)}
         writer.check_destination(dst, overwrite, src)
+        walk = calibquant.prepare(cq, spec, source, tokenizer, data=data, progress=progress)
 
         def write_tokenizer(st):
             with open(st.path(file), "wb") as f:
@@ -366,7 +401,7 @@ def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, cal
         _write(source.path, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant,
                group_size, progress, overwrite, command,
                extra={"source_format": "gguf", "source_architecture": source.arch},
-               calib=calib)
+               calib=calib, walk=walk, cq=cq)
     return dst
 
 
@@ -380,9 +415,12 @@ def _check_tensors(source, spec):
 
 
 def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant, group_size,
-           progress, overwrite, command, extra=None, calib=None):
-    """Stream the chunks into a staging directory, add tokenizer and manifest, verify, rename."""
+           progress, overwrite, command, extra=None, calib=None, walk=None, cq=None):
+    """Stream the chunks into a staging directory, add tokenizer and manifest, verify, rename.
+    walk: a layerwise.Walk over the source for calibquant (cq) to quantize layer by layer."""
     cfg = spec.config
+    layers = calibquant.layers(walk, cq) if walk is not None else None
+    reports = []
     for note in spec.notes:
         log.info("%s", note)
 
@@ -398,7 +436,11 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
         del entries, arrays
         bar.update(1)
         for i in range(cfg.n_layers):
-            entries, arrays = enc.layer_chunk(i)
+            layer = next(layers) if layers is not None else None
+            entries, arrays = enc.layer_chunk(i, layer)
+            if layer is not None:
+                reports.append(layer.report)
+            del layer
             chunks.append(st.write_chunk(format.layer_chunk(i), entries, arrays))
             del entries, arrays
             bar.update(1)
@@ -412,12 +454,15 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
             "source_dtypes": source.dtypes(),
             **(extra or {}),
             "converter_version": converter_version(),
-            "command": command or _command(src, dst, quant, group_size),
+            "command": command or _command(src, dst, quant, group_size, cq),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             "notes": list(spec.notes),
             "quantization": {"quant": quant,
-                             "group_size": group_size if quant == "int4" else None,
+                             "group_size": group_size if quant in quantize.GROUPED else None,
+                             "method": "rtn" if cq is None else cq.method,
+                             **({} if cq is None else {"calibrated": calibquant.record(
+                                 cq, walk, reports)}),
                              "fallbacks": enc.fallbacks,
                              "tensors": enc.errors},
         }
@@ -438,6 +483,7 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
                  worst[1]["max_abs_error"], worst[1]["max_abs"])
 
 
-def _command(src, dst, quant, group_size):
+def _command(src, dst, quant, group_size, cq=None):
     cmd = f"edgellm convert {src} -o {dst} --quant {quant}"
-    return cmd + (f" --group-size {group_size}" if quant == "int4" else "")
+    cmd += f" --group-size {group_size}" if quant in quantize.GROUPED else ""
+    return cmd + (f" --method {cq.method}" if cq is not None else "")

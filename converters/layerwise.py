@@ -74,12 +74,27 @@ def _affects(name):
 # Source, tokenizer and calibration sequences
 
 
+def load_tokenizer(tok, cfg, path=None, data=None):
+    """The runtime's Tokenizer for a manifest tokenizer entry `tok` ({kind, file, add_bos}) of
+    a model with config cfg, from the file at `path` or its bytes `data` (a GGUF's)."""
+    from edgellm.runtime.tokenizer import Tokenizer
+
+    manifest = {"tokenizer": tok, "config": cfg.to_dict()}
+    if path is not None:
+        if os.path.basename(path) == tok["file"]:
+            return Tokenizer.load(os.path.dirname(path), manifest)
+        with open(path, "rb") as f:
+            data = f.read()
+    with tempfile.TemporaryDirectory() as tmp:  # the libraries read the file when loading
+        with open(os.path.join(tmp, tok["file"]), "wb") as f:
+            f.write(data)
+        return Tokenizer.load(tmp, manifest)
+
+
 @contextlib.contextmanager
 def open_source(src):
     """(spec, source, tokenizer) of an HF directory or a GGUF file, as `edgellm convert` reads
     them; the tokenizer is the runtime's Tokenizer for the source's tokenizer."""
-    from edgellm.runtime.tokenizer import Tokenizer
-
     from . import arch
     from . import convert as conv
     from .sources import gguf as gguf_source
@@ -87,21 +102,17 @@ def open_source(src):
 
     src = os.fspath(src)
     if gguf_source.is_gguf(src):
-        with gguf_source.GGUFSource(src) as source, tempfile.TemporaryDirectory() as tmp:
+        with gguf_source.GGUFSource(src) as source:
             spec = source.spec()
             kind, file, data, add_bos, _ = source.tokenizer()
-            with open(os.path.join(tmp, file), "wb") as f:
-                f.write(data)
             tok = {"kind": kind, "file": file,
                    "add_bos": bool(add_bos and spec.config.bos_token_id is not None)}
-            yield spec, source, Tokenizer.load(tmp, {"tokenizer": tok,
-                                                     "config": spec.config.to_dict()})
+            yield spec, source, load_tokenizer(tok, spec.config, data=data)
         return
     spec = arch.from_hf_dir(src)
     with HFSource(src, optional_prefixes=arch.OPTIONAL_PREFIXES) as source:
         tok, path, _ = conv.find_tokenizer(src, spec)
-        yield spec, source, Tokenizer.load(os.path.dirname(path), {
-            "tokenizer": tok, "config": spec.config.to_dict()})
+        yield spec, source, load_tokenizer(tok, spec.config, path=path)
 
 
 def sequences(tokenizer, cfg, text=None, tokens=8192, seq_len=256):

@@ -1,10 +1,11 @@
 """Choose an encoding for each tensor and encode it, measuring what the encoding costs.
 
---quant f32|f16|int8|int4 applies to every weight matrix (attention, FFN bundles, token embedding,
-head). Vectors (norm weights, biases) and OPT's learned position table stay f32. int4 needs a row
-length divisible by the group size; a matrix whose rows are not falls back to int8, and the choice
-is recorded. Every lossy encoding reports its maximum absolute error, measured by decoding what
-was written (as llama2.c's exporter does), so each lossy step says its cost.
+--quant f32|f16|int8|int4|int3 applies to every weight matrix (attention, FFN bundles, token
+embedding, head). Vectors (norm weights, biases) and OPT's learned position table stay f32. int4
+and int3 need a row length divisible by the group size; a matrix whose rows are not falls back to
+int8, and the choice is recorded. Every lossy encoding reports its maximum absolute error,
+measured by decoding what was written (as llama2.c's exporter does), so each lossy step says its
+cost.
 
 Encoding goes a block of rows at a time (all codecs quantize rows independently, so blocking is
 exact): the embedding of a 32k-vocabulary model never exists as one float32 array.
@@ -19,7 +20,8 @@ import numpy as np
 from edgellm.runtime import encodings
 from edgellm.runtime.errors import ConvertError, EdgeLLMError
 
-QUANTS = ("f32", "f16", "int8", "int4")
+QUANTS = ("f32", "f16", "int8", "int4", "int3")
+GROUPED = ("int4", "int3")  # quants with a group size
 KEEP = "keep"  # GGUF sources only: Q8_0/Q4_0/Q4_1 blocks stored as they are (sources/gguf.py)
 BLOCK_VALUES = 1 << 20  # values per encoding block (4 MiB as float32)
 
@@ -28,19 +30,19 @@ def check_quant(quant, group_size):
     if quant not in QUANTS + (KEEP,):
         raise ConvertError(f"quant {quant!r} is not supported (choose one of "
                            f"{', '.join(QUANTS + (KEEP,))})")
-    if quant == "int4":
+    if quant in GROUPED:
         if (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0
                 or group_size % encodings.INT4_BLOCK):
             raise ConvertError(f"group_size must be a positive multiple of "
-                               f"{encodings.INT4_BLOCK} for int4, got {group_size!r}")
+                               f"{encodings.INT4_BLOCK} for {quant}, got {group_size!r}")
 
 
 def matrix_codec(quant, group_size, d):
     """(codec, note) for a matrix with rows of length d; note explains a fallback, else None."""
-    if quant == "int4" and d % group_size:
-        return encodings.codec("int8"), (f"row length {d} is not divisible by the int4 group size "
-                                         f"{group_size}: int8 instead")
-    return encodings.codec(quant, group_size if quant == "int4" else None), None
+    if quant in GROUPED and d % group_size:
+        return encodings.codec("int8"), (f"row length {d} is not divisible by the {quant} group "
+                                         f"size {group_size}: int8 instead")
+    return encodings.codec(quant, group_size if quant in GROUPED else None), None
 
 
 def entry(c, shape):

@@ -98,11 +98,20 @@ def cmd_convert(a):
         print(f"wrote {a.output}")
         return
     dst = convert(a.src, a.output, quant=a.quant, group_size=a.group_size, progress=True,
+                  method=a.method, method_options=_method_options(a),
                   overwrite=a.force, command=command,
                   predictor=a.predictor, calib=a.calib, calib_options=extra,
                   drop_layers=a.drop_layers, drop_metric=a.drop_metric,
                   prune_neurons=a.prune_neurons)
     print(f"wrote {dst}")
+
+
+def _method_options(a):
+    """--method gptq/awq options given on the command line (calibquant.Options fields)."""
+    if a.method == "rtn":
+        return None
+    opts = {"damp": a.damp, "act_order": a.act_order, "tokens": a.calib_tokens}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def cmd_inspect(a):
@@ -257,12 +266,21 @@ def build_parser():
     c.add_argument("src", help="Hugging Face model directory or GGUF file (or an edgellm model "
                    "directory, with --drop-layers, --prune-neurons or --recipe)")
     c.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
-    c.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "keep"], default=None,
+    c.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "int3", "keep"],
+                   default=None,
                    help="weight encoding (default f16; an edgellm directory keeps its own); keep: "
                         "a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are, other tensor types in the "
                         "nearest encoding")
     c.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
-                   help="int4 group size (default 32)")
+                   help="int4/int3 group size (default 32)")
+    c.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+                   help="rtn: round to nearest (default); gptq (int4, int3) or awq (int4): "
+                   "calibrated on the --calib text (default: the shipped one), layer by layer")
+    c.add_argument("--damp", type=float, default=None,
+                   help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01)")
+    c.add_argument("--no-act-order", dest="act_order", action="store_false", default=None,
+                   help="GPTQ: quantize columns in their order, not by decreasing activation "
+                   "energy")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
     g = c.add_argument_group("calibration (hot-neuron order, thresholds, predictors)")
     g.add_argument("--calib", metavar="FILE.txt", default=None,

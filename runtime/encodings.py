@@ -125,22 +125,41 @@ class Int4(F32):
             raise EdgeLLMError(f"int4 with group size {self.group_size} needs a row length "
                                f"divisible by it, got {d}")
 
+    ZERO = 8  # code of 0.0; codes run 0 .. 2 * ZERO - 1 (int3: 4, 0 .. 7)
+
+    def scales(self, x):
+        """f16 [n, d/g]: the writer rule's scale of each group, m / -ZERO."""
+        n, d = x.shape
+        g = x.reshape(n, d // self.group_size, self.group_size)
+        idx = np.abs(g).argmax(axis=2)
+        m = np.take_along_axis(g, idx[..., None], axis=2)[..., 0]
+        return (m / -float(self.ZERO)).astype(np.float16)
+
+    def codes(self, x, s):
+        """uint8 codes [n, d] of x for the given scales s [n, d/g] (0.0 -> ZERO where s = 0)."""
+        n, d = x.shape
+        g = np.asarray(x, dtype=np.float32).reshape(n, d // self.group_size, self.group_size)
+        s32 = np.asarray(s).astype(np.float32)
+        inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 != 0)
+        return np.clip(np.rint(g * inv[..., None]) + self.ZERO, 0,
+                       2 * self.ZERO - 1).astype(np.uint8).reshape(n, d)
+
     def quantize(self, x):
         x = np.asarray(x, dtype=np.float32)
         n, d = x.shape
         self.check(d)
-        g = x.reshape(n, d // self.group_size, self.group_size)
-        idx = np.abs(g).argmax(axis=2)
-        m = np.take_along_axis(g, idx[..., None], axis=2)[..., 0]
-        s = (m / -8.0).astype(np.float16)
-        s32 = s.astype(np.float32)
-        inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 != 0)
-        nib = np.clip(np.rint(g * inv[..., None]) + 8, 0, 15).astype(np.uint8).reshape(n, d)
-        return pack_nibbles(nib), s
+        s = self.scales(x)
+        return self.pack(self.codes(x, s)), s
+
+    def pack(self, codes):
+        return pack_nibbles(codes)
+
+    def unpack(self, q):
+        return unpack_nibbles(q)
 
     def dequantize(self, q, s):
         n = q.shape[0]
-        vals = unpack_nibbles(q).astype(np.float32) - 8.0
+        vals = self.unpack(q).astype(np.float32) - float(self.ZERO)
         d = vals.shape[1]
         g = vals.reshape(n, d // self.group_size, self.group_size)
         return (g * np.asarray(s, dtype=np.float32)[..., None]).reshape(n, d)
@@ -251,6 +270,65 @@ class Q4_1(Q8_0):
         return a * (1 / 15 + 2.0**-10 + 30 * 2.0**-11) * 1.0001
 
 
+class Int3(Int4):
+    """Group-wise int3 with float16 scales, the int4 rule with 3-bit codes: s = m / -4 where m
+    is the value of largest magnitude in the group, q = clip(round(x / s) + 4, 0, 7); 12 bytes
+    per run of 32 values (pack_int3)."""
+
+    name = "int3"
+    ZERO = 4
+
+    def __init__(self, group_size=32):
+        if group_size is None or group_size <= 0 or group_size % INT4_BLOCK:
+            raise EdgeLLMError(f"int3 group size must be a positive multiple of {INT4_BLOCK}, "
+                               f"got {group_size}")
+        self.group_size = int(group_size)
+
+    def check(self, d):
+        if d % self.group_size:
+            raise EdgeLLMError(f"int3 with group size {self.group_size} needs a row length "
+                               f"divisible by it, got {d}")
+
+    def pack(self, codes):
+        return pack_int3(codes)
+
+    def unpack(self, q):
+        return unpack_int3(q)
+
+    def data_shape(self, n, d):
+        return (n, d // INT4_BLOCK * INT3_RUN_BYTES)
+
+    def max_error_bound(self, x):
+        # as int4's, with a step of |m|/4
+        return float(np.abs(x).max(initial=0)) * (1 / 4 + 2.0**-10) * 1.0001
+
+
+INT3_RUN_BYTES = 12  # bytes per run of 32 int3 codes: 8 of low bit pairs, 4 of high bits
+
+
+def pack_int3(codes):
+    """uint8 codes 0..7 [n, d] -> uint8 [n, d/32 * 12]. Per run of 32 values v0..v31: byte k
+    (k < 8) holds the low two bits of v[k], v[k+8], v[k+16], v[k+24] at bits 0-1, 2-3, 4-5, 6-7;
+    byte 8 + m holds the high bits of v[8m] .. v[8m+7] at bits 0 .. 7."""
+    n, d = codes.shape
+    c = codes.reshape(n, d // INT4_BLOCK, 4, 8).astype(np.uint8)  # [.., k // 8, k % 8]
+    lo = c & 3
+    low = lo[:, :, 0] | (lo[:, :, 1] << 2) | (lo[:, :, 2] << 4) | (lo[:, :, 3] << 6)  # [n, r, 8]
+    hi = np.packbits((c >> 2) & 1, axis=3, bitorder="little")[..., 0]  # [n, r, 4]
+    return np.concatenate([low, hi], axis=2).reshape(n, d // INT4_BLOCK * INT3_RUN_BYTES)
+
+
+def unpack_int3(q):
+    """Inverse of pack_int3: uint8 [n, d/32 * 12] -> codes 0..7 [n, d]."""
+    n, h = q.shape
+    r = h // INT3_RUN_BYTES
+    b = q.reshape(n, r, INT3_RUN_BYTES)
+    low = b[:, :, :8]
+    lo = np.stack([(low >> (2 * i)) & 3 for i in range(4)], axis=2)  # [n, r, 4, 8]
+    hi = np.unpackbits(b[:, :, 8:, None], axis=3, bitorder="little")  # [n, r, 4, 8]
+    return (lo | (hi << 2)).astype(np.uint8).reshape(n, r * INT4_BLOCK)
+
+
 def pack_nibbles(nib):
     """uint8 values 0..15 [n, d] -> packed uint8 [n, d/2], Q4_0 order within each run of 32."""
     n, d = nib.shape
@@ -265,7 +343,7 @@ def unpack_nibbles(q):
     return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(n, 2 * h)
 
 
-NAMES = ("f32", "f16", "int8", "int4", "q8_0", "q4_1")
+NAMES = ("f32", "f16", "int8", "int4", "int3", "q8_0", "q4_1")
 
 
 def codec(name, group_size=None):
@@ -284,6 +362,8 @@ def codec(name, group_size=None):
         return Q8_0(group_size)
     if name == "q4_1":
         return Q4_1(group_size)
+    if name == "int3":
+        return Int3(group_size if group_size is not None else 32)
     raise EdgeLLMError(f"unknown encoding {name!r} (known: {', '.join(NAMES)})")
 
 

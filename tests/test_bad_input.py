@@ -216,7 +216,7 @@ def test_tokenizer_model_that_is_not_sentencepiece(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"quant": "int3"}, "quant 'int3' is not supported"),
+    ({"quant": "int2"}, "quant 'int2' is not supported"),
     ({"quant": "int4", "group_size": 48}, "group_size must be a positive multiple of 32"),
 ])
 def test_bad_quantization_options(tmp_path, kwargs, match):

@@ -121,6 +121,8 @@ def _matvec(m, x, out):
         _mv.matvec_int8(m.q, m.s, x, out)
     elif name == "int4":
         _mv.matvec_int4(m.q, m.s.view(np.uint16), m.codec.group_size, x, _LUT, out)
+    elif name == "int3":
+        _mv.matvec_int3(m.q, m.s.view(np.uint16), m.codec.group_size, x, _LUT, out)
     elif name == "q4_1":
         _mv.matvec_q4_1(m.q, m.s.view(np.uint16), x, _LUT, out)
     elif name == "q8_0":
@@ -153,6 +155,8 @@ def _dequant_rows(m, r0, r1, out):
         _tiles.dequant_int8(m.q, m.s, r0, r1, out)
     elif name == "int4":
         _tiles.dequant_int4(m.q, m.s.view(np.uint16), m.codec.group_size, r0, r1, _LUT, out)
+    elif name == "int3":
+        _tiles.dequant_int3(m.q, m.s.view(np.uint16), m.codec.group_size, r0, r1, _LUT, out)
     elif name == "q4_1":
         _tiles.dequant_q4_1(m.q, m.s.view(np.uint16), r0, r1, _LUT, out)
     elif name == "q8_0":
@@ -360,6 +364,8 @@ def _ffn_simd_ok(layout):
     for e in layout:
         g = e["group_size"]
         if e["encoding"] == "int4" and (g % 32 or (g // 32) & (g // 32 - 1)):
+            return False
+        if e["encoding"] == "int3":  # no SIMD int3 kernels yet
             return False
     return True
 

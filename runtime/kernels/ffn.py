@@ -17,11 +17,13 @@ from .simd import (act_buffers, f16_axpy_fast, f16_axpy_generic, f16_dot_fast, f
                    f32_axpy, f32_dot, ld_f32, ld_i8, ld_u16, q4_axpy, q4_dot_fast, q4_dot_generic,
                    prefetch, q8_axpy, q8_dot_fast, q8_dot_generic, q41_axpy, q41_dot_fast,
                    q41_dot_generic, q80_axpy, q80_dot_fast, q80_dot_generic, quantize_act)
+from .matvec import int3_code
 from .qmatvec import row_dot
 
-F32, F16, INT8, INT4, Q8_0, Q4_1 = 0, 1, 2, 3, 4, 5
+F32, F16, INT8, INT4, Q8_0, Q4_1, INT3 = 0, 1, 2, 3, 4, 5, 6
 NONE = -1  # slot without a part: the down projection is a separate matrix (hidden written out)
-ENC_CODES = {"f32": F32, "f16": F16, "int8": INT8, "int4": INT4, "q8_0": Q8_0, "q4_1": Q4_1}
+ENC_CODES = {"f32": F32, "f16": F16, "int8": INT8, "int4": INT4, "q8_0": Q8_0, "q4_1": Q4_1,
+             "int3": INT3}  # int3: portable kernels only (part_dot, part_axpy)
 SILU, RELU = 0, 1
 ACT_CODES = {"silu": SILU, "relu": RELU}
 
@@ -63,6 +65,15 @@ def part_dot(row, enc, off, soff, g, d, x, lut):
                 dot += np.float32(v & 15) * x[b * 32 + k] + np.float32(v >> 4) * x[b * 32 + 16 + k]
                 xsum += x[b * 32 + k] + x[b * 32 + 16 + k]
             acc += dot * lut[sc[soff // 2 + 2 * b]] + xsum * lut[sc[soff // 2 + 2 * b + 1]]
+    elif enc == INT3:
+        sc = row.view(np.uint16)
+        bpg = g // 32
+        for gi in range(d // g):
+            part = np.float32(0.0)
+            for b in range(gi * bpg, (gi + 1) * bpg):
+                for j in range(32):
+                    part += (np.float32(int3_code(row, off + b * 12, j)) - 4) * x[b * 32 + j]
+            acc += part * lut[sc[soff // 2 + gi]]
     else:
         sc = row.view(np.uint16)
         bpg = g // 32
@@ -111,6 +122,13 @@ def part_axpy(row, enc, off, soff, g, d, a, acc, lut):
                 v = row[off + b * 16 + k]
                 acc[b * 32 + k] += np.float32(v & 15) * st + mn
                 acc[b * 32 + 16 + k] += np.float32(v >> 4) * st + mn
+    elif enc == INT3:
+        sc = row.view(np.uint16)
+        bpg = g // 32
+        for b in range(d // 32):
+            ab = a * lut[sc[soff // 2 + b // bpg]]
+            for j in range(32):
+                acc[b * 32 + j] += ab * (np.float32(int3_code(row, off + b * 12, j)) - 4)
     else:
         sc = row.view(np.uint16)
         bpg = g // 32

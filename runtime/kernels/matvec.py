@@ -85,3 +85,28 @@ def matvec_q4_1(q, s, x, lut, out):
             acc += dot * lut[s[i, 2 * b]] + xsum * lut[s[i, 2 * b + 1]]
         out[i] = acc
     return out
+
+
+@njit(cache=True, inline="always")
+def int3_code(q, o, j):
+    """Code of value j (0..31) of the int3 run whose 12 bytes start at q[o] (encodings.pack_int3):
+    two low bits from byte j % 8, the high bit from byte 8 + j // 8."""
+    k = j & 7
+    m = j >> 3
+    return ((q[o + k] >> (2 * m)) & 3) | (((q[o + 8 + m] >> k) & 1) << 2)
+
+
+@njit(cache=True, parallel=True)
+def matvec_int3(q, s, g, x, lut, out):
+    n = q.shape[0]
+    bpg = g // 32
+    for i in prange(n):
+        acc = np.float32(0.0)
+        for gi in range(s.shape[1]):
+            part = np.float32(0.0)
+            for b in range(gi * bpg, (gi + 1) * bpg):
+                for j in range(32):
+                    part += (np.float32(int3_code(q[i], b * 12, j)) - 4) * x[b * 32 + j]
+            acc += part * lut[s[i, gi]]
+        out[i] = acc
+    return out

@@ -3,6 +3,7 @@
 import numpy as np
 from numba import njit, prange
 
+from .matvec import int3_code
 from .simd import f16_axpy_fast, f16_axpy_generic, q4_axpy, q8_axpy, q41_axpy, q80_axpy
 
 
@@ -37,6 +38,19 @@ def dequant_int4(q, s, g, r0, r1, lut, out):
                 v = q[i, b * 16 + k]
                 out[r, b * 32 + k] = (np.float32(v & 15) - 8) * sc
                 out[r, b * 32 + 16 + k] = (np.float32(v >> 4) - 8) * sc
+    return out
+
+
+@njit(cache=True, parallel=True)
+def dequant_int3(q, s, g, r0, r1, lut, out):
+    nb = q.shape[1] // 12
+    bpg = g // 32
+    for r in prange(r1 - r0):
+        i = r0 + r
+        for b in range(nb):
+            sc = lut[s[i, b // bpg]]
+            for j in range(32):
+                out[r, b * 32 + j] = (np.float32(int3_code(q[i], b * 12, j)) - 4) * sc
     return out
 
 
