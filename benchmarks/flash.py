@@ -1,21 +1,35 @@
 """Flash streaming benchmark: tokens/s, bytes read per token and peak memory against DRAM budget.
 
-For each budget (a fraction of the model's size on disk) and each engine, one fresh process runs
-a greedy generation and reports JSON:
+For each budget (a fraction of the model's size on disk) and each engine, one fresh process
+prefills a short prompt and generates -n tokens greedily, and reports JSON:
 
     window     edgellm --mode window (the model's predictors; --oracle: the true active set of a
                ReLU model, which reads every gate row outside the counts: for cache studies only)
     dense      edgellm --mode dense (every neuron, exact, streams what does not fit)
     naive      edgellm --mode naive (every FFN row read every token: the paper's baseline)
-    llama.cpp  llama-cpp-python with mmap on the same model as GGUF (--gguf FILE)
+    llama.cpp  llama-cpp-python with mmap on the same model as GGUF (--gguf FILE, or --gguf auto:
+               exported next to the JSON output by `edgellm export`)
 
---cgroup runs each process in a memory cgroup of budget + baseline bytes (page cache counts;
-created under this process's own cgroup, needs root) so the budget is enforced, not assumed.
+--cgroup runs each process in its own memory cgroup (cgroup v1 or v2, created under this
+process's cgroup; needs root) limited to budget + that engine's baseline: the memory the cgroup
+is charged for by a process of that engine that has loaded its code and no model weights
+(edgellm: interpreter, NumPy, Numba and the compiled kernels; llama.cpp: interpreter and
+libllama). Page cache counts against the limit, so llama.cpp's mapped weights compete with its
+own memory there, as on a device with that much DRAM. The cgroup's peak (max_usage) minus the
+baseline is the engine's peak memory against the budget.
 --cold drops the model's pages from the page cache before each run and edgellm reads with
-fadvise(DONTNEED). Timings on a shared machine are indicative; compare ratios within one run.
+fadvise(DONTNEED). Bytes read per token: edgellm's own count (decode steps); "dev MB/tok" is what
+the kernel read from the device for the whole process (/proc/self/io read_bytes during the
+generation, per generated token), the only figure there is for llama.cpp.
+Timings on a shared machine are indicative; compare ratios within one run.
 
-    python benchmarks/flash.py MODEL --fractions 0.5 0.25 --engines window naive --oracle \
-        [--gguf MODEL.gguf] [--cgroup] [--cold] [--json out.json] [--plot docs/flash.png]
+    python benchmarks/flash.py MODEL --fractions 0.5 0.25 --gguf auto --cgroup --cold \
+        --json out.json --plot docs/flash.png
+
+llama.cpp has no gated-ReLU llama architecture (edgellm export refuses a ReLU model); for a ReLU
+model --gguf auto writes the same tensors as a llama GGUF (which llama.cpp computes with SiLU):
+the same bytes and the same amount of work, other outputs. Speed, reads and memory compare;
+text does not.
 """
 
 import argparse
@@ -25,42 +39,88 @@ import subprocess
 import sys
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 args = json.loads(sys.argv[1])
+
+def io_read():
+    try:
+        for line in open("/proc/self/io"):
+            if line.startswith("read_bytes"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+
+def cgroup_usage():
+    for ln in open("/proc/self/cgroup").read().splitlines():
+        _, ctrl, path = ln.split(":", 2)
+        if ctrl == "memory":
+            return int(open("/sys/fs/cgroup/memory" + path + "/memory.usage_in_bytes").read())
+        if ctrl == "" and os.path.exists("/sys/fs/cgroup" + path + "/memory.current"):
+            return int(open("/sys/fs/cgroup" + path + "/memory.current").read())
+    return None
+
+res = {}
 if args["engine"] == "llama.cpp":
-    from llama_cpp import Llama
+    sys.path.insert(0, args["benchmarks"])
+    if args.get("baseline"):  # the engine's code, no model
+        import llama_cpp
+        llama_cpp.llama_backend_init()
+        print(json.dumps({"cgroup_usage": cgroup_usage()}))
+        sys.exit(0)
+    from engines import Llama
+    import numpy as np
     t = time.perf_counter()
-    llm = Llama(args["gguf"], n_ctx=args["ctx"], n_threads=args["threads"], use_mmap=True,
-                verbose=False)
-    load_s = time.perf_counter() - t
+    llm = Llama(args["gguf"], n_ctx=args["ctx"], threads=args["threads"])
+    res["load_s"] = time.perf_counter() - t
+    ids = llm.llm.tokenize(args["prompt"].encode(), add_bos=True)
+    io0 = io_read()
     t = time.perf_counter()
-    out = llm(args["prompt"], max_tokens=args["n"], temperature=0.0)
-    dt = time.perf_counter() - t
-    n = out["usage"]["completion_tokens"]
-    res = {"tokens": n, "tokens_per_s": n / dt, "bytes_read_per_token": None}
+    logits = llm.prefill(ids)
+    t1 = time.perf_counter()
+    for _ in range(args["n"] - 1):
+        logits = llm.step(int(np.argmax(logits)))
+    t2 = time.perf_counter()
+    io1 = io_read()
+    n = args["n"]
+    res.update({"tokens": n - 1, "tokens_per_s": (n - 1) / (t2 - t1),
+                "prefill_tokens_per_s": len(ids) / (t1 - t), "bytes_read_per_token": None})
 else:
+    import gc
     import edgellm
+    from edgellm.cli import demo_model_path
+    if args.get("baseline"):  # the engine's code and compiled kernels, no model
+        # token by token (a small budget), as the measured runs; cold: no pages kept cached
+        m = edgellm.load(demo_model_path(), n_ctx=64, dram_budget="2.5MB", mode="naive",
+                         cold=True)
+        m.warmup()
+        m.stream.close(); del m; gc.collect()
+        print(json.dumps({"cgroup_usage": cgroup_usage()}))
+        sys.exit(0)
+    t = time.perf_counter()
     m = edgellm.load(args["model"], n_ctx=args["ctx"], threads=args["threads"],
                      dram_budget=args["budget"], mode=args["engine"],
                      oracle=args["oracle"] and args["engine"] == "window",
                      io_threads=args["io_threads"], cold=args["cold"])
+    res["load_s"] = time.perf_counter() - t
     m.warmup()
-    m.complete(args["prompt"], max_tokens=args["n"], temperature=0)
+    io0 = io_read()
+    m.complete(args["prompt"], max_tokens=args["n"], temperature=0, repetition_penalty=1.0)
+    io1 = io_read()
     f = m.last_stats["flash"]  # per-token figures over the decode steps
-    res = {k: f[k] for k in ("tokens", "tokens_per_s", "bytes_read_per_token",
-                             "neurons_loaded_per_token", "neurons_active_per_token", "hit_rate",
-                             "io_s", "mem_s", "compute_s", "allocated_bytes", "plan_bytes")}
+    res.update({k: f[k] for k in ("tokens", "tokens_per_s", "bytes_read_per_token",
+                                  "neurons_loaded_per_token", "neurons_active_per_token",
+                                  "hit_rate", "io_s", "mem_s", "compute_s", "allocated_bytes",
+                                  "plan_bytes")})
+    s = m.last_stats
+    res["prefill_tokens_per_s"] = s["prompt_tokens"] / s["prefill_s"]
+    n = s["generated_tokens"]
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM"):
         res["peak_rss_bytes"] = int(line.split()[1]) * 1024
-res["io_read_bytes"] = None
-try:
-    for line in open("/proc/self/io"):
-        if line.startswith("read_bytes"):
-            res["io_read_bytes"] = int(line.split()[1])
-except OSError:
-    pass
+res["dev_bytes_per_token"] = (io1 - io0) / n if io0 is not None else None
 print(json.dumps(res))
 """
 
@@ -84,27 +144,55 @@ def model_files(model, gguf):
     return out + ([gguf] if gguf else [])
 
 
+def export_gguf(model, out):
+    """The model as GGUF for llama.cpp (`edgellm export --to gguf`); a ReLU llama is written as
+    a llama GGUF, see the module docstring."""
+    from edgellm import export as ex
+
+    check = ex._check_gguf_supported
+
+    def relu_as_silu(m):
+        from dataclasses import replace
+
+        cfg = m.config
+        if cfg.activation == "relu":
+            m.config = replace(cfg, activation="silu")
+        try:
+            check(m)
+        finally:
+            m.config = cfg
+
+    ex._check_gguf_supported = relu_as_silu
+    try:
+        ex.export(model, out, to="gguf", overwrite=True, progress=False)
+    finally:
+        ex._check_gguf_supported = check
+    return out
+
+
 class Cgroup:
     """A memory cgroup under this process's own, limit in bytes (cgroup v1 memory controller,
     as on these machines, or cgroup v2)."""
 
-    def __init__(self, name, limit):
+    def __init__(self, name, limit=None):
         lines = open("/proc/self/cgroup").read().splitlines()
         v1 = [ln.split(":", 2)[2] for ln in lines if ln.split(":")[1] == "memory"]
         if v1:
             self.path = "/sys/fs/cgroup/memory" + v1[0].rstrip("/") + "/" + name
             files = {"limit": "memory.limit_in_bytes", "swap": "memory.memsw.limit_in_bytes",
-                     "peak": "memory.max_usage_in_bytes"}
+                     "peak": "memory.max_usage_in_bytes", "oom": "memory.failcnt"}
         elif os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
             own = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")][0]
             self.path = "/sys/fs/cgroup" + own.rstrip("/") + "/" + name
-            files = {"limit": "memory.max", "swap": "memory.swap.max", "peak": "memory.peak"}
+            files = {"limit": "memory.max", "swap": "memory.swap.max", "peak": "memory.peak",
+                     "oom": "memory.events"}
         else:
-            raise SystemExit("no memory cgroup controller found")
+            raise SystemExit("no memory cgroup controller found (--cgroup)")
         self.files = files
         os.mkdir(self.path)
-        self._write("limit", limit)
-        self._write("swap", limit if v1 else 0)  # no swap: v1 counts memory + swap
+        if limit is not None:
+            self._write("limit", limit)
+            self._write("swap", limit if v1 else 0)  # no swap: v1 counts memory + swap
 
     def _write(self, what, value):
         try:
@@ -118,56 +206,84 @@ class Cgroup:
         with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
 
-    def peak(self):
+    def read(self, what):
         try:
-            return int(open(os.path.join(self.path, self.files["peak"])).read())
+            return open(os.path.join(self.path, self.files[what])).read().strip()
         except OSError:
             return None
 
+    def peak(self):
+        v = self.read("peak")
+        return int(v) if v is not None else None
+
     def remove(self):
+        for _ in range(50):  # the exited child may take a moment to leave
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError as e:
+                err = e
+                time.sleep(0.1)
+        print(f"could not remove cgroup {self.path}: {err}", file=sys.stderr)
+
+
+def child(args, cfg, cg=None, timeout=None):
+    return subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True,
+                          text=True, preexec_fn=cg.enter if cg else None, timeout=timeout)
+
+
+def measure_baseline(args, engine):
+    """What the cgroup is charged for by a process of this engine with its code loaded and no
+    model weights (edgellm: kernels compiled on the demo model, which is then dropped). Outside
+    a cgroup (no --cgroup): the same process's peak RSS is not a fair stand-in, so None."""
+    if not args.cgroup:
+        return None
+    out = []
+    for k in range(2):  # the first run is also charged for library pages it reads first
+        cg = Cgroup(f"edgellm-bench-{os.getpid()}-base{k}")
         try:
-            os.rmdir(self.path)
-        except OSError as e:
-            print(f"could not remove cgroup {self.path}: {e}", file=sys.stderr)
+            r = child(args, {"engine": engine, "baseline": True, "benchmarks": HERE}, cg)
+            if r.returncode != 0:
+                raise SystemExit(f"baseline of {engine} failed: {r.stderr.strip()[-2000:]}")
+            out.append(json.loads(r.stdout.strip().splitlines()[-1])["cgroup_usage"])
+        finally:
+            cg.remove()
+    return min(out)
 
 
 def run_one(args, engine, budget, baseline):
     cfg = {"engine": engine, "model": args.model, "gguf": args.gguf, "budget": budget,
            "ctx": args.ctx, "threads": args.threads, "n": args.n, "prompt": args.prompt,
-           "oracle": args.oracle, "io_threads": args.io_threads, "cold": args.cold}
+           "oracle": args.oracle, "io_threads": args.io_threads, "cold": args.cold,
+           "benchmarks": HERE}
     if args.cold:
         drop_cache(model_files(args.model, args.gguf))
     cg = None
+    res = {"engine": engine, "budget_bytes": budget}
     if args.cgroup:
         cg = Cgroup(f"edgellm-bench-{os.getpid()}-{engine.replace('.', '')}", budget + baseline)
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True,
-                       text=True, preexec_fn=cg.enter if cg else None, timeout=args.timeout)
-    res = {"engine": engine, "budget_bytes": budget, "wall_s": time.perf_counter() - t}
-    if cg:
+        res["baseline_bytes"] = baseline
         res["cgroup_limit_bytes"] = budget + baseline
-        res["cgroup_peak_bytes"] = cg.peak()
-        cg.remove()
+    t = time.perf_counter()
+    try:
+        r = child(args, cfg, cg, args.timeout)
+    finally:
+        res["wall_s"] = time.perf_counter() - t
+        if cg:
+            res["cgroup_peak_bytes"] = cg.peak()
+            res["peak_over_baseline_bytes"] = cg.peak() - baseline
+            cg.remove()
     if r.returncode != 0:
-        res["error"] = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        lines = r.stderr.strip().splitlines() or [f"exit {r.returncode}"]
+        res["error"] = lines[-1]
         if r.returncode < 0:
-            res["error"] = f"killed by signal {-r.returncode} (out of memory?)"
+            res["error"] = f"killed by signal {-r.returncode} (out of memory in the cgroup?)"
         return res
     res.update(json.loads(r.stdout.strip().splitlines()[-1]))
     return res
 
 
-def measure_baseline(args):
-    """Peak RSS of a process that imports edgellm and runs the demo model's kernels: the process's
-    own memory, outside the budget (../shared/DESIGN.md, The runtime)."""
-    code = ("import edgellm, resource\nfrom edgellm.cli import demo_model_path\n"
-            "m = edgellm.load(demo_model_path()); m.warmup()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(r.stdout.strip().splitlines()[-1])
-
-
-def plot(rows, path):
+def plot(rows, size, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,13 +293,45 @@ def plot(rows, path):
     for engine in sorted({r["engine"] for r in rows}):
         rr = sorted((r for r in rows if r["engine"] == engine and "error" not in r),
                     key=lambda r: r["budget_bytes"])
+        if not rr:
+            continue
         x = [r["budget_bytes"] / 1e6 for r in rr]
         a.plot(x, [r["tokens_per_s"] for r in rr], "o-", label=engine)
-        b.plot(x, [(r.get("bytes_read_per_token") or 0) / 1e6 for r in rr], "o-", label=engine)
-    a.set_xlabel("DRAM budget (MB)"), a.set_ylabel("tokens/s"), a.legend()
-    b.set_xlabel("DRAM budget (MB)"), b.set_ylabel("MB read per token"), b.legend()
+        y = [(r.get("bytes_read_per_token") if r.get("bytes_read_per_token") is not None
+              else r.get("dev_bytes_per_token") or 0) / 1e6 for r in rr]
+        b.plot(x, y, "o-", label=engine)
+    a.set_xlabel("DRAM budget (MB)"), a.set_ylabel("decode tokens/s"), a.legend()
+    b.set_xlabel("DRAM budget (MB)"), b.set_ylabel("MB read from flash per token"), b.legend()
+    fig.suptitle(f"model {size / 1e6:.1f} MB on disk; cold cache, budget enforced by a memory "
+                 "cgroup (indicative: shared machine)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def table(rows):
+    naive = {r["budget_bytes"]: r for r in rows if r["engine"] == "naive" and "error" not in r}
+    out = [f"{'budget MB':>9} {'engine':9} {'tok/s':>7} {'x naive':>7} {'MB read/tok':>11} "
+           f"{'% naive':>7} {'dev MB/tok':>10} {'peak MB':>8} {'limit MB':>8} {'alloc MB':>8}"]
+    for r in rows:
+        mb = f"{r['budget_bytes'] / 1e6:9.2f}"
+        if "error" in r:
+            out.append(f"{mb} {r['engine']:9} {r['error'][:120]}")
+            continue
+        nv = naive.get(r["budget_bytes"])
+        rb, dev = r.get("bytes_read_per_token"), r.get("dev_bytes_per_token")
+        peak = r.get("peak_over_baseline_bytes")
+
+        def f(v, scale=1e6, w=8, p=2):
+            return f"{v / scale:{w}.{p}f}" if v is not None else f"{'-':>{w}}"
+
+        out.append(
+            f"{mb} {r['engine']:9} {r['tokens_per_s']:7.1f} "
+            f"{r['tokens_per_s'] / nv['tokens_per_s'] if nv else float('nan'):7.2f} "
+            f"{f(rb, w=11, p=3)} "
+            f"{100 * rb / nv['bytes_read_per_token'] if nv and rb is not None else float('nan'):7.1f} "
+            f"{f(dev, w=10, p=3)} {f(peak)} "
+            f"{f(r['budget_bytes'])} {f(r.get('allocated_bytes'))}")
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -193,10 +341,12 @@ def main(argv=None):
     p.add_argument("--engines", nargs="+", default=["window", "naive", "llama.cpp"],
                    choices=["window", "dense", "naive", "llama.cpp"])
     p.add_argument("--oracle", action="store_true", help="window mode with the true active set")
-    p.add_argument("--gguf", default=None, help="the same model as GGUF (for llama.cpp)")
+    p.add_argument("--gguf", default=None, help="the same model as GGUF (for llama.cpp); auto: "
+                   "export it (next to --json, else in the current directory)")
     p.add_argument("--cgroup", action="store_true", help="enforce budget + baseline in a cgroup")
     p.add_argument("--cold", action="store_true")
-    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--ctx", type=int, default=128, help="context (KV cache) length, part of the "
+                   "budget (default 128)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--io-threads", type=int, default=4)
     p.add_argument("-n", type=int, default=64)
@@ -205,38 +355,45 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
+    args.model = os.path.abspath(args.model)
     size = model_bytes(args.model)
-    baseline = measure_baseline(args)
+    if args.gguf == "auto" and "llama.cpp" in args.engines:
+        out = os.path.join(os.path.dirname(os.path.abspath(args.json or "x")),
+                           os.path.basename(args.model.rstrip("/")) + ".gguf")
+        args.gguf = export_gguf(args.model, out)
+    if args.gguf:
+        args.gguf = os.path.abspath(args.gguf)
+    engines = [e for e in args.engines if e != "llama.cpp" or args.gguf]
+    baselines = {}
+    for e in engines:
+        kind = "llama.cpp" if e == "llama.cpp" else "edgellm"
+        if kind not in baselines:
+            baselines[kind] = measure_baseline(args, kind)
+    print(f"model {size / 1e6:.2f} MB" + (f", GGUF {os.path.getsize(args.gguf) / 1e6:.2f} MB"
+                                          if args.gguf else "")
+          + "; baselines (outside the budget): "
+          + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in baselines.items() if v), file=sys.stderr)
     rows = []
-    print(f"model {size / 1e6:.2f} MB; process baseline {baseline / 1e6:.1f} MB (outside the "
-          f"budget)", file=sys.stderr)
     for frac in args.fractions:
         budget = int(size * frac)
-        for engine in args.engines:
-            if engine == "llama.cpp" and not args.gguf:
-                continue
-            r = run_one(args, engine, budget, baseline)
+        for engine in engines:
+            base = baselines["llama.cpp" if engine == "llama.cpp" else "edgellm"]
+            r = run_one(args, engine, budget, base)
             r["fraction"] = frac
             rows.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "per_step"}), flush=True)
-    print(f"\n{'budget':>10} {'engine':10} {'tok/s':>8} {'MB read/tok':>12} {'peak RSS MB':>12} "
-          f"{'cgroup peak MB':>15}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['budget_bytes'] / 1e6:10.2f} {r['engine']:10} error: {r['error']}")
-            continue
-        rb = r.get("bytes_read_per_token")
-        cg = r.get("cgroup_peak_bytes")
-        print(f"{r['budget_bytes'] / 1e6:10.2f} {r['engine']:10} {r['tokens_per_s']:8.1f} "
-              f"{rb / 1e6 if rb is not None else float('nan'):12.3f} "
-              f"{r['peak_rss_bytes'] / 1e6:12.1f} "
-              f"{cg / 1e6 if cg else float('nan'):15.1f}")
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "model_bytes": size, "baseline_bytes": baseline,
-                       "rows": rows}, f, indent=2)
+            json.dump({"model": args.model, "model_bytes": size, "gguf": args.gguf,
+                       "gguf_bytes": os.path.getsize(args.gguf) if args.gguf else None,
+                       "baseline_bytes": baselines, "args": vars(args), "rows": rows}, f,
+                      indent=2)
     if args.plot:
-        plot(rows, args.plot)
+        try:
+            plot(rows, size, args.plot)
+        except ImportError:
+            print("matplotlib is not installed: no plot", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ kernel sees one large read instead of many small ones (disk reads here: ~1.5 GB/
 reads, ~0.14 GB/s with 4 KiB reads, ../shared/DESIGN.md). Requests run on a pool of `depth`
 threads (os.preadv releases the GIL).
 
-Cold mode calls posix_fadvise(DONTNEED) on each range after reading it, so the page cache does not
-keep it: the next read of the same bytes goes to the device (measurements are then not served from
-memory), and the page cache does not grow past the budget.
+Cold mode calls posix_fadvise(DONTNEED) on each range after reading it, widened to whole pages
+(the kernel drops only whole pages, and a neuron's bundle row is often smaller than one), so the
+page cache does not keep it: the next read of the same bytes goes to the device (measurements are
+then not served from memory), and the page cache does not grow past the budget. Every file is
+opened with POSIX_FADV_RANDOM: the reads are exactly the rows wanted, and kernel read-ahead
+around a small row read would fetch (and, in a memory cgroup, hold) neighbours nobody asked for.
 """
 
 import os
@@ -28,6 +31,7 @@ from .errors import EdgeLLMError
 MAX_IOV = 512  # buffers per preadv call (Linux allows IOV_MAX = 1024)
 INLINE = 1 << 20  # batches below this are read on the calling thread (no pool round trip)
 MAX_RUN_BYTES = 8 << 20  # a coalesced read is split above this, so the pool can share the work
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class FlashReadError(EdgeLLMError):
@@ -59,6 +63,8 @@ class FlashReader:
                     except OSError as e:
                         raise FlashReadError(f"{path}: cannot open for reading: {e.strerror}") \
                             from None
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead
                     self._fds[path] = fd
         return fd
 
@@ -90,8 +96,10 @@ class FlashReader:
             fd = self._fd(path)
             try:
                 n = self._preadv(fd, bufs, offset)
-                if self.cold:
-                    os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+                if self.cold:  # whole pages: a partial page would stay cached
+                    a = offset // PAGE * PAGE
+                    os.posix_fadvise(fd, a, -(-(offset + n) // PAGE) * PAGE - a,
+                                     os.POSIX_FADV_DONTNEED)
             except OSError as e:
                 raise FlashReadError(f"{path}: read of {sum(b.nbytes for b in bufs)} bytes at "
                                      f"offset {offset} failed: {e.strerror or e}") from None
