@@ -11,6 +11,8 @@ import numpy as np
 
 from .runtime.errors import EdgeLLMError
 
+BIG = np.finfo(np.float64).max  # penalized logits stay finite, so max - max is 0, not NaN
+
 
 @dataclass
 class SamplingParams:
@@ -47,13 +49,15 @@ class Sampler:
         if p.repetition_penalty != 1.0 and p.repeat_last_n and len(history):
             recent = np.unique(np.asarray(history[-p.repeat_last_n:], dtype=np.int64))
             vals = logits[recent]
-            logits[recent] = np.where(vals > 0, vals / p.repetition_penalty,
-                                      vals * p.repetition_penalty)
+            with np.errstate(over="ignore"):  # a penalty near 0 or huge: clipped, not inf
+                logits[recent] = np.clip(np.where(vals > 0, vals / p.repetition_penalty,
+                                                  vals * p.repetition_penalty), -BIG, BIG)
         if p.temperature == 0:
             return int(np.argmax(logits))
         order = _top_order(logits, p.top_k)
-        z = logits[order] / p.temperature
-        probs = np.exp(z - z.max())
+        with np.errstate(over="ignore"):  # a temperature near 0: others -inf, probability 0
+            z = (logits[order] - logits[order[0]]) / p.temperature
+        probs = np.exp(z)
         probs /= probs.sum()
         keep = len(probs)
         if p.top_p < 1.0:

@@ -413,6 +413,12 @@ class Engine:
 # The app
 
 
+async def disconnected(request):
+    """Returns when the client has gone."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def usage_of(stats):
     p, c = stats["prompt_tokens"], stats["completion_tokens"]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
@@ -512,7 +518,7 @@ class Service:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(job, rid, chat, usage),
+            return StreamingResponse(self._stream(request, job, rid, chat, usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
@@ -545,12 +551,8 @@ class Service:
                 else:
                     raise value if isinstance(value, Exception) else APIError(500, str(value))
 
-        async def disconnected():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
         work = asyncio.ensure_future(gather())
-        gone = asyncio.ensure_future(disconnected())
+        gone = asyncio.ensure_future(disconnected(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -564,7 +566,10 @@ class Service:
             raise error_for(work.exception())
         return work.result()
 
-    async def _stream(self, job, rid, chat, include_usage):
+    async def _stream(self, request, job, rid, chat, include_usage):
+        # a client that hangs up cancels its job at once, not at the next piece sent to it
+        gone = asyncio.ensure_future(disconnected(request))
+        gone.add_done_callback(lambda f: f.cancelled() or job.cancel())
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -600,6 +605,7 @@ class Service:
                     yield _sse(error_for(value).body())
                     return
         finally:
+            gone.cancel()
             job.cancel()  # no-op when finished; stops the worker when the client has gone
 
 
