@@ -687,6 +687,9 @@ def create_app(model, name, queue_size=DEFAULT_QUEUE, kv_slots=DEFAULT_KV_SLOTS,
     async def completions(req: CompletionRequest, request: Request):
         return await service.respond(request, req, service.completion_job(req), chat=False)
 
+    from .web import add_routes  # the chat page at / and its panel's GET /v1/edgellm/stats
+
+    add_routes(app, v1, model, engine, name)
     app.include_router(v1)
     # outside the routes: it covers every route, including ones added after this line
     app.add_middleware(Guard, api_key=api_key, max_body=max_body or DEFAULT_MAX_BODY)

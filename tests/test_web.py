@@ -1,0 +1,303 @@
+"""The chat page of `edgellm serve`, driven in a real browser: Playwright for Python with headless
+Chromium (Debian's `chromium`) against a server the test starts with the demo model streaming
+from flash under a DRAM budget, and an API key (the page asks for it).
+
+The answers are checked against the library's own greedy generation on the same prompt, the stop
+button against the server's counters (the generation is cancelled server-side and the next
+request runs), and the Markdown renderer against hostile text in two ways: a conversation in
+local storage whose earlier answer holds markup (as a model's answer would), and the renderer's
+output parsed by the browser itself. Screenshots go to a temporary folder (printed; set
+EDGELLM_WEB_ARTIFACTS to keep them elsewhere).
+"""
+
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="playwright is not installed (pip install -e '.[test]')")
+httpx = pytest.importorskip("httpx", reason="the test extra (httpx) is not installed")
+CHROMIUM = os.environ.get("EDGELLM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip("no chromium browser (Debian: apt-get install chromium; or set EDGELLM_CHROMIUM)",
+                allow_module_level=True)
+
+import edgellm  # noqa: E402
+from test_server import DEMO, ServerProcess  # noqa: E402
+
+KEY = "test-key-0123"
+CTX = 2048  # beyond the demo's 512 (its text degrades there): a long answer to stop midway
+BUDGET = "8MB"  # the demo model needs 7.6 MB at this context: most FFN rows stream from flash
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         "--disable-default-apps", "--disable-extensions"]
+DESKTOP = {"width": 1180, "height": 720}
+PHONE = {"width": 390, "height": 780}
+
+
+@pytest.fixture(scope="module")
+def server():
+    # one KV cache: the whole budget goes to the model, as in the reference below
+    s = ServerProcess("--dram-budget", BUDGET, "--kv-slots", "1", "--ctx", str(CTX),
+                      "--api-key", KEY)
+    yield s
+    alive = s.proc.poll() is None
+    rc = s.stop()
+    assert alive, f"the server died during the tests:\n{s.output()}"
+    assert rc == 0, s.output()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The demo model loaded as the server loads it (greedy text under the same budget)."""
+    return edgellm.load(DEMO, dram_budget=BUDGET, n_ctx=CTX)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    path = os.environ.get("EDGELLM_WEB_ARTIFACTS") or str(tmp_path_factory.mktemp("web"))
+    os.makedirs(path, exist_ok=True)
+    print(f"\nscreenshots of the chat page: {path}")
+    return path
+
+
+def open_page(browser, server, viewport=DESKTOP, key=True):
+    """A fresh browser profile (empty local storage) on the page; key: the API key is already
+    stored, as after a first visit."""
+    # bypass_csp: the page's Content-Security-Policy forbids the eval Playwright's waiting uses;
+    # without it, markup that got past the renderer would also run, so the test sees it
+    ctx = browser.new_context(viewport=viewport, bypass_csp=True)
+    if key:
+        ctx.add_init_script(f"localStorage.setItem('edgellm.apiKey', {json.dumps(KEY)})")
+    page = ctx.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.goto(server.url + "/")
+    return page, errors
+
+
+def stats(server):
+    r = httpx.get(server.url + "/v1/edgellm/stats", timeout=10,
+                  headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def set_field(page, selector, value):
+    page.fill(selector, str(value))
+    page.dispatch_event(selector, "change")
+
+
+def stored_conversations(page):
+    return page.evaluate("JSON.parse(localStorage.getItem('edgellm.conversations'))")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_api_key_streamed_answer_panel_and_reload(browser, server, reference, artifacts):
+    page, errors = open_page(browser, server, key=False)
+    # the server has a key and the page has none: it says so and opens the key field
+    page.wait_for_selector("#notice:not([hidden])")
+    assert "API key" in page.inner_text("#notice")
+    assert page.is_visible("#api-key")
+    set_field(page, "#api-key", KEY)
+    page.wait_for_function("document.getElementById('model-name').textContent.includes('demo')")
+    assert page.is_hidden("#notice"), page.inner_text("#notice")
+    # greedy, a fixed length: the answer must be the library's own text
+    set_field(page, "#temperature", 0)
+    set_field(page, "#max-tokens", 300)
+    question = "Once upon a time"
+    before = stats(server)["generations"]
+    page.fill("#input", question)
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant.streaming")
+    shot = False
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the text grows while the answer streams
+        streaming, n, points = page.evaluate("""() => {
+            const el = document.querySelector('.msg.assistant:last-child');
+            return [el.classList.contains('streaming'), el.querySelector('.body').textContent.length,
+                    Number(document.getElementById('chart-bytes').dataset.points || 0)];
+        }""")
+        if not streaming:
+            break
+        if n and (not seen or n != seen[-1]):
+            seen.append(n)
+        if not shot and n > 20 and points >= 1:  # the charts drawn: a view mid-answer
+            page.screenshot(path=os.path.join(artifacts, "mid-answer.png"))
+            shot = True
+        time.sleep(0.02)
+    assert len(seen) >= 3, f"the text did not arrive in pieces: lengths {seen}"
+    page.screenshot(path=os.path.join(artifacts, "answered.png"))
+
+    template = reference.template()
+    prompt = template.render([{"role": "user", "content": question}])
+    expected = reference.complete(prompt, max_tokens=300, stop=template.stop, temperature=0,
+                                  repetition_penalty=1.0)
+    convs = stored_conversations(page)
+    assert len(convs) == 1
+    answer = convs[0]["messages"][1]
+    assert convs[0]["messages"][0] == {"role": "user", "content": question}
+    assert answer["content"] == expected
+    assert "stopped" not in answer and "error" not in answer
+    gen = reference.last_stats["generated_tokens"]
+    server_now = stats(server)
+    assert server_now["generations"] == before + 1
+    assert server_now["last"]["state"] == "done"
+    assert server_now["last"]["completion_tokens"] == gen == answer["stats"]["completion_tokens"]
+
+    # the panel: this answer's figures, and the flash figures with their charts
+    assert re.fullmatch(r"\d+ ms", page.inner_text("#ttft"))
+    for fig in ("#prefill", "#decode"):
+        assert re.fullmatch(r"\d+\.\d tok/s", page.inner_text(fig)), (answer, server_now)
+    assert page.inner_text("#tokens") == str(gen)
+    assert re.search(rf"{gen} tokens", page.inner_text(".msg.assistant .meta"))
+    assert page.is_visible("#flash") and page.is_hidden("#no-flash")
+    flash = server_now["flash"]
+    per_token = flash["bytes_read_per_token"]
+    assert per_token > 0
+    assert page.inner_text("#bytes-per-token") == f"{per_token / 1e6:.2f} MB"
+    assert page.inner_text("#hit-rate") == "none (dense mode)"  # the demo has no predictors
+    assert page.inner_text("#budget") == (f"{flash['allocated_bytes'] / 1e6:.2f} MB of "
+                                          f"{flash['dram_budget_bytes'] / 1e6:.2f} MB")
+    for chart in ("#chart-bytes", "#chart-mem"):
+        assert int(page.get_attribute(chart, "data-points")) >= 2
+        assert page.locator(f"{chart} polyline").count() >= 1
+    assert page.locator("#chart-mem line.ref").count() == 1  # the budget
+
+    # reload: the conversation, its answer and its figures come back from local storage
+    page.reload()
+    page.wait_for_selector(".msg.assistant")
+    assert page.locator("#conversations li").count() == 1
+    assert page.inner_text("#conversations li.current .open") == question
+    assert page.inner_text(".msg.user .body") == question
+    assert stored_conversations(page)[0]["messages"][1]["content"] == expected
+    assert page.inner_text("#tokens") == str(gen)
+    assert page.input_value("#temperature") == "0"
+    errors = [e for e in errors if "status of 401" not in e]  # the first visit, without the key
+    assert not errors, errors
+    page.context.close()
+
+
+def test_stop_cancels_the_generation_on_the_server(browser, server, artifacts):
+    page, errors = open_page(browser, server)
+    page.wait_for_function("document.getElementById('model-name').textContent.includes('demo')")
+    page.click("#toggle-settings")
+    set_field(page, "#temperature", 0)  # no end-of-sequence by chance: it would run to the end
+    before = server.health()
+    page.fill("#input", "Tell me a story about a cat.")
+    page.click("#send")
+    page.wait_for_function("""() => {
+        const el = document.querySelector('.msg.assistant.streaming .body');
+        return el && el.textContent.length > 0; }""")
+    assert page.is_visible("#stop") and page.is_hidden("#send")
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant.stopped")
+    assert page.inner_text(".msg.assistant .meta").endswith("stopped")
+    assert page.is_visible("#send")
+    # the server stops at its next token: not running, counted as cancelled, far from the end
+    after = server.wait_idle(timeout=30)
+    last = stats(server)["last"]
+    assert after["cancelled"] == before["cancelled"] + 1, (before, after, last)
+    assert after["completed"] == before["completed"]
+    assert last["state"] == "stopped"
+    room = CTX - last["prompt_tokens"]  # no max_tokens: the rest of the context
+    assert last["completion_tokens"] < room // 2, last
+    stopped = stored_conversations(page)[0]["messages"][1]
+    assert stopped["stopped"] is True and stopped["content"]
+    page.screenshot(path=os.path.join(artifacts, "stopped.png"))
+
+    # the worker is free: the conversation goes on, the stopped text sent as the earlier answer
+    set_field(page, "#max-tokens", 8)
+    page.fill("#input", "And then?")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant').length == 2 && "
+                           "!document.querySelector('.msg.assistant.streaming')")
+    convs = stored_conversations(page)[0]["messages"]
+    assert [m["role"] for m in convs] == ["user", "assistant", "user", "assistant"]
+    assert "error" not in convs[3] and convs[3]["stats"]["completion_tokens"] >= 1
+    assert server.wait_idle()["completed"] == before["completed"] + 1
+    assert not errors, errors
+    page.context.close()
+
+
+HOSTILE = ("Here is <script>window.__pwned = 1</script> and "
+           "<img src=x onerror=\"window.__pwned = 2\"> **bold <b>x</b>** `<i>code</i>`\n\n"
+           "```html\n<script>window.__pwned = 3</script>\n<svg onload=\"window.__pwned = 4\">\n"
+           "```\n\n- item <a href=\"javascript:window.__pwned=5\">link</a>\n"
+           "- <iframe srcdoc=\"<script>parent.__pwned=6</script>\"></iframe>")
+
+
+def test_markup_in_answers_is_text_and_phone_layout(browser, server, artifacts):
+    # an earlier answer holding markup, as a model could write it, kept in local storage
+    conv = {"id": "x1", "title": "markup", "system": "", "updated": 1,
+            "messages": [{"role": "user", "content": "<b>show</b> me <script>"},
+                         {"role": "assistant", "content": HOSTILE}]}
+    page, errors = open_page(browser, server, viewport=PHONE)
+    page.evaluate(f"""() => {{
+        localStorage.setItem('edgellm.conversations', JSON.stringify([{json.dumps(conv)}]));
+        localStorage.setItem('edgellm.current', 'x1'); }}""")
+    response = page.reload()
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    page.wait_for_selector(".msg.assistant")
+    page.wait_for_timeout(200)  # room for an injected handler to run, were there one
+    assert page.evaluate("window.__pwned") is None
+    box = page.locator("#messages")
+    for tag in ("script", "img", "svg", "a", "iframe", "b", "i"):
+        assert box.locator(tag).count() == 0, tag
+    body = page.inner_text(".msg.assistant .body")
+    for text in ("<script>window.__pwned = 1</script>", "<img src=x onerror=\"window.__pwned = 2\">",
+                 "<script>window.__pwned = 3</script>", "<a href=\"javascript:window.__pwned=5\">",
+                 "<i>code</i>"):
+        assert text in body, text
+    # the Markdown around it still renders
+    assert page.inner_text(".msg.assistant strong") == "bold <b>x</b>"
+    assert page.inner_text(".msg.assistant code >> nth=0") == "<i>code</i>"
+    assert "<svg onload" in page.inner_text(".msg.assistant pre code")
+    assert page.locator(".msg.assistant li").count() == 2
+    assert page.inner_text(".msg.user .body") == "<b>show</b> me <script>"
+
+    # the renderer alone, on many hostile strings: the browser's own parser finds only the
+    # renderer's tags, no attribute other than its one class, and every character as text
+    report = page.evaluate("""(samples) => samples.map((s) => {
+        const t = document.createElement('template');
+        t.innerHTML = renderMarkdown(s);
+        const els = [...t.content.querySelectorAll('*')];
+        return {tags: [...new Set(els.map((e) => e.tagName.toLowerCase()))],
+                attrs: els.flatMap((e) => [...e.attributes].map((a) => a.name + '=' + a.value)),
+                text: t.content.textContent};
+    })""", [HOSTILE, "<", "a < b > c & d \"'", "``` \n<x>", "**<b>** *<i>* _<u>_",
+            "1. <li>\n2. </ol><script>", "# <h1>head</h1>", "`</code><script>`",
+            "&lt;script&gt; stays &amp;lt;", "\u202e<bdo>\u0000</bdo>"])
+    allowed = {"p", "br", "pre", "code", "strong", "em", "ul", "ol", "li"}
+    for r in report:
+        assert set(r["tags"]) <= allowed, r
+        assert set(r["attrs"]) <= {"class=heading"}, r
+    assert "a < b > c & d \"'" in report[2]["text"]
+    assert "&lt;script&gt; stays &amp;lt;" in report[8]["text"]
+
+    # a phone-sized screen: one column, no sideways scrolling, the panel behind a button
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert page.is_hidden("#panel") and page.is_hidden("#sidebar")
+    assert page.is_visible("#input") and page.is_visible("#send")
+    page.screenshot(path=os.path.join(artifacts, "phone.png"))
+    page.click("#toggle-panel")
+    assert page.is_visible("#panel")
+    page.screenshot(path=os.path.join(artifacts, "phone-panel.png"))
+    assert not errors, errors
+    page.context.close()
