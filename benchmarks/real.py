@@ -42,7 +42,9 @@ TEXT = ("The history of the city begins with a small settlement on the river, wh
         "stopped to exchange grain, salt and cloth. Over the centuries the market grew into a "
         "town with walls, a cathedral and a university, and its people learned to build bridges, "
         "print books and govern themselves through elected councils. ")
-ENGINES = ("edgellm keep", "edgellm int8", "llama.cpp")
+ENGINES = ("edgellm keep", "edgellm keep per-op", "edgellm int8", "llama.cpp")
+# "per-op": the same keep model decoded with a wrapper call per operation (Transformer.fused
+# off), the path before runtime/kernels/fused.py, for a side-by-side before/after
 
 
 def log(*a):
@@ -105,6 +107,8 @@ def child(args):
     t0 = time.perf_counter()
     e = Edge(args.path, n_ctx, args.threads) if args.engine == "edgellm" else \
         Llama(args.path, n_ctx, args.threads)
+    if args.per_op:
+        e.rt.fused = False
     t1 = time.perf_counter()
     e.prefill(ids)  # the first prefill after load: time to first token
     t2 = time.perf_counter()
@@ -118,7 +122,15 @@ def child(args):
            "prompt_tokens": len(ids), "decode_tokens": args.decode, "tokens": out,
            "peak_rss_mb": peak_rss_mb()}
     if args.split and args.engine == "edgellm":
-        res["split"] = time_split(e, ids, args.decode)
+        # fused and per-op alternately, 3 times each; the run with the median token time
+        runs = {True: [], False: []}
+        for _ in range(3):
+            for fused in (True, False):
+                e.rt.fused = fused
+                runs[fused].append(time_split(e, ids, args.decode))
+        for fused, key in ((True, "split"), (False, "split_per_op")):
+            rs = sorted(runs[fused], key=lambda r: r["token_ms"])
+            res[key] = {**rs[1], "token_ms_all": [r["token_ms"] for r in runs[fused]]}
     print(json.dumps(res))
     return 0
 
@@ -132,7 +144,7 @@ def time_split(e, ids, n):
     from edgellm.sampling import Sampler
 
     mods = {n: sys.modules[f"edgellm.runtime.kernels.{n}"]
-            for n in ("qmatvec", "ffn", "attention", "norms", "rope")}
+            for n in ("qmatvec", "ffn", "attention", "norms", "rope", "fused")}
     acc, calls = {}, {}
 
     def wrap(mod, name, label):
@@ -152,7 +164,8 @@ def time_split(e, ids, n):
     labels = {("qmatvec", "matvec3"): "q,k,v matvec (one call)",
               ("ffn", "ffn_decode_simd"): "FFN (gate, up, down in one call)",
               ("attention", "attention"): "attention over the KV cache",
-              ("norms", "rmsnorm"): "rmsnorm", ("rope", "apply_rope"): "rope"}
+              ("norms", "rmsnorm"): "rmsnorm", ("rope", "apply_rope"): "rope",
+              ("fused", "decode_layer"): "whole layer, one call (fused)"}
     for (m, name), label in labels.items():
         saved.append((mods[m], name, wrap(mods[m], name, label)))
     for name in ("matvec_q4_1", "matvec_q8_0", "matvec_int8", "matvec_int4", "matvec_f16"):
@@ -214,11 +227,13 @@ def time_split(e, ids, n):
 # the parent: children, medians, tables
 
 
-def run_child(engine, path, threads, ids_file, args, split=False):
+def run_child(engine, path, threads, ids_file, args, split=False, per_op=False):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, path,
            "--threads", str(threads), "--ids", ids_file, "--decode", str(args.decode)]
     if split:
         cmd.append("--split")
+    if per_op:
+        cmd.append("--per-op")
     env = dict(os.environ)
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[v] = str(threads)  # BLAS reads these at import
@@ -263,7 +278,8 @@ def split_table(split):
     rows = [("whole token", split["token_ms"])]
     rows += [(k, v) for k, v in split["kernels_ms"].items()]
     rows += [("head (final norm + q8_0 49152 x 576 matvec)", split["head_ms"]),
-             ("Python around the kernels (30 layers)", split["python_overhead_ms"]),
+             ("Python around the kernels (30 layers; per layer "
+              f"{split['python_overhead_per_layer_us']:.0f} us)", split["python_overhead_ms"]),
              ("greedy argmax (not in the token above)", split["greedy_argmax_ms"]),
              ("default sampler, top-k 40 etc. (not in the token above)",
               split["default_sampler_ms"])]
@@ -301,6 +317,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         args.engine, args.path = args.child
@@ -310,6 +327,7 @@ def main(argv=None):
     os.makedirs(args.workdir, exist_ok=True)
     gguf = smollm2_gguf()
     paths = {"edgellm keep": converted(args.workdir, gguf, "keep"),
+             "edgellm keep per-op": converted(args.workdir, gguf, "keep"),
              "edgellm int8": converted(args.workdir, gguf, "int8"), "llama.cpp": gguf}
     ids = prompt_ids(paths["edgellm keep"], args.prompt)
     ids_file = os.path.join(args.workdir, f"prompt-{args.prompt}.json")
@@ -323,7 +341,7 @@ def main(argv=None):
         for t in threads_list:
             for eng in ENGINES:
                 r = run_child("llama.cpp" if eng == "llama.cpp" else "edgellm", paths[eng], t,
-                              ids_file, args)
+                              ids_file, args, per_op=eng.endswith("per-op"))
                 runs[f"{t}"][eng].append(r)
                 log(f"repeat {rep + 1} threads {t} {eng}: decode "
                     f"{r['decode_tokens'] / r['decode_s']:.1f} tok/s, prefill "
@@ -338,11 +356,13 @@ def main(argv=None):
     print(table(results, threads_list))
     if args.split:
         t = max(threads_list)
-        out["split"] = {"threads": t, **run_child("edgellm", paths["edgellm keep"], t, ids_file,
-                                                  args, split=True)["split"]}
-        print()
-        print(f"edgellm keep, {t} threads, where a decoded token's time goes:")
-        print(split_table(out["split"]))
+        r = run_child("edgellm", paths["edgellm keep"], t, ids_file, args, split=True)
+        out["split"] = {"threads": t, **r["split"]}
+        out["split_per_op"] = {"threads": t, **r["split_per_op"]}
+        for key, what in (("split", "fused"), ("split_per_op", "per-op")):
+            print()
+            print(f"edgellm keep ({what}), {t} threads, where a decoded token's time goes:")
+            print(split_table(out[key]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -8,9 +8,11 @@ math is in runtime/kernels.
 import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from . import format, kernels
+from .kernels import fused
 from .errors import ContextLengthError, EdgeLLMError
 from .kvcache import DEFAULT as DEFAULT_KV
 from .kvcache import KVCache
@@ -88,6 +90,8 @@ class Transformer:
             self.cos, self.sin = kernels.rope_tables(cfg.head_dim, self.n_ctx, cfg.rope_theta,
                                                      cfg.rope_scaling)
         self.cache = self.new_cache()  # the cache forward() runs against; callers may swap it
+        self.fused = True  # decode each layer in one call where it can (kernels/fused.py)
+        self._fused_plans = None  # per layer: decode_layer's arguments, or None (general path)
 
     def _norm(self, file, name):
         w = self.reader.vector(file, name + ".weight")
@@ -197,7 +201,12 @@ class Transformer:
             x += self.pos_embed[p0 + cfg.pos_offset + np.arange(T)]
         positions = np.arange(p0, p0 + T, dtype=np.int64)
         t = self.timer.add("embed", t)
+        plans = self._fused_layers() if T == 1 and self.fused and self.stream is None else None
         for i, L in enumerate(self.layers):
+            if plans is not None and self._fused_plan(i, L) is not None:
+                x = self._fused_layer(i, plans[i], x, p0)
+                t = self.timer.add("layer", t)
+                continue
             if self.stream is not None:
                 L = self.stream.enter(i, L)  # its streamed weights in place
             x = self._attention(i, L, x, positions)
@@ -206,6 +215,45 @@ class Transformer:
             t = self.timer.add("ffn", t)
         self.cache.tokens.extend(int(i) for i in ids)
         return x
+
+    def _fused_layers(self):
+        """decode_layer's arguments per layer, prepared once (None: that layer runs the general
+        path); none at all when the cache's encoding is not one the fused call writes."""
+        if not fused.takes_cache(self.cache.kv):
+            return None
+        if self._fused_plans is None:
+            n = len(self.layers)
+            self._fused_plans = ([None] * n, fused.Scratch(self.cfg), [None] * n, [None] * n)
+        return self._fused_plans[0]
+
+    def _fused_plan(self, i, L):
+        """Layer i's plan, made again when the layer or its FFN was replaced (e.g. a predicted
+        FFN put in for a measurement)."""
+        plans, scratch, memo, made_for = self._fused_plans
+        if made_for[i] is None or made_for[i][0] is not L or made_for[i][1] is not L.ffn:
+            plans[i] = fused.plan_layer(self.cfg, L, ResidentFFN)
+            memo[i] = None
+            made_for[i] = (L, L.ffn)
+        return plans[i]
+
+    def _fused_layer(self, i, plan, x, p0):
+        """One decoded token through layer i in one kernel call (x f32[1, d] -> f32[1, d])."""
+        plans, scratch, memo, _ = self._fused_plans
+        xb = scratch.x
+        if x is not scratch.x2:
+            xb[:] = x[0]
+        kc, vc, ks, vs = self.cache.layer(i)
+        key = (kc, vc, numba.get_num_threads())
+        hit = memo[i]
+        if hit is None or hit[0][0] is not kc or hit[0][1] is not vc or hit[0][2] != key[2]:
+            hit = memo[i] = (key, fused.layer_args(plan, scratch, self.cfg.norm_eps, kc, vc, ks,
+                                                   vs, self.cos, self.sin,
+                                                   getattr(self.cache, "block", 0)))
+        rc = fused.decode_layer(xb, p0, *hit[1])
+        if rc != fused.OK:
+            raise EdgeLLMError("a key or value is out of float16 range; use the f32 or int8 KV "
+                               "cache (kv='f32', --kv f32)")
+        return scratch.x2
 
     def _attention(self, i, L, x, positions):
         cfg, T, p0 = self.cfg, x.shape[0], self.pos

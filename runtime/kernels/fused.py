@@ -1,0 +1,289 @@
+"""Decode (one token) of a whole layer in one Numba call: few calls per layer.
+
+A 30-layer model such as SmolLM2-135M paid ~10 Python wrapper calls per layer (norms, q/k/v,
+rope, the KV-cache store, attention, o, FFN), each with its checks and small allocations: 2.7 to
+6 ms of a 20-45 ms token (docs/PERFORMANCE.md). decode_layer runs
+
+    rmsnorm -> q, k, v (one matvec3) -> biases -> rope -> KV-cache store -> attention
+    -> o (+ bias) -> residual -> rmsnorm -> FFN (ffn_decode_simd, down inside) (+ bias) -> residual
+
+inside one compiled function, calling the very kernels the general path calls (rmsnorm,
+matvec3, apply_rope, store_int8, attention, ffn_decode_simd; the o projection through
+qmatvec.row_dot, which the per-encoding matvecs are made of), in the same order, on buffers
+allocated once. So the result is bit for bit the general path's (tests/test_fused.py), and the
+Python left per layer is one call with its arguments prepared once per model.
+
+The layer's own parallel loops (q/k/v, attention, o, FFN rows, FFN down) remain separate
+fork/joins of Numba's threads: five per layer.
+
+Layers the fused call does not take (layer norm, learned positions, a part the SIMD kernels do
+not take, f32 weights, a streamed or predicted FFN, d or q_dim not a multiple of 32) run the
+general path; `plan_layer` says which.
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from . import simd as _simd
+from .attention import attention, store_int8
+from .ffn import ACT_CODES, ENC_CODES, NONE, ffn_decode_simd
+from .halfs import F16_TO_F32 as _LUT
+from .norms import rmsnorm
+from .qmatvec import matvec3, row_dot
+from .rope import apply_rope
+from .simd import act_buffers, quantize_act
+
+F16 = ENC_CODES["f16"]
+
+# meta: the layer's integers in one array (fewer arguments to type-check per call)
+(M_QENC, M_QSHIFT, M_QROW, M_QSROW, M_OENC, M_OSHIFT, M_OROW, M_OSROW, M_QKV_BIAS, M_O_BIAS,
+ M_H, M_KVH, M_HD, M_KIND, M_GATED, M_UP_BIAS, M_DENC, M_DSHIFT, M_DROW, M_DSROW, M_DOWN_BIAS,
+ M_SIMD, M_FAST, M_LEN) = range(24)
+
+OK, F16_RANGE = 0, 1  # decode_layer's return codes
+
+
+@intrinsic
+def f16_bits(typingctx, v):
+    """float32 -> its float16 bits, rounded to nearest even (LLVM fptrunc: the CPU's F16C
+    conversion here, IEEE as NumPy's astype)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@njit(cache=True, parallel=True)
+def matvec1(enc, gshift, qrow, srow, q, s, x, lut, out, fast):
+    """out = M x for one matrix of a SIMD encoding with rows of d = 32 nb values (the same
+    row_dot calls and activation quantization as qmatvec's per-encoding matvecs)."""
+    d = x.shape[0]
+    nb = d // 32
+    xq, xs, xp, corr = act_buffers(d)
+    if enc != F16:
+        quantize_act(x, xq, xs, xp, corr)
+    for r in prange(out.shape[0]):
+        out[r] = row_dot(q, r * qrow, s, r * srow, enc, gshift, nb, x, xq, xs, xp, corr, lut,
+                         fast)
+    return out
+
+
+@njit(cache=True)
+def store_f16(x, p0, c):
+    """x f32[T, KVH, hd] -> float16 bits into c uint16 [KVH, C, hd] at positions p0..; False
+    when a value is out of float16 range (as encodings.F16.quantize refuses it)."""
+    T, kvh, hd = x.shape
+    for t in range(T):
+        for h in range(kvh):
+            for i in range(hd):
+                v = x[t, h, i]
+                if abs(v) > 65504:
+                    return False
+                c[h, p0 + t, i] = f16_bits(v)
+    return True
+
+
+@njit(cache=True)
+def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv, wo, so,
+                 bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts, up_bias,
+                 down_bias, dq, ds, partial, hidden, h, qkv, rot, att, obuf, posarr):
+    """One decoded token through one layer; x f32[d] (the residual stream) is updated in place.
+
+    Caches as the attention kernel reads them: float32 (kvlut, ksc, vsc None), float16 bits
+    (kvlut the table) or int8 (ksc, vsc the scales; blk values per scale). Returns OK or
+    F16_RANGE."""
+    d = x.shape[0]
+    H, kvh, hd = meta[M_H], meta[M_KVH], meta[M_HD]
+    nq, nk = H * hd, kvh * hd
+    fast = meta[M_FAST] != 0
+    x2 = x.reshape(1, d)
+    h2 = h.reshape(1, d)
+    rmsnorm(x2, anorm, eps, h2)
+    q = qkv[:nq]
+    k = qkv[nq:nq + nk]
+    v = qkv[nq + nk:nq + 2 * nk]
+    matvec3(meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW], wq, sq, wk, sk, wv, sv,
+            h, lut, q, k, v, fast)
+    if meta[M_QKV_BIAS]:
+        q += bq
+        k += bk
+        v += bv
+    posarr[0] = pos
+    qr = rot[:nq].reshape(1, H, hd)
+    kr = rot[nq:nq + nk].reshape(1, kvh, hd)
+    apply_rope(q.reshape(1, H, hd), cos, sin, posarr, qr)
+    apply_rope(k.reshape(1, kvh, hd), cos, sin, posarr, kr)
+    v3 = v.reshape(1, kvh, hd)
+    if ksc is not None:  # int8 cache
+        store_int8(kr, pos, blk, kc, ksc)
+        store_int8(v3, pos, blk, vc, vsc)
+    elif kvlut is not None:  # float16 bits
+        if not store_f16(kr, pos, kc) or not store_f16(v3, pos, vc):
+            return F16_RANGE
+    else:
+        for j in range(kvh):
+            for i in range(hd):
+                kc[j, pos, i] = kr[0, j, i]
+                vc[j, pos, i] = v3[0, j, i]
+    a3 = att.reshape(1, H, hd)
+    attention(qr, kc, vc, ksc, vsc, kvlut, meta[M_SIMD], pos, a3)
+    matvec1(meta[M_OENC], meta[M_OSHIFT], meta[M_OROW], meta[M_OSROW], wo, so, att, lut, obuf,
+            fast)
+    if meta[M_O_BIAS]:
+        obuf += bo
+    x += obuf
+    rmsnorm(x2, fnorm, eps, h2)
+    f = ffn_decode_simd(h, bundles, tab[0], tab[1], tab[2], gshifts, d, meta[M_KIND],
+                             meta[M_GATED] != 0, up_bias, meta[M_UP_BIAS] != 0, lut, partial,
+                             hidden, dq, ds, meta[M_DENC], meta[M_DSHIFT], meta[M_DROW],
+                             meta[M_DSROW], fast)
+    if meta[M_DOWN_BIAS]:
+        f += down_bias
+    x += f
+    return OK
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python side: arguments prepared once per layer, scratch once per model
+
+
+_EMPTY_F32 = np.zeros(1, dtype=np.float32)
+_EMPTY_U16 = np.zeros(1, dtype=np.uint16)
+
+
+def _bits(a):
+    """Numba takes no float16 arrays: float16 values and scales go as their bits."""
+    if a is None:
+        return _EMPTY_U16
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def plan_layer(cfg, L, ffn_cls):
+    """(meta, arrays) for decode_layer, or None when the layer needs the general path (see the
+    module docstring). ffn_cls: the resident FFN class (model.ResidentFFN); anything else, a
+    streamed or predicted FFN, is not fused."""
+    from .. import kernels as K
+
+    d = cfg.d_model
+    if (K.MODE == "portable" or cfg.norm != "rms" or cfg.positions != "rope"
+            or d % 32 or type(L.ffn) is not ffn_cls):
+        return None
+    qkv = (L.q, L.k, L.v)
+    names = {(m.codec.name, m.codec.group_size, m.shape[1]) for m in qkv}
+    if (len(names) != 1 or L.q.codec.name == "f32" or L.o.codec.name == "f32"
+            or L.o.shape[1] % 32 or not all(K._simd_ok(m) for m in qkv + (L.o,))):
+        return None
+    f = L.ffn
+    if not K._ffn_simd_ok(f.layout) or f.bundles.dtype != np.uint8 or f.bundles.ndim != 2:
+        return None
+    bundles = np.ascontiguousarray(f.bundles)
+    n = bundles.shape[0]
+    down = f.down
+    if down is not None and not (n % 32 == 0 and down.codec.name != "f32" and K._simd_ok(down)
+                                 and down.shape == (d, n)):
+        return None
+    for m in qkv + (L.o,) + ((down,) if down is not None else ()):
+        K._check_matrix(m)
+    tab = K._part_table_cached(f.layout, cfg.gated_ffn, d, bundles, down is not None)
+    meta = np.zeros(M_LEN, dtype=np.int64)
+
+    def enc(m):
+        c = m.codec
+        return (ENC_CODES[c.name], K._qmv.group_shift(c.group_size) if c.name == "int4"
+                else 0, m.q.strides[0], 0 if m.s is None else m.s.strides[0])
+
+    meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW] = enc(L.q)
+    meta[M_OENC], meta[M_OSHIFT], meta[M_OROW], meta[M_OSROW] = enc(L.o)
+    if down is not None:
+        meta[M_DENC], meta[M_DSHIFT], meta[M_DROW], meta[M_DSROW] = enc(down)
+    else:
+        meta[M_DENC] = NONE
+    biases = (L.q_bias, L.k_bias, L.v_bias)
+    meta[M_QKV_BIAS] = any(b is not None for b in biases)
+    meta[M_O_BIAS] = L.o_bias is not None
+    meta[M_H], meta[M_KVH], meta[M_HD] = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    meta[M_KIND] = ACT_CODES[cfg.activation]
+    meta[M_GATED] = bool(cfg.gated_ffn)
+    has_up_bias = f.up_bias is not None and not cfg.gated_ffn
+    meta[M_UP_BIAS] = has_up_bias
+    meta[M_DOWN_BIAS] = f.down_bias is not None
+    meta[M_SIMD] = {"fast": 2, "generic": 1}.get(K.MODE, 0)
+    meta[M_FAST] = K.MODE == "fast"
+    meta.flags.writeable = False
+
+    def vec(b, size):
+        return _EMPTY_F32 if b is None else np.ascontiguousarray(b, dtype=np.float32).reshape(size)
+
+    if meta[M_QKV_BIAS]:
+        bq, bk, bv = (np.zeros(m.shape[0], np.float32) if b is None else vec(b, m.shape[0])
+                      for m, b in zip(qkv, biases))
+    else:
+        bq = bk = bv = _EMPTY_F32
+    arrays = dict(
+        anorm=vec(L.attn_norm[0], d), fnorm=vec(L.ffn_norm[0], d),
+        wq=_bits(L.q.q), sq=_bits(L.q.s), wk=_bits(L.k.q), sk=_bits(L.k.s),
+        wv=_bits(L.v.q), sv=_bits(L.v.s), bq=bq, bk=bk, bv=bv,
+        wo=_bits(L.o.q), so=_bits(L.o.s), bo=vec(L.o_bias, d),
+        bundles=bundles, tab=tab, gshifts=K._group_shifts(tab),
+        up_bias=vec(f.up_bias, n) if has_up_bias else _EMPTY_F32,
+        down_bias=vec(f.down_bias, d),
+        dq=_bits(down.q) if down is not None else _EMPTY_U16,
+        ds=_bits(down.s) if down is not None else _EMPTY_U16,
+        n=n)
+    return meta, arrays
+
+
+class Scratch:
+    """decode_layer's buffers for one model, allocated once (partial sums: per thread count)."""
+
+    def __init__(self, cfg):
+        d, nq, nk = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.h = np.empty(d, np.float32)
+        self.qkv = np.empty(nq + 2 * nk, np.float32)
+        self.rot = np.empty(nq + nk, np.float32)
+        self.att = np.empty(nq, np.float32)
+        self.obuf = np.empty(d, np.float32)
+        self._hidden = np.empty(0, np.float32)
+        self.posarr = np.zeros(1, np.int64)
+        self.x = np.empty(d, np.float32)  # the residual stream through fused layers
+        self.x2 = self.x.reshape(1, d)
+        self._partial = {}
+        self.d = d
+
+    def hidden(self, n):
+        if self._hidden.size < n:
+            self._hidden = np.empty(n, np.float32)
+        return self._hidden[:n]
+
+    def partial(self, n):
+        k = max(1, min(numba.get_num_threads(), n))
+        p = self._partial.get(k)
+        if p is None:
+            p = self._partial[k] = np.empty((k, self.d), np.float32)
+        return p
+
+
+def layer_args(plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
+    """decode_layer's arguments after (x, pos) for one planned layer against one layer's caches:
+    built once per cache and thread count, so a token's Python per layer is one call."""
+    meta, a = plan
+    kvlut = None
+    if kc.dtype == np.float16:
+        kc, vc, kvlut = kc.view(np.uint16), vc.view(np.uint16), _LUT
+    n = a["n"]
+    hidden = scratch.hidden(n if a["dq"] is not _EMPTY_U16 else 1)
+    return (block, meta, eps, a["anorm"], a["fnorm"], a["wq"], a["sq"], a["wk"], a["sk"],
+            a["wv"], a["sv"], a["bq"], a["bk"], a["bv"], a["wo"], a["so"], a["bo"], cos, sin, kc,
+            vc, ksc, vsc, kvlut, _LUT, a["bundles"], a["tab"], a["gshifts"], a["up_bias"],
+            a["down_bias"], a["dq"], a["ds"], scratch.partial(n), hidden, scratch.h,
+            scratch.qkv, scratch.rot, scratch.att, scratch.obuf, scratch.posarr)
+
+
+def takes_cache(kv):
+    """float16 caches are written with the CPU's conversion (f16_bits): only where it has one."""
+    return kv != "f16" or _simd.HAVE_F16
