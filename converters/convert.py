@@ -359,7 +359,7 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
             src, dst, convert, quant=quant, drop_layers=drop_layers, drop_metric=drop_metric,
             prune_fraction=prune_neurons, predictor=predictor, calib=calib,
             calib_options=calib_options, overwrite=overwrite, progress=progress, command=command,
-            group_size=group_size)
+            group_size=group_size, method=method, method_options=method_options)
     quant = quant or "f16"
     quantize.check_quant(quant, group_size)
     cq = calibquant.options(method, quant, group_size, calib, method_options)

@@ -92,6 +92,7 @@ SETTINGS = {
 
 STEPS = {
     "quantize": {"quant": (str, REQUIRED, _one_of(*quantize.QUANTS, quantize.KEEP)),
+                 # method: rtn, or gptq / awq (converters/calibquant.py)
                  "group_size": (int, 32, None),
                  "method": (str, "rtn", None)},
     "prune": {"method": (str, REQUIRED, _one_of("magnitude", "wanda", "sparsegpt")),
@@ -238,16 +239,23 @@ def check(recipe, src):
                 quantize.check_quant(st["quant"], st["group_size"])
             except ConvertError as e:
                 bad(f"{where}: {e}")
-            if st["quant"] == "int4" and d % st["group_size"]:
+            if st["quant"] in ("int4", "int3") and d % st["group_size"]:
                 bad(f"{where}: group_size {st['group_size']} does not divide the model's "
                     f"d_model {d}")
             if st["quant"] == quantize.KEEP and (k > 1 or is_edge):
                 bad(f"{where}: quant 'keep' keeps a GGUF file's blocks, so it can only be the "
                     "first step on a GGUF source")
             if st["method"] != "rtn":
-                if "method" not in params:
-                    bad(f"{where}: method {st['method']!r} needs `edgellm convert --method`, "
-                        "which this edgellm does not have (only rtn)")
+                from edgellm.runtime.config import ModelConfig
+
+                from . import calibquant
+
+                try:
+                    o = calibquant.options(st["method"], st["quant"], st["group_size"],
+                                           s["calib"], {"tokens": s["calib_tokens"]})
+                    calibquant.check_shapes(o, ModelConfig(**cfg))
+                except ConvertError as e:
+                    bad(f"{where}: {e}")
                 needs_calib = True
         elif kind == "prune":
             if "prune" not in params:
@@ -309,8 +317,9 @@ def _quantize(cur, out, st, s, work):
         src = os.path.join(work, os.path.basename(out) + "-hf")
         export(cur, src, to="hf", progress=False)
     kw = {}
-    if st["method"] != "rtn":
-        kw["method"] = st["method"]
+    if st["method"] != "rtn":  # calibrated on the recipe's text (calib=None: the shipped one)
+        kw = {"method": st["method"], "method_options": {"tokens": s["calib_tokens"]},
+              "calib": s["calib"]}
     convert(src, out, quant=st["quant"], group_size=st["group_size"], progress=False, **kw)
     if src != cur:
         shutil.rmtree(src, ignore_errors=True)

@@ -401,6 +401,8 @@ def convert_structural(src, dst, convert_fn, quant=None, drop_layers=0, drop_met
 
     src, dst = os.fspath(src), os.fspath(dst)
     cfg, _ = source_info(src)
+    if quant is None and is_model_dir(src) and convert_kw.get("method") not in (None, "rtn"):
+        raise ConvertError(f"--method {convert_kw['method']} quantizes: give --quant too")
     if drop_layers:
         check_drop(drop_layers, cfg["n_layers"])
         check_metric(drop_metric)

@@ -160,3 +160,27 @@ def test_cli_recipe_on_an_edgellm_directory(tmp_path):
     bad = _write(tmp_path, '[[step]]\nkind = "shrink"\n', "bad.toml")
     r = edgellm_cli("convert", model, "-o", str(tmp_path / "bad"), "--recipe", bad)
     assert r.returncode != 0 and "unknown kind 'shrink'" in r.stderr
+
+
+def test_gptq_step_runs_through_the_converter(tmp_path):
+    """A quantize step with method gptq after a structural step: the working model is exported
+    and converted again with --method gptq (converters/calibquant.py)."""
+    path = _write(tmp_path, FAST.replace("eval_tokens = 64", "report = false") + """
+[[step]]
+kind = "drop_layers"
+n = 1
+
+[[step]]
+kind = "quantize"
+quant = "int4"
+method = "gptq"
+""")
+    recipe.run(tiny.checkpoint("llama"), tmp_path / "out", path, progress=False)
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert m["config"]["n_layers"] == 1
+    assert m["chunks"][1]["tensors"]["attn_q"]["encoding"] == "int4"
+    assert "gptq" in json.dumps(m["provenance"]).lower()
+    bad = _write(tmp_path, '[[step]]\nkind = "quantize"\nquant = "int8"\nmethod = "awq"\n',
+                 "bad.toml")
+    with pytest.raises(ConvertError, match="step 1 \\(quantize\\): .*awq"):
+        recipe.run(tiny.checkpoint("llama"), tmp_path / "bad", bad, progress=False)
