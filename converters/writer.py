@@ -5,7 +5,10 @@ manifest is written and the staged directory passes the runtime's own checks (re
 Reader.verify: every chunk's size, header and sha256) is it renamed to DST. Any exception, including
 KeyboardInterrupt, removes the staging directory, so a failed conversion leaves nothing behind. An
 existing DST is replaced only with overwrite=True, only if it is an edgellm model directory (or
-empty), and only after the new one has been verified.
+empty), and only after the new one has been verified; the two directories are swapped in one
+atomic step (renameat2 RENAME_EXCHANGE), so a process killed at any point leaves DST either the old
+model or the new one (a kill can leave a `DST.tmp-*` directory behind, never a half-made DST).
+A write that fails (disk full, I/O error) is a ConvertError naming DST.
 
 Chunks are written with safetensors.numpy.save_file, so each is a valid safetensors file.
 
@@ -15,6 +18,8 @@ Chunks are written with safetensors.numpy.save_file, so each is a valid safetens
 ...     st.commit()
 """
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +27,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from edgellm.runtime import format
@@ -67,13 +73,21 @@ class Staging:
 
     def __enter__(self):
         parent = os.path.dirname(self.dst)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.dst) + ".tmp-", dir=parent)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.dst) + ".tmp-", dir=parent)
+        except OSError as e:
+            raise ConvertError(f"{self.dst}: cannot create the output next to it in {parent} "
+                               f"({e.strerror or e})") from None
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if self.tmp is not None and os.path.exists(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
+        reason = _write_error(exc, self.tmp)
+        if reason:  # replaces the OSError / SafetensorError
+            raise ConvertError(f"{self.dst}: cannot write the converted model: {reason}; nothing "
+                               "was written") from None
         return False
 
     def path(self, file):
@@ -115,6 +129,9 @@ class Staging:
         old = None
         if os.path.lexists(self.dst):
             check_destination(self.dst, self.overwrite)
+            if _exchange(self.tmp, self.dst):  # tmp now holds the old model; __exit__ removes it
+                self.committed = True
+                return self.dst
             old = tempfile.mkdtemp(prefix=os.path.basename(self.dst) + ".old-",
                                    dir=os.path.dirname(self.dst))
             os.rmdir(old)
@@ -130,3 +147,38 @@ class Staging:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.dst
+
+
+def _exchange(a, b):
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where unsupported (then
+    the caller renames twice, with a moment in which b does not exist)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or filesystem
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_error(exc, tmp):
+    """Why a write into the staging directory failed (disk full, I/O error), or None when exc is
+    not such an error (a source that cannot be read keeps its own message)."""
+    if isinstance(exc, OSError):
+        if exc.errno in NO_SPACE:
+            return "no space left on the device"
+        if tmp and exc.filename and os.fspath(exc.filename).startswith(tmp):
+            return exc.strerror or str(exc)
+    if isinstance(exc, SafetensorError) and "os error" in str(exc):  # save_file's I/O error
+        if "os error 28" in str(exc) or "os error 122" in str(exc):
+            return "no space left on the device"
+        return str(exc)
+    return None

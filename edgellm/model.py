@@ -102,6 +102,7 @@ class Model:
 
     def logits(self, ids):
         """float32 logits [len(ids), vocab] for a token sequence, from an empty context."""
+        self.reader.check_unchanged()
         self.runtime.cache = self.default_cache
         self.runtime.reset()
         out = self.runtime.forward(ids, all_logits=True)
@@ -130,6 +131,7 @@ class Model:
         if max_tokens < 0:
             raise EdgeLLMError(f"max_tokens must be >= 0, got {max_tokens}")
         shift = self._window(context_shift, sinks, shift_size)
+        self.reader.check_unchanged()  # a chunk changed on disk: an error, not wrong weights
         stop = [stop] if isinstance(stop, str) else [s for s in stop if s]
         sampler = Sampler(params or SamplingParams(**sampling))
         rt = self.runtime

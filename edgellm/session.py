@@ -66,6 +66,7 @@ def _checksum(tensors):
 def save_session(path, model, cache, messages, tokens=None):
     """Write the conversation (messages, and optionally its token ids) with the KV cache of
     `model` to `path`, atomically. Returns the path."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
@@ -88,8 +89,8 @@ def save_session(path, model, cache, messages, tokens=None):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise SessionError(path, f"cannot write: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:  # save_file's I/O errors (a full disk) are the latter
+        raise SessionError(path, f"cannot write: {getattr(e, 'strerror', None) or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -14,6 +14,10 @@ ACTIVATIONS = ("silu", "relu")
 POSITIONS = ("rope", "learned")
 
 
+def _index(v, n):
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n
+
+
 @dataclass
 class ModelConfig:
     arch: str  # family name, informative only ("llama", "qwen2", "mistral", "opt")
@@ -58,8 +62,15 @@ class ModelConfig:
                 bad(f"{name} must be a positive number, got {v!r}")
         if not isinstance(self.pos_offset, int) or self.pos_offset < 0:
             bad(f"pos_offset must be an integer >= 0, got {self.pos_offset!r}")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            bad("rope_scaling must be an object or null")
+        if self.rope_scaling is not None:
+            self._check_rope_scaling(bad)
+        if self.bos_token_id is not None and not _index(self.bos_token_id, self.vocab_size):
+            bad(f"bos_token_id must be null or a token id below vocab_size ({self.vocab_size}), "
+                f"got {self.bos_token_id!r}")
+        if not isinstance(self.eos_token_ids, list) or not all(
+                _index(t, self.vocab_size) for t in self.eos_token_ids):
+            bad(f"eos_token_ids must be a list of token ids below vocab_size ({self.vocab_size}), "
+                f"got {self.eos_token_ids!r}")
         if self.ffn_bias and self.gated_ffn:
             bad("ffn_bias is only supported with an ungated FFN (OPT)")
         if self.norm not in NORMS:
@@ -72,6 +83,24 @@ class ModelConfig:
             bad(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.positions == "rope" and self.head_dim % 2:
             bad(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+
+    def _check_rope_scaling(self, bad):
+        """The rope_scaling dict holds what runtime/kernels/reference.rope_inv_freq reads."""
+        r = self.rope_scaling
+        if not isinstance(r, dict):
+            bad("rope_scaling must be an object or null")
+        kind = r.get("rope_type", r.get("type"))
+        need = {None: (), "default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings")}
+        if kind not in need:
+            bad(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+        for k in need[kind]:
+            v = r.get(k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+                bad(f"rope_scaling.{k} must be a positive number, got {v!r}")
+        if kind == "llama3" and r["low_freq_factor"] == r["high_freq_factor"]:
+            bad("rope_scaling low_freq_factor and high_freq_factor must differ")
 
     @property
     def q_dim(self):

@@ -41,6 +41,8 @@ class Reader:
         self.chunks = {c["file"]: c for c in manifest["chunks"]}
         self._maps = {}  # file -> (mmap, {stored name: (dtype, shape, begin, end)})
         self.bytes_mapped = 0
+        self._seen = {c["file"]: _identity(os.path.join(self.model_dir, c["file"]))
+                      for c in manifest["chunks"]}
 
     def _open(self, file):
         if file not in self._maps:
@@ -91,9 +93,40 @@ class Reader:
                 raise FormatError(path, "checksum mismatch: the file is corrupt or was changed "
                                         "after conversion")
 
+    def check_unchanged(self):
+        """Raise a FormatError when a chunk file changed on disk since the model was loaded
+        (removed, replaced, truncated, or written to: its inode, size or mtime differ). Costs one
+        stat per chunk. Weights already mapped or read would no longer match the file, and a
+        mapped file that shrank faults (SIGBUS) where its pages are gone: callers check before
+        each generation, so such a change ends in this error instead."""
+        for file, seen in self._seen.items():
+            path = os.path.join(self.model_dir, file)
+            now = _identity(path)
+            if now == seen:
+                continue
+            if now is None:
+                what = "removed"
+            elif now[:2] != seen[:2]:
+                what = "replaced by another file"
+            elif now[2] != seen[2]:
+                what = f"its size changed from {seen[2]} to {now[2]} bytes"
+            else:
+                what = "written to"
+            raise FormatError(path, f"changed on disk since the model was loaded ({what}); load "
+                                    "the model again")
+
     def close(self):
         # views handed out keep their mmap alive; just drop our references
         self._maps.clear()
+
+
+def _identity(path):
+    """(device, inode, size, mtime) of a file, or None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def load_matrix(src, file, name):

@@ -1,0 +1,66 @@
+"""The readers' fuzzing in CI: the regression corpus (inputs that once crashed a reader) replayed,
+every target's seeds reaching a loaded object, and a short bounded atheris run of each target.
+
+Long runs: scripts/fuzz (tests/fuzz/fuzz.py documents the harness).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import targets  # noqa: E402
+
+CORPUS = os.path.join(HERE, "corpus")
+SECONDS = float(os.environ.get("EDGELLM_FUZZ_SECONDS", "8"))  # per target in CI
+
+
+def regression_inputs():
+    out = []
+    for t in targets.TARGETS:
+        d = os.path.join(CORPUS, t)
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            out.append(pytest.param(t, os.path.join(d, name), id=f"{t}/{name}"))
+    return out
+
+
+@pytest.mark.parametrize("target,path", regression_inputs())
+def test_regression_input_ends_in_a_model_or_a_clear_error(target, path):
+    with open(path, "rb") as f:
+        targets.run(target, f.read())  # anything but an EdgeLLMError propagates
+
+
+@pytest.mark.parametrize("target", targets.TARGETS)
+def test_seeds_reach_a_loaded_object(target):
+    """The harness itself works: a valid seed goes all the way (load, generate)."""
+    assert any(targets.run(target, s) for s in targets.seeds(target))
+
+
+def test_reads_outside_the_model_directory_are_caught():
+    """The audit hook the targets rely on sees a reader opening a file next to the model."""
+    ws = targets.workspace()
+    ws.fresh()
+    with pytest.raises(targets.ReadOutside, match="canary"):
+        with targets.watch(ws.model):
+            open(os.path.join(ws.root, "canary")).close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", targets.TARGETS)
+def test_short_fuzz_run(target, tmp_path):
+    pytest.importorskip("atheris", reason="atheris (the `test` extra) runs the fuzzers")
+    env = dict(os.environ, EDGELLM_FUZZ_DIR=str(tmp_path))
+    p = subprocess.run([sys.executable, os.path.join(HERE, "fuzz.py"), target, "--seconds",
+                        str(SECONDS)], capture_output=True, text=True, errors="replace",
+                       env=env, timeout=SECONDS + 600)
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("FUZZ-SUMMARY ")]
+    assert lines, f"the fuzzer stopped by itself (a crash, hang or OOM):\n{p.stderr[-3000:]}"
+    s = json.loads(lines[-1].split(" ", 1)[1])
+    print(f"\n{target}: {s}")
+    assert not s["findings"], p.stderr[-5000:]
+    assert p.returncode == 0 and s["execs"] > 0
