@@ -90,13 +90,15 @@ if args["engine"] == "llama.cpp":
 else:
     import gc
     import edgellm
-    from edgellm.cli import demo_model_path
-    if args.get("baseline"):  # the engine's code and compiled kernels, no model
-        # token by token (a small budget), as the measured runs; cold: no pages kept cached
-        m = edgellm.load(demo_model_path(), n_ctx=64, dram_budget="2.5MB", mode="naive",
-                         cold=True)
+    if args.get("baseline"):  # the engine's code and kernels for this mode, then no model
+        from edgellm.runtime import format, plan
+        man, cfg = format.read_manifest(args["model"])
+        low = plan.minimum_budget(man, cfg, args["engine"], n_ctx=args["ctx"])
+        m = edgellm.load(args["model"], n_ctx=args["ctx"], threads=args["threads"],
+                         dram_budget=max(low, args["budget"]), mode=args["engine"], cold=True)
         m.warmup()
-        m.stream.close(); del m; gc.collect()
+        m.complete(args["prompt"], max_tokens=8, temperature=0, repetition_penalty=1.0)
+        m.stream.close(); del m; gc.collect()  # its arrays freed; its pages were never cached
         print(json.dumps({"cgroup_usage": cgroup_usage()}))
         sys.exit(0)
     t = time.perf_counter()
@@ -114,6 +116,9 @@ else:
                                   "neurons_loaded_per_token", "neurons_active_per_token",
                                   "hit_rate", "io_s", "mem_s", "compute_s", "allocated_bytes",
                                   "plan_bytes")})
+    dec = f["per_step"][f["decode_from_step"]:]
+    res["reads_per_token"] = sum(x["reads"] for x in dec) / max(1, sum(x["tokens"] for x in dec))
+    res["compute_s_per_token"] = sum(x["compute_s"] for x in dec) / max(1, len(dec))
     s = m.last_stats
     res["prefill_tokens_per_s"] = s["prompt_tokens"] / s["prefill_s"]
     n = s["generated_tokens"]
@@ -232,17 +237,20 @@ def child(args, cfg, cg=None, timeout=None):
                           text=True, preexec_fn=cg.enter if cg else None, timeout=timeout)
 
 
-def measure_baseline(args, engine):
+def measure_baseline(args, engine, budget):
     """What the cgroup is charged for by a process of this engine with its code loaded and no
-    model weights (edgellm: kernels compiled on the demo model, which is then dropped). Outside
-    a cgroup (no --cgroup): the same process's peak RSS is not a fair stand-in, so None."""
+    model weights. edgellm (per mode: window loads more code than naive): the model run for a
+    few tokens in that mode at `budget` (or the mode's minimum), then closed and dropped, all
+    reads cold so that no page stays cached. None without --cgroup."""
     if not args.cgroup:
         return None
     out = []
     for k in range(2):  # the first run is also charged for library pages it reads first
         cg = Cgroup(f"edgellm-bench-{os.getpid()}-base{k}")
         try:
-            r = child(args, {"engine": engine, "baseline": True, "benchmarks": HERE}, cg)
+            r = child(args, {"engine": engine, "baseline": True, "benchmarks": HERE,
+                             "model": args.model, "ctx": args.ctx, "threads": args.threads,
+                             "budget": budget, "prompt": args.prompt}, cg)
             if r.returncode != 0:
                 raise SystemExit(f"baseline of {engine} failed: {r.stderr.strip()[-2000:]}")
             out.append(json.loads(r.stdout.strip().splitlines()[-1])["cgroup_usage"])
@@ -308,6 +316,37 @@ def plot(rows, size, path):
     fig.savefig(path, dpi=110)
 
 
+# Flash devices for the cost model (docs/PERFORMANCE.md, "Cost model", gives the sources):
+# sequential read bandwidth (bytes/s) and 4 KiB random reads per second at queue depth.
+DEVICES = {
+    "Pi 5, A2 microSD (SDR104)": {"bw": 90e6, "iops": 5_000},
+    "Pi 5, NVMe (PCIe 2.0 x1)": {"bw": 450e6, "iops": 100_000},
+    "laptop NVMe (PCIe 4.0 x4)": {"bw": 7_000e6, "iops": 800_000},
+}
+
+
+def cost_model(rows):
+    """Tokens/s a device's flash allows from the measured reads of each engine: a token needs
+    max(bytes / bandwidth, reads / IOPS) seconds of I/O (reads overlap: the reader keeps up to
+    32 in flight). Each read moves at least a 4 KiB page. Also shown with this machine's
+    measured compute per token added (I/O not overlapped with compute: a lower bound)."""
+    out = [f"{'budget MB':>9} {'engine':9} {'MB/tok':>7} {'reads/tok':>9}  "
+           + "  ".join(f"{d[:26]:>26}" for d in DEVICES)]
+    for r in rows:
+        if "error" in r or r.get("bytes_read_per_token") is None:
+            continue
+        b, n = r["bytes_read_per_token"], r.get("reads_per_token") or 0
+        b = max(b, n * 4096)
+        cells = []
+        for d in DEVICES.values():
+            io = max(b / d["bw"], n / d["iops"])
+            c = r.get("compute_s_per_token") or 0.0
+            cells.append(f"{1 / io:9.1f} ({1 / (io + c):6.1f} w/ cpu)" if io else "-")
+        out.append(f"{r['budget_bytes'] / 1e6:9.2f} {r['engine']:9} {b / 1e6:7.3f} {n:9.0f}  "
+                   + "  ".join(f"{c:>26}" for c in cells))
+    return "\n".join(out)
+
+
 def table(rows):
     naive = {r["budget_bytes"]: r for r in rows if r["engine"] == "naive" and "error" not in r}
     out = [f"{'budget MB':>9} {'engine':9} {'tok/s':>7} {'x naive':>7} {'MB read/tok':>11} "
@@ -348,7 +387,7 @@ def main(argv=None):
     p.add_argument("--ctx", type=int, default=128, help="context (KV cache) length, part of the "
                    "budget (default 128)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--io-threads", type=int, default=4)
+    p.add_argument("--io-threads", type=int, default=None, help="default: the runtime's (32)")
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--prompt", default="It is a truth universally acknowledged")
     p.add_argument("--timeout", type=float, default=1800)
@@ -364,11 +403,8 @@ def main(argv=None):
     if args.gguf:
         args.gguf = os.path.abspath(args.gguf)
     engines = [e for e in args.engines if e != "llama.cpp" or args.gguf]
-    baselines = {}
-    for e in engines:
-        kind = "llama.cpp" if e == "llama.cpp" else "edgellm"
-        if kind not in baselines:
-            baselines[kind] = measure_baseline(args, kind)
+    baselines = {e: measure_baseline(args, e, int(size * max(args.fractions)))
+                 for e in engines}
     print(f"model {size / 1e6:.2f} MB" + (f", GGUF {os.path.getsize(args.gguf) / 1e6:.2f} MB"
                                           if args.gguf else "")
           + "; baselines (outside the budget): "
@@ -377,12 +413,13 @@ def main(argv=None):
     for frac in args.fractions:
         budget = int(size * frac)
         for engine in engines:
-            base = baselines["llama.cpp" if engine == "llama.cpp" else "edgellm"]
-            r = run_one(args, engine, budget, base)
+            r = run_one(args, engine, budget, baselines[engine])
             r["fraction"] = frac
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
     print(table(rows))
+    print("\npredicted tokens/s from flash I/O alone (and with this machine's compute per token)")
+    print(cost_model(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "model_bytes": size, "gguf": args.gguf,

@@ -37,7 +37,7 @@ class Model:
 
     @classmethod
     def load(cls, path, verify=False, n_ctx=None, threads=None, kv=kvcache.DEFAULT,
-             dram_budget=None, mode=None, window=None, io_threads=4, cold=False,
+             dram_budget=None, mode=None, window=None, io_threads=None, cold=False,
              oracle=False):
         """Open a model directory. verify=True reads every chunk and checks its sha256.
         n_ctx: context length (default: the model's, capped at 4096). threads: kernel and BLAS
@@ -45,9 +45,9 @@ class Model:
         "int8" (docs/INTERNALS.md, "KV cache": memory and measured error of each).
         dram_budget: bytes or a size such as "800MB": weights stream from flash to stay within
         it (runtime/plan.py); mode: "window" (default when the model has predictors), "dense"
-        or "naive"; window: tokens a neuron stays cached; io_threads: parallel reads; cold:
-        drop read pages from the page cache; oracle: window mode with the true active set of a
-        ReLU model (measurements only; docs/INTERNALS.md, "Streaming")."""
+        or "naive"; window: tokens a neuron stays cached; io_threads: parallel reads (default
+        32); cold: drop read pages from the page cache; oracle: window mode with the true
+        active set of a ReLU model (measurements only; docs/INTERNALS.md, "Streaming")."""
         path = os.fspath(path)
         set_threads(threads)
         manifest, config = format.read_manifest(path)

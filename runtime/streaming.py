@@ -26,7 +26,7 @@ import numpy as np
 
 from . import encodings, format, kernels
 from .errors import EdgeLLMError
-from .flashio import FlashReader, row_requests, split_request
+from .flashio import DEPTH, FlashReader, row_requests, split_request
 from .neuroncache import NeuronCache
 from .reader import Matrix, load_matrix
 
@@ -156,10 +156,10 @@ class StagedLayer:
 
 
 class Stream:
-    def __init__(self, reader, cfg, plan, io_threads=4, cold=False, predictors=None,
+    def __init__(self, reader, cfg, plan, io_threads=None, cold=False, predictors=None,
                  oracle=False):
         self.cfg, self.plan = cfg, plan
-        self.flash = FlashReader(io_threads, cold)
+        self.flash = FlashReader(io_threads or DEPTH, cold)
         self.src = MemorySource(reader, flash=self.flash)
         if not cfg.tied_embeddings:
             self.src.streamed_rows.add((format.EMBED_CHUNK, "tok_embeddings"))
@@ -585,7 +585,7 @@ def has_predictors(src, cfg):
 
 
 def open_stream(reader, cfg, dram_budget, mode=None, n_ctx=None, kv=None, window=None,
-                io_threads=4, cold=False, oracle=False, plan_only=False):
+                io_threads=None, cold=False, oracle=False, plan_only=False):
     """Plan a budget and build the Stream a Transformer runs with. dram_budget None (with a
     mode): as much resident as the mode allows."""
     from . import plan as planner
