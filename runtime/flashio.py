@@ -184,30 +184,57 @@ def split_request(path, offset, buf):
             for a in range(0, max(n, 1), MAX_RUN_BYTES)] if n else []
 
 
-def row_requests(path, base, stride, rows, dest, dest_rows):
+def row_requests(path, base, stride, rows, dest, dest_rows, max_gap=0):
     """Requests that read file rows `rows` (sorted, unique) of `stride` bytes starting at byte
     `base` into dest[dest_rows[j]] (dest uint8 [n, stride]). Adjacent file rows are coalesced
-    into one preadv with one buffer per destination row, or one buffer when the destination rows
-    are adjacent too."""
+    into one preadv with one buffer per run of adjacent destination rows (one buffer in all when
+    the destination rows are adjacent too). max_gap > 0 also joins runs separated by at most
+    that many unwanted rows: the gap is read into a scratch buffer and dropped (one read
+    instead of two costs a few bytes more; on flash a small read costs a page and a round trip
+    whatever its size)."""
     rows = np.asarray(rows, dtype=np.int64)
     dest_rows = np.asarray(dest_rows, dtype=np.int64)
     if rows.size == 0:
         return []
     max_rows = max(1, MAX_RUN_BYTES // stride)
-    # a run breaks where the file rows stop being consecutive (or at max_rows)
-    starts = np.flatnonzero(np.diff(rows) != 1) + 1
+    # a run breaks where the file rows jump by more than max_gap + 1
+    starts = np.flatnonzero(np.diff(rows) > max_gap + 1) + 1
     bounds = np.concatenate(([0], starts, [rows.size])).tolist()
     dest_adjacent = bool(np.all(np.diff(dest_rows) == 1))  # rows appended in order: the rule
+    junk = np.empty(max_gap * stride, np.uint8) if max_gap else None
+    flat = dest.reshape(-1)
     reqs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        for a0 in range(a, b, max_rows):
-            a1 = min(b, a0 + max_rows)
-            off = base + int(rows[a0]) * stride
-            if dest_adjacent:  # one buffer per run
+        if dest_adjacent and rows[b - 1] - rows[a] == b - a - 1:  # no gap: one buffer per read
+            for a0 in range(a, b, max_rows):
+                a1 = min(b, a0 + max_rows)
                 d0 = int(dest_rows[a0])
-                reqs.append((path, off, [dest[d0:d0 + a1 - a0].reshape(-1)]))
+                reqs.append((path, base + int(rows[a0]) * stride,
+                             [flat[d0 * stride:(d0 + a1 - a0) * stride]]))
+            continue
+        off, bufs, span = None, [], 0
+        for j in range(a, b):
+            r, d = int(rows[j]), int(dest_rows[j])
+            gap = r - int(rows[j - 1]) - 1 if j > a else 0
+            if off is not None and (len(bufs) + 2 > MAX_IOV or span + 1 + gap > max_rows):
+                reqs.append((path, off, bufs))  # this one is full: the next starts at row r
+                off, bufs, span, gap = None, [], 0, 0
+            if off is None:
+                off = base + r * stride
+            if gap:
+                bufs.append(junk[:gap * stride])
+            elif bufs and j > a and dest_rows[j - 1] == d - 1 and \
+                    bufs[-1].base is not None and _ends_at(bufs[-1], flat, d * stride):
+                bufs[-1] = flat[(d * stride - bufs[-1].nbytes):(d + 1) * stride]
+                span += 1
                 continue
-            d = dest_rows[a0:a1]
-            for c in range(0, d.size, MAX_IOV):
-                reqs.append((path, off + c * stride, [dest[int(r)] for r in d[c:c + MAX_IOV]]))
+            bufs.append(flat[d * stride:(d + 1) * stride])
+            span += 1 + gap
+        reqs.append((path, off, bufs))
     return reqs
+
+
+def _ends_at(buf, flat, byte):
+    """buf is a slice of flat that ends just before `byte` (so the next row extends it)."""
+    start = buf.__array_interface__["data"][0] - flat.__array_interface__["data"][0]
+    return 0 <= start and start + buf.nbytes == byte

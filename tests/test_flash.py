@@ -104,6 +104,28 @@ def test_adjacent_rows_are_coalesced(rows_file, cold):
         fr.close()
 
 
+@pytest.mark.parametrize("max_gap", [1, 4, 30])
+def test_runs_separated_by_small_gaps_are_joined(rows_file, max_gap):
+    """max_gap: runs of wanted rows at most max_gap rows apart become one read, the gap rows
+    land in a scratch buffer; the wanted rows are exact wherever the destination rows are."""
+    path, data = rows_file
+    rows = np.array([0, 1, 2, 7, 8, 20, 40, 41, 42, 43])
+    gaps = np.diff(rows) - 1
+    expect_reads = 1 + int(np.sum(gaps > max_gap))
+    for dest_rows in (np.arange(3, 13), np.array([15, 0, 4, 9, 2, 3, 11, 5, 6, 1])):
+        dest = np.zeros((16, 128), np.uint8)
+        reqs = row_requests(path, 100, 128, rows, dest, dest_rows, max_gap=max_gap)
+        assert len(reqs) == expect_reads
+        fr = FlashReader(depth=2)
+        fr.read(reqs)
+        np.testing.assert_array_equal(dest[dest_rows], data[rows])
+        # every row from the first to the last of each read is read once, gaps included
+        assert fr.bytes_read == 128 * (rows.size + int(np.sum(gaps[gaps <= max_gap])))
+        untouched = np.setdiff1d(np.arange(16), dest_rows)
+        assert not dest[untouched].any()  # gap rows never land in the destination
+        fr.close()
+
+
 def test_read_error_names_file(rows_file):
     path, _ = rows_file
     fr = FlashReader()
