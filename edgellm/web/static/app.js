@@ -49,12 +49,15 @@ function notice(text) {
 // ---------------------------------------------------------------------------------------------
 // Formatting
 
-function fmtBytes(n) {
+// Bytes in GB/MB/kB (decimal, as runtime/plan.py's human()); with `like`, the number only, in
+// the unit `like` would get ("3.58" of "5.00 MB").
+function fmtBytes(n, like) {
   if (n === null || n === undefined || !isFinite(n)) return "\u2013";
+  const scale = like === undefined ? n : like;
   for (const [unit, f] of [["GB", 1e9], ["MB", 1e6], ["kB", 1e3]]) {
-    if (Math.abs(n) >= f) return (n / f).toFixed(2) + " " + unit;
+    if (Math.abs(scale) >= f) return (n / f).toFixed(2) + (like === undefined ? " " + unit : "");
   }
-  return Math.round(n) + " B";
+  return String(Math.round(n)) + (like === undefined ? " B" : "");
 }
 
 function fmtRate(r) {
@@ -319,7 +322,7 @@ function clientStats(b) {
   return {
     ttft_ms: b.tFirst !== null ? b.tFirst - b.t0 : null,
     decode_tps: span && n > 1 ? (n - 1) / span : null,
-    prefill_tps: null,
+    prefill_tps: b.prefill || null,
     completion_tokens: n,
     prompt_tokens: b.usage ? b.usage.prompt_tokens : null,
     cached_tokens: b.usage && b.usage.prompt_tokens_details ? b.usage.prompt_tokens_details.cached_tokens : null,
@@ -380,9 +383,10 @@ function stopPolling() {
 function updatePanel(st) {
   $("rss").textContent = fmtBytes(st.memory.rss_bytes);
   $("kv").textContent = fmtBytes(st.memory.kv_cache_bytes);
-  // a live prefill rate from the server while this page's answer is running
+  // the server's prefill rate, once the prompt of the answer this page is streaming has run
   if (busy && st.last && st.last.state === "running" && st.last.prefill_tokens_per_s) {
-    $("prefill").textContent = fmtRate(st.last.prefill_tokens_per_s);
+    busy.prefill = st.last.prefill_tokens_per_s;
+    $("prefill").textContent = fmtRate(busy.prefill);
   }
   const f = st.flash;
   $("flash").hidden = !f;
@@ -400,9 +404,9 @@ function updatePanel(st) {
     : (100 * f.hit_rate).toFixed(1) + " %";
   $("hits-figure").hidden = f.hit_rate === null; // dense and naive modes keep no neuron cache
   const budget = f.dram_budget_bytes;
-  $("budget").textContent = fmtBytes(f.allocated_bytes) + " of " + fmtBytes(budget);
+  $("budget").textContent = fmtBytes(f.allocated_bytes, budget) + " / " + fmtBytes(budget);
   const top = Math.max(0, ...perToken.filter((v) => v !== null));
-  $("bytes-max").textContent = top ? "(top " + fmtBytes(top * 1.25) + ")" : "";
+  $("bytes-max").textContent = top ? "(chart top " + fmtBytes(top * 1.25) + ")" : "";
   memHistory.push(f.allocated_bytes);
   if (memHistory.length > MEM_SAMPLES) memHistory.shift();
   drawChart($("chart-bytes"), [{ values: perToken, cls: "s1" }], { min: 0, max: top * 1.25 });
