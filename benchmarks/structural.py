@@ -16,6 +16,7 @@ metric; each variant is then written with converters/structural.py as `edgellm c
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +41,17 @@ def base_model(name, quant, work):
     return name  # an edgellm model directory
 
 
+def decode_speed(path, text, n):
+    import edgellm
+    from edgellm.model import stats_summary
+
+    model = edgellm.load(path, n_ctx=256)
+    model.warmup()
+    prompt = model.tokenizer.encode(text)[:16]
+    list(model.generate(prompt, max_tokens=n, temperature=0.0))
+    return round(stats_summary(model.last_stats)["decode_tokens_per_s"], 1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("model", help="demo, smollm2, or an edgellm model directory")
@@ -48,21 +60,29 @@ def main():
     p.add_argument("--prunes", default="0.25,0.5")
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--eval-text", default=None, help="held-out text (default: edgellm's, the "
+                   "Devil's Dictionary excerpt; the demo model was trained on Austen, so its "
+                   "table uses the Austen held-out split of scripts/get_demo_text.py)")
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3, help="decode timings per variant, taken "
+                   "round-robin over the variants after all are written; the median is shown")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     settings = {"report": True, "eval_ctx": a.ctx, "eval_tokens": a.eval_tokens,
                 "decode_tokens": a.decode_tokens}
-    text = read_text(heldout_text_path())
+    text = read_text(a.eval_text or heldout_text_path())
     opts = calibrate.CalibOptions(tokens=a.calib_tokens).check()
     rows = []
     with tempfile.TemporaryDirectory(prefix="structural-") as work:
         base = base_model(a.model, a.quant, work)
 
+        paths = []
+
         def row(name, path, **extra):
             r = {"variant": name, **extra, **recipe.measure(path, settings, text)}
             rows.append(r)
+            paths.append(path)
             print(json.dumps(r), flush=True)
 
         row("base", base)
@@ -78,14 +98,20 @@ def main():
                                                               "scores": scores})
                 row(f"drop {n} ({metric})", out, dropped=drop,
                     seconds=round(t_states, 1))
-                structural.remove_tree(out)
         del states
         for f in [float(v) for v in a.prunes.split(",") if v]:
             out = os.path.join(work, f"prune{f}")
             t0 = time.perf_counter()
             structural.prune_neurons(base, out, f, opts)
             row(f"neurons -{f:.0%}", out, seconds=round(time.perf_counter() - t0, 1))
-            structural.remove_tree(out)
+        # decode speed: every variant once per round, so that the machine's load varies alike
+        speeds = [[] for _ in rows]
+        for _ in range(a.repeats):
+            for k, path in enumerate(paths):
+                speeds[k].append(decode_speed(path, text, a.decode_tokens))
+        for r, sp in zip(rows, speeds):
+            r["decode_tokens_per_s_runs"] = sp
+            r["decode_tokens_per_s"] = statistics.median(sp)
     print()
     print("| variant | layers dropped | size MB | perplexity | MB/token | decode tok/s |")
     print("|---|---|---|---|---|---|")
@@ -96,6 +122,7 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "quant": a.quant, "settings": settings,
+                       "eval_text": os.path.abspath(a.eval_text or heldout_text_path()),
                        "calib_tokens": a.calib_tokens, "rows": rows}, f, indent=1)
 
 

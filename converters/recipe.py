@@ -95,9 +95,11 @@ STEPS = {
                  # method: rtn, or gptq / awq (converters/calibquant.py)
                  "group_size": (int, 32, None),
                  "method": (str, "rtn", None)},
+    # converters/prune.py: half of every linear's weights, stored in the sparse encodings
     "prune": {"method": (str, REQUIRED, _one_of("magnitude", "wanda", "sparsegpt")),
               "sparsity": ((int, float), 0.5, _between(0, 1, "a fraction between 0 and 1")),
-              "pattern": (str, "unstructured", _one_of("unstructured", "2:4"))},
+              "pattern": (str, "unstructured", _one_of("unstructured", "2:4")),
+              "quant": (str, "f16", None)},
     "drop_layers": {"n": (int, REQUIRED, _positive),
                     "metric": (str, "angular", _one_of(*structural.METRICS))},
     "prune_neurons": {"fraction": ((int, float), REQUIRED,
@@ -261,6 +263,16 @@ def check(recipe, src):
             if "prune" not in params:
                 bad(f"{where}: needs `edgellm convert --prune`, which this edgellm does not have "
                     "yet")
+            if st["sparsity"] != 0.5:
+                bad(f"{where}: sparsity {st['sparsity']!r}: the sparse encodings keep exactly "
+                    "half of each row (sparsity 0.5, unstructured or 2:4)")
+            try:
+                pruning = _prune_options(st, s)
+                from . import prune as prune_module
+
+                prune_module.check_compatible(pruning, st["quant"])
+            except ConvertError as e:
+                bad(f"{where}: {e}")
             needs_calib = st["method"] != "magnitude" or needs_calib
         elif kind == "drop_layers":
             try:
@@ -335,11 +347,17 @@ def _prune(cur, out, st, s, work):
     if structural.is_model_dir(cur):
         src = os.path.join(work, os.path.basename(out) + "-hf")
         export(cur, src, to="hf", progress=False)
-    convert(src, out, quant="f32", progress=False, prune=st["method"], sparsity=st["sparsity"],
-            pattern=st["pattern"])
+    convert(src, out, quant=st["quant"], progress=False, prune=_prune_options(st, s))
     if src != cur:
         shutil.rmtree(src, ignore_errors=True)
     return {}
+
+
+def _prune_options(st, s):
+    from . import prune as pruning
+
+    return pruning.options(st["method"], "2:4" if st["pattern"] == "2:4" else "0.5",
+                           calib=s["calib"], tokens=s["calib_tokens"])
 
 
 def _drop(cur, out, st, s, work):

@@ -184,3 +184,29 @@ method = "gptq"
                  "bad.toml")
     with pytest.raises(ConvertError, match="step 1 \\(quantize\\): .*awq"):
         recipe.run(tiny.checkpoint("llama"), tmp_path / "bad", bad, progress=False)
+
+
+def test_prune_step_runs_through_the_converter(tmp_path):
+    """A prune step (converters/prune.py, `edgellm convert --prune`) after a structural step."""
+    import inspect
+
+    from edgellm.converters.convert import convert
+
+    if "prune" not in inspect.signature(convert).parameters:
+        pytest.skip("this edgellm has no `convert --prune`")
+    path = _write(tmp_path, FAST.replace("eval_tokens = 64", "report = false") + """
+[[step]]
+kind = "prune_neurons"
+fraction = 0.25
+
+[[step]]
+kind = "prune"
+method = "wanda"
+pattern = "2:4"
+quant = "int8"
+""")
+    recipe.run(tiny.checkpoint("llama"), tmp_path / "out", path, progress=False)
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert m["config"]["d_ff"] == 96
+    assert m["chunks"][1]["tensors"]["attn_q"]["encoding"].startswith("sp24")
+    edgellm.load(tmp_path / "out").logits([3, 4, 5])
