@@ -749,8 +749,8 @@ def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT
             if self.started:
                 kv = model.default_cache.nbytes() / 1e6
                 print(f"edgellm serve: {name} at {url}/v1 (n_ctx {model.n_ctx}, queue "
-                      f"{queue_size}, up to {kv_slots} KV caches of {kv:.1f} MB); "
-                      "Ctrl-C stops", flush=True)
+                      f"{queue_size}, up to {kv_slots} KV caches of {kv:.1f} MB); chat page at "
+                      f"{url}/; Ctrl-C stops", flush=True)
                 if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
                     print(f"warning: listening on {host} with no --api-key: anyone who can reach "
                           "this address can use the model", flush=True)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 
 import pytest
@@ -39,9 +40,35 @@ PHONE = {"width": 390, "height": 780}
 
 
 @pytest.fixture(scope="module")
-def server():
-    # one KV cache: the whole budget goes to the model, as in the reference below
-    s = ServerProcess("--dram-budget", BUDGET, "--kv-slots", "1", "--api-key", KEY)
+def booting():
+    """Starts the server in a thread, so that the browser and the reference model load while it
+    boots; returns a function that waits for it."""
+    out = {}
+
+    def boot():
+        try:
+            # one KV cache: the whole budget goes to the model, as in the reference below
+            out["server"] = ServerProcess("--dram-budget", BUDGET, "--kv-slots", "1",
+                                          "--api-key", KEY)
+        except BaseException as e:  # pytest.fail included: raised again in the test's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=boot, daemon=True)
+    thread.start()
+
+    def wait():
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["server"]
+
+    yield wait
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def server(booting):
+    s = booting()
     yield s
     alive = s.proc.poll() is None
     rc = s.stop()
@@ -50,13 +77,13 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(booting):
     """The demo model loaded as the server loads it (greedy text under the same budget)."""
     return edgellm.load(DEMO, dram_budget=BUDGET)
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(booting):
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         yield b
@@ -106,7 +133,8 @@ def stored_conversations(page):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_api_key_streamed_answer_panel_and_reload(browser, server, reference, artifacts):
+def test_api_key_streamed_answer_panel_and_reload(browser, reference, server, artifacts):
+    assert f"chat page at {server.url}/;" in server.output()
     page, errors = open_page(browser, server, key=False)
     # the server has a key and the page has none: it says so and opens the key field
     page.wait_for_selector("#notice:not([hidden])")
@@ -192,7 +220,7 @@ def test_api_key_streamed_answer_panel_and_reload(browser, server, reference, ar
     page.context.close()
 
 
-def test_stop_cancels_the_generation_on_the_server(browser, server, reference, artifacts):
+def test_stop_cancels_the_generation_on_the_server(browser, reference, server, artifacts):
     page, errors = open_page(browser, server)
     page.wait_for_function("document.getElementById('model-name').textContent.includes('demo')")
     page.click("#toggle-settings")
@@ -225,6 +253,7 @@ def test_stop_cancels_the_generation_on_the_server(browser, server, reference, a
     assert last["state"] == "stopped"
     room = reference.n_ctx - last["prompt_tokens"]  # no max_tokens: all of the rest
     assert last["completion_tokens"] < room, last
+    print(f"stopped on attempt {attempt + 1} after {last['completion_tokens']} of {room} tokens")
     stopped = stored_conversations(page)[0]["messages"][1]
     assert stopped["stopped"] is True and stopped["content"]
     page.screenshot(path=os.path.join(artifacts, "stopped.png"))
@@ -291,6 +320,15 @@ def test_markup_in_answers_is_text_and_phone_layout(browser, server, artifacts):
     })""", [HOSTILE, "<", "a < b > c & d \"'", "``` \n<x>", "**<b>** *<i>* _<u>_",
             "1. <li>\n2. </ol><script>", "# <h1>head</h1>", "`</code><script>`",
             "&lt;script&gt; stays &amp;lt;", "\u202e<bdo>\u0000</bdo>"])
+    # and what it is for: Markdown's common marks
+    plain = page.evaluate("""() => {
+        const t = document.createElement('template');
+        t.innerHTML = renderMarkdown('**b** *i* `c` snake_case_name\\n\\n```\\nx < 1\\n```\\n\\n1. one\\n2. two');
+        return [...t.content.querySelectorAll('*')].map((e) => e.tagName.toLowerCase() + ':' +
+                                                          e.textContent).join('|');
+    }""")
+    assert plain == ("p:b i c snake_case_name|strong:b|em:i|code:c|pre:x < 1|code:x < 1|"
+                     "ol:onetwo|li:one|li:two"), plain
     allowed = {"p", "br", "pre", "code", "strong", "em", "ul", "ol", "li"}
     for r in report:
         assert set(r["tags"]) <= allowed, r
