@@ -218,13 +218,14 @@ function requestBody() {
 }
 
 // Reads the server-sent events of a streamed chat completion; onEvent gets each parsed object.
+// True when the stream ended with [DONE], false when the connection closed before it.
 async function readEvents(resp, onEvent) {
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
   let buf = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) return false;
     buf += decoder.decode(value, { stream: true }).replace(/\r\n/g, "\n");
     let cut;
     while ((cut = buf.indexOf("\n\n")) >= 0) {
@@ -233,7 +234,7 @@ async function readEvents(resp, onEvent) {
       for (const line of event.split("\n")) {
         if (!line.startsWith("data:")) continue;
         const data = line.slice(5).trim();
-        if (data === "[DONE]") return;
+        if (data === "[DONE]") return true;
         onEvent(JSON.parse(data));
       }
     }
@@ -270,7 +271,7 @@ async function send(text) {
       signal: b.controller.signal,
     });
     if (!resp.ok) throw await apiError(resp);
-    await readEvents(resp, (obj) => {
+    const complete = await readEvents(resp, (obj) => {
       if (obj.error) throw new Error(obj.error.message || "the server reported an error");
       if (obj.usage) b.usage = obj.usage;
       const choice = obj.choices && obj.choices[0];
@@ -279,6 +280,7 @@ async function send(text) {
       if (piece) onPiece(b, piece);
       if (choice.finish_reason) b.finish = choice.finish_reason;
     });
+    if (!complete) throw new Error("the connection closed before the answer ended");
   } catch (e) {
     if (e.name === "AbortError") msg.stopped = true;
     else msg.error = e.message || String(e);
