@@ -23,6 +23,7 @@ from edgellm.runtime import encodings, format
 from edgellm.runtime.errors import ConvertError
 
 from . import arch, calibquant, calibrate, quantize, structural, writer
+from . import prune as pruning
 from .sources import gguf as gguf_source
 from .sources.hf import HFSource
 
@@ -160,6 +161,8 @@ class _Encoder:
             return self._add_kept(entries, arrays, chunk, canonical, hf_name, n, d)
         else:
             c, note = quantize.matrix_codec(self.quant, self.group_size, d)
+            if isinstance(self.source, pruning.PrunedSource) and canonical in pruning.LINEARS:
+                c = self.source.codec(c, d)
         key = f"{chunk}/{canonical}"
         if note:
             self.fallbacks[key] = note
@@ -319,6 +322,8 @@ class _Encoder:
             self.add(entries, arrays, chunk, canonical, hf)
         if self.quant == quantize.KEEP:
             self.kept_bundles(entries, arrays, chunk, names)
+        elif isinstance(self.source, pruning.PrunedSource):
+            pruning.encode_ffn(self, entries, arrays, chunk, names)
         else:
             self.bundles(entries, arrays, chunk, names)
         return entries, arrays
@@ -329,7 +334,7 @@ class _Encoder:
 
 def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False, command=None,
             predictor=False, calib=None, calib_options=None, drop_layers=0,
-            drop_metric="angular", prune_neurons=None, method="rtn", method_options=None):
+            drop_metric="angular", prune_neurons=None, method="rtn", method_options=None, prune=None):
     """Convert the Hugging Face model directory src into the edgellm model directory dst.
 
     quant: f32 | f16 | int8 | int4 (int4 uses groups of group_size values per scale; a matrix
@@ -350,6 +355,8 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     calibrated quantization on the calib text (default: the shipped one), converters/calibquant.py;
     method_options: more calibquant.Options fields as a dict (tokens, seq_len, damp, act_order,
     clip).
+    prune: a prune.PruneOptions (prune.options()): magnitude / Wanda / SparseGPT pruning of every
+    layer's linears to 2:4 or 50%, stored in the sparse encodings (converters/prune.py).
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if drop_layers or prune_neurons is not None or structural.is_model_dir(src):
@@ -363,9 +370,11 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     quant = quant or "f16"
     quantize.check_quant(quant, group_size)
     cq = calibquant.options(method, quant, group_size, calib, method_options)
+    pruning.check_compatible(prune, quant, method)
     calib = calibrate.options(predictor, calib, calib_options)
     if gguf_source.is_gguf(src):
-        return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib, cq)
+        return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib, cq,
+                             prune)
     if quant == quantize.KEEP:
         raise ConvertError(f"{src}: --quant keep stores a GGUF file's quantized blocks as they "
                            "are; this source is not a GGUF file (choose f32, f16, int8 or int4)")
@@ -378,12 +387,12 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
         walk = calibquant.prepare(cq, spec, source, tokenizer, path=tok_path, progress=progress)
         _write(src, dst, spec, source, tokenizer,
                lambda st: st.copy(tok_path, tokenizer["file"]), chat_template, quant,
-               group_size, progress, overwrite, command, calib=calib, walk=walk, cq=cq)
+               group_size, progress, overwrite, command, calib=calib, walk=walk, cq=cq, prune=prune)
     return dst
 
 
 def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib=None,
-                  cq=None):
+                  cq=None, prune=None):
     """A GGUF file: same table, quantizer and writer; tokenizer.json built from its vocabulary."""
     with gguf_source.GGUFSource(src) as source:
         spec = source.spec()
@@ -401,7 +410,7 @@ def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, cal
         _write(source.path, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant,
                group_size, progress, overwrite, command,
                extra={"source_format": "gguf", "source_architecture": source.arch},
-               calib=calib, walk=walk, cq=cq)
+               calib=calib, walk=walk, cq=cq, prune=prune)
     return dst
 
 
@@ -415,7 +424,8 @@ def _check_tensors(source, spec):
 
 
 def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant, group_size,
-           progress, overwrite, command, extra=None, calib=None, walk=None, cq=None):
+           progress, overwrite, command, extra=None, calib=None, walk=None, cq=None,
+           prune=None):
     """Stream the chunks into a staging directory, add tokenizer and manifest, verify, rename.
     walk: a layerwise.Walk over the source for calibquant (cq) to quantize layer by layer."""
     cfg = spec.config
@@ -423,6 +433,8 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
     reports = []
     for note in spec.notes:
         log.info("%s", note)
+    if prune is not None:  # layer linears read pruned (converters/prune.py)
+        source = pruning.PrunedSource(source, spec, prune, progress=progress)
 
     enc = _Encoder(source, spec, quant, group_size)
     from tqdm.auto import tqdm
@@ -431,6 +443,9 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
     with writer.Staging(dst, overwrite) as st, \
             tqdm(total=cfg.n_layers + 1, desc="convert", unit="chunk",
                  disable=not progress) as bar:
+        write_tokenizer(st)
+        if prune is not None:
+            source.start(st, tokenizer)
         entries, arrays = enc.embed_chunk()
         chunks.append(st.write_chunk(format.EMBED_CHUNK, entries, arrays))
         del entries, arrays
@@ -444,7 +459,6 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
             chunks.append(st.write_chunk(format.layer_chunk(i), entries, arrays))
             del entries, arrays
             bar.update(1)
-        write_tokenizer(st)
         calibration = None
         if calib is not None:  # measures the staged model, rewrites its layer chunks
             chunks, calibration = calibrate.run(st, cfg, tokenizer, chunks, calib, progress)
@@ -463,6 +477,7 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
                              "method": "rtn" if cq is None else cq.method,
                              **({} if cq is None else {"calibrated": calibquant.record(
                                  cq, walk, reports)}),
+                             **({} if prune is None else {"pruning": source.report()}),
                              "fallbacks": enc.fallbacks,
                              "tensors": enc.errors},
         }

@@ -84,6 +84,7 @@ def sampling_from_args(a):
 
 
 def cmd_convert(a):
+    from .converters import prune as pruning
     from .converters.convert import convert
 
     extra = {k: v for k, v in (("tokens", a.calib_tokens), ("rank", a.predictor_rank),
@@ -102,7 +103,9 @@ def cmd_convert(a):
                   overwrite=a.force, command=command,
                   predictor=a.predictor, calib=a.calib, calib_options=extra,
                   drop_layers=a.drop_layers, drop_metric=a.drop_metric,
-                  prune_neurons=a.prune_neurons)
+                  prune_neurons=a.prune_neurons,
+                  prune=pruning.options(a.prune, a.prune_pattern, a.prune_calib,
+                                        a.prune_calib_tokens))
     print(f"wrote {dst}")
 
 
@@ -310,6 +313,17 @@ def build_parser():
     g.add_argument("--recipe", metavar="RECIPE.toml", default=None,
                    help="apply the compression steps of a recipe in order, with a report per "
                    "step (docs/COMPRESSION.md)")
+    g = c.add_argument_group("weight pruning (sparse encodings, docs/COMPRESSION.md)")
+    g.add_argument("--prune", choices=["magnitude", "wanda", "sparsegpt"], default=None,
+                   help="zero half of every layer linear's weights, chosen by magnitude, by "
+                   "Wanda's |w|*||x|| or by SparseGPT (with weight updates); stored sparse")
+    g.add_argument("--prune-pattern", default="2:4", metavar="{2:4,0.5}",
+                   help="2:4: two of every four consecutive weights of a row (default); 0.5: "
+                   "half of each row, unstructured")
+    g.add_argument("--prune-calib", metavar="FILE.txt", default=None,
+                   help="calibration text for wanda/sparsegpt (default: the shipped sample)")
+    g.add_argument("--prune-calib-tokens", type=int, default=None, metavar="N",
+                   help="calibration tokens for wanda/sparsegpt (default 4096)")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="show a model's config, sizes and encodings")

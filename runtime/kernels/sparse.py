@@ -12,9 +12,10 @@ Both read d/2 values and d/8 code bytes instead of d values, and multiply d (sp2
 (sp50) times. Activations stay float32 (no int8 quantization), so results equal the NumPy
 reference up to float32 summation order.
 
-Rows are addressed as (byte array, byte offset of the values, byte array, byte offset of the
-scales) so one code path serves Matrix rows (values q, scales s) and FFN bundle rows (both in
-the bundle). Prefill (T > 1) decodes rows into float32 tiles for BLAS (dequant_rows).
+A set of rows is passed as 2-D views (rows()): the packed values [n, V] (also as int8), the codes
+[n, d/8], the int8 row scales f32 [n] and the int4 group scales (float16 bits) [n, d/2/g], so one
+code path serves Matrix rows (values q, scales s) and FFN bundle parts (all inside the bundle
+rows). Prefill (T > 1) decodes rows into float32 tiles for BLAS (dequant_rows).
 """
 
 import numpy as np
@@ -27,105 +28,101 @@ F16, INT8, INT4 = 1, 2, 3  # value encodings (as ffn.ENC_CODES)
 PATTERNS = {"sp24": SP24, "sp50": SP50}
 VALUES = {"f16": F16, "int8": INT8, "int4": INT4}
 TWO_112 = np.float32(2.0**112)  # float16 exponent bias 15 -> float32 bias 127
+# reassociation lets the compiler vectorize the sums; no nnan/ninf, so x * 0.0 stays a product
+# (it would otherwise fold the 0/1 masks below into selects of loads, i.e. gathers)
+FM = {"reassoc", "contract", "arcp", "nsz"}
 
 
-def codes(c):
-    """(pattern code, value code, log2(g / 32)) of a Sparse codec."""
-    g = c.group_size or 32
-    return PATTERNS[c.pattern], VALUES[c.value.name], int(g // 32).bit_length() - 1
-
-
-@njit(cache=True, inline="always")
-def value_bytes(venc, nv):
-    if venc == F16:
-        return 2 * nv
-    if venc == INT8:
-        return nv
-    return nv // 2
-
-
-@njit(cache=True, fastmath=True)
-def decode_values(qb, qo, sf, sh, so, venc, gshift, nv, lut, buf):
-    """The nv packed values at byte qo of qb -> buf f32[nv]; their scales start at byte so of
-    the scale bytes, seen as float32 sf (int8) or as float16 bits sh (int4)."""
+@njit(cache=True, fastmath=FM)
+def decode_values(vrow, vi8, shrow, sc, venc, gshift, nv, lut, buf, ubuf):
+    """One row's nv packed values (bytes vrow, the same as int8 vi8) -> buf f32[nv]; ubuf is
+    buf's memory as uint32. sc: the int8 row scale; shrow: the int4 group scales."""
     if venc == F16:
         # float16 bits -> float32 bits with the exponent still biased by 15, times 2^112:
         # exact for normal and subnormal halves, and vectorizes (a table lookup would not)
-        ub = buf.view(np.uint32)
         for j in range(nv):
-            h = np.uint32(qb[qo + 2 * j]) | (np.uint32(qb[qo + 2 * j + 1]) << np.uint32(8))
-            ub[j] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000))
-                                                                  << np.uint32(16))
+            h = np.uint32(vrow[2 * j]) | (np.uint32(vrow[2 * j + 1]) << np.uint32(8))
+            ubuf[j] = (((h & np.uint32(0x7FFF)) << np.uint32(13))
+                       | ((h & np.uint32(0x8000)) << np.uint32(16)))
         for j in range(nv):
             buf[j] *= TWO_112
     elif venc == INT8:
-        sc = sf[so // 4]
         for j in range(nv):
-            v = np.int32(qb[qo + j])
-            buf[j] = np.float32(v - ((v >> 7) << 8)) * sc  # the byte as int8
+            buf[j] = np.float32(vi8[j]) * sc
     else:
         for b in range(nv // 32):
-            sc = lut[sh[so // 2 + ((b * 32) >> (gshift + 5))]]
+            s4 = lut[shrow[(b * 32) >> (gshift + 5)]]
             for k in range(16):
-                v = qb[qo + b * 16 + k]
-                buf[b * 32 + k] = (np.float32(v & 15) - np.float32(8.0)) * sc
-                buf[b * 32 + 16 + k] = (np.float32(v >> 4) - np.float32(8.0)) * sc
+                v = vrow[b * 16 + k]
+                buf[b * 32 + k] = (np.float32(v & 15) - np.float32(8.0)) * s4
+                buf[b * 32 + 16 + k] = (np.float32(v >> 4) - np.float32(8.0)) * s4
 
 
-@njit(cache=True, inline="always")
-def _pick(c, a0, a1, a2, a3, v0, v1):
-    """v0 * x[i0] + v1 * x[i1] for code c = i0 | i1 << 2 (i0 < i1) of one group of 4."""
+@njit(cache=True, fastmath=FM, inline="always")
+def _pair(c, g, x4):
+    """(x[4g + i0], x[4g + i1]) for the group's code c = i0 | i1 << 2, as sums of the four
+    inputs times 0/1 (selects of loads would become gathers; products of masks vectorize)."""
     i0 = c & 3
-    i1 = c >> 2
-    xa = a0 if i0 == 0 else (a1 if i0 == 1 else a2)
-    xb = a3 if i1 == 3 else (a2 if i1 == 2 else a1)
-    return v0 * xa + v1 * xb
+    i1 = (c >> 2) & 3
+    a0, a1, a2, a3 = x4[0, g], x4[1, g], x4[2, g], x4[3, g]
+    xa = a0 * np.float32(i0 == 0) + a1 * np.float32(i0 == 1) + a2 * np.float32(i0 == 2)
+    xb = a1 * np.float32(i1 == 1) + a2 * np.float32(i1 == 2) + a3 * np.float32(i1 == 3)
+    return xa, xb
 
 
-@njit(cache=True, fastmath=True)
-def dot24(buf, qb, co, G, x4):
-    """2:4 row: values buf[:G] (first of each group), buf[G:2G] (second); codes at byte co."""
+@njit(cache=True, fastmath=FM)
+def dot24(buf, crow, G, x4):
+    """2:4 row: values buf[:G] (first of each group), buf[G:2G] (second), codes crow."""
     h = G // 2
     acc = np.float32(0.0)
-    for k in range(h):
-        c = qb[co + k]
-        acc += _pick(c & 15, x4[0, k], x4[1, k], x4[2, k], x4[3, k], buf[k], buf[G + k])
-        acc += _pick(c >> 4, x4[0, h + k], x4[1, h + k], x4[2, h + k], x4[3, h + k],
-                     buf[h + k], buf[G + h + k])
+    for half in range(2):
+        sh = 4 * half
+        for k in range(h):
+            g = half * h + k
+            xa, xb = _pair(np.int32(crow[k]) >> sh, g, x4)
+            acc += buf[g] * xa + buf[G + g] * xb
     return acc
 
 
-@njit(cache=True, fastmath=True)
-def expand50(buf, qb, co, d, w):
-    """50% row: walk the bitmask at byte co, placing the kept values buf in order -> w f32[d]."""
+@njit(cache=True, fastmath=FM)
+def dot24_int8(vi8, crow, G, x4):
+    """As dot24 with the int8 values read in place (times the row scale by the caller)."""
+    h = G // 2
+    acc = np.float32(0.0)
+    for half in range(2):
+        sh = 4 * half
+        for k in range(h):
+            g = half * h + k
+            xa, xb = _pair(np.int32(crow[k]) >> sh, g, x4)
+            acc += np.float32(vi8[g]) * xa + np.float32(vi8[G + g]) * xb
+    return acc
+
+
+@njit(cache=True, fastmath=FM)
+def dot50(buf, crow, d, x):
+    """50% row: walk the bitmask crow, taking the kept values buf in order."""
     p = 0
+    last = d // 2 - 1
+    acc = np.float32(0.0)
     for k in range(d // 8):
-        m = qb[co + k]
+        m = np.int32(crow[k])
         for j in range(8):
             bit = (m >> j) & 1
-            w[8 * k + j] = buf[p] if bit else np.float32(0.0)
+            acc += x[8 * k + j] * buf[min(p, last)] * np.float32(bit)
             p += bit
-    return w
-
-
-@njit(cache=True, fastmath=True)
-def _dense_dot(w, x, d):
-    acc = np.float32(0.0)
-    for j in range(d):
-        acc += w[j] * x[j]
     return acc
 
 
-@njit(cache=True, fastmath=True)
-def row_dot(qb, qo, sf, sh, so, pat, venc, gshift, d, x, x4, lut, buf, w):
-    """Dot product of one sparse row (values at byte qo of qb, scales at byte so) with x."""
-    nv = d // 2
-    decode_values(qb, qo, sf, sh, so, venc, gshift, nv, lut, buf)
-    co = qo + value_bytes(venc, nv)
+@njit(cache=True, fastmath=FM)
+def row_dot(i, vals, vi8, codes, sf, sh, pat, venc, gshift, d, x, x4, lut, buf, ubuf):
+    """Dot product of sparse row i with x (x4: x laid out planar, see planar())."""
+    sc = sf[i] if venc == INT8 else np.float32(1.0)
+    if pat == SP24 and venc == INT8:
+        return dot24_int8(vi8[i], codes[i], d // 4, x4) * sc
+    decode_values(vals[i], vi8[i], sh[i], sc, venc, gshift, d // 2, lut, buf, ubuf)
     if pat == SP24:
-        return dot24(buf, qb, co, d // 4, x4)
-    expand50(buf, qb, co, d, w)
-    return _dense_dot(w, x, d)
+        return dot24(buf, codes[i], d // 4, x4)
+    return dot50(buf, codes[i], d, x)
 
 
 @njit(cache=True)
@@ -140,69 +137,68 @@ def planar(x):
 
 
 @njit(cache=True, parallel=True)
-def matvec(qb, qrow, sf, sh, srow, n, d, pat, venc, gshift, x, lut, out, nchunks):
-    """out[i] = row i . x for n sparse rows of length d, row i's values at byte i * qrow of qb
-    and its scales at byte i * srow of sb."""
+def matvec(vals, vi8, codes, sf, sh, pat, venc, gshift, d, x, lut, out, nchunks):
+    """out[i] = row i . x for the n sparse rows of length d given as rows() views."""
+    n = out.shape[0]
     x4 = planar(x)
     per = (n + nchunks - 1) // nchunks
     for c in prange(nchunks):
         buf = np.empty(d // 2, dtype=np.float32)
-        w = np.empty(d, dtype=np.float32)
+        ubuf = buf.view(np.uint32)
         for i in range(c * per, min(n, (c + 1) * per)):
-            out[i] = row_dot(qb, i * qrow, sf, sh, i * srow, pat, venc, gshift, d, x, x4, lut,
-                             buf, w)
+            out[i] = row_dot(i, vals, vi8, codes, sf, sh, pat, venc, gshift, d, x, x4, lut, buf,
+                             ubuf)
     return out
 
 
-@njit(cache=True, fastmath=True)
-def expand_row(qb, qo, sf, sh, so, pat, venc, gshift, d, lut, buf, out):
-    """One sparse row decoded to dense float32 out[d]."""
-    nv = d // 2
-    decode_values(qb, qo, sf, sh, so, venc, gshift, nv, lut, buf)
-    co = qo + value_bytes(venc, nv)
-    if pat == SP50:
-        expand50(buf, qb, co, d, out)
-        return
+@njit(cache=True, parallel=True)
+def dequant_rows(vals, vi8, codes, sf, sh, pat, venc, gshift, d, r0, r1, lut, out):
+    """Rows r0..r1 decoded to dense float32 out[r1 - r0, d]."""
     G = d // 4
     h = G // 2
-    out[:] = 0.0
-    for k in range(h):
-        c = qb[co + k]
-        for half in range(2):
-            g = k + half * h
-            cg = (c >> (4 * half)) & 15
-            out[4 * g + (cg & 3)] = buf[g]
-            out[4 * g + (cg >> 2)] = buf[G + g]
-
-
-@njit(cache=True, parallel=True)
-def dequant_rows(qb, qrow, qoff, sf, sh, srow, soff, r0, r1, d, pat, venc, gshift, lut, out):
-    """Rows r0..r1 (row i at byte i * qrow + qoff, scales at i * srow + soff) -> out f32[r1 - r0, d]."""
     for r in prange(r1 - r0):
-        buf = np.empty(d // 2, dtype=np.float32)
         i = r0 + r
-        expand_row(qb, i * qrow + qoff, sf, sh, i * srow + soff, pat, venc, gshift, d, lut, buf,
-                   out[r])
+        buf = np.empty(d // 2, dtype=np.float32)
+        sc = sf[i] if venc == INT8 else np.float32(1.0)
+        decode_values(vals[i], vi8[i], sh[i], sc, venc, gshift, d // 2, lut, buf,
+                      buf.view(np.uint32))
+        o = out[r]
+        o[:] = 0.0
+        crow = codes[i]
+        if pat == SP50:
+            p = 0
+            for k in range(d // 8):
+                m = np.int32(crow[k])
+                for j in range(8):
+                    if (m >> j) & 1:
+                        o[8 * k + j] = buf[p]
+                        p += 1
+        else:
+            for k in range(h):
+                for half in range(2):
+                    g = k + half * h
+                    cg = (np.int32(crow[k]) >> (4 * half)) & 15
+                    o[4 * g + (cg & 3)] = buf[g]
+                    o[4 * g + (cg >> 2)] = buf[G + g]
     return out
 
 
 @njit(cache=True, parallel=True)
-def ffn_hidden(x, bb, sf, sh, stride, gated, kind, gpat, gvenc, gshift, goff, gsoff, upat, uvenc, ushift,
-               uoff, usoff, up_bias, has_bias, n, d, lut, hidden, nchunks):
-    """hidden[i] = act(gate_i . x) * (up_i . x) (gated), else act(up_i . x + b_i), for bundle rows
-    of stride bytes in bb (flat uint8) whose gate and up parts are sparse."""
+def ffn_hidden(x, gate, up, gated, kind, up_bias, has_bias, d, lut, hidden, nchunks):
+    """hidden[i] = act(gate_i . x) * (up_i . x) (gated), else act(up_i . x + b_i); gate and up
+    are (vals, vi8, codes, sf, sh, pat, venc, gshift) tuples of sparse rows."""
+    n = hidden.shape[0]
     x4 = planar(x)
     per = (n + nchunks - 1) // nchunks
     for c in prange(nchunks):
         buf = np.empty(d // 2, dtype=np.float32)
-        w = np.empty(d, dtype=np.float32)
+        ubuf = buf.view(np.uint32)
         for i in range(c * per, min(n, (c + 1) * per)):
-            base = i * stride
-            u = row_dot(bb, base + uoff, sf, sh, base + usoff, upat, uvenc, ushift, d, x, x4, lut,
-                        buf, w)
+            u = row_dot(i, up[0], up[1], up[2], up[3], up[4], up[5], up[6], up[7], d, x, x4, lut,
+                        buf, ubuf)
             if gated:
-                gt = row_dot(bb, base + goff, sf, sh, base + gsoff, gpat, gvenc, gshift, d, x,
-                             x4, lut, buf, w)
+                gt = row_dot(i, gate[0], gate[1], gate[2], gate[3], gate[4], gate[5], gate[6],
+                             gate[7], d, x, x4, lut, buf, ubuf)
                 hidden[i] = act(gt, kind) * u
             else:
                 if has_bias:
@@ -214,31 +210,37 @@ def ffn_hidden(x, bb, sf, sh, stride, gated, kind, gpat, gvenc, gshift, goff, gs
 # ---------------------------------------------------------------------------------------------
 # Entry points for kernels/__init__.py (linear and ffn route sparse encodings here)
 
+def _views(c, block, voff, d, soff=None, scales=None):
+    pat, venc, gshift = codes(c)
+    vb = c.value_bytes(d)
+    vals = block[:, voff:voff + vb]
+    vi8 = vals.view(np.int8)
+    cod = block[:, voff + vb:voff + vb + d // 8]
+    n = block.shape[0]
+    sf = sh = None
+    if venc == INT8:
+        sf = (np.ascontiguousarray(scales, dtype=np.float32).reshape(n) if scales is not None
+              else np.ascontiguousarray(block[:, soff:soff + 4]).view(np.float32).reshape(n))
+    elif venc == INT4:
+        k = d // 2 // c.group_size
+        sh = (np.ascontiguousarray(scales).view(np.uint16).reshape(n, k) if scales is not None
+              else np.ascontiguousarray(block[:, soff:soff + 2 * k]).view(np.uint16))
+    if venc != INT8:
+        sf = np.zeros(n, dtype=np.float32)
+    if venc != INT4:
+        sh = np.zeros((n, 1), dtype=np.uint16)
+    return vals, vi8, cod, sf, sh, pat, venc, gshift
 
-def _flat(a):
-    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+def codes(c):
+    """(pattern code, value code, log2(g / 32)) of a Sparse codec."""
+    g = c.group_size or 32
+    return PATTERNS[c.pattern], VALUES[c.value.name], int(g // 32).bit_length() - 1
 
 
-_NO_SCALES = np.zeros(4, dtype=np.uint8)
-
-
-def _scale_views(b):
-    """A flat byte array as float32 and as uint16 (scales read at byte offsets; they are
-    aligned to their size: encodings.bundle_layout, or a scale array of their own)."""
-    f = b[:b.size - b.size % 4].view(np.float32)
-    h = b[:b.size - b.size % 2].view(np.uint16)
-    return f, h
-
-
-def _matrix_args(m):
-    pat, venc, gshift = codes(m.codec)
-    q = np.ascontiguousarray(m.q)
-    sb, srow = _NO_SCALES, 0
-    if m.s is not None:
-        s = np.ascontiguousarray(m.s)
-        sb, srow = _flat(s), s.strides[0]
-    sf, sh = _scale_views(sb)
-    return _flat(q), q.shape[1], sf, sh, srow, pat, venc, gshift
+def _matrix_views(m):
+    n, d = m.shape
+    return _views(m.codec, np.ascontiguousarray(m.q), 0, d, scales=m.s)
 
 
 def matvec_matrix(m, x, lut, out):
@@ -246,16 +248,13 @@ def matvec_matrix(m, x, lut, out):
     import numba
 
     n, d = m.shape
-    qb, qrow, sf, sh, srow, pat, venc, gshift = _matrix_args(m)
-    return matvec(qb, qrow, sf, sh, srow, n, d, pat, venc, gshift, x, lut, out,
-                  max(1, min(numba.get_num_threads(), n)))
+    v = _matrix_views(m)
+    return matvec(*v, d, x, lut, out, max(1, min(numba.get_num_threads(), n)))
 
 
 def dequant_matrix(m, r0, r1, lut, out):
     """Rows r0..r1 of a sparse Matrix -> out f32[r1 - r0, d]."""
-    qb, qrow, sf, sh, srow, pat, venc, gshift = _matrix_args(m)
-    return dequant_rows(qb, qrow, 0, sf, sh, srow, 0, r0, r1, m.shape[1], pat, venc, gshift, lut,
-                        out)
+    return dequant_rows(*_matrix_views(m), m.shape[1], r0, r1, lut, out)
 
 
 def is_sparse_layout(layout):
@@ -264,10 +263,11 @@ def is_sparse_layout(layout):
     return any(e["encoding"] in SPARSE_NAMES for e in layout)
 
 
-def _part(layout, name, d, stride):
+def _part(layout, name, d, bundles):
     from .. import encodings
     from ..errors import EdgeLLMError
 
+    stride = bundles.shape[1]
     for e in layout:
         if e["name"] == name:
             c = encodings.codec(e["encoding"], e["group_size"])
@@ -277,12 +277,12 @@ def _part(layout, name, d, stride):
             c.check(d)
             end = e["offset"] + c.value_bytes(d) + d // 8
             if c.scale_shape(1, d) is not None:
-                end = max(end, e["scale_offset"] + int(np.prod(c.scale_shape(1, d)))
+                end = max(end, (e["scale_offset"] or 0) + int(np.prod(c.scale_shape(1, d)))
                           * c.scale_dtype().itemsize)
             if end > stride:
                 raise EdgeLLMError(f"ffn: bundle part {name!r} ends at byte {end}, past the row "
                                    f"stride {stride} (d = {d})")
-            return codes(c) + (e["offset"], e["scale_offset"] or 0, c)
+            return _views(c, bundles, e["offset"], d, soff=e["scale_offset"])
     return None
 
 
@@ -293,41 +293,34 @@ def ffn(x, bundles, layout, d, kind, gated, up_bias, down, linear, activate, lut
 
     from ..errors import EdgeLLMError
 
-    n, stride = bundles.shape
+    n = bundles.shape[0]
     names = {e["name"] for e in layout}
     if down is None or "down" in names:
         raise EdgeLLMError("ffn: sparse bundle parts need the down projection as a separate "
                            "ffn_down matrix (docs/FORMAT.md)")
-    up = _part(layout, "up", d, stride)
-    gate = _part(layout, "gate", d, stride) if gated else None
+    up = _part(layout, "up", d, bundles)
+    gate = _part(layout, "gate", d, bundles) if gated else None
     if up is None or (gated and gate is None):
         raise EdgeLLMError("ffn: bundle layout lacks its gate/up parts")
-    g = gate or up
-    bb = bundles.reshape(-1)
-    sf, sh = _scale_views(bb)
     has_bias = up_bias is not None and not gated
     bias = np.asarray(up_bias, np.float32) if has_bias else np.zeros(1, np.float32)
     T = x.shape[0]
     if T == 1:
         hidden = np.empty(n, dtype=np.float32)
-        ffn_hidden(x[0], bb, sf, sh, stride, gated, kind, g[0], g[1], g[2], g[3], g[4], up[0], up[1],
-                   up[2], up[3], up[4], bias, has_bias, n, d, lut, hidden,
+        ffn_hidden(x[0], gate or up, up, gated, kind, bias, has_bias, d, lut, hidden,
                    max(1, min(numba.get_num_threads(), n)))
         return linear(down, hidden.reshape(1, n))
     # prefill: decode blocks of rows to float32 and multiply with BLAS
     hT = np.empty((n, T), dtype=np.float32)
     xT = np.ascontiguousarray(x.T)
-    rows = max(16, (1 << 20) // d)
-    tile = np.empty((rows, d), dtype=np.float32)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
+    step = max(16, (1 << 20) // d)
+    tile = np.empty((step, d), dtype=np.float32)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
         t = tile[:r1 - r0]
-        u = dequant_rows(bb, stride, up[3], sf, sh, stride, up[4], r0, r1, d, up[0], up[1],
-                         up[2], lut, t) @ xT
+        u = dequant_rows(*up, d, r0, r1, lut, t) @ xT
         if gated:
-            gt = dequant_rows(bb, stride, gate[3], sf, sh, stride, gate[4], r0, r1, d, gate[0],
-                              gate[1], gate[2], lut, t) @ xT
-            hT[r0:r1] = activate(gt) * u
+            hT[r0:r1] = activate(dequant_rows(*gate, d, r0, r1, lut, t) @ xT) * u
         else:
             if has_bias:
                 u += bias[r0:r1, None]

@@ -1,0 +1,337 @@
+"""Pruning (converters/prune.py), the sparse encodings (runtime/encodings.py Sparse) and their
+kernels (runtime/kernels/sparse.py), each against a direct NumPy statement."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edgellm
+import reference
+import tiny
+from edgellm.converters import prune
+from edgellm.converters.convert import convert
+from edgellm.runtime import encodings, format, kernels
+from edgellm.runtime.errors import ConvertError, EdgeLLMError
+from edgellm.runtime.reader import Matrix, Reader
+
+VALUES = [("f16", None), ("int8", None), ("int4", 32)]
+PATTERNS = ["sp24", "sp50"]
+
+
+def np_prune(W, pattern, score=None):
+    """Independent statement of the patterns: zero the smallest-scoring half of each row
+    (sp50), or the two smallest of each group of 4 consecutive weights (sp24)."""
+    W = np.array(W, dtype=np.float64)
+    score = np.abs(W) if score is None else score
+    n, d = W.shape
+    out = W.copy()
+    for i in range(n):
+        if pattern == "sp50":
+            out[i, np.argsort(score[i], kind="stable")[:d // 2]] = 0
+        else:
+            for g in range(0, d, 4):
+                out[i, g + np.argsort(score[i, g:g + 4], kind="stable")[:2]] = 0
+    return out
+
+
+def check_pattern(W, pattern):
+    n, d = W.shape
+    nz = W != 0
+    if pattern == "sp24":
+        assert (nz.reshape(n, d // 4, 4).sum(axis=2) <= 2).all()
+    else:
+        assert (nz.sum(axis=1) <= d // 2).all()
+
+
+def random_layer(n=48, d=128, N=512, seed=0):
+    """W [n, d] and inputs X [N, d] with unequal, correlated columns (as LLM activations)."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n, d)).astype(np.float32) * 0.1
+    scales = np.exp(rng.standard_normal(d) * 1.0)  # some inputs much larger than others
+    mix = np.eye(d) + 0.3 * rng.standard_normal((d, d)) / np.sqrt(d)
+    X = (rng.standard_normal((N, d)) @ mix * scales).astype(np.float32)
+    return W, X
+
+
+def sparse_matrix(W, pattern, value, g):
+    c = encodings.codec(f"{pattern}_{value}", g)
+    q, s = c.quantize(W)
+    return Matrix(q, s, c, W.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("value,g", VALUES)
+def test_codec_round_trip_and_size(pattern, value, g):
+    W, _ = random_layer(n=16, d=128)
+    Wp = np_prune(W, pattern).astype(np.float32)
+    c = encodings.codec(f"{pattern}_{value}", g)
+    q, s = c.quantize(Wp)
+    back = c.dequantize(q, s)
+    dense = encodings.codec(value, g)
+    # the kept values go through the value codec: its bound, and nothing outside the pattern
+    assert np.abs(back - Wp).max() <= dense.max_error_bound(Wp)
+    assert (back[Wp == 0] == 0).all()
+    if value == "f16":
+        assert np.array_equal(back, Wp.astype(np.float16).astype(np.float32))
+    # bytes: d/2 values and d/8 code bytes per row, scales of d/2 values
+    n, d = Wp.shape
+    assert q.shape == (n, encodings.nbytes(dense, 1, d // 2) - (
+        0 if s is None else s[0].nbytes) + d // 8)
+    assert encodings.nbytes(c, n, d) < encodings.nbytes(dense, n, d)
+
+
+def test_codec_refuses_rows_outside_the_pattern():
+    W = np.ones((2, 8), dtype=np.float32)
+    W[:, 4:] = 0
+    with pytest.raises(EdgeLLMError, match="group 0 has 4"):
+        encodings.codec("sp24_f16").quantize(W)
+    W[:, :] = 1
+    with pytest.raises(EdgeLLMError, match="row 0 has 8"):
+        encodings.codec("sp50_f16").quantize(W)
+    with pytest.raises(EdgeLLMError, match="divisible by 8"):
+        encodings.codec("sp50_int8").quantize(np.zeros((1, 12), np.float32))
+    with pytest.raises(EdgeLLMError, match="half the row length"):
+        encodings.codec("sp24_int4", 64).check(64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+def _kernel_cases_tiny(pattern, value, g, T, n=40, d=64):
+    rng = np.random.default_rng(T)
+    W = np_prune(rng.standard_normal((n, d)), pattern).astype(np.float32)
+    m = sparse_matrix(W, pattern, value, g)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    dec = m.dequantize()
+    want = x.astype(np.float64) @ dec.T.astype(np.float64)
+    got = kernels.linear(m, x)
+    assert got.shape == (T, n)
+    # float32 sums in another order: a few ulps of the sum of |products|
+    bound = 1e-5 * (np.abs(x) @ np.abs(dec).T).max()
+    assert np.abs(got - want).max() <= bound
+    # and the dense kernels on the same (decoded) weights agree
+    f16 = encodings.codec("f16")
+    if value == "f16":
+        dense = Matrix(*f16.quantize(dec), f16, dec.shape)
+        assert np.abs(kernels.linear(dense, x) - got).max() <= 2 * bound
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("value,g", VALUES)
+@pytest.mark.parametrize("T", [1, 3])
+def test_linear_sparse_tiny(pattern, value, g, T):
+    _kernel_cases_tiny(pattern, value, g, T)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("value,g", [("f16", None), ("int8", None), ("int4", 32), ("int4", 64)])
+def test_linear_sparse_shapes(pattern, value, g):
+    for n, d, T in [(1, 128, 1), (97, 256, 1), (33, 512, 5)]:
+        _kernel_cases_tiny(pattern, value, g, T, n=n, d=d)
+
+
+def ffn_reference(x, gate, up, down, activation, gated, bias=None):
+    x = x.astype(np.float64)
+    u = x @ up.T
+    if gated:
+        h = reference.silu(x @ gate.T) if activation == "silu" else reference.relu(x @ gate.T)
+        h = h * u
+    else:
+        h = reference.relu(u + bias) if activation == "relu" else reference.silu(u + bias)
+    return h @ down.T
+
+
+def _ffn_case_tiny(pattern, value, g, T, gated=True, activation="silu", d=64, n=128):
+    rng = np.random.default_rng(7 + T)
+    gate, up = (np_prune(rng.standard_normal((n, d)) * 0.2, pattern).astype(np.float32)
+                for _ in range(2))
+    down = np_prune(rng.standard_normal((d, n)) * 0.2, pattern).astype(np.float32)
+    bias = None if gated else rng.standard_normal(n).astype(np.float32)
+    c = encodings.codec(f"{pattern}_{value}", g)
+    parts = [("gate", c), ("up", c)] if gated else [("up", c)]
+    vecs = {"gate": gate, "up": up}
+    b, layout = encodings.pack_bundles({p: vecs[p] for p, _ in parts}, parts, d)
+    dm = sparse_matrix(down, pattern, value, g)
+    dec = {e["name"]: encodings.unpack_bundle_part(b, e, d) for e in layout}
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    got = kernels.ffn(x, b, layout, d, activation, gated, bias, down=dm)
+    want = ffn_reference(x, dec.get("gate"), dec["up"], dm.dequantize(), activation, gated, bias)
+    assert got.shape == (T, d)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("value,g", VALUES)
+@pytest.mark.parametrize("T", [1, 4])
+def test_ffn_sparse_tiny(pattern, value, g, T):
+    _ffn_case_tiny(pattern, value, g, T)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+def test_ffn_sparse_ungated_relu_with_bias(T):
+    _ffn_case_tiny("sp24", "int8", None, T, gated=False, activation="relu")
+
+
+def test_ffn_sparse_needs_a_separate_down():
+    c = encodings.codec("sp24_f16")
+    b, layout = encodings.pack_bundles({"up": np.zeros((4, 64), np.float32),
+                                        "down": np.zeros((4, 64), np.float32)},
+                                       [("up", c), ("down", c)], 64)
+    with pytest.raises(EdgeLLMError, match="separate ffn_down"):
+        kernels.ffn(np.zeros((1, 64), np.float32), b, layout, 64, "relu", False)
+
+
+def test_no_jit_sparse():
+    """The *_tiny kernel tests again with NUMBA_DISABLE_JIT=1 (the kernels as plain Python)."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        __file__, "-k", "tiny and (f16-None-sp24 or int4-32-sp50)"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods against their objectives
+
+
+def recon_error(W, Wp, X):
+    """||W X^T - W' X^T||_F: what pruning a linear changes in its outputs on inputs X."""
+    return float(np.linalg.norm((W.astype(np.float64) - Wp.astype(np.float64)) @ X.T))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_masks_and_reconstruction_error(pattern):
+    W, X = random_layer()
+    H = X.T.astype(np.float64) @ X / X.shape[0]
+    mag = prune.magnitude(W, pattern)
+    wan = prune.wanda(W, pattern, X)
+    sgpt = prune.sparsegpt(W, H, pattern)
+    # magnitude and Wanda are their scores' masks, as stated independently
+    assert np.array_equal(mag, np_prune(W, pattern))
+    norms = np.sqrt((X.astype(np.float64) ** 2).sum(axis=0))
+    assert np.array_equal(wan, np_prune(W, pattern, np.abs(W) * norms))
+    for Wp in (mag, wan, sgpt):
+        check_pattern(Wp, pattern)
+        # exactly half of every row (the random weights have no zeros of their own)
+        assert ((Wp == 0).sum(axis=1) == W.shape[1] // 2).all()
+    e_mag, e_wan, e_sgpt = (recon_error(W, Wp, X) for Wp in (mag, wan, sgpt))
+    assert e_wan < e_mag
+    assert e_sgpt < e_wan
+    # Wanda and magnitude keep the original values; SparseGPT updates the kept ones
+    assert np.array_equal(wan[wan != 0], W[wan != 0])
+    assert not np.array_equal(sgpt[sgpt != 0], W[sgpt != 0])
+
+
+def test_sparsegpt_is_exact_when_nothing_needs_compensating():
+    """Inputs whose pruned columns are always zero: SparseGPT's update then changes nothing
+    that matters and its error is zero, as is magnitude's with those columns' weights gone."""
+    W, X = random_layer(n=8, d=32)
+    X[:, 1::2] = 0  # odd inputs never fire: a 2:4 mask keeping the even ones loses nothing
+    H = X.T.astype(np.float64) @ X / X.shape[0]
+    Wp = prune.sparsegpt(W, H, "sp24")
+    check_pattern(Wp, "sp24")
+    assert recon_error(W, Wp, X) < 1e-4 * np.linalg.norm(W @ X.T)
+
+
+@pytest.mark.parametrize("bad", ["1.2", "120%", "3:4", "0.7", "x"])
+def test_pattern_refused(bad):
+    with pytest.raises(ConvertError, match="--prune-pattern"):
+        prune.options("magnitude", bad)
+
+
+def test_options_refused_before_work(tmp_path):
+    with pytest.raises(ConvertError, match="--prune 'lasso'"):
+        prune.options("lasso", "2:4")
+    opt = prune.options("magnitude", "2:4")
+    with pytest.raises(ConvertError, match="--quant f32"):
+        convert(tiny.checkpoint("llama"), tmp_path / "m", quant="f32", progress=False, prune=opt)
+    assert not (tmp_path / "m").exists()
+    short = tmp_path / "short.txt"
+    short.write_text("too short", encoding="utf-8")
+    opt = prune.options("wanda", "2:4", calib=str(short), tokens=512)
+    with pytest.raises(ConvertError, match="too short"):
+        convert(tiny.checkpoint("llama"), tmp_path / "m", quant="f16", progress=False, prune=opt)
+    assert not (tmp_path / "m").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Converted models
+
+
+def _linears(model_dir):
+    """{(layer, canonical): dense float64 weights decoded from the model} and the manifest."""
+    m, cfg = format.read_manifest(model_dir)
+    r = Reader(model_dir, m)
+    out = {}
+    for c in m["chunks"][1:]:
+        f = c["file"]
+        i = int(f.split("_")[1].split(".")[0])
+        for name in ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_down"):
+            out[i, name] = r.matrix(f, name).dequantize().astype(np.float64)
+        b = r.array(f, "ffn_bundles")
+        for p in c["tensors"]["ffn_bundles"]["parts"]:
+            out[i, "ffn_" + p["name"]] = encodings.unpack_bundle_part(b, p, cfg.d_model)
+    return out, m
+
+
+HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+      "attn_o": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+      "ffn_down": "mlp.down_proj"}
+
+
+@pytest.mark.parametrize("method,pattern", [("magnitude", "2:4"), ("magnitude", "0.5"),
+                                            ("wanda", "2:4"), ("sparsegpt", "0.5")])
+def test_converted_model_logits_equal_numpy_forward_with_pruned_weights(tmp_path, method,
+                                                                        pattern):
+    src = tiny.checkpoint("llama")
+    dst = tmp_path / "m"
+    convert(src, dst, quant="f16", progress=False,
+            prune=prune.options(method, pattern, tokens=512))
+    lin, m = _linears(dst)
+    pat = prune.parse_pattern(pattern)
+    rep = m["provenance"]["quantization"]["pruning"]
+    assert rep["method"] == method and rep["mean_zero_fraction"] == 0.5
+    W = reference.load_tensors(src)
+    for (i, name), w in lin.items():
+        enc = [e for e in ([m["chunks"][i + 1]["tensors"].get(name)]) if e]
+        assert not enc or enc[0]["encoding"] == f"{pat}_f16"
+        check_pattern(w, pat)
+        assert ((w == 0).sum(axis=1) >= w.shape[1] // 2).all()
+        key = f"model.layers.{i}.{HF[name]}.weight"
+        if method == "magnitude":  # the source weights' own magnitude mask, values as f16
+            want = np_prune(W[key], pat).astype(np.float16).astype(np.float64)
+            assert np.array_equal(w, want), (i, name)
+        W[key] = w  # the pruned weights as stored
+    r = Reader(str(dst), m)  # and the embedding and head as stored (f16)
+    W["model.embed_tokens.weight"] = r.matrix(format.EMBED_CHUNK, "tok_embeddings").dequantize()
+    W["lm_head.weight"] = r.matrix(format.EMBED_CHUNK, "output").dequantize()
+    ids = tiny.token_ids("llama", n=16)
+    with open(os.path.join(src, "config.json")) as f:
+        c = json.load(f)
+    want = reference._llama(c, W, np.asarray(ids)).astype(np.float32)
+    got = edgellm.load(str(dst), kv="f32").logits(ids)
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_pruned_model_is_smaller_and_reads_less(tmp_path):
+    src = tiny.checkpoint("llama")
+    convert(src, tmp_path / "dense", quant="int8", progress=False)
+    convert(src, tmp_path / "sparse", quant="int8", progress=False,
+            prune=prune.options("magnitude", "2:4"))
+
+    def layer_bytes(d):
+        m, _ = format.read_manifest(d)
+        return sum(c["size"] for c in m["chunks"][1:])
+
+    # int8 rows: d bytes dense, d/2 + d/8 sparse (plus the unchanged norms and scales)
+    assert layer_bytes(tmp_path / "sparse") < 0.7 * layer_bytes(tmp_path / "dense")
