@@ -1,0 +1,239 @@
+"""edgellm serve under a DRAM budget with many conversations at once (issue 9, part 5).
+
+    python benchmarks/serve_budget.py [MODEL] --dram-budget 150MB --ctx 1024 --kv-slots 4 \
+        --conversations 12 --turns 3
+
+`edgellm serve MODEL --dram-budget B` runs in a memory cgroup (cgroup v1 or v2, under this
+process's; needs root) limited to B + baseline, no swap. The baseline is what the cgroup is
+charged for by a process that has imported the server, loaded the model under the budget, run it
+and dropped it (interpreter, NumPy, Numba's kernels, FastAPI, uvicorn): the memory outside the
+budget. Then --conversations chat conversations run at once for --turns turns each (each turn
+resends the whole history, so the KV caches fill and the pool's caches are taken over, least
+recently used first), with long answers, so every KV slot fills up to the context.
+
+Reported: the server never killed (its exit code, the cgroup's OOM count), every request
+answered 200, and the planner's accounting (the plan's total for the model with its first KV
+cache, plus the --kv-slots - 1 other caches the server sets aside) next to the measured peaks:
+the server's peak RSS (VmHWM) minus the baseline process's RSS, and the cgroup's peak (which also
+counts page cache) minus the baseline. Exit 1 on a failure.
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from flash import Cgroup  # noqa: E402  (the memory cgroup helper of the flash benchmark)
+
+BASELINE = r"""
+import gc, json, os, sys
+import fastapi, uvicorn, httpx  # the server's own imports
+import edgellm
+from edgellm import server
+a = json.loads(sys.argv[1])
+m = edgellm.load(a["model"], n_ctx=a["ctx"], dram_budget=a["budget"])
+m.warmup()
+"".join(m.generate("Hello there", max_tokens=8, temperature=0))
+m.stream.close(); del m; gc.collect()
+rss = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS")][0]
+print(json.dumps({"rss": rss}))
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status_field(pid, name):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+
+
+def oom_kills(cg):
+    """Processes the kernel killed for memory in the cgroup (v1: oom_control's oom_kill; v2:
+    memory.events' oom_kill); None when the kernel does not say."""
+    for name in ("memory.oom_control", "memory.events"):
+        try:
+            for line in open(os.path.join(cg.path, name)):
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+    return None
+
+
+def conversation(url, k, turns, max_tokens):
+    import httpx
+
+    messages = [{"role": "system", "content": f"You are assistant number {k}."}]
+    out = []
+    for t in range(turns):
+        messages.append({"role": "user", "content": f"Tell me a long story about the number "
+                         f"{k * 10 + t}, with many details."})
+        try:
+            r = httpx.post(url + "/v1/chat/completions", timeout=1800, json={
+                "messages": messages, "max_tokens": max_tokens, "temperature": 0.8,
+                "seed": k * 100 + t})
+        except httpx.TransportError as e:
+            out.append((None, f"{type(e).__name__}: {e}"))
+            break
+        if r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded":
+            out.append((400, "context full"))  # the conversation has filled its context: done
+            break
+        out.append((r.status_code, r.json()["usage"] if r.status_code == 200 else r.text[:300]))
+        if r.status_code != 200:
+            break
+        messages.append({"role": "assistant", "content": r.json()["choices"][0]["message"][
+            "content"]})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", default=None, help="default: SmolLM2 (edgellm.models)")
+    ap.add_argument("--dram-budget", default="150MB")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--kv-slots", type=int, default=4)
+    ap.add_argument("--conversations", type=int, default=12)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=300)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from edgellm.models import resolve_model
+    from edgellm.runtime import format, plan
+    from edgellm.runtime.reader import Reader
+    from edgellm.runtime.streaming import open_stream
+    from edgellm.server import model_budget
+
+    path = resolve_model(args.model)
+    budget = plan.parse_budget(args.dram_budget)
+    mbudget = model_budget(path, budget, args.kv_slots, args.ctx)
+    manifest, cfg = format.read_manifest(path)
+    p = open_stream(Reader(path, manifest), cfg, mbudget, n_ctx=args.ctx, plan_only=True)
+    kv = plan.kv_bytes(cfg, args.ctx)
+    accounted = p.total + (args.kv_slots - 1) * kv
+    print(f"model {path}\nbudget {plan.human(budget)}: plan for the model and its first KV cache "
+          f"{plan.human(p.total)} (of {plan.human(mbudget)}, mode {p.mode}, read/token "
+          f"{plan.human(p.read_per_token)}) + {args.kv_slots - 1} KV caches of {plan.human(kv)}"
+          f" = {plan.human(accounted)}", flush=True)
+
+    # the baseline: in its own cgroup without a limit
+    cg = Cgroup(f"edgellm-serve-base-{os.getpid()}")
+    try:
+        r = subprocess.run([sys.executable, "-c", BASELINE, json.dumps(
+            {"model": path, "ctx": args.ctx, "budget": mbudget})], capture_output=True,
+            text=True, preexec_fn=cg.enter, timeout=900)
+        if r.returncode:
+            sys.exit(f"baseline failed: {r.stderr[-2000:]}")
+        base_rss = json.loads(r.stdout.strip().splitlines()[-1])["rss"]
+        base_cg = cg.peak()
+    finally:
+        cg.remove()
+    limit = budget + base_cg
+    print(f"baseline (outside the budget): cgroup peak {plan.human(base_cg)}, RSS "
+          f"{plan.human(base_rss)}; cgroup limit {plan.human(limit)}", flush=True)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cg = Cgroup(f"edgellm-serve-{os.getpid()}", limit)
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgellm.cli", "serve", path, "--port", str(port),
+         "--dram-budget", str(budget), "--ctx", str(args.ctx), "--kv-slots",
+         str(args.kv_slots), "--queue-size", str(args.conversations + 4), "--log-level",
+         "warning"], stdout=log, stderr=subprocess.STDOUT, preexec_fn=cg.enter,
+        cwd=tempfile.gettempdir())
+    failures, summary = [], {}
+    hwm = None
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                sys.exit(f"the server did not start ({proc.returncode}):\n{log.read()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        t = time.monotonic()
+        with ThreadPoolExecutor(args.conversations) as pool:
+            results = list(pool.map(lambda k: conversation(url, k, args.turns, args.max_tokens),
+                                    range(args.conversations)))
+        seconds = time.monotonic() - t
+        hwm = status_field(proc.pid, "VmHWM")
+        alive = proc.poll() is None
+        health = httpx.get(url + "/health", timeout=10).json() if alive else None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(2)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        peak_cg = cg.peak()
+        oom = oom_kills(cg)
+        failcnt = cg.read("oom")  # v1: memory.failcnt
+        cg.remove()
+        log.seek(0)
+        out = log.read()
+    turns = [x for conv in results for x in conv]
+    ok = sum(1 for s, _ in turns if s == 200)
+    full = sum(1 for s, u in turns if s == 400 and u == "context full")
+    bad = [(s, u) for s, u in turns if s != 200 and not (s == 400 and u == "context full")]
+    tokens = sum(u["completion_tokens"] for s, u in turns if s == 200)
+    peak_model = hwm - base_rss if hwm else None
+    summary = {"model": path, "budget": budget, "baseline_cgroup": base_cg,
+               "baseline_rss": base_rss, "cgroup_limit": limit, "plan_total": p.total,
+               "kv_bytes": kv, "kv_slots": args.kv_slots, "accounted": accounted,
+               "peak_rss": hwm, "peak_rss_over_baseline": peak_model, "cgroup_peak": peak_cg,
+               "cgroup_peak_over_baseline": peak_cg - base_cg if peak_cg else None,
+               "oom_kills": oom, "limit_hits": failcnt, "alive": alive, "exit_code": proc.returncode,
+               "requests": len(turns), "ok": ok, "context_full": full, "errors": bad[:5],
+               "completion_tokens": tokens, "seconds": seconds, "health": health}
+    print(f"{args.conversations} conversations x {args.turns} turns: {len(turns)} requests, "
+          f"{ok} answered 200, {full} stopped at a full context (400), {len(bad)} other; "
+          f"{tokens} tokens in {seconds:.0f} s", flush=True)
+    print(f"server alive after the run: {alive}; exit code after Ctrl-C {proc.returncode}; "
+          f"OOM kills in the cgroup: {oom}; times usage hit the limit (reclaim): "
+          f"{failcnt}", flush=True)
+    print(f"planner accounting {plan.human(accounted)}; measured: peak RSS {plan.human(hwm)} - "
+          f"baseline RSS {plan.human(base_rss)} = {plan.human(peak_model)} "
+          f"({peak_model / accounted:.2f}x the accounting); cgroup peak {plan.human(peak_cg)} "
+          f"(limit {plan.human(limit)}, includes page cache)", flush=True)
+    if not alive or proc.returncode not in (0, None):
+        failures.append(f"the server died (exit code {proc.returncode}):\n{out[-3000:]}")
+    if oom:
+        failures.append(f"{oom} processes killed for memory in the cgroup")
+    if bad:
+        failures.append(f"{len(bad)} requests failed: {bad[:3]}")
+    if peak_model is not None and peak_model > budget:
+        failures.append(f"peak over the baseline {plan.human(peak_model)} exceeds the budget")
+    summary["failures"] = failures
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    print("FAILURES:\n" + "\n".join(failures) if failures else "no failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
