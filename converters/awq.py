@@ -20,7 +20,7 @@ import numpy as np
 
 GRID = 20  # alpha in {0, 1/GRID, ..., (GRID - 1)/GRID}
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # max-|w| shrink ratios tried per group
-SEARCH_TOKENS = 2048  # tokens used for the searches (a fixed, evenly spaced subset)
+SEARCH_TOKENS = 1024  # tokens used for the searches (a fixed, evenly spaced subset)
 
 
 def _subset(X, n=SEARCH_TOKENS):

@@ -78,7 +78,7 @@ def test_gptq_dead_inputs_and_groups():
         gptq.quantize(w[:, :48], H[:48, :48], c)
 
 
-def _outlier_inputs(n=2048, d=128, seed=0):
+def _outlier_inputs(n=awq.SEARCH_TOKENS, d=128, seed=0):
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, d)).astype(np.float32)
     X[:, rng.choice(d, 4, replace=False)] *= 20  # a few salient channels
