@@ -67,6 +67,8 @@ def main():
     p.add_argument("--decode-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3, help="decode timings per variant, taken "
                    "round-robin over the variants after all are written; the median is shown")
+    p.add_argument("--metrics", default="angular,bi")
+    p.add_argument("--no-base", action="store_true", help="skip the base model's row")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     settings = {"report": True, "eval_ctx": a.ctx, "eval_tokens": a.eval_tokens,
@@ -85,12 +87,14 @@ def main():
             paths.append(path)
             print(json.dumps(r), flush=True)
 
-        row("base", base)
+        if not a.no_base:
+            row("base", base)
+        drops = [int(v) for v in a.drops.split(",") if v]
         t0 = time.perf_counter()
-        states = [x.copy() for x in structural.residual_states(base, opts)]
+        states = [x.copy() for x in structural.residual_states(base, opts)] if drops else []
         t_states = time.perf_counter() - t0
-        for n in [int(v) for v in a.drops.split(",") if v]:
-            for metric in structural.METRICS:
+        for n in drops:
+            for metric in a.metrics.split(","):
                 scores = structural.layer_scores(iter(states), n, metric)
                 drop = structural.choose_layers(scores, n, metric)
                 out = os.path.join(work, f"drop{n}-{metric}")

@@ -206,17 +206,18 @@ def drop_layers(model_dir, dst, drop, overwrite=False, info=None):
     return dst
 
 
-def residual_states(model_dir, opts):
+def residual_states(model_dir, opts, work=None):
     """Yield the residual stream x_0 .. x_L of the calibration tokens ([N, d] float32 each; x_l
     the input of layer l, x_L the last layer's output), layer by layer, from
     converters/layerwise.py's calibration pass over the weights model_dir holds (exported to a
-    float32 Hugging Face directory in a temporary sibling, so the pass reads exactly them)."""
+    float32 Hugging Face directory in a temporary directory, so the pass reads exactly them).
+    work: where that directory goes (default: the system's temporary directory; model_dir's
+    own parent may be read-only, e.g. the demo model inside an installed package)."""
     from edgellm.export import export
 
     from . import layerwise
 
-    parent = os.path.dirname(os.path.abspath(model_dir))
-    with tempfile.TemporaryDirectory(prefix=".layerwise-", dir=parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgellm-layerwise-", dir=work) as tmp:
         hf = os.path.join(tmp, "hf")
         export(model_dir, hf, to="hf", progress=False)
         with layerwise.open_source(hf) as (spec, source, tok):
