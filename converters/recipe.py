@@ -81,7 +81,8 @@ def _one_of(*names):
 
 SETTINGS = {
     "calib": (str, None, None),
-    "calib_tokens": (int, 4096, lambda v: None if v >= 64 else f"must be >= 64, got {v!r}"),
+    # the layerwise pass refuses fewer than 256 calibration tokens (converters/layerwise.py)
+    "calib_tokens": (int, 4096, lambda v: None if v >= 256 else f"must be >= 256, got {v!r}"),
     "eval": (str, None, None),
     "eval_tokens": (int, 2048, lambda v: None if v >= 16 else f"must be >= 16, got {v!r}"),
     "eval_ctx": (int, 256, lambda v: None if v >= 16 else f"must be >= 16, got {v!r}"),
