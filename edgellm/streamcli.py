@@ -18,7 +18,8 @@ def add_stream_args(p):
     g.add_argument("--window", type=int, default=None, metavar="K",
                    help="tokens a neuron stays cached after its last use (default 5)")
     g.add_argument("--io-threads", type=int, default=None,
-                   help="parallel flash reads (default 32)")
+                   help="parallel flash reads (default: up to 32, their memory at most 1/16 "
+                   "of the budget)")
     g.add_argument("--cold", action="store_true", help="drop read pages from the page cache "
                    "(measure the device, not the cache)")
     g.add_argument("--stats-json", default=None, metavar="FILE",

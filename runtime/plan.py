@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from . import format
 from .errors import EdgeLLMError
+from .flashio import DEPTH
 
 MODES = ("window", "dense", "naive")
 DEFAULT_WINDOW = 5  # tokens a neuron stays cached after its last use (the paper's k)
@@ -38,6 +39,10 @@ PREFILL_TILE = 4 << 20  # kernels.TILE_BYTES: the float32 tile prefill (T > 1) d
 PREFILL_BLOCK = 256
 MIN_CACHE_ROWS = 32  # window: smallest neuron cache per layer (below, batches cost more than reads)
 MIN_CHUNK_ROWS = 32  # naive: smallest chunk of FFN rows read and computed at once
+IO_THREAD_BYTES = 48 << 10  # memory an I/O thread holds (stack pages, its malloc arena): demo,
+# window, 4 -> 32 threads: +1.0 MB in a memory cgroup, ~37 kB a thread
+IO_THREAD_SHARE = 16  # default I/O threads: up to DEPTH, taking at most 1/16 of the budget
+MIN_IO_THREADS = 4  # ... and at least this many (a budget near the minimum plans with these)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -89,6 +94,7 @@ class Plan:
     stage_bytes: int  # bytes of each of the two staging buffers (0: nothing streams whole)
     prefill_block: int  # tokens per prefill block (1 when the prefill tile does not fit)
     window: int
+    io_threads: int = DEPTH  # the flash reader's threads (counted in the plan)
     ffn_chunk_rows: int = 0  # naive: FFN rows per chunk buffer (0: whole FFN in the staging)
     parts: list = field(default_factory=list)
 
@@ -115,7 +121,7 @@ class Plan:
         return {"mode": self.mode, "budget_bytes": self.budget, "total_bytes": self.total,
                 "read_per_token_bytes": self.read_per_token, "window": self.window,
                 "prefill_block": self.prefill_block, "stage_bytes": self.stage_bytes,
-                "ffn_chunk_rows": self.ffn_chunk_rows,
+                "ffn_chunk_rows": self.ffn_chunk_rows, "io_threads": self.io_threads,
                 "parts": [p.__dict__ for p in self.parts]}
 
 
@@ -193,7 +199,7 @@ def cache_row_overhead(stride):
 
 
 def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=None,
-              active_fraction=None, hot_rows=None):
+              active_fraction=None, hot_rows=None, io_threads=None):
     """The plan for `budget` bytes. active_fraction: share of FFN neurons a token needs (from
     calibration; window mode's minimum cache and read estimate). hot_rows: per layer, neurons
     calibration marks hot (pinned first, up to half a layer's cache)."""
@@ -201,6 +207,16 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
         raise EdgeLLMError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     n_ctx = n_ctx or cfg.max_context
     window = window or DEFAULT_WINDOW
+    if io_threads is None:  # as many reads in flight as a small share of the budget allows
+        auto = min(DEPTH, max(MIN_IO_THREADS, budget // IO_THREAD_SHARE // IO_THREAD_BYTES))
+        kw = dict(n_ctx=n_ctx, kv=kv, window=window, active_fraction=active_fraction,
+                  hot_rows=hot_rows)
+        try:
+            return make_plan(manifest, cfg, budget, mode, io_threads=auto, **kw)
+        except EdgeLLMError:
+            if auto == MIN_IO_THREADS:
+                raise
+            return make_plan(manifest, cfg, budget, mode, io_threads=MIN_IO_THREADS, **kw)
     s = Sizes.of(manifest, cfg)
     L = cfg.n_layers
     a_frac = active_fraction if active_fraction is not None else DEFAULT_ACTIVE_FRACTION
@@ -215,6 +231,8 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
         Part("norms and biases", s.small + s.embed_other, "resident"),
         Part("head" + (" (tied embeddings)" if cfg.tied_embeddings else ""), s.head, "resident"),
         Part("KV cache", kv_bytes(cfg, n_ctx, kv), "buffer", note=f"{n_ctx} positions"),
+        Part(f"I/O threads ({io_threads})", io_threads * IO_THREAD_BYTES,
+             "buffer", note="stacks and allocator arenas of the flash reader's threads"),
     ]
     if s.embed_row:
         fixed.append(Part("token embedding rows", s.embed_row, "streamed", s.embed_row,
@@ -294,7 +312,7 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
         raise EdgeLLMError(
             f"a DRAM budget of {human(budget)} cannot run this model in {mode} mode: the "
             f"minimum is {human(minimum)} ({minimum} bytes: norms, head, KV cache for {n_ctx} "
-            f"positions, scratch and two staging buffers"
+            f"positions, I/O threads, scratch and two staging buffers"
             + (f", and {sum(min_rows)} cached neurons" if mode == "window" else "")
             + (f", and two chunks of {MIN_CHUNK_ROWS} FFN rows" if mode == "naive" else "")
             + "); a shorter context (--ctx) lowers it")
@@ -307,7 +325,7 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
         pinned = [min(int(h), r // 2) for h, r in zip(hot_rows, rows)]
     st = stage(a, f, chunk > 0)
     plan = Plan(mode, budget, L, attn_res, ffn_res, rows,
-                pinned, st, block, window, chunk)
+                pinned, st, block, window, io_threads, chunk)
     plan.parts = list(fixed)
     n_sa = L - a
     if a:

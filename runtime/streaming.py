@@ -26,7 +26,7 @@ import numpy as np
 
 from . import encodings, format, kernels
 from .errors import EdgeLLMError
-from .flashio import DEPTH, FlashReader, row_requests, split_request
+from .flashio import FlashReader, row_requests, split_request
 from .neuroncache import NeuronCache
 from .reader import Matrix, load_matrix
 
@@ -162,7 +162,7 @@ class Stream:
     def __init__(self, reader, cfg, plan, io_threads=None, cold=False, predictors=None,
                  oracle=False):
         self.cfg, self.plan = cfg, plan
-        self.flash = FlashReader(io_threads or DEPTH, cold)
+        self.flash = FlashReader(io_threads or plan.io_threads, cold)
         self.src = MemorySource(reader, flash=self.flash)
         if not cfg.tied_embeddings:
             self.src.streamed_rows.add((format.EMBED_CHUNK, "tok_embeddings"))
@@ -607,7 +607,8 @@ def open_stream(reader, cfg, dram_budget, mode=None, n_ctx=None, kv=None, window
     finally:
         probe.flash.close()
     p = planner.make_plan(reader.manifest, cfg, budget, mode, n_ctx=n_ctx, kv=kv,
-                          window=window, active_fraction=frac, hot_rows=hot)
+                          window=window, active_fraction=frac, hot_rows=hot,
+                          io_threads=io_threads)
     if plan_only:
         return p
 

@@ -263,10 +263,12 @@ def test_demo_bytes_per_token(mode):
         _tokens_and_logits(ref, ref.tokenizer.encode(PROMPT))[1:]
     f = m.last_stats["flash"]
     sizes = planner.Sizes.of(m.manifest, m.config)
-    streamed = sum(s for s, res in zip(sizes.ffn, m.plan.ffn_resident) if not res)
+    streamed = (sum(s for s, res in zip(sizes.ffn, m.plan.ffn_resident) if not res)
+                + sum(s for s, res in zip(sizes.attn, m.plan.attn_resident) if not res))
     assert f["neurons_loaded_per_token"] == m.config.d_ff * sum(
         not r for r in m.plan.ffn_resident)
-    # every decode step reads the streamed FFN bundles (one read ahead may be in flight at the end)
+    # every decode step reads the streamed FFN bundles and attention (one read ahead may be in
+    # flight at the end)
     per_step = [s["bytes_read"] for s in f["per_step"][1:-1]]
     assert per_step and all(b == streamed for b in per_step)
 
@@ -425,7 +427,10 @@ def test_bench_command_reports_speed_and_flash_reads(tmp_path):
     f = json.loads(out.read_text())
     manifest, cfg = format.read_manifest(DEMO)
     assert f["mode"] == "naive" and f["generated_tokens"] == 6 and f["tokens"] == 5
-    assert f["bytes_read_per_token"] == sum(planner.Sizes.of(manifest, cfg).ffn)
+    plan = planner.make_plan(manifest, cfg, 5_000_000, "naive", n_ctx=cfg.max_context)
+    sizes = planner.Sizes.of(manifest, cfg)
+    assert f["bytes_read_per_token"] == sum(sizes.ffn) + sum(
+        a for a, res in zip(sizes.attn, plan.attn_resident) if not res)
     assert f["decode_tokens_per_s"] > 0 and f["prefill_tokens_per_s"] > 0
     assert f["peak_rss_bytes"] > 0 and f["dram_budget_bytes"] == 5_000_000
     r = edgellm_cli("bench", DEMO, "-n", "0")
