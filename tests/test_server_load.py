@@ -203,3 +203,24 @@ def test_clients_that_hang_up_free_the_worker_within_a_token(model, monkeypatch)
         assert clock.closed[key] >= cancelled and len(clock.pieces[key]) < max_tokens
     assert counts["cancelled"] == n // 2 and counts["completed"] == n // 2
     assert counts["failed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# --dram-budget covers every KV slot (benchmarks/serve_budget.py measures it in a cgroup)
+
+
+def test_dram_budget_sets_aside_the_other_kv_slots():
+    from edgellm.runtime import format, plan
+    from edgellm.runtime.errors import EdgeLLMError
+
+    _, cfg = format.read_manifest(DEMO)
+    kv = plan.kv_bytes(cfg, 256)
+    assert kv > 0
+    budget = 8_000_000
+    left = server.model_budget(DEMO, budget, kv_slots=4, n_ctx=256)
+    assert left == budget - 3 * kv
+    m = edgellm.load(DEMO, n_ctx=256, dram_budget=left)
+    assert m.plan.total <= left and m.plan.total + 3 * m.default_cache.nbytes() <= budget
+    assert m.default_cache.nbytes() == kv  # the planner's KV cache is the pool's size
+    with pytest.raises(EdgeLLMError, match="KV caches"):
+        server.model_budget(DEMO, 3 * kv, kv_slots=4, n_ctx=256)

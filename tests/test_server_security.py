@@ -252,10 +252,9 @@ HOSTILE_TEMPLATES = [
 
 
 @pytest.mark.parametrize("source", HOSTILE_TEMPLATES)
-def test_hostile_chat_template_is_a_400_not_code(source):
-    m = edgellm.load(DEMO)
-    m.chat_template = source
-    with TestClient(server.create_app(m, "demo")) as c:
+def test_hostile_chat_template_is_a_400_not_code(model, source, monkeypatch):
+    monkeypatch.setattr(model, "chat_template", source)  # as if read from the model's files
+    with TestClient(server.create_app(model, "demo")) as c:
         r = c.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 400, r.text
         assert "chat template" in r.json()["error"]["message"]
