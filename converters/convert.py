@@ -370,7 +370,7 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     quant = quant or "f16"
     quantize.check_quant(quant, group_size)
     cq = calibquant.options(method, quant, group_size, calib, method_options)
-    pruning.check_compatible(prune, quant, method)
+    pruning.check_compatible(prune, quant, method, hot_order=predictor or calib is not None)
     calib = calibrate.options(predictor, calib, calib_options)
     if gguf_source.is_gguf(src):
         return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib, cq,

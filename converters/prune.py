@@ -83,10 +83,15 @@ def options(method, pattern="2:4", calib=None, tokens=None):
     return opt
 
 
-def check_compatible(opt, quant, method="rtn"):
-    """What --prune composes with, checked before any work."""
+def check_compatible(opt, quant, method="rtn", hot_order=False):
+    """What --prune composes with, checked before any work. hot_order: --calib/--predictor,
+    whose hot-first neuron order permutes the FFN's d_ff axis (it would break the 2:4 groups of
+    a pruned ffn_down, which run along d_ff)."""
     if opt is None:
         return
+    if hot_order:
+        raise ConvertError("--prune does not compose with --calib/--predictor yet (their "
+                           "hot-first neuron order would reorder a pruned ffn_down's columns)")
     if quant not in ("f16", "int8", "int4"):
         raise ConvertError(f"--prune stores the kept weights as f16, int8 or int4; --quant "
                            f"{quant} is not supported with it")

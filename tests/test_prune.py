@@ -256,6 +256,9 @@ def test_options_refused_before_work(tmp_path):
     with pytest.raises(ConvertError, match="--quant f32"):
         convert(tiny.checkpoint("llama"), tmp_path / "m", quant="f32", progress=False, prune=opt)
     assert not (tmp_path / "m").exists()
+    with pytest.raises(ConvertError, match="--calib/--predictor"):
+        convert(tiny.checkpoint("llama"), tmp_path / "m", quant="f16", progress=False,
+                prune=opt, predictor=True)
     short = tmp_path / "short.txt"
     short.write_text("too short", encoding="utf-8")
     opt = prune.options("wanda", "2:4", calib=str(short), tokens=512)
