@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import format, kernels
+from . import format, kernels, threads
 from .kernels import fused
 from .errors import ContextLengthError, EdgeLLMError
 from .kvcache import DEFAULT as DEFAULT_KV
@@ -162,6 +162,7 @@ class Transformer:
     def forward(self, ids, all_logits=False):
         """Run tokens ids (appended after the cached ones). Returns logits f32[T, V] for every
         new token when all_logits, else f32[1, V] for the last one."""
+        threads.apply()  # --threads in whichever thread runs this (runtime/threads.py)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise EdgeLLMError("forward needs at least one token")

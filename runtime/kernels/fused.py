@@ -29,19 +29,20 @@ from numba.extending import intrinsic
 
 from . import simd as _simd
 from .attention import attention, store_int8
-from .ffn import ACT_CODES, ENC_CODES, NONE, ffn_decode_simd
+from .ffn import (ACT_CODES, ENC_CODES, NONE, act, ffn_decode_simd, simd_part_axpy,
+                  simd_part_dot)
 from .halfs import F16_TO_F32 as _LUT
 from .norms import rmsnorm
 from .qmatvec import matvec3, row_dot
 from .rope import apply_rope
-from .simd import act_buffers, quantize_act
+from .simd import act_buffers, f16_dot_fast, f16_dot_generic, prefetch, quantize_act
 
 F16 = ENC_CODES["f16"]
 
 # meta: the layer's integers in one array (fewer arguments to type-check per call)
 (M_QENC, M_QSHIFT, M_QROW, M_QSROW, M_OENC, M_OSHIFT, M_OROW, M_OSROW, M_QKV_BIAS, M_O_BIAS,
  M_H, M_KVH, M_HD, M_KIND, M_GATED, M_UP_BIAS, M_DENC, M_DSHIFT, M_DROW, M_DSROW, M_DOWN_BIAS,
- M_SIMD, M_FAST, M_LEN) = range(24)
+ M_SIMD, M_FAST, M_SPARSE, M_LEN) = range(25)
 
 OK, F16_RANGE = 0, 1  # decode_layer's return codes
 
@@ -91,7 +92,8 @@ def store_f16(x, p0, c):
 @njit(cache=True)
 def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv, wo, so,
                  bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts, up_bias,
-                 down_bias, dq, ds, partial, hidden, h, qkv, rot, att, obuf, posarr):
+                 down_bias, dq, ds, partial, hidden, h, qkv, rot, att, obuf, posarr, pa, pb,
+                 pbias, thr, z, scores, rows, kept):
     """One decoded token through one layer; x f32[d] (the residual stream) is updated in place.
 
     Caches as the attention kernel reads them: float32 (kvlut, ksc, vsc None), float16 bits
@@ -138,14 +140,144 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
         obuf += bo
     x += obuf
     rmsnorm(x2, fnorm, eps, h2)
-    f = ffn_decode_simd(h, bundles, tab[0], tab[1], tab[2], gshifts, d, meta[M_KIND],
-                             meta[M_GATED] != 0, up_bias, meta[M_UP_BIAS] != 0, lut, partial,
-                             hidden, dq, ds, meta[M_DENC], meta[M_DSHIFT], meta[M_DROW],
-                             meta[M_DSROW], fast)
+    f = ffn_any(h, d, meta, bundles, tab, gshifts, up_bias, lut, partial, hidden, dq, ds, pa, pb,
+                pbias, thr, z, scores, rows, kept)
     if meta[M_DOWN_BIAS]:
         f += down_bias
     x += f
     return OK
+
+
+# ---------------------------------------------------------------------------------------------
+# FFN row skipping with everything resident (runtime/rowskip.py): only the rows a token needs
+
+
+@njit(cache=True)
+def predict_rows(x, pa, pb, pbias, thr, lut, z, scores, rows, fast):
+    """Low-rank predictor (runtime/predictor.py): scores = B (A x) + bias, float16 A [r, d] and
+    B [d_ff, r] as bits, with the same dot products as kernels.linear's float16 matvec; rows
+    int32[d_ff] gets the sorted bundle rows with score > thr. Returns their count."""
+    r, d = pa.shape
+    n = pb.shape[0]
+    nv, nvr = d // 32, r // 32
+    for i in range(r):
+        if fast:
+            v = f16_dot_fast(pa, i * 2 * d, nv, x)
+        else:
+            v = f16_dot_generic(pa, i * 2 * d, nv, x)
+        for j in range(nv * 32, d):
+            v += lut[pa[i, j]] * x[j]
+        z[i] = v
+    m = 0
+    for i in range(n):
+        if fast:
+            v = f16_dot_fast(pb, i * 2 * r, nvr, z)
+        else:
+            v = f16_dot_generic(pb, i * 2 * r, nvr, z)
+        for j in range(nvr * 32, r):
+            v += lut[pb[i, j]] * z[j]
+        scores[i] = v + pbias[i]
+        if scores[i] > thr:
+            rows[m] = i
+            m += 1
+    return m
+
+
+@njit(cache=True, parallel=True)
+def ffn_decode_sparse(x, bundles, rows, nrows, thr, encs, offs, soffs, gshifts, d, kind, gated,
+                      up_bias, has_bias, lut, partial, hidden, dq, ds, denc, dshift, dqrow, dsrow,
+                      fast, kept):
+    """ffn_decode_simd over some rows only: thr < 0: bundle rows rows[:nrows] (a predictor's),
+    the sum chunked as ffn_decode_simd chunks bundles[rows[:nrows]], so the result is exactly
+    kernels.ffn on those rows; thr >= 0 (a SiLU magnitude threshold, CATS): every row's gate,
+    and up and down only for the rows with |act(gate x)| > thr. Skipped rows read nothing past
+    their gate (or nothing at all), and add zero. partial f32[threads, d]; kept[0] += the
+    number of rows computed."""
+    n = bundles.shape[0]
+    stride = bundles.shape[1]
+    nlines = (stride + 63) // 64
+    xq, xs, xp, corr = act_buffers(d)
+    quantize_act(x, xq, xs, xp, corr)
+    listed = thr < 0
+    m = nrows if listed else n
+    nchunks = max(1, min(m, partial.shape[0]))  # partial: one row per thread
+    if denc != NONE:
+        hidden[:] = 0.0
+    per = (m + nchunks - 1) // nchunks
+    counts = np.zeros(nchunks, dtype=np.int64)
+    for c in prange(nchunks):
+        acc = partial[c]
+        acc[:] = 0.0
+        end = min(m, (c + 1) * per)
+        for k in range(c * per, end):
+            i = rows[k] if listed else k
+            base = i * stride
+            if k + 1 < end:  # the next row to compute, whole (as ffn_decode_simd does)
+                nxt = (rows[k + 1] if listed else k + 1) * stride
+                for line in range(nlines):
+                    prefetch(bundles, nxt + 64 * line)
+            gt = np.float32(0.0)
+            if gated:
+                gt = simd_part_dot(bundles, base, encs[0], offs[0], soffs[0], gshifts[0], d, x,
+                                   xq, xs, xp, corr, lut, fast)
+                if not listed and abs(act(gt, kind)) <= thr:
+                    continue
+            u = simd_part_dot(bundles, base, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq,
+                              xs, xp, corr, lut, fast)
+            if gated:
+                h = act(gt, kind) * u
+            else:
+                if has_bias:
+                    u += up_bias[i]
+                h = act(u, kind)
+                if not listed and abs(h) <= thr:
+                    continue
+            counts[c] += 1
+            if denc != NONE:
+                hidden[i] = h
+            elif h != 0:
+                simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
+                               lut, fast)
+    kept[0] += counts.sum()
+    if denc != NONE:
+        nh = hidden.shape[0]
+        hq, hs, hp, hc = act_buffers(nh)
+        if denc != F16:
+            quantize_act(hidden, hq, hs, hp, hc)
+        out = np.empty(d, dtype=np.float32)
+        for r in prange(d):
+            out[r] = row_dot(dq, r * dqrow, ds, r * dsrow, denc, dshift, nh // 32, hidden, hq, hs,
+                             hp, hc, lut, fast)
+        return out
+    out = np.zeros(d, dtype=np.float32)
+    for c in range(nchunks):
+        for j in range(d):
+            out[j] += partial[c, j]
+    return out
+
+
+@njit(cache=True)
+def ffn_any(h, d, meta, bundles, tab, gshifts, up_bias, lut, partial, hidden, dq, ds, pa, pb,
+            pbias, thr, z, scores, rows, kept):
+    """The FFN of a layer, dense (meta[M_SPARSE] 0), over a low-rank predictor's rows (1) or
+    with a magnitude threshold (2): decode_layer's FFN, also called alone (rowskip.py)."""
+    fast = meta[M_FAST] != 0
+    mode = meta[M_SPARSE]
+    if mode == 0:
+        return ffn_decode_simd(h, bundles, tab[0], tab[1], tab[2], gshifts, d, meta[M_KIND],
+                               meta[M_GATED] != 0, up_bias, meta[M_UP_BIAS] != 0, lut, partial,
+                               hidden, dq, ds, meta[M_DENC], meta[M_DSHIFT], meta[M_DROW],
+                               meta[M_DSROW], fast)
+    kept[1] += 1  # tokens
+    nrows = 0
+    t = thr
+    if mode == 1:
+        nrows = predict_rows(h, pa, pb, pbias, thr, lut, z, scores, rows, fast)
+        t = np.float32(-1.0)
+    return ffn_decode_sparse(h, bundles, rows, nrows, t, tab[0], tab[1], tab[2], gshifts, d,
+                             meta[M_KIND], meta[M_GATED] != 0, up_bias, meta[M_UP_BIAS] != 0,
+                             lut, partial, hidden, dq, ds, meta[M_DENC], meta[M_DSHIFT],
+                             meta[M_DROW], meta[M_DSROW], fast, kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,78 +295,107 @@ def _bits(a):
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-def plan_layer(cfg, L, ffn_cls):
-    """(meta, arrays) for decode_layer, or None when the layer needs the general path (see the
-    module docstring). ffn_cls: the resident FFN class (model.ResidentFFN); anything else, a
-    streamed or predicted FFN, is not fused."""
+def _enc(m):
+    """(encoding code, int4 group shift, bytes per row of values, of scales) of a Matrix."""
+    from .qmatvec import group_shift
+
+    c = m.codec
+    return (ENC_CODES[c.name], group_shift(c.group_size) if c.name == "int4" else 0,
+            m.q.strides[0], 0 if m.s is None else m.s.strides[0])
+
+
+def _vec(b, size):
+    return _EMPTY_F32 if b is None else np.ascontiguousarray(b, dtype=np.float32).reshape(size)
+
+
+_NO_SPARSE = dict(pa=np.zeros((1, 1), np.uint16), pb=np.zeros((1, 1), np.uint16),
+                  pbias=_EMPTY_F32, thr=np.float32(0.0), z=_EMPTY_F32, scores=_EMPTY_F32,
+                  rows=np.zeros(1, np.int32), kept=np.zeros(2, np.int64))
+
+
+def plan_ffn(cfg, f, ffn_cls, meta):
+    """The FFN's arrays for ffn_any / decode_layer (its integers written into meta), or None
+    when the SIMD kernels do not take it. f: a ffn_cls (model.ResidentFFN), or a row-skipping
+    FFN over one (rowskip.SkipFFN: f.base, f.sparse)."""
     from .. import kernels as K
 
     d = cfg.d_model
-    if (K.MODE == "portable" or cfg.norm != "rms" or cfg.positions != "rope"
-            or d % 32 or type(L.ffn) is not ffn_cls):
+    sparse = getattr(f, "sparse", None)
+    base = f.base if sparse is not None else f
+    if type(base) is not ffn_cls or K.MODE == "portable" or d % 32:
+        return None
+    if (not K._ffn_simd_ok(base.layout) or base.bundles.dtype != np.uint8
+            or base.bundles.ndim != 2):
+        return None
+    bundles = np.ascontiguousarray(base.bundles)
+    n = bundles.shape[0]
+    down = base.down
+    if down is not None:
+        if not (n % 32 == 0 and down.codec.name != "f32" and K._simd_ok(down)
+                and down.shape == (d, n)):
+            return None
+        K._check_matrix(down)
+        meta[M_DENC], meta[M_DSHIFT], meta[M_DROW], meta[M_DSROW] = _enc(down)
+    else:
+        meta[M_DENC] = NONE
+    tab = K._part_table_cached(base.layout, cfg.gated_ffn, d, bundles, down is not None)
+    meta[M_KIND] = ACT_CODES[cfg.activation]
+    meta[M_GATED] = bool(cfg.gated_ffn)
+    has_up_bias = base.up_bias is not None and not cfg.gated_ffn
+    meta[M_UP_BIAS] = has_up_bias
+    meta[M_DOWN_BIAS] = base.down_bias is not None
+    meta[M_SIMD] = {"fast": 2, "generic": 1}.get(K.MODE, 0)
+    meta[M_FAST] = K.MODE == "fast"
+    arrays = dict(
+        bundles=bundles, tab=tab, gshifts=K._group_shifts(tab),
+        up_bias=_vec(base.up_bias, n) if has_up_bias else _EMPTY_F32,
+        down_bias=_vec(base.down_bias, d),
+        dq=_bits(down.q) if down is not None else _EMPTY_U16,
+        ds=_bits(down.s) if down is not None else _EMPTY_U16,
+        n=n, **_NO_SPARSE)
+    if sparse is not None:
+        meta[M_SPARSE] = sparse["mode"]
+        arrays.update({k: sparse[k] for k in _NO_SPARSE})
+    return arrays
+
+
+def plan_layer(cfg, L, ffn_cls):
+    """(meta, arrays) for decode_layer, or None when the layer needs the general path (see the
+    module docstring). ffn_cls: the resident FFN class (model.ResidentFFN); a streamed or
+    predicted FFN is not fused (a row-skipping one over a resident FFN is: plan_ffn)."""
+    from .. import kernels as K
+
+    d = cfg.d_model
+    if K.MODE == "portable" or cfg.norm != "rms" or cfg.positions != "rope" or d % 32:
         return None
     qkv = (L.q, L.k, L.v)
     names = {(m.codec.name, m.codec.group_size, m.shape[1]) for m in qkv}
     if (len(names) != 1 or L.q.codec.name == "f32" or L.o.codec.name == "f32"
             or L.o.shape[1] % 32 or not all(K._simd_ok(m) for m in qkv + (L.o,))):
         return None
-    f = L.ffn
-    if not K._ffn_simd_ok(f.layout) or f.bundles.dtype != np.uint8 or f.bundles.ndim != 2:
-        return None
-    bundles = np.ascontiguousarray(f.bundles)
-    n = bundles.shape[0]
-    down = f.down
-    if down is not None and not (n % 32 == 0 and down.codec.name != "f32" and K._simd_ok(down)
-                                 and down.shape == (d, n)):
-        return None
-    for m in qkv + (L.o,) + ((down,) if down is not None else ()):
-        K._check_matrix(m)
-    tab = K._part_table_cached(f.layout, cfg.gated_ffn, d, bundles, down is not None)
     meta = np.zeros(M_LEN, dtype=np.int64)
-
-    def enc(m):
-        c = m.codec
-        return (ENC_CODES[c.name], K._qmv.group_shift(c.group_size) if c.name == "int4"
-                else 0, m.q.strides[0], 0 if m.s is None else m.s.strides[0])
-
-    meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW] = enc(L.q)
-    meta[M_OENC], meta[M_OSHIFT], meta[M_OROW], meta[M_OSROW] = enc(L.o)
-    if down is not None:
-        meta[M_DENC], meta[M_DSHIFT], meta[M_DROW], meta[M_DSROW] = enc(down)
-    else:
-        meta[M_DENC] = NONE
+    arrays = plan_ffn(cfg, L.ffn, ffn_cls, meta)
+    if arrays is None:
+        return None
+    for m in qkv + (L.o,):
+        K._check_matrix(m)
+    meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW] = _enc(L.q)
+    meta[M_OENC], meta[M_OSHIFT], meta[M_OROW], meta[M_OSROW] = _enc(L.o)
     biases = (L.q_bias, L.k_bias, L.v_bias)
     meta[M_QKV_BIAS] = any(b is not None for b in biases)
     meta[M_O_BIAS] = L.o_bias is not None
     meta[M_H], meta[M_KVH], meta[M_HD] = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    meta[M_KIND] = ACT_CODES[cfg.activation]
-    meta[M_GATED] = bool(cfg.gated_ffn)
-    has_up_bias = f.up_bias is not None and not cfg.gated_ffn
-    meta[M_UP_BIAS] = has_up_bias
-    meta[M_DOWN_BIAS] = f.down_bias is not None
-    meta[M_SIMD] = {"fast": 2, "generic": 1}.get(K.MODE, 0)
-    meta[M_FAST] = K.MODE == "fast"
     meta.flags.writeable = False
-
-    def vec(b, size):
-        return _EMPTY_F32 if b is None else np.ascontiguousarray(b, dtype=np.float32).reshape(size)
-
     if meta[M_QKV_BIAS]:
-        bq, bk, bv = (np.zeros(m.shape[0], np.float32) if b is None else vec(b, m.shape[0])
+        bq, bk, bv = (np.zeros(m.shape[0], np.float32) if b is None else _vec(b, m.shape[0])
                       for m, b in zip(qkv, biases))
     else:
         bq = bk = bv = _EMPTY_F32
-    arrays = dict(
-        anorm=vec(L.attn_norm[0], d), fnorm=vec(L.ffn_norm[0], d),
+    arrays.update(
+        anorm=_vec(L.attn_norm[0], d), fnorm=_vec(L.ffn_norm[0], d),
         wq=_bits(L.q.q), sq=_bits(L.q.s), wk=_bits(L.k.q), sk=_bits(L.k.s),
         wv=_bits(L.v.q), sv=_bits(L.v.s), bq=bq, bk=bk, bv=bv,
-        wo=_bits(L.o.q), so=_bits(L.o.s), bo=vec(L.o_bias, d),
-        bundles=bundles, tab=tab, gshifts=K._group_shifts(tab),
-        up_bias=vec(f.up_bias, n) if has_up_bias else _EMPTY_F32,
-        down_bias=vec(f.down_bias, d),
-        dq=_bits(down.q) if down is not None else _EMPTY_U16,
-        ds=_bits(down.s) if down is not None else _EMPTY_U16,
-        n=n)
+        wo=_bits(L.o.q), so=_bits(L.o.s), bo=_vec(L.o_bias, d))
     return meta, arrays
 
 
@@ -281,7 +442,8 @@ def layer_args(plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
             a["wv"], a["sv"], a["bq"], a["bk"], a["bv"], a["wo"], a["so"], a["bo"], cos, sin, kc,
             vc, ksc, vsc, kvlut, _LUT, a["bundles"], a["tab"], a["gshifts"], a["up_bias"],
             a["down_bias"], a["dq"], a["ds"], scratch.partial(n), hidden, scratch.h,
-            scratch.qkv, scratch.rot, scratch.att, scratch.obuf, scratch.posarr)
+            scratch.qkv, scratch.rot, scratch.att, scratch.obuf, scratch.posarr, a["pa"], a["pb"],
+            a["pbias"], a["thr"], a["z"], a["scores"], a["rows"], a["kept"])
 
 
 def takes_cache(kv):

@@ -1,0 +1,211 @@
+"""FFN row skipping with everything resident (runtime/rowskip.py): quality and speed together,
+against the dense model in the same process (a script, not a test; nothing is asserted).
+
+For a model with predictors (ReLU: `--predictor`) or magnitude thresholds (SiLU: `--calib ...
+--sparsity S`):
+
+- quality: perplexity over --tokens of --text in disjoint windows of --ctx, dense vs sparse (the
+  sparse model runs every position through the skipping FFN); top-1 agreement with dense at
+  every position of those windows (teacher-forced);
+- rows computed per token (fraction of d_ff, mean over layers; the predictor's rows, or the
+  rows above the threshold);
+- FFN time: every layer's FFN inputs recorded during a decode, then the dense kernel and the
+  skipping kernel (predictor included) run on them alternately, --repeats times; medians;
+- decode time per token (fused decode, greedy, --gen tokens), dense and sparse alternately.
+
+--clock cpu times in the main thread's CPU time (with --threads 1 the kernels run in the calling
+thread: other processes' load is left out); wall is wall time.
+
+    python benchmarks/sparse.py MODEL --text ~/.cache/edgellm-demo/text/heldout.txt --threads 1
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import edgellm
+from edgellm.runtime import rowskip
+from edgellm.runtime.kernels import fused
+from edgellm.runtime.model import ResidentFFN
+
+
+def windows(model, text, ctx, n_tokens):
+    tok = model.tokenizer
+    ids = tok.encode(text, add_bos=False)[:n_tokens]
+    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
+    step = ctx - len(bos)
+    return [bos + ids[i:i + step] for i in range(0, len(ids) - 1, step) if len(ids[i:i + step]) > 1]
+
+
+def logits_over(rt, wins):
+    out = []
+    for w in wins:
+        rt.reset()
+        out.append(rt.forward(w, all_logits=True))
+    return out
+
+
+def ppl(wins, logits):
+    nll, n = 0.0, 0
+    for w, lg in zip(wins, logits):
+        lg = lg[:-1].astype(np.float64)
+        m = lg.max(axis=1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(lg - m).sum(axis=1)))
+        tgt = np.asarray(w[1:])
+        nll += float((lse - lg[np.arange(len(tgt)), tgt]).sum())
+        n += len(tgt)
+    return math.exp(nll / n)
+
+
+def decode_ms(rt, prompt, n, clock):
+    rt.reset()
+    tok = int(np.argmax(rt.forward(prompt)[-1]))
+    t = clock()
+    for _ in range(n):
+        tok = int(np.argmax(rt.forward([tok])[-1]))
+    return (clock() - t) / n * 1e3
+
+
+def ffn_times(rt, prompt, n, repeats, clock):
+    """Record each layer's FFN inputs over n decode steps, then time dense vs skipping kernels
+    on them (ms per token, all layers)."""
+    rec = [[] for _ in rt.layers]
+    saved = [L.ffn for L in rt.layers]
+
+    class Rec:
+        def __init__(self, i, f):
+            self.i, self.f = i, f
+
+        def __call__(self, h):
+            if h.shape[0] == 1:
+                rec[self.i].append(np.array(h[0]))
+            return self.f(h)
+
+    for i, L in enumerate(rt.layers):
+        L.ffn = Rec(i, L.ffn)
+    rt.fused = False
+    decode_ms(rt, prompt, n, time.perf_counter)
+    rt.fused = True
+    for L, f in zip(rt.layers, saved):
+        L.ffn = f
+    calls = []
+    for i, L in enumerate(rt.layers):
+        skip = L.ffn
+        a = skip.arrays
+        meta_d = np.zeros(fused.M_LEN, np.int64)
+        dense = fused.plan_ffn(rt.cfg, skip.base, ResidentFFN, meta_d)
+        meta_d.flags.writeable = False
+        s = fused.Scratch(rt.cfg)
+        nrow = a["n"]
+        hid = s.hidden(nrow if a["dq"] is not fused._EMPTY_U16 else 1)
+        for meta, arr, key in ((meta_d, dense, "dense"), (skip.meta, a, "sparse")):
+            calls.append((key, i, meta, arr, s, hid))
+    times = {"dense": [], "sparse": []}
+    d = rt.cfg.d_model
+    for _ in range(repeats):
+        for key in ("dense", "sparse"):
+            tot = 0.0
+            # token by token, every layer in turn, as a decode reads them: a model larger than
+            # the caches comes from memory (layer by layer over all tokens would time cached
+            # weights)
+            for tk in range(n):
+                for k, i, meta, a, s, hid in calls:
+                    if k != key:
+                        continue
+                    part = s.partial(a["n"])
+                    t = clock()
+                    fused.ffn_any(rec[i][tk], d, meta, a["bundles"], a["tab"], a["gshifts"],
+                                  a["up_bias"], fused._LUT, part, hid, a["dq"], a["ds"], a["pa"],
+                                  a["pb"], a["pbias"], a["thr"], a["z"], a["scores"], a["rows"],
+                                  a["kept"])
+                    tot += clock() - t
+            times[key].append(tot / n * 1e3)
+    return times
+
+
+def scale(rt, s):
+    """Thresholds of the SiLU layers times s (their plans made again)."""
+    if s == 1.0:
+        return
+    for L in rt.layers:
+        f = L.ffn
+        if isinstance(f, rowskip.SkipFFN) and f.sparse["mode"] == 2:
+            f.sparse["thr"] = f.arrays["thr"] = np.float32(f.sparse["thr"] * s)
+            L.ffn = rowskip.SkipFFN.__new__(rowskip.SkipFFN)  # a new object: re-planned
+            L.ffn.__dict__.update(f.__dict__)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens of text for perplexity")
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--gen", type=int, default=32, help="decode steps timed")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
+    ap.add_argument("--thr-scale", type=float, default=1.0,
+                    help="SiLU: multiply the stored thresholds by this (a sparsity sweep without "
+                         "calibrating again)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+
+    model = edgellm.load(args.model, threads=args.threads, kv="f32")
+    rt = model.runtime
+    wins = windows(model, open(args.text, encoding="utf-8").read(), args.ctx, args.tokens)
+    dense_logits = logits_over(rt, wins)
+    n_layers = rowskip.enable(rt, prefill="sparse")
+    if not n_layers:
+        raise SystemExit(f"{args.model}: no layer has a predictor or threshold")
+    scale(rt, args.thr_scale)
+    sparse_logits = logits_over(rt, wins)
+    frac = [f for f in rowskip.stats(rt) if f is not None]
+    agree = np.mean(np.concatenate([a.argmax(1) == b.argmax(1)
+                                    for a, b in zip(dense_logits, sparse_logits)]))
+    p_dense, p_sparse = ppl(wins, dense_logits), ppl(wins, sparse_logits)
+    prompt = wins[0][:64]
+    ffn = ffn_times(rt, prompt, args.gen, args.repeats, clock)
+    dec = {"dense": [], "sparse": []}
+    for _ in range(args.repeats):
+        rowskip.disable(rt)
+        dec["dense"].append(decode_ms(rt, prompt, args.gen, clock))
+        rowskip.enable(rt, prefill="sparse")
+        scale(rt, args.thr_scale)
+        dec["sparse"].append(decode_ms(rt, prompt, args.gen, clock))
+    med = {k: {p: statistics.median(v[p]) for p in v} for k, v in (("ffn", ffn),
+                                                                      ("decode", dec))}
+    out = {"model": args.model, "threads": args.threads, "clock": args.clock,
+           "thr_scale": args.thr_scale,
+           "tokens": sum(len(w) - 1 for w in wins), "layers_skipping": n_layers,
+           "rows_computed_fraction": float(np.mean(frac)),
+           "rows_computed_by_layer": [round(float(f), 4) for f in frac],
+           "ppl_dense": p_dense, "ppl_sparse": p_sparse,
+           "ppl_change_pct": 100 * (p_sparse / p_dense - 1), "top1_agreement": float(agree),
+           "ffn_ms_per_token": med["ffn"],
+           "ffn_speedup": med["ffn"]["dense"] / med["ffn"]["sparse"],
+           "decode_ms_per_token": med["decode"],
+           "decode_speedup": med["decode"]["dense"] / med["decode"]["sparse"],
+           "ffn_ms_all": ffn, "decode_ms_all": dec}
+    print(f"| model | rows computed | ppl dense -> sparse | top-1 agreement | FFN ms/token dense "
+          f"/ sparse (x) | decode ms/token dense / sparse (x) |\n|---|---|---|---|---|---|\n"
+          f"| {args.model} | {out['rows_computed_fraction']:.1%} | {p_dense:.3f} -> "
+          f"{p_sparse:.3f} ({out['ppl_change_pct']:+.2f}%) | {agree:.2%} | "
+          f"{med['ffn']['dense']:.2f} / {med['ffn']['sparse']:.2f} ({out['ffn_speedup']:.2f}x) | "
+          f"{med['decode']['dense']:.2f} / {med['decode']['sparse']:.2f} "
+          f"({out['decode_speedup']:.2f}x) |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
