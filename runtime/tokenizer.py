@@ -5,7 +5,7 @@ incremental detokenizer that streaming needs.
 """
 
 from . import format
-from .errors import FormatError
+from .errors import EdgeLLMError, FormatError
 
 
 class Tokenizer:
@@ -49,6 +49,12 @@ class Tokenizer:
 
     def encode(self, text, add_bos=None):
         """Text -> token ids; a BOS token is prepended when the model expects one."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (JSON allows "\udcff"): the
+            # tokenizer libraries raise RuntimeError on it
+            raise EdgeLLMError(f"the text is not valid Unicode: a lone surrogate "
+                               f"{text[e.start]!r} at character {e.start}") from None
         if self.kind == "sentencepiece":
             ids = list(self._impl.encode(text))
         else:

@@ -115,6 +115,123 @@ def is_gguf(path):
         return False
 
 
+# the kind of value each metadata key the importer reads must hold (a damaged file can put any
+# type under any key); matched on the key's end, after the architecture prefix
+META_KINDS = {
+    "block_count": "count", "context_length": "count", "embedding_length": "count",
+    "feed_forward_length": "count", "attention.head_count": "count",
+    "attention.head_count_kv": "counts", "attention.key_length": "count",
+    "rope.dimension_count": "count", "vocab_size": "count",
+    "attention.layer_norm_rms_epsilon": "positive", "rope.freq_base": "positive",
+    "rope.scaling.factor": "positive", "rope.scaling.type": "str",
+    "general.architecture": "str", "tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str",
+    "tokenizer.chat_template": "str", "tokenizer.ggml.tokens": "strs",
+    "tokenizer.ggml.merges": "strs", "tokenizer.ggml.token_type": "ints",
+    "tokenizer.ggml.scores": "numbers", "_token_id": "id", "add_bos_token": "bool",
+    "add_space_prefix": "bool",
+}
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+META_CHECKS = {
+    "count": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "counts": (lambda v: _int(v) and v > 0 or isinstance(v, list), "a positive integer"),
+    "id": (lambda v: _int(v) and v >= 0, "a token id"),
+    "positive": (lambda v: _number(v) and v > 0, "a positive number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, (bool, int)), "true or false"),
+    "strs": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+             "a list of strings"),
+    "ints": (lambda v: isinstance(v, list) and all(_int(t) for t in v), "a list of integers"),
+    "numbers": (lambda v: isinstance(v, list) and all(_number(t) for t in v),
+                "a list of numbers"),
+}
+
+
+def meta_kind(key):
+    for k, kind in META_KINDS.items():
+        if key == k or key.endswith("." + k) or k.startswith("_") and key.endswith(k):
+            return kind
+    return None
+
+
+def _short(v):
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+# bytes of each fixed-size GGUF metadata value type (8 is a string, 9 an array)
+VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def check_metadata_extents(path):
+    """Walk the metadata section and check that every key, string and array lies inside the file;
+    returns what is wrong, or None. gguf.GGUFReader reads values past the end of the file as
+    empty arrays without an error, so an array claiming 2**60 numbers makes it loop (almost)
+    forever on a 1 KB file; this walk costs one pass over the metadata."""
+    import mmap
+
+    with open(path, "rb") as f:
+        try:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            return "the file is empty"
+    with data:
+        size = len(data)
+
+        def need(off, n, what):
+            if n < 0 or off + n > size:
+                raise _Past(f"{what} at byte {off} runs past the end of the file ({size} bytes)")
+
+        def u(fmt, off, what):
+            need(off, struct.calcsize(fmt), what)
+            return struct.unpack_from(fmt, data, off)[0]
+
+        def value(off, t, key):
+            if t in VALUE_BYTES:
+                need(off, VALUE_BYTES[t], f"metadata {key}")
+                return off + VALUE_BYTES[t]
+            if t == 8:
+                n = u("<Q", off, f"metadata {key}")
+                need(off + 8, n, f"metadata {key}")
+                return off + 8 + n
+            if t == 9:
+                it, n = u("<I", off, f"metadata {key}"), u("<Q", off + 4, f"metadata {key}")
+                off += 12
+                if it in VALUE_BYTES:
+                    need(off, n * VALUE_BYTES[it], f"metadata {key} ({n} values)")
+                    return off + n * VALUE_BYTES[it]
+                need(off, n * 8, f"metadata {key} ({n} values)")  # strings, arrays: >= 8 bytes
+                for _ in range(n):
+                    off = value(off, it, key)
+                return off
+            raise _Past(f"metadata {key} has an unknown value type {t}")
+
+        try:
+            n_kv = u("<Q", 16, "the header")
+            need(24, n_kv * 12, f"the header ({n_kv} metadata entries)")
+            off = 24
+            for _ in range(n_kv):
+                n = u("<Q", off, "a metadata key")
+                need(off + 8, n, "a metadata key")
+                key = bytes(data[off + 8:off + 8 + min(n, 200)]).decode("utf-8", "replace")
+                off = value(off + 12 + n, u("<I", off + 8 + n, f"metadata {key}"), key)
+        except _Past as e:
+            return str(e)
+    return None
+
+
+class _Past(Exception):
+    pass
+
+
 def _f32(v):
     """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not
     9.999999747378752e-06): the value the source model's config most likely stated."""
@@ -138,6 +255,9 @@ class GGUFSource:
             raise ConvertError(f"{self.path}: reading GGUF needs the gguf package "
                                "(pip install 'edgellm[convert]')") from None
         self._gguf = gguf
+        bad = check_metadata_extents(self.path)
+        if bad:
+            raise ConvertError(f"{self.path}: {bad}; truncated or corrupt?")
         try:
             self.reader = gguf.GGUFReader(self.path, "r")
         except Exception as e:  # ValueError, struct errors, IndexError on truncated files ...
@@ -168,9 +288,14 @@ class GGUFSource:
         if f is None:
             return default
         try:
-            return f.contents()
+            v = f.contents()
         except Exception as e:
             raise ConvertError(f"{self.path}: cannot read metadata {key} ({e})") from None
+        kind = meta_kind(key)
+        if kind is not None and not META_CHECKS[kind][0](v):
+            raise ConvertError(f"{self.path}: metadata {key} must be {META_CHECKS[kind][1]}, got "
+                               f"{_short(v)}")
+        return v
 
     def hf_config(self):
         """The metadata as a Hugging Face config.json dict (for arch.from_hf_config)."""
@@ -211,7 +336,11 @@ class GGUFSource:
         if kind not in (None, "none"):
             if kind != "linear":
                 raise ConvertError(f"{self.path}: rope scaling {kind!r} is not supported")
-            hf["rope_scaling"] = {"rope_type": "linear", "factor": float(m("rope.scaling.factor"))}
+            factor = m("rope.scaling.factor")
+            if factor is None:
+                raise ConvertError(f"{self.path}: linear rope scaling without {a}.rope.scaling."
+                                   "factor")
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
         if "rope_freqs.weight" in {t.name for t in self.reader.tensors}:
             raise ConvertError(f"{self.path}: rope_freqs (llama3-style rope scaling stored as a "
                                "tensor) is not supported yet")

@@ -45,6 +45,7 @@ with atheris.instrument_imports(include=["edgellm", "safetensors", "gguf", "targ
     import edgellm.runtime.streaming  # noqa: F401
     import edgellm.session  # noqa: F401
     import edgellm.template  # noqa: F401
+    import edgellm.converters.recipe  # noqa: F401
     import gguf  # noqa: F401
     import safetensors.numpy  # noqa: F401
 
@@ -52,7 +53,7 @@ from edgellm.runtime.errors import EdgeLLMError  # noqa: E402
 
 # the largest seed of each target is below this (the tokenizer.model and the sentencepiece GGUF)
 MAX_LEN = {"manifest": 16384, "chunk": 8192, "gguf": 600000, "tokenizer": 300000,
-           "session": 16384}
+           "session": 16384, "recipe": 4096}
 
 
 def where(exc):
@@ -80,6 +81,14 @@ def main():
         for i, s in enumerate(targets.seeds(a.target)):
             with open(os.path.join(corpus, f"seed-{i}"), "wb") as f:
                 f.write(s)
+
+    # the seeds once before fuzzing: Numba compiles the kernels they use (a minute when its
+    # cache is stale), which would otherwise count against libFuzzer's per-input timeout
+    for s in targets.seeds(a.target):
+        try:
+            targets.run(a.target, s)
+        except Exception:  # noqa: BLE001 - the fuzzer reports it properly below
+            pass
 
     stats = {"target": a.target, "execs": 0, "loaded": 0, "refused": 0, "findings": {}}
 
@@ -119,7 +128,8 @@ def main():
     def report():
         print("\nFUZZ-SUMMARY " + json.dumps(stats), file=sys.stderr, flush=True)
 
-    flags = [f"-max_len={MAX_LEN[a.target]}", "-rss_limit_mb=3000", "-timeout=60",
+    # a hang: 5 minutes on one input (generous: the machine running it may be busy)
+    flags = [f"-max_len={MAX_LEN[a.target]}", "-rss_limit_mb=3000", "-timeout=300",
              f"-artifact_prefix={findings}/", "-print_final_stats=1"]
     atheris.Setup([sys.argv[0]] + flags + rest + [corpus], one)
     atheris.Fuzz()

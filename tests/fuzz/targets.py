@@ -7,6 +7,9 @@ the model directory is a finding.
     gguf       a GGUF file -> convert (the import path) -> edgellm.load
     tokenizer  tokenizer.model / tokenizer.json in a model directory -> load, encode, decode, stream
     session    a session file -> load_session + a generation continuing it
+    recipe     a recipe.toml (convert --recipe) -> recipe.load + recipe.check against a source
+               (no conversion run: its steps are the converters'; files a recipe names are the
+               user's own choice, so its reads are not watched)
 
 The first byte of an input picks a mode: the rest is either the file's bytes as they are, or a
 list of structured edits (JSON values replaced, deleted, copied) applied to a valid seed file, so
@@ -35,7 +38,7 @@ if TESTS not in sys.path:
 import edgellm  # noqa: E402
 from edgellm.runtime.errors import EdgeLLMError  # noqa: E402
 
-TARGETS = ("manifest", "chunk", "gguf", "tokenizer", "session")
+TARGETS = ("manifest", "chunk", "gguf", "tokenizer", "session", "recipe")
 
 
 class ReadOutside(AssertionError):
@@ -407,9 +410,13 @@ def session(data):
             what = inp.int(6)
             if what == 0:  # a metadata value
                 k = sorted(meta)[inp.int(len(meta))]
-                meta[k] = str(_value(inp, []))
+                meta[k] = str(_value(inp, [])).encode("utf-8", "replace").decode()  # no surrogates
             elif what == 1:  # the messages, edited as JSON
-                meta["messages"] = json.dumps(edit_json(json.loads(meta["messages"]), inp))
+                try:
+                    msgs = json.loads(meta["messages"])
+                except ValueError:  # replaced by an earlier edit
+                    msgs = []
+                meta["messages"] = json.dumps(edit_json(msgs, inp))
             elif what == 2 and tensors:  # a tensor dropped
                 del tensors[sorted(tensors)[inp.int(len(tensors))]]
             elif what == 3 and tensors:  # a tensor cut along its first axis
@@ -434,6 +441,55 @@ def session(data):
         s = sess.load_session(path, m)
         ids = (s.tokens or [1]) + [1]
         list(m.generate(ids, max_tokens=2, temperature=0, cache=s.cache))
+
+
+RECIPE = b"""[recipe]
+eval_tokens = 64
+eval_ctx = 32
+decode_tokens = 2
+base = "f32"
+report = true
+
+[[step]]
+kind = "drop_layers"
+n = 1
+metric = "angular"
+
+[[step]]
+kind = "quantize"
+quant = "int4"
+group_size = 32
+
+[[step]]
+kind = "prune_neurons"
+fraction = 0.25
+
+[[step]]
+kind = "predictor"
+recall = 0.9
+rank = 8
+"""
+
+
+def recipe(data):
+    """A recipe file (raw TOML, or the seed's tables edited) read and checked against the tiny
+    llama checkpoint."""
+    import tomllib
+
+    import tiny
+    from edgellm.converters import recipe as rc
+
+    ws = workspace()
+    inp = Input(data)
+    mode = inp.byte() % 2
+    path = os.path.join(ws.root, "recipe.toml")
+    if mode == 0:
+        with open(path, "wb") as f:
+            f.write(inp.rest())
+        r = rc.load(path)
+    else:
+        r = rc.parse(edit_json(tomllib.loads(RECIPE.decode()), inp), path)
+    rc.check(r, tiny.checkpoint("llama"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +521,8 @@ def seeds(target):
     if target == "session":
         with open(session_seed()["path"], "rb") as f:
             return [b"\x00" + f.read(), b"\x01"]
+    if target == "recipe":
+        return [b"\x00" + RECIPE, b"\x01"]
     raise ValueError(target)
 
 

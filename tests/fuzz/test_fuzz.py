@@ -64,3 +64,18 @@ def test_short_fuzz_run(target, tmp_path):
     print(f"\n{target}: {s}")
     assert not s["findings"], p.stderr[-5000:]
     assert p.returncode == 0 and s["execs"] > 0
+
+
+@pytest.mark.parametrize("base", ["base", "hf_base"])
+def test_text_with_a_lone_surrogate_is_a_clear_error(base):
+    """JSON text may hold "\\udcff" (a server request, a session's messages): the tokenizer
+    libraries raise RuntimeError on it; edgellm says what is wrong."""
+    from edgellm.runtime.errors import EdgeLLMError
+
+    import edgellm
+
+    m = edgellm.load(getattr(targets.workspace(), base), n_ctx=32)
+    with pytest.raises(EdgeLLMError, match="lone surrogate"):
+        m.tokenizer.encode("Hello \udcff world")
+    with pytest.raises(EdgeLLMError, match="lone surrogate"):
+        m.complete("Hello \udcff world", max_tokens=2)
