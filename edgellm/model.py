@@ -46,7 +46,7 @@ class Model:
         dram_budget: bytes or a size such as "800MB": weights stream from flash to stay within
         it (runtime/plan.py); mode: "window" (default when the model has predictors), "dense"
         or "naive"; window: tokens a neuron stays cached; io_threads: parallel reads (default
-        up to 32, their memory at most 1/16 of the budget); cold: drop read pages from the page
+        up to 32, their memory at most 1/8 of the budget); cold: drop read pages from the page
         cache; oracle: window mode with the true active set of a ReLU model (measurements only;
         docs/INTERNALS.md, "Streaming")."""
         path = os.fspath(path)

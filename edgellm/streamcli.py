@@ -18,7 +18,7 @@ def add_stream_args(p):
     g.add_argument("--window", type=int, default=None, metavar="K",
                    help="tokens a neuron stays cached after its last use (default 5)")
     g.add_argument("--io-threads", type=int, default=None,
-                   help="parallel flash reads (default: up to 32, their memory at most 1/16 "
+                   help="parallel flash reads (default: up to 32, their memory at most 1/8 "
                    "of the budget)")
     g.add_argument("--cold", action="store_true", help="drop read pages from the page cache "
                    "(measure the device, not the cache)")

@@ -41,7 +41,9 @@ MIN_CACHE_ROWS = 32  # window: smallest neuron cache per layer (below, batches c
 MIN_CHUNK_ROWS = 32  # naive: smallest chunk of FFN rows read and computed at once
 IO_THREAD_BYTES = 48 << 10  # memory an I/O thread holds (stack pages, its malloc arena): demo,
 # window, 4 -> 32 threads: +1.0 MB in a memory cgroup, ~37 kB a thread
-IO_THREAD_SHARE = 16  # default I/O threads: up to DEPTH, taking at most 1/16 of the budget
+IO_THREAD_SHARE = 8  # default I/O threads: up to DEPTH, taking at most 1/8 of the budget (on
+# this disk threads matter more than cache rows: demo f16 at 75%, window, 10 threads 36 tokens/s,
+# 32 threads (uncounted) 120)
 MIN_IO_THREADS = 4  # ... and at least this many (a budget near the minimum plans with these)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
