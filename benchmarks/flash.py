@@ -307,9 +307,10 @@ def plot(rows, size, path):
         a.plot(x, [r["tokens_per_s"] for r in rr], "o-", label=engine)
         y = [(r.get("bytes_read_per_token") if r.get("bytes_read_per_token") is not None
               else r.get("dev_bytes_per_token") or 0) / 1e6 for r in rr]
-        b.plot(x, y, "o-", label=engine)
+        b.plot(x, y, "o-", label=engine + (" (device reads)" if engine == "llama.cpp" else ""))
     a.set_xlabel("DRAM budget (MB)"), a.set_ylabel("decode tokens/s"), a.legend()
     b.set_xlabel("DRAM budget (MB)"), b.set_ylabel("MB read from flash per token"), b.legend()
+    a.set_yscale("log"), b.set_yscale("log")
     fig.suptitle(f"model {size / 1e6:.1f} MB on disk; cold cache, budget enforced by a memory "
                  "cgroup (indicative: shared machine)", fontsize=9)
     fig.tight_layout()
