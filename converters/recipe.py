@@ -148,6 +148,8 @@ def parse(raw, path="recipe"):
     out = []
     for k, s in enumerate(steps, 1):
         kind = s.get("kind")
+        if not isinstance(kind, str):  # e.g. kind = [1]: not hashable
+            bad(f"step {k}: kind must be a string, got {kind!r}")
         where = f"step {k} ({kind})"
         if kind in NOT_YET:
             bad(f"{where}: {NOT_YET[kind]}")
