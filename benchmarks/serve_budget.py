@@ -118,6 +118,8 @@ def main():
     ap.add_argument("--conversations", type=int, default=12)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=300)
+    ap.add_argument("--margin", default="0", help="added to the cgroup limit (e.g. 16MB), to "
+                    "measure the peak where budget + baseline is not enough")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -152,7 +154,7 @@ def main():
         base_cg = base["cgroup_usage"] if base["cgroup_usage"] is not None else cg.peak()
     finally:
         cg.remove()
-    limit = budget + base_cg
+    limit = budget + base_cg + (plan.parse_budget(args.margin) if args.margin != "0" else 0)
     print(f"baseline (outside the budget): cgroup usage {plan.human(base_cg)}, RSS "
           f"{plan.human(base_rss)}; cgroup limit {plan.human(limit)}", flush=True)
 

@@ -4,7 +4,6 @@ schemathesis drives every operation of the server's own /openapi.json with gener
 the worker within a token. The long runs are scripts: scripts/serve_fuzz.sh (schemathesis for
 minutes) and benchmarks/serve_load.py (100 clients, 10,000 requests, memory, 503s)."""
 
-import asyncio
 import threading
 import time
 
