@@ -496,6 +496,9 @@ def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
     prefill_parts = dict(edge.rt.timer.parts)
     prefill_parts["other"] = wall - sum(prefill_parts.values())
     edge.rt.timer.parts = {}
+    # attention and FFN timed apart: the per-operation path (a fused decode times each layer as
+    # one part, "layer"; bit for bit the same logits)
+    edge.rt.fused = False
     tok = int(np.argmax(logits[-1]))
     t0 = time.perf_counter()
     for _ in range(args.decode):

@@ -104,20 +104,23 @@ def child(args):
     with open(args.ids) as f:
         ids = json.load(f)
     n_ctx = len(ids) + args.decode + 8
-    t0 = time.perf_counter()
+    # cpu: this process's CPU time, every thread of it (on 1 thread: the compute, without the
+    # time other processes took from it)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    t0 = clock()
     e = Edge(args.path, n_ctx, args.threads) if args.engine == "edgellm" else \
         Llama(args.path, n_ctx, args.threads)
     if args.per_op:
         e.rt.fused = False
-    t1 = time.perf_counter()
+    t1 = clock()
     e.prefill(ids)  # the first prefill after load: time to first token
-    t2 = time.perf_counter()
+    t2 = clock()
     logits = e.prefill(ids)
-    t3 = time.perf_counter()
+    t3 = clock()
     out = [int(np.argmax(logits))]
     for _ in range(args.decode):
         out.append(int(np.argmax(e.step(out[-1]))))
-    t4 = time.perf_counter()
+    t4 = clock()
     res = {"load_s": t1 - t0, "ttft_s": t2 - t1, "prefill_s": t3 - t2, "decode_s": t4 - t3,
            "prompt_tokens": len(ids), "decode_tokens": args.decode, "tokens": out,
            "peak_rss_mb": peak_rss_mb()}
@@ -273,7 +276,7 @@ def table(results, threads_list):
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in threads_list:
         ref = results[f"{t}"]["llama.cpp"]
-        for eng in ENGINES:
+        for eng in (e for e in ENGINES if e in results[f"{t}"]):
             s = results[f"{t}"][eng]
             if eng == "llama.cpp":
                 ratios = "| — | — | — | — |"
@@ -333,8 +336,11 @@ def main(argv=None):
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     ap.add_argument("--per-op", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="--split timed in wall time, or in the main thread's CPU time (use "
-                         "with --threads 1 on a busy machine: other processes' time left out)")
+                    help="time in wall time, or in CPU time (use with --threads 1 on a busy "
+                         "machine: other processes' time is left out; the process's CPU time "
+                         "for the table, the main thread's for --split)")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help="comma-separated subset of: " + ", ".join(ENGINES))
     args = ap.parse_args(argv)
     if args.child:
         args.engine, args.path = args.child
@@ -353,10 +359,13 @@ def main(argv=None):
     threads_list = [int(t) for t in args.threads.split(",")]
     info = machine()
     info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    runs = {f"{t}": {e: [] for e in ENGINES} for t in threads_list}
+    engines = [e for e in ENGINES if e in args.engines.split(",")]
+    if "llama.cpp" not in engines:
+        raise SystemExit("--engines: llama.cpp is the reference the ratios need")
+    runs = {f"{t}": {e: [] for e in engines} for t in threads_list}
     for rep in range(args.repeats):
         for t in threads_list:
-            for eng in ENGINES:
+            for eng in engines:
                 r = run_child("llama.cpp" if eng == "llama.cpp" else "edgellm", paths[eng], t,
                               ids_file, args, per_op=eng.endswith("per-op"))
                 runs[f"{t}"][eng].append(r)
