@@ -139,6 +139,7 @@ def drop_cache(paths):
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fsync(fd)  # dirty pages (a model just written) are not dropped, only clean ones
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
