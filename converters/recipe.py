@@ -236,9 +236,14 @@ def check(recipe, src):
     is_edge = structural.is_model_dir(src)
     params = inspect.signature(convert_fn).parameters
     needs_calib = False
+    pruned = None  # the step that stored weights in the sparse encodings
     for k, st in enumerate(recipe["steps"], 1):
         where = f"step {k} ({st['kind']})"
         kind = st["kind"]
+        if pruned and kind in ("prune_neurons", "predictor", "prune"):
+            # cutting or reordering FFN rows would break the 2:4 / 50% groups of a pruned ffn_down
+            bad(f"{where}: must come before {pruned} (the sparse encodings of weight pruning do "
+                "not survive removing or reordering neurons)")
         if kind == "quantize":
             try:
                 quantize.check_quant(st["quant"], st["group_size"])
@@ -277,6 +282,7 @@ def check(recipe, src):
             except ConvertError as e:
                 bad(f"{where}: {e}")
             needs_calib = st["method"] != "magnitude" or needs_calib
+            pruned = where
         elif kind == "drop_layers":
             try:
                 structural.check_drop(st["n"], n_layers, where)

@@ -117,6 +117,9 @@ BAD = {
     "not yet": ('[[step]]\nkind = "heal"\n', "healing .* not implemented"),
     "no steps": ('[recipe]\ncalib_tokens = 512\n', "at least one"),
     "bad toml": ('[[step]\nkind = 1\n', "not a valid TOML recipe"),
+    "neurons after weight pruning": ('[[step]]\nkind = "prune"\nmethod = "magnitude"\n'
+                                     '[[step]]\nkind = "prune_neurons"\nfraction = 0.5\n',
+                                     "step 2 .*must come before step 1"),
     "keep later": ('[[step]]\nkind = "drop_layers"\nn = 1\n[[step]]\nkind = "quantize"\n'
                    'quant = "keep"\n', "only be the first step on a GGUF"),
 }
