@@ -273,6 +273,27 @@ def simd_part_axpy(b, base, enc, off, soff, gshift, d, a, acc, lut, fast):
 
 
 @njit(cache=True, parallel=True)
+def ffn_output(hidden, partial, d, dq, ds, denc, dshift, dqrow, dsrow, lut, fast):
+    """The FFN's output once its rows are done: with a down matrix of its own (denc != NONE) that
+    matrix times the hidden activations, else the sum of the per-thread partial accumulators."""
+    if denc != NONE:
+        nh = hidden.shape[0]
+        hq, hs, hp, hc = act_buffers(nh)
+        if denc != F16:
+            quantize_act(hidden, hq, hs, hp, hc)
+        out = np.empty(d, dtype=np.float32)
+        for r in prange(d):
+            out[r] = row_dot(dq, r * dqrow, ds, r * dsrow, denc, dshift, nh // 32, hidden, hq, hs,
+                             hp, hc, lut, fast)
+        return out
+    out = np.zeros(d, dtype=np.float32)
+    for c in range(partial.shape[0]):
+        for j in range(d):
+            out[j] += partial[c, j]
+    return out
+
+
+@njit(cache=True, parallel=True)
 def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_bias, has_bias,
                     lut, partial, hidden, dq, ds, denc, dshift, dqrow, dsrow, fast):
     """As ffn_decode, with the SIMD dot products and axpys; gshifts[slot] = log2(g / 32). With
@@ -323,18 +344,4 @@ def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_b
             elif h != 0:
                 simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
                                lut, fast)
-    if denc != NONE:
-        nh = hidden.shape[0]
-        hq, hs, hp, hc = act_buffers(nh)
-        if denc != F16:
-            quantize_act(hidden, hq, hs, hp, hc)
-        out = np.empty(d, dtype=np.float32)
-        for r in prange(d):
-            out[r] = row_dot(dq, r * dqrow, ds, r * dsrow, denc, dshift, nh // 32, hidden, hq, hs,
-                             hp, hc, lut, fast)
-        return out
-    out = np.zeros(d, dtype=np.float32)
-    for c in range(nchunks):
-        for j in range(d):
-            out[j] += partial[c, j]
-    return out
+    return ffn_output(hidden, partial, d, dq, ds, denc, dshift, dqrow, dsrow, lut, fast)

@@ -29,8 +29,8 @@ from numba.extending import intrinsic
 
 from . import simd as _simd
 from .attention import attention, store_int8
-from .ffn import (ACT_CODES, ENC_CODES, NONE, act, ffn_decode_simd, simd_part_axpy,
-                  simd_part_dot)
+from .ffn import (ACT_CODES, ENC_CODES, NONE, act, ffn_decode_simd, ffn_output,
+                  simd_part_axpy, simd_part_dot)
 from .halfs import F16_TO_F32 as _LUT
 from .norms import rmsnorm
 from .qmatvec import matvec3, row_dot
@@ -255,21 +255,7 @@ def ffn_decode_sparse(x, bundles, rows, nrows, thr, encs, offs, soffs, gshifts, 
                 simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
                                lut, fast)
     kept[0] += counts.sum()
-    if denc != NONE:
-        nh = hidden.shape[0]
-        hq, hs, hp, hc = act_buffers(nh)
-        if denc != F16:
-            quantize_act(hidden, hq, hs, hp, hc)
-        out = np.empty(d, dtype=np.float32)
-        for r in prange(d):
-            out[r] = row_dot(dq, r * dqrow, ds, r * dsrow, denc, dshift, nh // 32, hidden, hq, hs,
-                             hp, hc, lut, fast)
-        return out
-    out = np.zeros(d, dtype=np.float32)
-    for c in range(nchunks):
-        for j in range(d):
-            out[j] += partial[c, j]
-    return out
+    return ffn_output(hidden, partial, d, dq, ds, denc, dshift, dqrow, dsrow, lut, fast)
 
 
 @njit(cache=True)
