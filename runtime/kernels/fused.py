@@ -33,9 +33,9 @@ from .ffn import (ACT_CODES, ENC_CODES, NONE, act, ffn_decode_simd, ffn_output,
                   simd_part_axpy, simd_part_dot)
 from .halfs import F16_TO_F32 as _LUT
 from .norms import rmsnorm
-from .qmatvec import matvec3, row_dot
+from .qmatvec import f16_row, matvec3, row_dot
 from .rope import apply_rope
-from .simd import act_buffers, f16_dot_fast, f16_dot_generic, prefetch, quantize_act
+from .simd import act_buffers, prefetch, quantize_act
 
 F16 = ENC_CODES["f16"]
 
@@ -157,26 +157,11 @@ def predict_rows(x, pa, pb, pbias, thr, lut, z, scores, rows, fast):
     """Low-rank predictor (runtime/predictor.py): scores = B (A x) + bias, float16 A [r, d] and
     B [d_ff, r] as bits, with the same dot products as kernels.linear's float16 matvec; rows
     int32[d_ff] gets the sorted bundle rows with score > thr. Returns their count."""
-    r, d = pa.shape
-    n = pb.shape[0]
-    nv, nvr = d // 32, r // 32
-    for i in range(r):
-        if fast:
-            v = f16_dot_fast(pa, i * 2 * d, nv, x)
-        else:
-            v = f16_dot_generic(pa, i * 2 * d, nv, x)
-        for j in range(nv * 32, d):
-            v += lut[pa[i, j]] * x[j]
-        z[i] = v
+    for i in range(pa.shape[0]):
+        z[i] = f16_row(pa, i, x, lut, fast)
     m = 0
-    for i in range(n):
-        if fast:
-            v = f16_dot_fast(pb, i * 2 * r, nvr, z)
-        else:
-            v = f16_dot_generic(pb, i * 2 * r, nvr, z)
-        for j in range(nvr * 32, r):
-            v += lut[pb[i, j]] * z[j]
-        scores[i] = v + pbias[i]
+    for i in range(pb.shape[0]):
+        scores[i] = f16_row(pb, i, z, lut, fast) + pbias[i]
         if scores[i] > thr:
             rows[m] = i
             m += 1

@@ -62,19 +62,25 @@ def matvec_int8(q, s, x, out, fast):
     return out
 
 
+@njit(cache=True, inline="always")
+def f16_row(q, i, x, lut, fast):
+    """Row i of q uint16 [n, d] (float16 bits) dot x f32[d]; a tail of d % 32 through lut."""
+    d = q.shape[1]
+    nv = d // 32
+    if fast:
+        v = f16_dot_fast(q, i * 2 * d, nv, x)
+    else:
+        v = f16_dot_generic(q, i * 2 * d, nv, x)
+    for j in range(nv * 32, d):
+        v += lut[q[i, j]] * x[j]
+    return v
+
+
 @njit(cache=True, parallel=True)
 def matvec_f16(q, x, lut, out, fast):
-    """q uint16 [n, d] (float16 bits), x f32[d] -> out f32[n]; a tail of d % 32 through lut."""
-    n, d = q.shape
-    nv = d // 32
-    for i in prange(n):
-        if fast:
-            v = f16_dot_fast(q, i * 2 * d, nv, x)
-        else:
-            v = f16_dot_generic(q, i * 2 * d, nv, x)
-        for j in range(nv * 32, d):
-            v += lut[q[i, j]] * x[j]
-        out[i] = v
+    """q uint16 [n, d] (float16 bits), x f32[d] -> out f32[n]."""
+    for i in prange(q.shape[0]):
+        out[i] = f16_row(q, i, x, lut, fast)
     return out
 
 

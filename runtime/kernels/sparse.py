@@ -71,8 +71,9 @@ def _pair(c, g, x4):
 
 
 @njit(cache=True, fastmath=FM)
-def dot24(buf, crow, G, x4):
-    """2:4 row: values buf[:G] (first of each group), buf[G:2G] (second), codes crow."""
+def dot24(vals, crow, G, x4):
+    """2:4 row: values vals[:G] (first of each group), vals[G:2G] (second), codes crow. vals is
+    f32, or int8 read in place (times the row scale by the caller)."""
     h = G // 2
     acc = np.float32(0.0)
     for half in range(2):
@@ -80,21 +81,7 @@ def dot24(buf, crow, G, x4):
         for k in range(h):
             g = half * h + k
             xa, xb = _pair(np.int32(crow[k]) >> sh, g, x4)
-            acc += buf[g] * xa + buf[G + g] * xb
-    return acc
-
-
-@njit(cache=True, fastmath=FM)
-def dot24_int8(vi8, crow, G, x4):
-    """As dot24 with the int8 values read in place (times the row scale by the caller)."""
-    h = G // 2
-    acc = np.float32(0.0)
-    for half in range(2):
-        sh = 4 * half
-        for k in range(h):
-            g = half * h + k
-            xa, xb = _pair(np.int32(crow[k]) >> sh, g, x4)
-            acc += np.float32(vi8[g]) * xa + np.float32(vi8[G + g]) * xb
+            acc += np.float32(vals[g]) * xa + np.float32(vals[G + g]) * xb
     return acc
 
 
@@ -118,7 +105,7 @@ def row_dot(i, vals, vi8, codes, sf, sh, pat, venc, gshift, d, x, x4, lut, buf, 
     """Dot product of sparse row i with x (x4: x laid out planar, see planar())."""
     sc = sf[i] if venc == INT8 else np.float32(1.0)
     if pat == SP24 and venc == INT8:
-        return dot24_int8(vi8[i], codes[i], d // 4, x4) * sc
+        return dot24(vi8[i], codes[i], d // 4, x4) * sc
     decode_values(vals[i], vi8[i], sh[i], sc, venc, gshift, d // 2, lut, buf, ubuf)
     if pat == SP24:
         return dot24(buf, codes[i], d // 4, x4)
