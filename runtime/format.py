@@ -326,7 +326,7 @@ def check_chunk(path, chunk_entry):
             hd = np.dtype(ST_DTYPES[h["dtype"]])
             hshape = tuple(h["shape"])
             b, e = (int(v) for v in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: Infinity in JSON
             raise FormatError(path, f"tensor {name}: corrupt header entry") from None
         if hd != dtype or hshape != shape:
             raise FormatError(path, f"tensor {name}: header says {h['dtype']} {list(hshape)}, the "
