@@ -227,8 +227,10 @@ def test_real_chat_model_smollm2(tmp_path_factory):
 def spawn_chat(*args, cwd):
     pexpect = pytest.importorskip("pexpect", reason="pexpect drives the chat through a pty")
     env = dict(os.environ, TERM="dumb")  # no terminal control sequences from readline
+    # 300 s: the first turn may compile Numba kernels cold; on a loaded machine that outlasted
+    # 120 s once (a wait for the prompt, not a check on output)
     child = pexpect.spawn(sys.executable, ["-m", "edgellm.cli", "chat", *args], cwd=str(cwd),
-                          env=env, encoding="utf-8", timeout=120, dimensions=(50, 200))
+                          env=env, encoding="utf-8", timeout=300, dimensions=(50, 200))
     child.expect_exact(">>> ")
     return child
 
