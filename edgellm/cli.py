@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 from .runtime.errors import EdgeLLMError
 
@@ -432,7 +433,12 @@ def build_parser():
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"edgellm: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None):
+    warnings.showwarning = _show_warning  # one plain line, not Python's file:line form
     parser = build_parser()
     a = parser.parse_args(argv)
     if not a.command:

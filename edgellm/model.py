@@ -7,6 +7,7 @@
 
 import os
 import time
+import warnings
 
 from .runtime import format, kvcache
 from .runtime.errors import ContextLengthError, EdgeLLMError
@@ -59,6 +60,9 @@ class Model:
         if n_ctx is not None and n_ctx <= 0:
             raise EdgeLLMError(f"n_ctx must be positive, got {n_ctx}")
         kvcache.check_encoding(kv)
+        if n_ctx is not None and n_ctx > config.max_context:
+            warnings.warn(f"n_ctx {n_ctx} is above {path}'s trained context of "
+                          f"{config.max_context} tokens: using {config.max_context}")
         n_ctx = n_ctx or min(config.max_context, DEFAULT_CONTEXT)
         stream = None
         if dram_budget is not None or mode is not None:

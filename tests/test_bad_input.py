@@ -286,3 +286,15 @@ def test_verification_failure_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer.Staging, "verify", tamper_then_verify)
     convert_fails(tmp_path, tiny.checkpoint("llama"), "checksum mismatch", exc=FormatError)
+
+
+def test_context_above_the_models_is_capped_with_a_warning(capsys):
+    from edgellm import cli
+
+    demo = cli.demo_model_path()
+    limit = format.read_manifest(demo)[1].max_context
+    with pytest.warns(UserWarning, match=f"trained context of {limit} tokens"):
+        m = edgellm.load(demo, n_ctx=limit + 1)
+    assert m.n_ctx == limit
+    assert cli.main(["run", demo, "-p", "Hi", "-n", "1", "--ctx", str(limit * 4)]) == 0
+    assert f"edgellm: warning: n_ctx {limit * 4} is above" in capsys.readouterr().err
