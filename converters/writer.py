@@ -10,6 +10,12 @@ atomic step (renameat2 RENAME_EXCHANGE), so a process killed at any point leaves
 model or the new one (a kill can leave a `DST.tmp-*` directory behind, never a half-made DST).
 A write that fails (disk full, I/O error) is a ConvertError naming DST.
 
+Leftovers of killed conversions: a staging directory's name carries its owner, `DST.tmp-PID-START-
+XXXXXX` (START: the process's start time, so a reused pid is not taken for the owner), written in
+the same mkdtemp that creates it. The next conversion to DST removes the staging directories whose
+owner is no longer running, and never one whose owner is (another conversion at work). Names
+without an owner (older versions) are left alone.
+
 Chunks are written with safetensors.numpy.save_file, so each is a valid safetensors file.
 
 >>> with Staging("out/model", overwrite=False) as st:          # doctest: +SKIP
@@ -75,7 +81,10 @@ class Staging:
         parent = os.path.dirname(self.dst)
         try:
             os.makedirs(parent, exist_ok=True)
-            self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.dst) + ".tmp-", dir=parent)
+            remove_stale(self.dst)
+            pid = os.getpid()
+            self.tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(self.dst)}.tmp-{pid}-"
+                                        f"{_start_time(pid)}-", dir=parent)
         except OSError as e:
             raise ConvertError(f"{self.dst}: cannot create the output next to it in {parent} "
                                f"({e.strerror or e})") from None
@@ -147,6 +156,61 @@ class Staging:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.dst
+
+
+def _proc_stat(pid):
+    """(state, start time in clock ticks since boot) of a process from Linux /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2:].split()  # after the name, which may hold spaces
+        return fields[0], int(fields[19])  # fields 3 and 22
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _start_time(pid):
+    st = _proc_stat(pid)
+    return st[1] if st else 0
+
+
+def _running(pid, start):
+    """Is process pid, started at `start` (0: not known), still running (not a zombie)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    st = _proc_stat(pid)
+    if st is None:  # no /proc: the pid alone decides
+        return True
+    return st[0] != b"Z" and (start == 0 or st[1] == start)
+
+
+def remove_stale(dst):
+    """Remove DST.tmp-PID-START-* staging directories whose owner is no longer running (left by
+    a killed conversion). Returns the paths removed."""
+    parent, base = os.path.split(os.path.abspath(dst))
+    prefix = base + ".tmp-"
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        owner = name[len(prefix):].split("-")
+        if len(owner) != 3 or not (owner[0].isdigit() and owner[1].isdigit()):
+            continue  # not named by this version: its owner is unknown
+        path = os.path.join(parent, name)
+        if (int(owner[0]) == os.getpid() or _running(int(owner[0]), int(owner[1]))
+                or not os.path.isdir(path) or os.path.islink(path)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _exchange(a, b):

@@ -210,10 +210,52 @@ def test_kill9_at_each_step_of_the_writer(refs, tmp_path, overwrite):
     want_new = {"after the swap"}
     for step, got in outcomes.items():
         assert got == ("new" if step in want_new else "old" if overwrite else "absent"), step
-    # a conversion to the same output after the kills succeeds (leftovers do not get in the way)
-    convert(refs["src"], tmp_path / "chunk_1" / "model", quant="int8", progress=False,
-            overwrite=True)
-    assert chunk_sums(tmp_path / "chunk_1" / "model") == refs["new"]
+    # a conversion to the same output after the kills succeeds, and removes the staging
+    # directories the killed ones left (their owners are dead)
+    for step in outcomes:
+        parent = tmp_path / step.replace(" ", "_")
+        left = [e for e in os.listdir(parent) if e.startswith("model.tmp-")]
+        if step != "after the swap":  # (the swap's staging dir may be gone before the kill)
+            assert left, step
+        convert(refs["src"], parent / "model", quant="int8", progress=False, overwrite=True)
+        assert chunk_sums(parent / "model") == refs["new"]
+        assert os.listdir(parent) == ["model"], step
+
+
+def test_stale_staging_dirs_removed_only_when_their_owner_is_dead(refs, tmp_path):
+    """A staging directory is named DST.tmp-PID-START-*: the next conversion to DST removes it
+    when that process is gone (or its pid now belongs to another process), never while it runs."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # exited and reaped: its pid names no process (until reused, with another start)
+    live = os.getppid()  # pytest's parent: running, and not this process
+    names = {
+        "dead": f"model.tmp-{dead.pid}-{writer._start_time(os.getpid())}-aaaaaaaa",
+        "live": f"model.tmp-{live}-{writer._start_time(live)}-bbbbbbbb",
+        "reused": f"model.tmp-{live}-{writer._start_time(live) + 1}-cccccccc",
+        "unknown owner": "model.tmp-dddddddd",  # an older version's name
+        "other model": f"other.tmp-{dead.pid}-1-eeeeeeee",
+    }
+    for n in names.values():
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "chunk").write_bytes(b"x" * 10)
+    convert(refs["src"], tmp_path / "model", quant="int8", progress=False)
+    assert chunk_sums(tmp_path / "model") == refs["new"]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["model", names["live"], names["unknown owner"], names["other model"]])
+    # the staging directory of a conversion at work (this process) is named after it
+    seen = []
+    orig = writer.Staging.write_manifest
+
+    def spy(self, manifest):
+        seen.append(os.path.basename(self.tmp))
+        return orig(self, manifest)
+
+    writer.Staging.write_manifest = spy
+    try:
+        convert(refs["src"], tmp_path / "model2", quant="int8", progress=False)
+    finally:
+        writer.Staging.write_manifest = orig
+    assert seen[0].startswith(f"model2.tmp-{os.getpid()}-{writer._start_time(os.getpid())}-")
 
 
 @pytest.mark.slow
