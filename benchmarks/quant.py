@@ -1,26 +1,34 @@
 """Quantization methods side by side on one source: perplexity, size, bytes per token, decode
-speed and conversion time for f16, int8, int4 RTN/GPTQ/AWQ, int3 RTN/GPTQ (and the f32
-reference: the source's own weights, dequantized).
+cost and conversion time for f16, int8, int4 RTN/GPTQ/AWQ, int3 RTN/GPTQ, W8A8 (SmoothQuant and
+its unsmoothed baseline), low-rank attention (and the f32 reference: the source's own weights,
+dequantized).
 
     python benchmarks/quant.py SRC --out /tmp/quant [--max-tokens 8192] [--calib-tokens 8192]
+           [--only "int4 GPTQ,int3 RTN"] [--json rows.jsonl]
     python benchmarks/quant.py smollm2 ...   # the SmolLM2-135M GGUF of edgellm.models
     python benchmarks/quant.py demo ...      # the demo model, exported to HF first (int8 weights)
 
+Run with NUMBA_NUM_THREADS=1 (and OMP/OPENBLAS_NUM_THREADS=1) for per-core figures.
 Perplexity: edgellm.evaluate on the shipped held-out text (ctx 512, stride 256). Bytes per token:
-the weights a dense decode step reads (every layer chunk plus the head). Decode tokens/s: 64
-greedy tokens after a short prompt, one run: indicative on a shared machine.
+the weights a dense decode step reads (every layer chunk plus the head). Decode: CPU time (process
+time) per greedy token, best of 3 runs of 16 tokens after a short prompt (on a shared machine wall
+time says little); tok/s = 1000 / ms. Each converted model is kept in --out and reused.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
-VARIANTS = [  # (name, quant, method); the comparisons that matter first
-    ("f32 (reference)", "f32", "rtn"), ("int4 RTN", "int4", "rtn"), ("int4 GPTQ", "int4", "gptq"),
-    ("int4 AWQ", "int4", "awq"), ("int3 RTN", "int3", "rtn"), ("int3 GPTQ", "int3", "gptq"),
-    ("f16", "f16", "rtn"), ("int8", "int8", "rtn"),
+VARIANTS = [  # (name, quant, method, extra convert kwargs); the comparisons that matter first
+    ("f32 (reference)", "f32", "rtn", {}), ("int4 RTN", "int4", "rtn", {}),
+    ("int4 GPTQ", "int4", "gptq", {}), ("int4 AWQ", "int4", "awq", {}),
+    ("int3 RTN", "int3", "rtn", {}), ("int3 GPTQ", "int3", "gptq", {}),
+    ("f16", "f16", "rtn", {}), ("int8", "int8", "rtn", {}),
+    ("W8A8 per-token", "int8", "w8a8", {}), ("W8A8 SmoothQuant", "int8", "smoothquant", {}),
+    ("int8 low-rank 0.5", "int8", "rtn", {"low_rank": 0.5}),
 ]
 
 
@@ -41,17 +49,34 @@ def source(arg, out):
 
 
 def weight_bytes(model_dir):
+    """(size on disk of the chunks, weight bytes a dense decode step reads)."""
+    from edgellm.runtime import format
+
     m = json.load(open(os.path.join(model_dir, "manifest.json")))
     size = sum(c["size"] for c in m["chunks"])
     layers = sum(c["size"] for c in m["chunks"][1:])
     emb = m["chunks"][0]["tensors"]
     head = "tok_embeddings" if m["config"]["tied_embeddings"] else "output"
-    e = emb[head]
-    from edgellm.runtime import format
-
-    hb = sum(int(__import__("math").prod(shape)) * dt.itemsize
-             for dt, shape in format.stored_tensors(head, e).values())
+    hb = sum(int(math.prod(shape)) * dt.itemsize
+             for dt, shape in format.stored_tensors(head, emb[head]).values())
     return size, layers + hb
+
+
+def decode_cpu_ms(model, n=16, repeats=3):
+    """Best CPU milliseconds per greedy decode step (process time)."""
+    rt = model.runtime
+    ids = model.tokenizer.encode("It is a truth universally acknowledged", add_bos=True)
+    best = None
+    for _ in range(repeats):
+        rt.reset()
+        rt.forward(ids)
+        tok = ids[-1]
+        t0 = time.process_time()
+        for _ in range(n):
+            tok = int(rt.forward([tok])[0].argmax())
+        ms = (time.process_time() - t0) / n * 1e3
+        best = ms if best is None else min(best, ms)
+    return best
 
 
 def main():
@@ -62,44 +87,49 @@ def main():
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--only", default=None, help="comma-separated variant names")
+    p.add_argument("--json", default=None, help="append each row as a JSON line to this file")
     a = p.parse_args()
     import edgellm
     from edgellm import evaluate
     from edgellm.converters.convert import convert
-    from edgellm.sampling import SamplingParams
 
     os.makedirs(a.out, exist_ok=True)
     src = source(a.src, a.out)
-    text = open(evaluate.heldout_text_path(), encoding="utf-8").read()
+    text = evaluate.read_text(evaluate.heldout_text_path())
+    only = a.only.split(",") if a.only else None
     rows = []
-    for name, quant, method in VARIANTS:
-        if a.only and name not in a.only.split(","):
+    for name, quant, method, extra in VARIANTS:
+        if only and name not in only:
             continue
-        dst = os.path.join(a.out, f"{quant}-{method}")
-        t0 = time.perf_counter()
+        tag = "-".join([quant, method] + [f"{k}{v}" for k, v in sorted(extra.items())])
+        dst = os.path.join(a.out, tag)
+        t0, c0 = time.perf_counter(), time.process_time()
         if not os.path.isdir(dst):
             convert(src, dst, quant=quant, group_size=a.group_size, method=method,
-                    progress=False, method_options=None if method == "rtn" else
-                    {"tokens": a.calib_tokens})
-        conv_s = time.perf_counter() - t0
+                    progress=False, method_options=None if method in ("rtn", "w8a8") else
+                    {"tokens": a.calib_tokens}, **extra)
+        conv_s, conv_cpu = time.perf_counter() - t0, time.process_time() - c0
         m = edgellm.load(dst)
         r = evaluate.perplexity(m, text, max_tokens=a.max_tokens)
-        m.complete("The meaning of life is", max_tokens=64,
-                   params=SamplingParams(temperature=0.0, repetition_penalty=1.0))
-        st = m.last_stats
+        ms = decode_cpu_ms(m)
         size, per_tok = weight_bytes(dst)
-        row = {"variant": name, "perplexity": round(r["perplexity"], 3),
+        row = {"source": a.src, "variant": name, "perplexity": round(r["perplexity"], 3),
                "size_MB": round(size / 1e6, 2), "bytes_per_token_MB": round(per_tok / 1e6, 2),
-               "decode_tok_s": round(st.get("decode_tokens", 0) / max(st["decode_s"], 1e-9), 1),
-               "convert_s": round(conv_s, 1), "eval_tokens": r["tokens"]}
+               "decode_cpu_ms": round(ms, 2), "decode_tok_s": round(1e3 / ms, 1),
+               "convert_s": round(conv_s, 1), "convert_cpu_s": round(conv_cpu, 1),
+               "eval_tokens": r["tokens"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
         del m
-    print("\n| variant | perplexity | size MB | weights read per token MB | decode tok/s | "
-          "convert s |\n|---|---|---|---|---|---|")
+    print("\n| variant | perplexity | size MB | weights read per token MB | decode CPU ms/token "
+          "(tok/s) | convert s |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['perplexity']} | {r['size_MB']} | "
-              f"{r['bytes_per_token_MB']} | {r['decode_tok_s']} | {r['convert_s']} |")
+              f"{r['bytes_per_token_MB']} | {r['decode_cpu_ms']} ({r['decode_tok_s']}) | "
+              f"{r['convert_s']} |")
 
 
 if __name__ == "__main__":

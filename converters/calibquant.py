@@ -7,7 +7,10 @@ quantized layer:
 - gptq (converters/gptq.py): error-compensating column-by-column rounding, with act-order and
   dampening; the down projection column by column as the FFN bundles store it;
 - awq (converters/awq.py): activation-aware scales folded into the norms / v / up, auto-clip,
-  then round to nearest.
+  then round to nearest;
+- smoothquant (converters/smoothquant.py, int8): outlier channels of the activations smoothed
+  into the weights, then int8 round to nearest, with per-token int8 activations at run time;
+  w8a8: the same per-token int8 activations without smoothing (the baseline; no calibration).
 The token embedding and the head are rounded to nearest in every method (as GPTQ and AWQ leave
 them to the plain quantizer). Everything that can be refused is refused in prepare(), before
 anything is written: the method and quant, group sizes that do not divide a linear's rows, the
@@ -19,8 +22,9 @@ from dataclasses import asdict, dataclass
 from edgellm.runtime import encodings
 from edgellm.runtime.errors import ConvertError
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8")
 QUANTS = ("int4", "int3")  # what gptq and awq quantize to
+W8A8 = ("smoothquant", "w8a8")  # int8 weights with per-token int8 activations
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Options:
     damp: float = 0.01  # GPTQ: dampening, fraction of the mean Hessian diagonal
     act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal (static groups)
     clip: bool = True  # AWQ: auto-clip search
+    alpha: float = 0.5  # SmoothQuant: migration strength
 
     def record(self):
         return asdict(self)
@@ -48,7 +53,10 @@ def options(method, quant, group_size, text=None, extra=None):
     if method not in METHODS:
         raise ConvertError(f"method {method!r} is not supported (choose one of "
                            f"{', '.join(METHODS)})")
-    if quant not in QUANTS:
+    if method in W8A8:  # f32: smoothing only, no rounding (for tests and inspection)
+        if quant not in ("int8", "f32") or (method == "w8a8" and quant != "int8"):
+            raise ConvertError(f"--method {method} is W8A8: use --quant int8, not {quant}")
+    elif quant not in QUANTS:
         raise ConvertError(f"--method {method} quantizes to {' or '.join(QUANTS)}, not "
                            f"--quant {quant}")
     if method == "awq" and quant != "int4":
@@ -58,6 +66,8 @@ def options(method, quant, group_size, text=None, extra=None):
                     **(extra or {}))
     except TypeError as e:
         raise ConvertError(f"calibrated quantization options: {e}") from None
+    if not isinstance(o.alpha, (int, float)) or not 0 <= o.alpha <= 1:
+        raise ConvertError(f"SmoothQuant alpha must be in [0, 1], got {o.alpha!r}")
     if not isinstance(o.damp, (int, float)) or not 0 < o.damp < 1:
         raise ConvertError(f"GPTQ dampening must be in (0, 1), got {o.damp!r}")
     encodings.codec(quant, group_size)  # group size a multiple of 32
@@ -67,6 +77,8 @@ def options(method, quant, group_size, text=None, extra=None):
 def check_shapes(o, cfg):
     """Every linear's rows (and the down columns, which the bundles quantize along d) must
     divide into groups: a calibrated method falls back to nothing."""
+    if o.method in W8A8:
+        return
     for what, d in (("d_model (q, k, v, gate, up rows; down columns)", cfg.d_model),
                     ("q_dim = n_heads * head_dim (o rows)", cfg.q_dim)):
         if d % o.group_size:
@@ -77,7 +89,7 @@ def check_shapes(o, cfg):
 def prepare(o, spec, source, tokenizer, path=None, data=None, progress=False):
     """A layerwise.Walk over the source, everything checked (None when o is None). tokenizer:
     the manifest's tokenizer entry, its file at `path` or its bytes `data`."""
-    if o is None:
+    if o is None or o.method == "w8a8":  # w8a8: plain rounding, nothing to calibrate
         return None
     from . import layerwise
 
@@ -91,7 +103,7 @@ def prepare(o, spec, source, tokenizer, path=None, data=None, progress=False):
 def transform(layer, o):
     """Quantize the linears of one layerwise.Layer with method o.method; each is set() with its
     encoded form. Returns the layer's report."""
-    from . import awq, gptq
+    from . import awq, gptq, smoothquant
 
     c = encodings.codec(o.quant, o.group_size)
     names = [n for n in ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up",
@@ -99,6 +111,8 @@ def transform(layer, o):
     report = {"layer": layer.index}
     if o.method == "awq":
         report["awq"] = awq.apply(layer, c, clip=o.clip)
+    elif o.method == "smoothquant":
+        report["smoothquant"] = smoothquant.apply(layer, alpha=o.alpha)
     errors = {}
     layer.prequant = {}  # name -> the float weights just before rounding (for stats)
     for n in names:  # in execution order: each sees the inputs of the quantized ones before it
@@ -147,6 +161,8 @@ def record(o, walk, reports):
     """The manifest's provenance.quantization.calibrated section."""
     import numpy as np
 
+    if walk is None:  # w8a8: no calibration
+        return o.record()
     return {**o.record(), "calibration_tokens": walk.n_tokens,
             "mean_output_error": float(np.mean([v for r in reports
                                                 for v in r["output_error"].values()])),
@@ -158,3 +174,11 @@ def layers(walk, o):
     for layer in walk.layers():
         layer.report = transform(layer, o)
         yield layer
+
+
+def activation_quant(o):
+    """The manifest's top-level `activation_quant` (docs/FORMAT.md §2.7) for options o, or None:
+    W8A8 methods at int8 ask for per-token int8 activations."""
+    if o is None or o.method not in W8A8 or o.quant != "int8":
+        return None
+    return {"bits": 8, "granularity": "token"}

@@ -490,6 +490,8 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
             "chunks": chunks,
             "provenance": provenance,
             **({"calibration": calibration} if calibration else {}),
+            **({"activation_quant": calibquant.activation_quant(cq)}
+               if calibquant.activation_quant(cq) else {}),
         })
         st.commit()
     worst = max(enc.errors.items(), key=lambda kv: kv[1]["max_abs_error"], default=None)

@@ -114,7 +114,10 @@ def _method_options(a):
     """--method gptq/awq options given on the command line (calibquant.Options fields)."""
     if a.method == "rtn":
         return None
-    opts = {"damp": a.damp, "act_order": a.act_order, "tokens": a.calib_tokens}
+    opts = {"damp": a.damp, "act_order": a.act_order, "tokens": a.calib_tokens,
+            "alpha": a.alpha}
+    if a.method == "w8a8":  # nothing to calibrate
+        opts = {"alpha": a.alpha}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -277,9 +280,14 @@ def build_parser():
                         "nearest encoding")
     c.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="int4/int3 group size (default 32)")
-    c.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+    c.add_argument("--method", choices=["rtn", "gptq", "awq", "smoothquant", "w8a8"],
+                   default="rtn",
                    help="rtn: round to nearest (default); gptq (int4, int3) or awq (int4): "
-                   "calibrated on the --calib text (default: the shipped one), layer by layer")
+                   "calibrated on the --calib text (default: the shipped one), layer by layer; "
+                   "smoothquant (int8): W8A8 with per-token activations, outliers smoothed into "
+                   "the weights; w8a8 (int8): per-token activations without smoothing")
+    c.add_argument("--alpha", type=float, default=None,
+                   help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     c.add_argument("--damp", type=float, default=None,
                    help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--no-act-order", dest="act_order", action="store_false", default=None,

@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 from . import format, kernels, threads
-from .kernels import fused
+from .kernels import fused, w8a8
 from .errors import ContextLengthError, EdgeLLMError
 from .kvcache import DEFAULT as DEFAULT_KV
 from .kvcache import KVCache
@@ -73,6 +73,12 @@ class Transformer:
         if stream is not None:
             reader = stream.src
         self.reader, self.cfg = reader, cfg
+        # per-token int8 activations (W8A8, SmoothQuant; kernels/w8a8.py): the linears' kernels
+        self.act_token = w8a8.mode(getattr(reader, "manifest", None) or {})
+        if self.act_token is None:
+            raise EdgeLLMError("activation_quant in the manifest asks for an activation "
+                               "quantization this edgellm does not implement; upgrade edgellm")
+        self.ops = w8a8 if self.act_token else kernels
         self.prefill_block = stream.prefill_block if stream is not None else PREFILL_BLOCK
         self.n_ctx = min(cfg.max_context, n_ctx or cfg.max_context)
         self.kv = kv  # KV cache encoding of new caches (kvcache.ENCODINGS)
@@ -90,7 +96,8 @@ class Transformer:
             self.cos, self.sin = kernels.rope_tables(cfg.head_dim, self.n_ctx, cfg.rope_theta,
                                                      cfg.rope_scaling)
         self.cache = self.new_cache()  # the cache forward() runs against; callers may swap it
-        self.fused = True  # decode each layer in one call where it can (kernels/fused.py)
+        # decode each layer in one call where it can (kernels/fused.py: per-block activations)
+        self.fused = not self.act_token
         self._fused_plans = None  # per layer: decode_layer's arguments, or None (general path)
 
     def _norm(self, file, name):
@@ -104,6 +111,9 @@ class Transformer:
     def _layer(self, f):
         r = self.reader
         entry = r.entry(f, "ffn_bundles")
+        resident = ResidentFFN(self.cfg, r.array(f, "ffn_bundles"), entry["parts"],
+                               self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias"),
+                               r.matrix(f, "ffn_down") if r.has(f, "ffn_down") else None)
         return Layer(
             attn_norm=self._norm(f, "attn_norm"),
             q=r.matrix(f, "attn_q"), k=r.matrix(f, "attn_k"), v=r.matrix(f, "attn_v"),
@@ -111,9 +121,7 @@ class Transformer:
             q_bias=self._opt(f, "attn_q.bias"), k_bias=self._opt(f, "attn_k.bias"),
             v_bias=self._opt(f, "attn_v.bias"), o_bias=self._opt(f, "attn_o.bias"),
             ffn_norm=self._norm(f, "ffn_norm"),
-            ffn=ResidentFFN(self.cfg, r.array(f, "ffn_bundles"), entry["parts"],
-                            self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias"),
-                            r.matrix(f, "ffn_down") if r.has(f, "ffn_down") else None),
+            ffn=w8a8.TokenFFN(resident) if self.act_token else resident,
         )
 
     # -----------------------------------------------------------------------------------------
@@ -259,7 +267,7 @@ class Transformer:
     def _attention(self, i, L, x, positions):
         cfg, T, p0 = self.cfg, x.shape[0], self.pos
         h = self.apply_norm(x, L.attn_norm)
-        q, k, v = kernels.linear_many((L.q, L.k, L.v), h, (L.q_bias, L.k_bias, L.v_bias))
+        q, k, v = self.ops.linear_many((L.q, L.k, L.v), h, (L.q_bias, L.k_bias, L.v_bias))
         q = q.reshape(T, cfg.n_heads, cfg.head_dim)
         k = k.reshape(T, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
@@ -269,7 +277,7 @@ class Transformer:
         self.cache.store(i, p0, k, v)
         kc, vc, ks, vs = self.cache.layer(i)
         a = kernels.attention(q, kc, vc, p0, ks, vs)
-        return x + _linear(L.o, a.reshape(T, cfg.q_dim), L.o_bias)
+        return x + _linear(L.o, a.reshape(T, cfg.q_dim), L.o_bias, self.ops)
 
     def _logits(self, x):
         t = time.perf_counter()
@@ -279,8 +287,8 @@ class Transformer:
         return logits
 
 
-def _linear(m, x, bias):
-    y = kernels.linear(m, x)
+def _linear(m, x, bias, ops=kernels):
+    y = ops.linear(m, x)
     if bias is not None:
         y += bias
     return y
