@@ -20,11 +20,14 @@ around a small row read would fetch (and, in a memory cgroup, hold) neighbours n
 """
 
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
+from numba import njit, types
 
 from .errors import EdgeLLMError
 
@@ -35,6 +38,10 @@ DEPTH = 32  # reads in flight: window mode's small row reads wait on device late
 # serves many at once (demo model, cold, this machine's disk: 4 threads 5.9, 16 31, 32 44 tokens/s;
 # "LLM in a flash" reads with 32 threads too)
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+RUNS_PER_TASK = 8  # read_rows in cold mode: runs per pool task (a task costs ~50 us to start)
+# read_rows calls libc's preadv and posix_fadvise from Numba (no Python per read: a token in
+# window mode makes hundreds of reads); without the JIT, or off Linux, it builds requests instead
+FAST_ROWS = not numba.config.DISABLE_JIT and sys.platform.startswith("linux")
 
 
 class FlashReadError(EdgeLLMError):
@@ -148,6 +155,64 @@ class FlashReader:
         """Read out.nbytes bytes at offset into the contiguous array out."""
         self.read(split_request(path, offset, _bytes_view(out)))
 
+    def read_rows(self, path, base, stride, rows, dest, d0, max_gap=0):
+        """Read file rows `rows` (sorted, unique) of `stride` bytes from byte `base` into the
+        consecutive rows d0, d0 + 1, ... of dest (uint8 [n, stride], C-contiguous), joining runs
+        at most max_gap unwanted rows apart into one read (the gap rows land in a scratch
+        buffer). The runs are found and read in compiled code (libc preadv), so a batch of
+        hundreds of small reads costs their system calls, not a Python request each. In cold
+        mode the runs are shared among pool tasks (reads in flight hide device latency) and the
+        calling thread takes one share; warm, it reads them all itself."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        if d0 < 0 or d0 + rows.size > dest.shape[0] or dest.shape[1] != stride:
+            raise EdgeLLMError(f"read_rows: {rows.size} rows from row {d0} do not fit the "
+                               f"destination {dest.shape}")
+        if not FAST_ROWS:
+            self.read(row_requests(path, base, stride, rows, dest,
+                                   np.arange(d0, d0 + rows.size), max_gap))
+            return
+        if rows.size > 1 and not np.all(rows[1:] > rows[:-1]):
+            raise EdgeLLMError("read_rows: rows must be sorted and unique")
+        fd = self._fd(path)
+        junk = np.empty(max(1, max_gap * stride), np.uint8)
+        bounds = [0, rows.size]
+        if self.cold and self.depth > 1:
+            starts = np.flatnonzero(np.diff(rows) > max_gap + 1) + 1  # where runs begin
+            k = min(self.depth, 1 + starts.size // RUNS_PER_TASK)
+            if k > 1:
+                bounds = [0] + [int(starts[j * starts.size // k]) for j in range(1, k)] \
+                    + [rows.size]
+        t = time.perf_counter()
+        parts = list(zip(bounds[:-1], bounds[1:]))
+        futs = [self._pool.submit(self._rows_task, fd, base, stride, rows, a, b, dest, d0,
+                                  max_gap, junk) for a, b in parts[1:]]
+        results = [self._rows_task(fd, base, stride, rows, *parts[0], dest, d0, max_gap, junk)]
+        for f in futs:
+            results.append(f.result())
+        nbytes = sum(r[0] for r in results)
+        nreads = sum(r[1] for r in results)
+        with self._lock:
+            self.bytes_read += nbytes
+            self.reads += nreads
+            self.read_s += time.perf_counter() - t
+        failed = [r[2] for r in results if r[2] >= 0]
+        if failed:
+            off = base + int(rows[failed[0]]) * stride
+            try:  # the compiled read has no errno: this read says what went wrong
+                os.pread(fd, stride, off)
+                why = "short read"
+            except OSError as e:
+                why = e.strerror or str(e)
+            raise FlashReadError(f"{path}: read of row {int(rows[failed[0]])} ({stride} bytes) "
+                                 f"at offset {off} failed: {why}")
+
+    def _rows_task(self, fd, base, stride, rows, a, b, dest, d0, max_gap, junk):
+        iov = np.empty((MAX_IOV, 2), np.int64)
+        return _read_rows(fd, base, stride, rows, a, b, dest, d0, max_gap, junk, self.cold,
+                          PAGE, max(1, MAX_RUN_BYTES // stride), iov)
+
     def close(self):
         self._pool.shutdown(wait=True)
         with self._lock:
@@ -238,3 +303,71 @@ def _ends_at(buf, flat, byte):
     """buf is a slice of flat that ends just before `byte` (so the next row extends it)."""
     start = buf.__array_interface__["data"][0] - flat.__array_interface__["data"][0]
     return 0 <= start and start + buf.nbytes == byte
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled row reads (FlashReader.read_rows): libc called from Numba, the GIL released
+
+_preadv_c = types.ExternalFunction("preadv", types.int64(types.int32, types.uintp, types.int32,
+                                                         types.int64))
+_fadvise_c = types.ExternalFunction("posix_fadvise", types.int32(types.int32, types.int64,
+                                                                 types.int64, types.int32))
+FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 4)
+
+
+@njit(nogil=True, cache=True)
+def _read_rows(fd, base, stride, rows, a, b, dest, d0, max_gap, junk, cold, page, max_rows, iov):
+    """Read rows[a:b] into dest rows d0 + a .. d0 + b - 1: one preadv per run (rows at most
+    max_gap apart, at most max_rows spanned, at most len(iov) buffers; adjacent destination
+    rows share one buffer). Returns (bytes, reads, index of the first row of a failed run or
+    -1)."""
+    dptr = dest.ctypes.data
+    jptr = junk.ctypes.data
+    max_iov = iov.shape[0]
+    nbytes = 0
+    nreads = 0
+    j = a
+    while j < b:
+        iov[0, 0] = dptr + (d0 + j) * stride
+        iov[0, 1] = stride
+        k = 1
+        span = 1
+        e = j + 1
+        while e < b:
+            g = rows[e] - rows[e - 1] - 1
+            if g > max_gap or k + 2 > max_iov or span + 1 + g > max_rows:
+                break
+            if g > 0:
+                iov[k, 0] = jptr
+                iov[k, 1] = g * stride
+                iov[k + 1, 0] = dptr + (d0 + e) * stride
+                iov[k + 1, 1] = stride
+                k += 2
+            else:  # the next destination row follows: extend the buffer
+                iov[k - 1, 1] += stride
+            span += 1 + g
+            e += 1
+        off = base + rows[j] * stride
+        total = span * stride
+        done = 0
+        first = 0
+        while done < total:
+            n = _preadv_c(fd, iov.ctypes.data + 16 * first, k - first, off + done)
+            if n <= 0:
+                return nbytes, nreads, j
+            done += n
+            while n > 0 and first < k:  # a short read (rare): skip what was filled
+                if n >= iov[first, 1]:
+                    n -= iov[first, 1]
+                    first += 1
+                else:
+                    iov[first, 0] += n
+                    iov[first, 1] -= n
+                    n = 0
+        if cold:  # whole pages: a partial page would stay cached
+            p0 = off // page * page
+            _fadvise_c(fd, p0, (off + total + page - 1) // page * page - p0, FADV_DONTNEED)
+        nbytes += total
+        nreads += 1
+        j = e
+    return nbytes, nreads, -1

@@ -191,6 +191,11 @@ class Stream:
             if src.has(f, "ffn_down"):
                 raise EdgeLLMError(f"{f}: the FFN down projection is stored as a matrix, not in "
                                    "the bundles; streaming under a DRAM budget needs bundles")
+            if src.has(f, "ffn_gate"):
+                raise EdgeLLMError(f"{f}: the FFN gate is stored apart (ffn_gate, written with "
+                                   "SiLU thresholds); streaming under a DRAM budget does not "
+                                   "take this layout yet: run it resident, or reconvert without "
+                                   "--sparsity")
             names = []
             if not plan.attn_resident[i]:
                 for n in ("attn_q", "attn_k", "attn_v", "attn_o"):
@@ -246,9 +251,9 @@ class Stream:
         src.allocated["neuron caches"] = src.allocated.get("neuron caches", 0) + cache.nbytes
         w = WindowFFN(self, i, cache, pred, path, b, layout, up_bias, down_bias)
         if plan.pinned_rows[i]:
-            rows = cache.pin(np.arange(plan.pinned_rows[i], dtype=np.int32))
-            self.flash.read(row_requests(path, b, shape[1], np.arange(rows.size), cache.buf,
-                                         rows))
+            ids = np.arange(plan.pinned_rows[i], dtype=np.int32)
+            rows = cache.pin(ids)
+            self.flash.read_rows(path, b, shape[1], ids, cache.buf, int(rows[0]))
         self.ffns.append(w)
         return w
 
@@ -437,9 +442,10 @@ class WindowFFN:
         n0 = c.n
         rows = c.insert(neurons, step)
         t = time.perf_counter()
-        try:
-            self.stream.flash.read(row_requests(self.path, self.base, c.stride, neurons, c.buf,
-                                                rows, max_gap=GAP_BYTES // c.stride))
+        try:  # the rows are appended in order: they land in consecutive cache rows
+            self.stream.flash.read_rows(self.path, self.base, c.stride, neurons, c.buf,
+                                        int(rows[0]) if rows.size else 0,
+                                        max_gap=GAP_BYTES // c.stride)
         except BaseException:
             c.drop_tail(n0)
             raise

@@ -126,6 +126,46 @@ def test_runs_separated_by_small_gaps_are_joined(rows_file, max_gap):
         fr.close()
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.sets(st.integers(0, 63), min_size=1), st.integers(0, 6), st.booleans(),
+       st.integers(1, 4))
+def test_compiled_row_reads_match_the_file(rows, max_gap, cold, depth):
+    """FlashReader.read_rows (compiled preadv per run, runs shared among threads when cold):
+    the wanted rows land in consecutive destination rows from d0, nothing else is written, and
+    the reads and bytes are the runs' (gaps of at most max_gap rows joined, read once)."""
+    data = np.random.default_rng(1).integers(0, 256, size=(64, 128), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "rows.bin")
+        with open(path, "wb") as f:
+            f.write(b"x" * 100 + data.tobytes())
+        rows = np.array(sorted(rows))
+        gaps = np.diff(rows) - 1
+        dest = np.zeros((rows.size + 4, 128), np.uint8)
+        fr = FlashReader(depth=depth, cold=cold)
+        try:
+            fr.read_rows(path, 100, 128, rows, dest, 2, max_gap=max_gap)
+        finally:
+            fr.close()
+        np.testing.assert_array_equal(dest[2:2 + rows.size], data[rows])
+        assert not dest[:2].any() and not dest[2 + rows.size:].any()
+        if cold and depth > 1:  # runs may be split between tasks: at least the joined count
+            assert fr.reads >= 1 + int(np.sum(gaps > max_gap))
+        else:
+            assert fr.reads == 1 + int(np.sum(gaps > max_gap))
+        assert fr.bytes_read <= 128 * (rows.size + int(np.sum(gaps[gaps <= max_gap])))
+        assert fr.bytes_read >= 128 * rows.size
+
+
+def test_compiled_row_read_error_names_file(rows_file):
+    path, _ = rows_file
+    fr = FlashReader()
+    with pytest.raises(FlashReadError, match="rows.bin.*row 70"):  # past the end
+        fr.read_rows(path, 100, 128, np.array([3, 70]), np.zeros((2, 128), np.uint8), 0)
+    with pytest.raises(EdgeLLMError, match="sorted"):
+        fr.read_rows(path, 100, 128, np.array([5, 3]), np.zeros((2, 128), np.uint8), 0)
+    fr.close()
+
+
 def test_read_error_names_file(rows_file):
     path, _ = rows_file
     fr = FlashReader()
@@ -311,8 +351,26 @@ def test_read_error_ends_generation_and_model_stays_usable():
             return real(fd, bufs, offset)
 
         fr._preadv = failing
-        with pytest.raises(EdgeLLMError, match="Input/output error"):
+        # window rows are read by compiled code (read_rows), not _preadv: make every read of
+        # the model's files fail at the system call by swapping their descriptors for a
+        # directory's (EISDIR) after the 3rd token
+        fds = dict(fr._fds)
+        bad = os.open(tempfile.gettempdir(), os.O_RDONLY)
+        n_tok = {"n": 0}
+        step = m.stream.begin
+
+        def begin(T):
+            n_tok["n"] += 1
+            if mode == "window" and n_tok["n"] == 3:
+                fr._fds.update({p: bad for p in fds})
+            return step(T)
+
+        m.stream.begin = begin
+        with pytest.raises(EdgeLLMError, match="Input/output error|Is a directory"):
             m.complete(PROMPT, max_tokens=16, temperature=0)
+        m.stream.begin = step
+        fr._fds.update(fds)
+        os.close(bad)
         fr._preadv = real
         got = m.complete(PROMPT, max_tokens=16, temperature=0)
         if mode == "naive":
