@@ -1,5 +1,5 @@
-"""The two engines the benchmarks time, behind one small interface: prefill(ids) and step(tok)
-return the last position's logits; all_logits(ids) every position's.
+"""The engines the benchmarks time (edgellm, llama.cpp, onnxruntime), behind one small interface:
+prefill(ids) and step(tok) return the last position's logits; all_logits(ids) every position's.
 
 No side effects at import: a benchmark sets its thread environment first, then imports this.
 """
@@ -61,3 +61,27 @@ class Llama:
 
     def close(self):
         self.llm.close()
+
+
+class Onnx:
+    """onnxruntime on a directory written by `edgellm export MODEL --to onnx` (the same weights;
+    edgellm/export_onnx.py). exact=False leaves onnxruntime's default int8-activation matmuls on
+    for int8 weights (faster, not the same numbers)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path, n_ctx, threads, exact=True):
+        from edgellm.export_onnx import OnnxRunner
+
+        self.rt = OnnxRunner(path, threads=threads, exact=exact)
+
+    def prefill(self, ids):
+        self.rt.reset()
+        return self.rt.forward(ids)[-1]
+
+    def step(self, tok):
+        return self.rt.forward([tok])[-1]
+
+    def all_logits(self, ids):
+        self.rt.reset()
+        return self.rt.forward(ids)

@@ -1,5 +1,6 @@
-"""`edgellm convert`: a Hugging Face checkpoint directory or a GGUF file -> an edgellm model
-directory (format v1). GGUF sources: converters/sources/gguf.py.
+"""`edgellm convert`: a Hugging Face checkpoint directory, a GGUF file or an ONNX decoder export
+-> an edgellm model directory (format v1). GGUF sources: converters/sources/gguf.py; ONNX:
+converters/sources/onnx.py.
 
 Order of work, so that nothing is written for a conversion that cannot succeed:
 1. check everything: quantization options, config.json (converters/arch.py), every tensor's
@@ -25,6 +26,7 @@ from edgellm.runtime.errors import ConvertError
 from . import arch, calibquant, calibrate, quantize, structural, writer
 from . import prune as pruning
 from .sources import gguf as gguf_source
+from .sources import onnx as onnx_source
 from .sources.hf import HFSource
 
 log = logging.getLogger(__name__)
@@ -375,6 +377,10 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     if gguf_source.is_gguf(src):
         return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib, cq,
                              prune)
+    onnx_file = onnx_source.find_onnx(src)
+    if onnx_file is not None and quant != quantize.KEEP:
+        return _convert_onnx(onnx_file, dst, quant, group_size, progress, overwrite, command,
+                             calib, cq, prune)
     if quant == quantize.KEEP:
         raise ConvertError(f"{src}: --quant keep stores a GGUF file's quantized blocks as they "
                            "are; this source is not a GGUF file (choose f32, f16, int8 or int4)")
@@ -410,6 +416,25 @@ def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, cal
         _write(source.path, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant,
                group_size, progress, overwrite, command,
                extra={"source_format": "gguf", "source_architecture": source.arch},
+               calib=calib, walk=walk, cq=cq, prune=prune)
+    return dst
+
+
+def _convert_onnx(src, dst, quant, group_size, progress, overwrite, command, calib=None,
+                  cq=None, prune=None):
+    """An ONNX decoder export (sources/onnx.py): config.json and the tokenizer files lie next to
+    the .onnx file, as optimum writes them; the weights come from the graph's initializers."""
+    folder = os.path.dirname(os.path.abspath(src))
+    spec = arch.from_hf_dir(folder)
+    with onnx_source.ONNXSource(src, spec) as source:
+        _check_tensors(source, spec)
+        tokenizer, tok_path, tok_cfg = find_tokenizer(folder, spec)
+        chat_template = find_chat_template(folder, tok_cfg)
+        writer.check_destination(dst, overwrite, src)
+        walk = calibquant.prepare(cq, spec, source, tokenizer, path=tok_path, progress=progress)
+        _write(source.path, dst, spec, source, tokenizer,
+               lambda st: st.copy(tok_path, tokenizer["file"]), chat_template, quant,
+               group_size, progress, overwrite, command, extra={"source_format": "onnx"},
                calib=calib, walk=walk, cq=cq, prune=prune)
     return dst
 

@@ -270,8 +270,10 @@ def build_parser():
                        "edgellm format",
                        description="Convert a Hugging Face checkpoint directory (config.json, "
                        "safetensors, tokenizer) or a GGUF file into an edgellm model directory.")
-    c.add_argument("src", help="Hugging Face model directory or GGUF file (or an edgellm model "
-                   "directory, with --drop-layers, --prune-neurons or --recipe)")
+    c.add_argument("src", help="Hugging Face model directory, GGUF file or ONNX decoder export "
+                   "(model.onnx, or its directory, with config.json and the tokenizer next to "
+                   "it), or an edgellm model directory with --drop-layers, --prune-neurons or "
+                   "--recipe")
     c.add_argument("-o", "--output", required=True, help="output model directory (must not exist)")
     c.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "int3", "keep"],
                    default=None,
@@ -401,11 +403,12 @@ def build_parser():
                    "tokens_per_s, ...)")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="export a model as GGUF (llama.cpp) or a Hugging Face "
-                       "directory (transformers)")
+    x = sub.add_parser("export", help="export a model as GGUF (llama.cpp), a Hugging Face "
+                       "directory (transformers) or ONNX (onnxruntime)")
     x.add_argument("model", help="edgellm model directory")
-    x.add_argument("--to", required=True, choices=["gguf", "hf"], help="target format")
-    x.add_argument("-o", "--output", required=True, help="output GGUF file or HF directory "
+    x.add_argument("--to", required=True, choices=["gguf", "hf", "onnx"],
+                   help="target format (onnx: a directory for onnxruntime, docs/ONNX.md)")
+    x.add_argument("-o", "--output", required=True, help="output GGUF file, HF or ONNX directory "
                    "(must not exist)")
     x.add_argument("--force", action="store_true", help="replace an existing output")
     x.set_defaults(func=cmd_export)

@@ -139,8 +139,12 @@ def export(model_dir, out, to="gguf", overwrite=False, progress=True, report=Non
     """Export model_dir as a GGUF file (to="gguf") or a Hugging Face directory (to="hf").
     Returns the output path. report: a dict to fill with, per exported tensor, its type and the
     largest absolute change of a value (0 when exact); with progress, the largest is printed."""
+    if to == "onnx":  # edgellm/export_onnx.py: a graph onnxruntime runs, weights as stored
+        from .export_onnx import export_onnx
+
+        return export_onnx(model_dir, out, overwrite=overwrite, progress=progress, report=report)
     if to not in ("gguf", "hf"):
-        raise ExportError(f"unknown export target {to!r} (choose gguf or hf)")
+        raise ExportError(f"unknown export target {to!r} (choose gguf, hf or onnx)")
     m = _Model(model_dir)
     fn = _export_gguf if to == "gguf" else _export_hf
     path, rep = fn(m, out, overwrite, progress)
