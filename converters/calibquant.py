@@ -39,13 +39,29 @@ class Options:
     act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal (static groups)
     clip: bool = True  # AWQ: auto-clip search
     alpha: float = 0.5  # SmoothQuant: migration strength
+    low_rank: float | None = None  # fraction of the attention weights kept (converters/lowrank.py)
 
     def record(self):
         return asdict(self)
 
 
-def options(method, quant, group_size, text=None, extra=None):
-    """Checked Options, or None for rtn (nothing to calibrate)."""
+def options(method, quant, group_size, text=None, extra=None, low_rank=None):
+    """Checked Options, or None for rtn (nothing to calibrate). low_rank: factorize the
+    attention projections (converters/lowrank.py), with rtn only for now."""
+    if low_rank is not None:
+        from . import lowrank
+
+        lowrank.check(low_rank)
+        if method not in (None, "rtn"):
+            raise ConvertError(f"--low-rank with --method {method} is not supported yet (use "
+                               "rtn, the default)")
+        if quant == "keep":
+            raise ConvertError("--low-rank needs a --quant to encode the factors (not keep)")
+        try:
+            return Options(method="rtn", quant=quant, group_size=group_size, text=text,
+                           low_rank=float(low_rank), **(extra or {}))
+        except TypeError as e:
+            raise ConvertError(f"low-rank options: {e}") from None
     if method in (None, "rtn"):
         if extra:
             raise ConvertError(f"options {sorted(extra)} need --method gptq or awq")
@@ -77,7 +93,7 @@ def options(method, quant, group_size, text=None, extra=None):
 def check_shapes(o, cfg):
     """Every linear's rows (and the down columns, which the bundles quantize along d) must
     divide into groups: a calibrated method falls back to nothing."""
-    if o.method in W8A8:
+    if o.method in W8A8 or o.low_rank is not None:  # (low-rank: matrix_codec falls back)
         return
     for what, d in (("d_model (q, k, v, gate, up rows; down columns)", cfg.d_model),
                     ("q_dim = n_heads * head_dim (o rows)", cfg.q_dim)):
@@ -91,6 +107,11 @@ def prepare(o, spec, source, tokenizer, path=None, data=None, progress=False):
     the manifest's tokenizer entry, its file at `path` or its bytes `data`."""
     if o is None or o.method == "w8a8":  # w8a8: plain rounding, nothing to calibrate
         return None
+    if o.low_rank is not None:
+        from . import lowrank
+
+        return lowrank.prepare(o.low_rank, spec, source, tokenizer, path=path, data=data,
+                               text=o.text, tokens=o.tokens, progress=progress)
     from . import layerwise
 
     check_shapes(o, spec.config)
@@ -163,6 +184,10 @@ def record(o, walk, reports):
 
     if walk is None:  # w8a8: no calibration
         return o.record()
+    if o.low_rank is not None:
+        from . import lowrank
+
+        return {**o.record(), "low_rank": lowrank.record(o.low_rank, walk, reports)}
     return {**o.record(), "calibration_tokens": walk.n_tokens,
             "mean_output_error": float(np.mean([v for r in reports
                                                 for v in r["output_error"].values()])),
@@ -171,6 +196,9 @@ def record(o, walk, reports):
 
 def layers(walk, o):
     """Yield each layer of walk quantized by o (with layer.report set)."""
+    if o.low_rank is not None:  # factorized (layer.lowrank), not quantized here
+        yield from walk.layers()
+        return
     for layer in walk.layers():
         layer.report = transform(layer, o)
         yield layer

@@ -169,6 +169,8 @@ class _Encoder:
         if note:
             self.fallbacks[key] = note
             log.info("%s: %s", key, note)
+        if self.layer is not None and canonical in getattr(self.layer, "lowrank", {}):
+            return self._add_lowrank(entries, arrays, chunk, canonical)
         if self.layer is not None and canonical in self.layer.encoded:  # --method gptq, awq
             c, q, s = self.layer.encoded[canonical]
             stats = calibquant.stats(self.layer, canonical)
@@ -180,6 +182,22 @@ class _Encoder:
         if s is not None:
             arrays[format.scales_name(canonical)] = s
         self._record(key, c.name, stats)
+
+    def _add_lowrank(self, entries, arrays, chunk, canonical):
+        """A projection factorized by converters/lowrank.py: its two factors (FORMAT.md §3.4),
+        each encoded like any matrix of --quant."""
+        for part, w in zip((".left", ".right"), self.layer.lowrank[canonical]):
+            n, d = w.shape
+            c, note = quantize.matrix_codec(self.quant, self.group_size, d)
+            key = f"{chunk}/{canonical}{part}"
+            if note:
+                self.fallbacks[key] = note
+            q, s, stats = quantize.encode_matrix(lambda r0, r1: w[r0:r1], n, d, c, name=key)
+            entries[canonical + part] = quantize.entry(c, (n, d))
+            arrays[canonical + part] = q
+            if s is not None:
+                arrays[format.scales_name(canonical + part)] = s
+            self._record(key, c.name, stats)
 
     def _keep_codec(self, hf_name):
         enc, g, kept = self.source.keep_encoding(hf_name)
@@ -256,7 +274,8 @@ class _Encoder:
     def bundles(self, entries, arrays, chunk, names):
         cfg = self.spec.config
         d = cfg.d_model
-        if self.layer is not None:  # --method gptq, awq: the parts as calibquant encoded them
+        if self.layer is not None and "ffn_up" in self.layer.encoded:  # --method gptq, awq:
+            # the parts as calibquant encoded them (a low-rank layer's FFN is read as usual)
             parts = [(p, self.layer.encoded["ffn_" + p][0]) for p in self.spec.arch.ffn_parts]
             b, layout = encodings.pack_encoded_bundles(
                 {p: self.layer.encoded["ffn_" + p][1:] for p, _ in parts}, parts, d)
@@ -336,7 +355,8 @@ class _Encoder:
 
 def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False, command=None,
             predictor=False, calib=None, calib_options=None, drop_layers=0,
-            drop_metric="angular", prune_neurons=None, method="rtn", method_options=None, prune=None):
+            drop_metric="angular", prune_neurons=None, method="rtn", method_options=None, prune=None,
+            low_rank=None):
     """Convert the Hugging Face model directory src into the edgellm model directory dst.
 
     quant: f32 | f16 | int8 | int4 (int4 uses groups of group_size values per scale; a matrix
@@ -362,6 +382,9 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if drop_layers or prune_neurons is not None or structural.is_model_dir(src):
+        if low_rank is not None:
+            raise ConvertError("--low-rank takes a Hugging Face or GGUF source, without "
+                               "--drop-layers/--prune-neurons")
         if quant is not None:
             quantize.check_quant(quant, group_size)
         return structural.convert_structural(
@@ -371,7 +394,7 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
             group_size=group_size, method=method, method_options=method_options)
     quant = quant or "f16"
     quantize.check_quant(quant, group_size)
-    cq = calibquant.options(method, quant, group_size, calib, method_options)
+    cq = calibquant.options(method, quant, group_size, calib, method_options, low_rank)
     pruning.check_compatible(prune, quant, method, hot_order=predictor or calib is not None)
     calib = calibrate.options(predictor, calib, calib_options)
     if gguf_source.is_gguf(src):

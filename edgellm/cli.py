@@ -100,7 +100,7 @@ def cmd_convert(a):
         print(f"wrote {a.output}")
         return
     dst = convert(a.src, a.output, quant=a.quant, group_size=a.group_size, progress=True,
-                  method=a.method, method_options=_method_options(a),
+                  method=a.method, method_options=_method_options(a), low_rank=a.low_rank,
                   overwrite=a.force, command=command,
                   predictor=a.predictor, calib=a.calib, calib_options=extra,
                   drop_layers=a.drop_layers, drop_metric=a.drop_metric,
@@ -112,8 +112,9 @@ def cmd_convert(a):
 
 def _method_options(a):
     """--method gptq/awq options given on the command line (calibquant.Options fields)."""
-    if a.method == "rtn":
-        return None
+    if a.method == "rtn":  # (--low-rank calibrates too)
+        return ({"tokens": a.calib_tokens} if a.low_rank is not None and a.calib_tokens
+                else None)
     opts = {"damp": a.damp, "act_order": a.act_order, "tokens": a.calib_tokens,
             "alpha": a.alpha}
     if a.method == "w8a8":  # nothing to calibrate
@@ -290,6 +291,9 @@ def build_parser():
                    "the weights; w8a8 (int8): per-token activations without smoothing")
     c.add_argument("--alpha", type=float, default=None,
                    help="SmoothQuant migration strength in [0, 1] (default 0.5)")
+    c.add_argument("--low-rank", type=float, default=None, metavar="F",
+                   help="factorize the attention projections (activation-aware SVD), keeping "
+                   "this fraction of their weights, ranks chosen per layer (e.g. 0.5)")
     c.add_argument("--damp", type=float, default=None,
                    help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--no-act-order", dest="act_order", action="store_false", default=None,

@@ -230,6 +230,30 @@ def calibration_tensors(path, cfg, file, tensors):
     return {k: v for k, v in out.items() if k in tensors}
 
 
+LOWRANK = ("attn_q", "attn_k", "attn_v", "attn_o")  # projections that may be stored as factors
+
+
+def lowrank_tensors(path, file, tensors, want):
+    """Attention projections stored as two factors (docs/FORMAT.md §3.4): P [n, d] replaced by
+    P.left [n, r] and P.right [r, d], 1 <= r <= min(n, d). Removes P from want; returns the
+    factors' {name: (allowed encodings, shape)}."""
+    out = {}
+    for p in LOWRANK:
+        if p + ".left" not in tensors and p + ".right" not in tensors:
+            continue
+        encs, (n, d) = want.pop(p)
+        e = tensors.get(p + ".right") or tensors[p + ".left"]
+        shape = e.get("shape") if isinstance(e, dict) else None
+        r = (shape[0] if p + ".right" in tensors else shape[1]) \
+            if isinstance(shape, list) and len(shape) == 2 else None
+        if not isinstance(r, int) or not 1 <= r <= min(n, d):
+            raise FormatError(path, f"chunk {file}: low-rank {p} has rank {r!r}; it must be an "
+                                    f"integer in 1 … {min(n, d)}")
+        out[p + ".left"] = (encs, [n, r])
+        out[p + ".right"] = (encs, [r, d])
+    return out
+
+
 def bundle_parts(cfg):
     return ("gate", "up", "down") if cfg.gated_ffn else ("up", "down")
 
@@ -240,6 +264,8 @@ def _check_against_config(path, chunk, cfg):
     want.update(calibration_tensors(path, cfg, file, tensors))
     if file != EMBED_CHUNK and "ffn_down" in tensors:  # down as a matrix, not in the bundles
         want["ffn_down"] = (encodings.NAMES, [cfg.d_model, cfg.d_ff])
+    if file != EMBED_CHUNK:
+        want.update(lowrank_tensors(path, file, tensors, want))
     if set(tensors) != set(want):
         missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
         raise FormatError(path, f"chunk {file}: tensors do not match the config (missing "

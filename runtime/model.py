@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 from . import format, kernels, threads
+from . import lowrank
 from .kernels import fused, w8a8
 from .errors import ContextLengthError, EdgeLLMError
 from .kvcache import DEFAULT as DEFAULT_KV
@@ -79,6 +80,10 @@ class Transformer:
             raise EdgeLLMError("activation_quant in the manifest asks for an activation "
                                "quantization this edgellm does not implement; upgrade edgellm")
         self.ops = w8a8 if self.act_token else kernels
+        if stream is not None and any(k.endswith(".left") for c in reader.manifest["chunks"]
+                                      for k in c["tensors"]):
+            raise EdgeLLMError("a model with low-rank projections (converters/lowrank.py) "
+                               "cannot stream under a DRAM budget yet; load it resident")
         self.prefill_block = stream.prefill_block if stream is not None else PREFILL_BLOCK
         self.n_ctx = min(cfg.max_context, n_ctx or cfg.max_context)
         self.kv = kv  # KV cache encoding of new caches (kvcache.ENCODINGS)
@@ -116,8 +121,8 @@ class Transformer:
                                r.matrix(f, "ffn_down") if r.has(f, "ffn_down") else None)
         return Layer(
             attn_norm=self._norm(f, "attn_norm"),
-            q=r.matrix(f, "attn_q"), k=r.matrix(f, "attn_k"), v=r.matrix(f, "attn_v"),
-            o=r.matrix(f, "attn_o"),
+            q=lowrank.projection(r, f, "attn_q"), k=lowrank.projection(r, f, "attn_k"),
+            v=lowrank.projection(r, f, "attn_v"), o=lowrank.projection(r, f, "attn_o"),
             q_bias=self._opt(f, "attn_q.bias"), k_bias=self._opt(f, "attn_k.bias"),
             v_bias=self._opt(f, "attn_v.bias"), o_bias=self._opt(f, "attn_o.bias"),
             ffn_norm=self._norm(f, "ffn_norm"),
@@ -267,7 +272,8 @@ class Transformer:
     def _attention(self, i, L, x, positions):
         cfg, T, p0 = self.cfg, x.shape[0], self.pos
         h = self.apply_norm(x, L.attn_norm)
-        q, k, v = self.ops.linear_many((L.q, L.k, L.v), h, (L.q_bias, L.k_bias, L.v_bias))
+        q, k, v = lowrank.linear_many(self.ops, (L.q, L.k, L.v), h,
+                                      (L.q_bias, L.k_bias, L.v_bias))
         q = q.reshape(T, cfg.n_heads, cfg.head_dim)
         k = k.reshape(T, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
@@ -288,7 +294,7 @@ class Transformer:
 
 
 def _linear(m, x, bias, ops=kernels):
-    y = ops.linear(m, x)
+    y = lowrank.linear(ops, m, x)
     if bias is not None:
         y += bias
     return y

@@ -355,6 +355,8 @@ def plan_layer(cfg, L, ffn_cls):
     d = cfg.d_model
     if K.MODE == "portable" or cfg.norm != "rms" or cfg.positions != "rope" or d % 32:
         return None
+    if not all(hasattr(m, "codec") for m in (L.q, L.k, L.v, L.o)):
+        return None  # a low-rank projection (runtime/lowrank.py): the per-operation path
     qkv = (L.q, L.k, L.v)
     names = {(m.codec.name, m.codec.group_size, m.shape[1]) for m in qkv}
     if (len(names) != 1 or L.q.codec.name == "f32" or L.o.codec.name == "f32"

@@ -1,0 +1,155 @@
+"""Low-rank factorization of the attention projections (`edgellm convert --low-rank F`), in the
+style of SVD-LLM (Wang et al. 2024, "SVD-LLM: Truncation-aware Singular Value Decomposition for
+Large Language Model Compression") and ASVD (Yuan et al. 2023): the SVD is taken of the weights
+as the calibration activations see them, not of the bare weights.
+
+For a projection W [n, d] with inputs X (Hessian H = XᵀX / N, from converters/layerwise.py),
+whitening with the Cholesky factor S (S Sᵀ = H + damping) makes the output error a Frobenius
+norm: ||(W − W′)Xᵀ||² / N = ||(W − W′) S||². The SVD W S = U Σ Vᵀ truncated to rank r is then
+the best rank-r W′ for the calibration inputs, and its error is the sum of the dropped σᵢ².
+Stored as left = U_r Σ_r^½ [n, r] and right = Σ_r^½ V_rᵀ S⁻¹ [r, d] (docs/FORMAT.md §3.4), each
+quantized like any matrix of the model (--quant).
+
+Ranks (per layer, per projection): F is the fraction of the attention projections' weights kept.
+Each layer gets F times its q, k, v, o weights; within the layer, ranks grow in steps (32, or 8
+for projections narrower than 128) by a greedy choice of the largest drop of relative output
+error (dropped σ² over all σ²) per weight added, and a projection whose factors would hold as
+many weights as the matrix stays dense. q, k, v are factorized on the layer's input; o on the
+attention output of the already factorized q, k, v (sequential, as the calibration pass goes).
+"""
+
+import numpy as np
+
+from edgellm.runtime.errors import ConvertError
+
+from . import layerwise
+
+PROJ = ("attn_q", "attn_k", "attn_v", "attn_o")
+DAMP = 0.01  # of the mean Hessian diagonal (H is singular for channels never active)
+
+
+def check(fraction):
+    if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+            or not 0 < fraction < 1):
+        raise ConvertError(f"--low-rank must be a fraction in (0, 1) of the attention weights "
+                           f"to keep, got {fraction!r}")
+    return float(fraction)
+
+
+def whitening(H, damp=DAMP):
+    """Lower Cholesky factor S of H + damp * mean(diag H) * I (f64)."""
+    H = np.array(H, dtype=np.float64)
+    H[np.diag_indices_from(H)] += damp * max(float(np.mean(np.diag(H))), 1e-12)
+    try:
+        return np.linalg.cholesky(H)
+    except np.linalg.LinAlgError:
+        raise ConvertError("low-rank: the calibration Hessian is not positive definite; give "
+                           "more calibration text") from None
+
+
+def svd(w, S):
+    """(U, σ, Vᵀ) of W S."""
+    return np.linalg.svd(np.asarray(w, np.float64) @ S, full_matrices=False)
+
+
+def factors(U, sig, Vt, S, r):
+    """left [n, r], right [r, d] (f32) of the rank-r truncation, W′ = left · right."""
+    root = np.sqrt(sig[:r])
+    left = U[:, :r] * root[None, :]
+    # right = diag(root) V_rᵀ S⁻¹, i.e. solve Sᵀ rightᵀ = V_r diag(root)
+    right = np.linalg.solve(S.T, (Vt[:r].T * root[None, :])).T
+    return left.astype(np.float32), right.astype(np.float32)
+
+
+def rel_error(sig, r):
+    """Relative output error² of the rank-r truncation: dropped σ² over all σ²."""
+    e = sig.astype(np.float64) ** 2
+    tot = e.sum()
+    return float(e[r:].sum() / tot) if tot > 0 else 0.0
+
+
+def plan(shapes, spectra, fraction):
+    """Ranks {name: r, or None for dense} for matrices shapes {name: (n, d)} with spectra
+    {name: σ}, keeping at most fraction of their weights. Raises ConvertError when even the
+    smallest ranks do not fit."""
+    budget = fraction * sum(n * d for n, d in shapes.values())
+    step = {k: 32 if min(n, d) >= 128 else 8 for k, (n, d) in shapes.items()}
+    rank = {k: min(step[k], min(n, d)) for k, (n, d) in shapes.items()}
+
+    def cost(k, r):
+        n, d = shapes[k]
+        return n * d if r is None else r * (n + d)
+
+    used = sum(cost(k, r) for k, r in rank.items())
+    if used > budget:
+        raise ConvertError(f"--low-rank {fraction}: even rank {min(step.values())} for every "
+                           f"projection keeps more than that; choose a larger fraction")
+    while True:
+        best = None
+        for k, r in rank.items():
+            if r is None:
+                continue
+            n, d = shapes[k]
+            nr = r + step[k]
+            nr = None if nr >= min(n, d) or nr * (n + d) >= n * d else nr
+            add = cost(k, nr) - cost(k, r)
+            gain = rel_error(spectra[k], r) - (0.0 if nr is None else rel_error(spectra[k], nr))
+            if used + add <= budget and add > 0 and (best is None or gain / add > best[0]):
+                best = (gain / add, k, nr, add)
+        if best is None:
+            return rank
+        _, k, nr, add = best
+        rank[k], used = nr, used + add
+
+
+class Walk:
+    """The calibration pass that factorizes each layer's projections (see the module doc)."""
+
+    def __init__(self, walk, fraction):
+        self.walk, self.fraction = walk, fraction
+
+    def layers(self):
+        for layer in self.walk.layers():
+            layer.lowrank = {}
+            layer.report = apply(layer, self.fraction)
+            yield layer
+
+
+def apply(layer, fraction):
+    """Factorize layer's projections in place: layer.lowrank[name] = (left, right) and the
+    layer's weights set to left · right (so later inputs see them). Returns the layer's report."""
+    W = layer.weights
+    S = {"qkv": whitening(layer.hessian("attn_q")), "o": whitening(layer.hessian("attn_o"))}
+    dec = {n: svd(W[n], S["o" if n == "attn_o" else "qkv"]) for n in PROJ}
+    ranks = plan({n: W[n].shape for n in PROJ}, {n: dec[n][1] for n in PROJ}, fraction)
+    report = {"layer": layer.index, "ranks": {}, "rel_output_error": {}}
+    for n in PROJ:
+        if n == "attn_o" and ranks[n] is not None:  # o's input after q, k, v were factorized
+            S["o"] = whitening(layer.hessian("attn_o"))
+            dec[n] = svd(W[n], S["o"])
+        r = ranks[n]
+        report["ranks"][n] = r
+        if r is None:
+            report["rel_output_error"][n] = 0.0
+            continue
+        U, sig, Vt = dec[n]
+        left, right = factors(U, sig, Vt, S["o" if n == "attn_o" else "qkv"], r)
+        report["rel_output_error"][n] = float(np.sqrt(rel_error(sig, r)))
+        layer.lowrank[n] = (left, right)
+        layer.set(n, left @ right)
+    return report
+
+
+def prepare(fraction, spec, source, tokenizer, path=None, data=None, text=None, tokens=4096,
+            progress=False):
+    """A Walk over the source (everything checked first)."""
+    check(fraction)
+    tok = layerwise.load_tokenizer(tokenizer, spec.config, path=path, data=data)
+    seqs = layerwise.sequences(tok, spec.config, text=text, tokens=tokens)
+    return Walk(layerwise.Walk(source, spec, seqs, progress=progress), fraction)
+
+
+def record(fraction, walk, reports):
+    """provenance.low_rank."""
+    return {"fraction": fraction, "method": "svd-llm whitening (Cholesky of X^T X)",
+            "calibration_tokens": walk.walk.n_tokens, "damp": DAMP, "layers": reports}
