@@ -9,7 +9,9 @@ dequantized).
     python benchmarks/quant.py demo ...      # the demo model, exported to HF first (int8 weights)
 
 Run with NUMBA_NUM_THREADS=1 (and OMP/OPENBLAS_NUM_THREADS=1) for per-core figures.
-Perplexity: edgellm.evaluate on the shipped held-out text (ctx 512, stride 256). Bytes per token:
+Perplexity: edgellm.evaluate on the shipped held-out text (ctx 512, stride 256), which runs the
+prefill path (float32 activations into every linear); decode-path perplexity: the first
+--decode-tokens tokens fed one at a time through the decode kernels (int8 activations). Bytes per token:
 the weights a dense decode step reads (every layer chunk plus the head). Decode: CPU time (process
 time) per greedy token, best of 3 runs of 16 tokens after a short prompt (on a shared machine wall
 time says little); tok/s = 1000 / ms. Each converted model is kept in --out and reused.
@@ -79,6 +81,25 @@ def decode_cpu_ms(model, n=16, repeats=3):
     return best
 
 
+def decode_ppl(model, text, tokens=1024, window=512):
+    """Perplexity of the first `tokens` tokens of text fed one token at a time through the decode
+    kernels (windows of `window` tokens from an empty cache): the int8 activations of the decode
+    path (per block of 32, or per token) are in it; evaluate.perplexity runs the prefill path,
+    whose linears take float32 activations."""
+    import numpy as np
+
+    ids = model.tokenizer.encode(text, add_bos=True)[:tokens]
+    rt, nll, n = model.runtime, 0.0, 0
+    for w0 in range(0, len(ids) - 1, window):
+        rt.reset()
+        for t in range(w0, min(w0 + window, len(ids) - 1)):
+            z = rt.forward([ids[t]])[0].astype(np.float64)
+            m = z.max()
+            nll += m + np.log(np.exp(z - m).sum()) - z[ids[t + 1]]
+            n += 1
+    return float(np.exp(nll / n))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("src")
@@ -87,6 +108,8 @@ def main():
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--only", default=None, help="comma-separated variant names")
+    p.add_argument("--decode-tokens", type=int, default=1024,
+                   help="tokens of the decode-path perplexity (0: skip)")
     p.add_argument("--json", default=None, help="append each row as a JSON line to this file")
     a = p.parse_args()
     import edgellm
@@ -112,8 +135,10 @@ def main():
         m = edgellm.load(dst)
         r = evaluate.perplexity(m, text, max_tokens=a.max_tokens)
         ms = decode_cpu_ms(m)
+        dppl = decode_ppl(m, text, a.decode_tokens) if a.decode_tokens else None
         size, per_tok = weight_bytes(dst)
         row = {"source": a.src, "variant": name, "perplexity": round(r["perplexity"], 3),
+               "decode_path_ppl": None if dppl is None else round(dppl, 3),
                "size_MB": round(size / 1e6, 2), "bytes_per_token_MB": round(per_tok / 1e6, 2),
                "decode_cpu_ms": round(ms, 2), "decode_tok_s": round(1e3 / ms, 1),
                "convert_s": round(conv_s, 1), "convert_cpu_s": round(conv_cpu, 1),
@@ -124,10 +149,10 @@ def main():
             with open(a.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
         del m
-    print("\n| variant | perplexity | size MB | weights read per token MB | decode CPU ms/token "
-          "(tok/s) | convert s |\n|---|---|---|---|---|---|")
+    print("\n| variant | perplexity | decode-path ppl | size MB | weights read per token MB | decode CPU ms/token "
+          "(tok/s) | convert s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['perplexity']} | {r['size_MB']} | "
+        print(f"| {r['variant']} | {r['perplexity']} | {r['decode_path_ppl']} | {r['size_MB']} | "
               f"{r['bytes_per_token_MB']} | {r['decode_cpu_ms']} ({r['decode_tok_s']}) | "
               f"{r['convert_s']} |")
 
