@@ -40,6 +40,11 @@ Steps and what they map to:
     drop_layers    converters/structural.py drop_by_metric
     prune_neurons  converters/structural.py prune_neurons
     predictor      converters/calibrate.py (hot-first order and low-rank predictors)
+    heal           converters/distill.py: fine-tune the current model against the original
+                   (the recipe's source) as the teacher, on `text` (default: the calibration
+                   text); needs torch (the [train] extra)
+    distill        converters/distill.py: a student selected from the current model's weights
+                   (layers, keep_layers, neurons, heads), trained against it
 To add a step: an entry in STEPS (its options and their checks) and a function in RUNNERS.
 """
 
@@ -108,9 +113,15 @@ STEPS = {
     "predictor": {"recall": ((int, float), 0.99, None), "rank": (int, None, _positive),
                   "sparsity": ((int, float), None, None)},
 }
+# heal and distill: converters/distill.py's training options (checked by distill.Options)
+TRAIN = {"steps": (int, 100, None), "seq_len": (int, 128, None), "batch": (int, 4, None),
+         "lr": ((int, float), None, None), "temperature": ((int, float), 2.0, None),
+         "alpha": ((int, float), 0.5, None), "lora": (int, 0, None), "text": (str, None, None),
+         "threads": (int, 1, None), "seed": (int, 0, None), "max_tokens": (int, None, None)}
+STEPS["heal"] = dict(TRAIN)
+STEPS["distill"] = {**TRAIN, "layers": (int, None, None), "keep_layers": ((str, list), None, None),
+                    "neurons": ((int, float), None, None), "heads": (int, None, None)}
 NOT_YET = {  # named in the issue, not available in this edgellm: refused with the reason
-    "heal": "healing (a short fine-tune after pruning) is not implemented yet",
-    "distill": "distillation is not implemented yet",
     "lowrank": "low-rank factorization of the attention projections is not implemented yet",
 }
 
@@ -208,17 +219,22 @@ def source_info(src):
         return spec.config.to_dict(), (tok["kind"], f.read())
 
 
-def count_tokens(tokenizer, text):
+def encode_text(tokenizer, text):
+    """Token ids of text (no special tokens) with a source_info tokenizer (kind, bytes)."""
     kind, data = tokenizer
     if kind == "sentencepiece":
         import sentencepiece
 
         sp = sentencepiece.SentencePieceProcessor(model_proto=data)
-        return len(sp.encode(text))
+        return sp.encode(text)
     import tokenizers
 
     t = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
-    return len(t.encode(text, add_special_tokens=False).ids)
+    return t.encode(text, add_special_tokens=False).ids
+
+
+def count_tokens(tokenizer, text):
+    return len(encode_text(tokenizer, text))
 
 
 def check(recipe, src):
@@ -237,9 +253,25 @@ def check(recipe, src):
     params = inspect.signature(convert_fn).parameters
     needs_calib = False
     pruned = None  # the step that stored weights in the sparse encodings
+    predicted = None  # the step that trained predictors
     for k, st in enumerate(recipe["steps"], 1):
         where = f"step {k} ({st['kind']})"
         kind = st["kind"]
+        if kind in ("heal", "distill"):
+            if pruned or predicted:  # training writes dense weights, without predictors
+                bad(f"{where}: must come before {pruned or predicted} (training rewrites every "
+                    "weight densely: it would refill pruned weights and drop predictors)")
+            from . import distill
+
+            try:
+                distill.require_torch()
+                distill.train_options(st)
+                if kind == "distill":
+                    n_layers = len(distill.step_plan(st, {**cfg, "n_layers": n_layers})["layers"])
+                distill.split_tokens(distill.token_ids(tok, calibrate.read_text(
+                    _train_text(st, s))), st["seq_len"])
+            except ConvertError as e:
+                bad(f"{where}: {e}")
         if pruned and kind in ("prune_neurons", "predictor", "prune"):
             # cutting or reordering FFN rows would break the 2:4 / 50% groups of a pruned ffn_down
             bad(f"{where}: must come before {pruned} (the sparse encodings of weight pruning do "
@@ -293,6 +325,7 @@ def check(recipe, src):
         elif kind == "prune_neurons":
             needs_calib = True
         elif kind == "predictor":
+            predicted = where
             if not 0.5 <= st["recall"] < 1:
                 bad(f"{where}: recall must be in [0.5, 1), got {st['recall']!r}")
             if st["sparsity"] is not None and not 0 <= st["sparsity"] < 1:
@@ -377,6 +410,35 @@ def _prune_neurons(cur, out, st, s, work):
     return structural.prune_neurons(cur, out, st["fraction"], _calib_opts(s))
 
 
+def _train_text(st, s):
+    return st["text"] or s["calib"] or calibrate.default_text()
+
+
+def _trained_quant(s):
+    """The encoding a heal/distill step writes: the recipe's base (f32 for a GGUF's blocks)."""
+    return "f32" if s["base"] == "keep" else s["base"]
+
+
+def _heal(cur, out, st, s, work, teacher=None):
+    from . import distill
+
+    info = distill.distill(teacher, out, _train_text(st, s), student=cur,
+                           options=distill.train_options(st), quant=_trained_quant(s))
+    return {k: info[k] for k in ("teacher", "heldout_before", "heldout_after", "seconds")}
+
+
+def _distill(cur, out, st, s, work):
+    from . import distill
+
+    p = {k: st[k] for k in ("layers", "keep_layers", "neurons", "heads")}
+    if isinstance(p["keep_layers"], list):
+        p["keep_layers"] = ",".join(str(i) for i in p["keep_layers"])
+    info = distill.distill(cur, out, _train_text(st, s), options=distill.train_options(st),
+                           quant=_trained_quant(s), **p)
+    return {k: info.get(k) for k in ("kept_layers", "neurons", "heads", "heldout_before",
+                                     "heldout_after", "seconds")}
+
+
 def _predictor(cur, out, st, s, work):
     extra = {"predictor": True, "recall": st["recall"]}
     if st["rank"] is not None:
@@ -387,7 +449,8 @@ def _predictor(cur, out, st, s, work):
 
 
 RUNNERS = {"quantize": _quantize, "prune": _prune, "drop_layers": _drop,
-           "prune_neurons": _prune_neurons, "predictor": _predictor}
+           "prune_neurons": _prune_neurons, "predictor": _predictor, "heal": _heal,
+           "distill": _distill}
 
 
 def calibrate_model(model_dir, dst, opts):
@@ -485,6 +548,10 @@ def run(src, dst, recipe_path, overwrite=False, progress=True, command=None):
             cur = base
         else:
             label = {"step": 0, "kind": "source"}
+        # the teacher of heal steps: the source itself when torch can load it, else its
+        # conversion (kept until the end)
+        origin = src if structural.is_model_dir(src) or os.path.isfile(
+            os.path.join(src, "config.json")) else cur
         row = {**label, "seconds": round(time.perf_counter() - t0, 2)}
         row.update(measure(cur, s, eval_text))
         report.append(row)
@@ -494,7 +561,8 @@ def run(src, dst, recipe_path, overwrite=False, progress=True, command=None):
             _say(progress, f"step {k}/{len(recipe['steps'])}: {st['kind']} {_opts(st)}")
             out = os.path.join(work, f"step{k}")
             t0 = time.perf_counter()
-            info = RUNNERS[st["kind"]](cur, out, st, s, work)
+            kw = {"teacher": origin} if st["kind"] == "heal" else {}
+            info = RUNNERS[st["kind"]](cur, out, st, s, work, **kw)
             row = {"step": k, "kind": st["kind"], **_opts(st),
                    "seconds": round(time.perf_counter() - t0, 2)}
             if info:
@@ -502,7 +570,7 @@ def run(src, dst, recipe_path, overwrite=False, progress=True, command=None):
             row.update(measure(out, s, eval_text))
             report.append(row)
             _say(progress, _row_text(row))
-            if cur != src:
+            if cur not in (src, origin):
                 shutil.rmtree(cur, ignore_errors=True)
             cur = out
         m, _ = format.read_manifest(cur)

@@ -260,6 +260,22 @@ def cmd_serve(a):
     serve_command(a)
 
 
+def cmd_distill(a):
+    from .converters import distill
+
+    opts = distill.Options(steps=a.steps, seq_len=a.seq_len, batch=a.batch, lr=a.lr,
+                           temperature=a.temperature, alpha=a.alpha, lora=a.lora,
+                           threads=a.threads, seed=a.seed, max_tokens=a.max_tokens)
+    info = distill.distill(a.teacher, a.output, a.text, student=a.student, layers=a.layers,
+                           keep_layers=a.keep_layers, neurons=a.neurons, heads=a.heads,
+                           options=opts, quant=a.quant, group_size=a.group_size,
+                           overwrite=a.force, command=" ".join(["edgellm"] + sys.argv[1:]))
+    b, f = info["heldout_before"], info["heldout_after"]
+    print(f"held-out ({f['tokens']} tokens): KL to the teacher {b['kl']:.4f} -> {f['kl']:.4f}, "
+          f"perplexity {b['ppl']:.2f} -> {f['ppl']:.2f}")
+    print(f"wrote {a.output}")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -416,6 +432,49 @@ def build_parser():
                    "(must not exist)")
     x.add_argument("--force", action="store_true", help="replace an existing output")
     x.set_defaults(func=cmd_export)
+    t = sub.add_parser("distill", help="train a smaller student from a teacher, or heal a "
+                       "compressed model (needs the [train] extra: torch)",
+                       description="Train a student on a text with temperature-softened KL to "
+                       "the teacher's logits plus cross-entropy, and write it as an edgellm "
+                       "model. The student is selected from the teacher's weights (--layers, "
+                       "--keep-layers, --neurons, --heads) or is an existing model (--student: "
+                       "healing). See docs/COMPRESSION.md.")
+    t.add_argument("teacher", help="edgellm model directory or Hugging Face checkpoint")
+    t.add_argument("-o", "--output", required=True, help="output model directory")
+    t.add_argument("--text", required=True, metavar="FILE.txt", help="UTF-8 training text (its "
+                   "last tenth is held out for the before/after figures)")
+    t.add_argument("--student", default=None, help="fine-tune this model (e.g. a layer-dropped "
+                   "or pruned copy of the teacher) instead of selecting one")
+    t.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="keep N of the teacher's layers, spread evenly (first and last kept)")
+    t.add_argument("--keep-layers", default=None, metavar="LIST",
+                   help="keep these layers, e.g. 0,2,5")
+    t.add_argument("--neurons", type=float, default=None, metavar="F",
+                   help="keep this fraction of every layer's FFN neurons (the most used)")
+    t.add_argument("--heads", type=int, default=None, metavar="H",
+                   help="keep H attention heads per layer (whole key/value groups)")
+    t.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    t.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    t.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4, "
+                   "1e-3 with --lora)")
+    t.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the "
+                   "KL term (default 2)")
+    t.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term; 1 - alpha "
+                   "weighs the cross-entropy (default 0.5)")
+    t.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R adapters on "
+                   "the layers' linears only, merged before writing (default 0: every weight)")
+    t.add_argument("--max-tokens", type=int, default=None, help="use at most N tokens of the "
+                   "text")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the "
+                   "machine may be shared)")
+    t.add_argument("--quant", choices=["f32", "f16", "int8", "int4", "int3"], default="f16",
+                   help="encoding of the written student (default f16)")
+    t.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="int4/int3 group size (default 32)")
+    t.add_argument("--force", action="store_true", help="replace an existing output directory")
+    t.set_defaults(func=cmd_distill)
     v = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="OpenAI-compatible HTTP API (/v1/chat/completions, "
                        "/v1/completions, /v1/models, /health); one generation at a time, others "
