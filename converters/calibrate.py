@@ -3,9 +3,10 @@
 Per layer, from the FFN inputs h of every calibration token and the neurons they truly need
 (runtime/predictor.py: ReLU z > 0; SiLU |silu(z)| > a threshold set here for a target sparsity,
 CATS-style), the converter
-- measures each neuron's activation frequency and reorders the bundle rows hot first (the row
-  bytes move unchanged, so the FFN's output is unchanged up to summation order); ffn_perm records
-  the source neuron of each row and ffn_freq its frequency;
+- measures each neuron's activation frequency and reorders the bundle rows: hot first, then the
+  rest so that neurons that fire together are adjacent (neuron_order; the row bytes move
+  unchanged, so the FFN's output is unchanged up to summation order); ffn_perm records the
+  source neuron of each row and ffn_freq its frequency;
 - for SiLU models stores the magnitude threshold (ffn_act_threshold);
 - with predictor=True trains a low-rank predictor (converters/predictor.py) on the first part of
   the tokens and sets its threshold (ReLU) or top-k (SiLU) on the held-out rest for the target
@@ -218,7 +219,7 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
         act_t = _silu_threshold(cfg, w, H, up_bias, opts.sparsity, rng) if silu else None
         Y = _needed(cfg, w, H, up_bias, act_t)
         freq = Y.mean(axis=0).astype(np.float32)
-        order = np.argsort(-freq, kind="stable")
+        order = neuron_order(Y, freq)
         if "ffn_down" in chunks[i + 1]["tensors"]:  # down stored as a matrix: keep the row order
             order = np.arange(cfg.d_ff)
         rec = {"layer": i, "true_fraction": float(Y.mean()),
@@ -285,8 +286,9 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
         "tokens": int(sum(s.size for s in seqs)), "heldout_tokens": int(sum(s.size for s in
                                                                            seqs[-n_val:])),
         "seq_len": seq_len,
-        "order": "hot first: bundle rows by activation frequency on the calibration text, "
-                 "descending (ffn_freq, ffn_perm)",
+        "order": f"neurons needed by >= {HOT_PREFIX} of the calibration tokens first, by "
+                 "activation frequency descending; then the others as a co-activation chain "
+                 "(ffn_freq, ffn_perm; converters/calibrate.py neuron_order)",
         "needed": ("relu: z > 0" if not silu else
                    f"|{cfg.activation}(z)| > ffn_act_threshold (target sparsity {opts.sparsity})"),
         "predictor": None if not opts.predictor else {
@@ -298,6 +300,47 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
         "layers": records,
     }
     return out
+
+
+HOT_PREFIX = 0.5  # neurons needed by at least this share of tokens come first, hottest first
+COACT_BAND = 4096  # co-activation chains are built within bands of this many neurons (by
+# frequency): the similarity matrix is band^2 floats
+COACT_TOKENS = 8192  # calibration tokens the co-activation counts use (at most)
+
+
+def neuron_order(Y, freq):
+    """Bundle-row order of a layer's neurons from their calibration activations Y (bool [N, n],
+    True: token needs neuron) and frequencies freq = Y.mean(0). Neurons needed by at least
+    HOT_PREFIX of the tokens come first, hottest first; the others follow as a co-activation
+    chain: from the hottest of them, each next row is the unplaced neuron that fires most often
+    together with the last one (Jaccard similarity of their sets of tokens). Rows a token needs
+    then sit in fewer, longer runs, and window mode reads a token's missing rows in fewer reads
+    (relu-large, held-out text, 50% budget: 1,449 -> 850 runs per token, same bytes)."""
+    by_freq = np.argsort(-freq, kind="stable")
+    n_hot = int((freq >= HOT_PREFIX).sum())
+    rest = by_freq[n_hot:]
+    parts = [by_freq[:n_hot]] + [_chain(Y[:COACT_TOKENS], rest[b:b + COACT_BAND])
+                                 for b in range(0, rest.size, COACT_BAND)]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def _chain(Y, ids):
+    """ids ordered as a greedy nearest-neighbour chain under Jaccard similarity, from ids[0]."""
+    if ids.size <= 2:
+        return ids
+    X = Y[:, ids].astype(np.float32)
+    co = X.T @ X  # tokens needing both
+    f = np.diag(co).copy()
+    jac = co / np.maximum(f[:, None] + f[None, :] - co, 1.0)
+    placed = np.zeros(ids.size, dtype=bool)
+    order = np.zeros(ids.size, dtype=np.int64)
+    cur = 0
+    placed[0] = True
+    for j in range(1, ids.size):
+        cur = int(np.argmax(np.where(placed, -1.0, jac[cur])))
+        placed[cur] = True
+        order[j] = cur
+    return ids[order]
 
 
 def _vec(shape):

@@ -16,6 +16,7 @@ rows 0..n of the buffer directly.
 """
 
 import numpy as np
+from numba import njit
 
 from .errors import EdgeLLMError
 
@@ -59,6 +60,17 @@ class NeuronCache:
         hit = rows >= 0
         self.last_used[rows[hit]] = step
         return active[~hit]
+
+    def prepare(self, active, step, k):
+        """One step's bookkeeping in one compiled call: lookup(active, step), then evict the
+        rows not used in the last k steps, then, when the missing neurons do not fit, the rows
+        used longest ago (never this step's). Returns the missing neurons (in active's order;
+        active: unique ids). Same result as lookup, evict and evict_oldest in turn."""
+        active = np.ascontiguousarray(active, dtype=np.int32)
+        missing = np.empty(active.size, dtype=np.int32)
+        self.n, m = _prepare(self.buf, self.ids, self.last_used, self.slot, self.n,
+                             self.n_pinned, self.capacity, active, step, step - k, missing)
+        return missing[:m]
 
     def evict(self, keep_after, protect=None):
         """Evict unpinned rows whose last use is <= keep_after, except neurons in `protect`.
@@ -130,3 +142,56 @@ class NeuronCache:
         self.slot[self.ids[holes]] = holes.astype(np.int32)
         self.ids[m:n] = -1
         self.n = m
+
+
+@njit(cache=True)
+def _prepare(buf, ids, last_used, slot, n, n_pinned, capacity, active, step, keep_after,
+             missing):
+    """NeuronCache.prepare: returns (new n, number of missing written to `missing`)."""
+    m = 0
+    for a in active:  # lookup: hits are marked used now (which also protects them below)
+        r = slot[a]
+        if r >= 0:
+            last_used[r] = step
+        else:
+            missing[m] = a
+            m += 1
+    dead = np.zeros(n, dtype=np.bool_)
+    n_dead = 0
+    for r in range(n_pinned, n):  # left the window
+        if last_used[r] <= keep_after and last_used[r] != step:
+            dead[r] = True
+            n_dead += 1
+    short = m - (capacity - (n - n_dead))
+    if short > 0:  # make room: the rows used longest ago, except this step's
+        cand = np.empty(n - n_pinned, dtype=np.int64)
+        c = 0
+        for r in range(n_pinned, n):
+            if not dead[r] and last_used[r] != step:
+                cand[c] = r
+                c += 1
+        cand = cand[:c]
+        order = np.argsort(last_used[cand], kind="mergesort")
+        for q in range(min(short, c)):
+            dead[cand[order[q]]] = True
+            n_dead += 1
+    if n_dead == 0:
+        return n, m
+    # remove the dead rows: each hole below the new end takes a surviving row from the tail
+    new_n = n - n_dead
+    for r in range(n):
+        if dead[r]:
+            slot[ids[r]] = -1
+    j = n - 1
+    for i in range(n_pinned, new_n):
+        if dead[i]:
+            while dead[j]:
+                j -= 1
+            buf[i, :] = buf[j, :]
+            ids[i] = ids[j]
+            last_used[i] = last_used[j]
+            slot[ids[i]] = i
+            j -= 1
+    for r in range(new_n, n):
+        ids[r] = -1
+    return new_n, m

@@ -251,11 +251,20 @@ class Stream:
         src.allocated["neuron caches"] = src.allocated.get("neuron caches", 0) + cache.nbytes
         w = WindowFFN(self, i, cache, pred, path, b, layout, up_bias, down_bias)
         if plan.pinned_rows[i]:
-            ids = np.arange(plan.pinned_rows[i], dtype=np.int32)
+            ids = self._hottest(i, plan.pinned_rows[i])
             rows = cache.pin(ids)
             self.flash.read_rows(path, b, shape[1], ids, cache.buf, int(rows[0]))
         self.ffns.append(w)
         return w
+
+    def _hottest(self, i, n):
+        """The n most frequently needed neurons of layer i (calibration's ffn_freq), sorted: the
+        rows are not all hot first (co-activation order after the hottest, calibrate.py)."""
+        f = format.layer_chunk(i)
+        if not self.src.has(f, "ffn_freq"):
+            return np.arange(n, dtype=np.int32)
+        freq = self.src.vector(f, "ffn_freq")
+        return np.sort(np.argsort(-freq, kind="stable")[:n]).astype(np.int32)
 
     def _chunked_ffn(self, i, layout, up_bias, down_bias):
         path, dtype, shape, b, e = self.src.extent(format.layer_chunk(i), "ffn_bundles")
@@ -462,11 +471,8 @@ class WindowFFN:
             active = np.unique(np.concatenate([self.predictor.active(r) for r in h]))
         active = np.asarray(active, dtype=np.int32)
         tp = time.perf_counter()
-        missing = c.lookup(active, step)
-        c.evict(step - k, protect=active)  # kept: used in steps step-k+1 .. step
-        room = c.capacity - c.n
-        if missing.size > room:
-            c.evict_oldest(missing.size - room, protect=active)
+        # kept: used in steps step-k+1 .. step; then the oldest, when the missing do not fit
+        missing = c.prepare(active, step, k)
         if s is not None:
             s.mem_s += time.perf_counter() - tp
             s.neurons_active += active.size

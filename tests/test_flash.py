@@ -182,8 +182,9 @@ steps = st.lists(st.lists(st.integers(0, 39), max_size=25), min_size=1, max_size
 
 
 @settings(max_examples=60, deadline=None)
-@given(steps, st.integers(1, 4), st.integers(0, 6))
-def test_neuron_cache_matches_a_plain_model(active_sets, k, n_pin):
+@given(steps, st.integers(1, 4), st.integers(0, 6), st.booleans())
+def test_neuron_cache_matches_a_plain_model(active_sets, k, n_pin, combined):
+    """combined: the compiled prepare() the runtime calls; else lookup, evict, evict_oldest."""
     n, cap, stride = 40, 24, 8
     data = (np.arange(n)[:, None] * 3 + np.arange(stride)[None, :]).astype(np.uint8)
     c = NeuronCache(n, cap, stride)
@@ -193,11 +194,6 @@ def test_neuron_cache_matches_a_plain_model(active_sets, k, n_pin):
     model = {}  # neuron -> last step used (unpinned only)
     for step, act in enumerate(active_sets, start=1):
         act = np.unique(np.array(act, dtype=np.int32))
-        missing = c.lookup(act, step)
-        c.evict(step - k, protect=act)
-        short = missing.size - (c.capacity - c.n)
-        if short > 0:
-            c.evict_oldest(short, protect=act)
         # the model: what is cached and not pinned, used in the last k steps, plus this step's
         for i in act:
             if i in model:
@@ -205,6 +201,17 @@ def test_neuron_cache_matches_a_plain_model(active_sets, k, n_pin):
         expired = [i for i, t in model.items() if t <= step - k and i not in act]
         for i in expired:
             del model[i]
+        if combined:
+            missing = c.prepare(act, step, k)
+            short = missing.size - (c.capacity - n_pin - len(model))
+        else:
+            missing = c.lookup(act, step)
+            c.evict(step - k, protect=act)
+            short = missing.size - (c.capacity - c.n)
+            if short > 0:
+                c.evict_oldest(short, protect=act)
+        assert sorted(missing.tolist()) == [i for i in act.tolist() if i >= n_pin and i not in
+                                            model]
         if short > 0:  # room made by evicting the least recently used (ties: any of them)
             cand = sorted((t, i) for i, t in model.items() if i not in act)[:short]
             cut = cand[-1][0] if cand else None
