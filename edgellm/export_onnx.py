@@ -27,10 +27,14 @@ Weights, each kept in its stored encoding where ONNX has an exact twin:
 - f16 and f32 -> initializers of that type (f16 Cast to float32 in the graph);
 - the FFN down projection is stored one neuron per row, quantized along d_model (§4.5), while
   MatMulNBits quantizes along its input (d_ff): int4 down rows are decoded in the graph from the
-  same bytes (BitwiseAnd/BitShift, minus 8, times the scale) and int8 ones by DequantizeLinear on
-  axis 0 of [d_ff, d]; no value changes;
+  same bytes (BitwiseAnd/BitShift, minus 8, times the scale; a constant subgraph onnxruntime
+  folds to float at load); int8 ones compute u·diag(s)·Q: the neuron's scale multiplies the
+  activation u, and Q [d_ff, d] goes through DequantizeLinear with unit scales (same int8 bytes;
+  only the float rounding order differs);
 - the embedding: Gather of the stored rows and their scales (int8, int4 decoded as above, f16
-  Cast); a tied head reuses the same initializers;
+  Cast); a tied head reuses the same initializers: int4 through MatMulNBits, int8 as an 8-bit
+  MatMulNBits (codes q + 128, the operator's default zero point 128, each block of 32 with its
+  row's scale: exact) whose bytes the Gather also reads;
 - anything else (int3, q8_0, q4_1, sparse encodings, a kept ffn_down matrix) has no exact ONNX
   twin here: written as the float32 values edgellm decodes (exact, larger), listed in the report.
 onnxruntime may fold the DequantizeLinear and decode subgraphs into float weights when it loads
@@ -140,8 +144,17 @@ class _Weights:
         """x [.., K] · D for D [K, N] stored as rows quantized along N (the FFN down rows)."""
         g = self.g
         if codec.name == "int8":
-            w = self._dq_rows(key, q, s, scope)
-            self._record(key, "DequantizeLinear int8 (axis 0) + MatMul")
+            # x·diag(s)·Q: the row scales move to the input side, so the int8 matrix has unit
+            # per-column scales, the DequantizeLinear + MatMul form onnxruntime fuses into an
+            # 8-bit MatMulNBits; scales on axis 0 (along K) it would dequantize on every call
+            x = g.op("Mul", [x, g.const(f"{key}.scale", np.asarray(s, np.float32).reshape(-1))],
+                     scope)
+            qi = g.const(f"{key}.int8", np.asarray(q, np.int8))
+            n = q.shape[1]
+            w = g.op("DequantizeLinear", [qi, g.const(f"unit_scale.{n}", np.ones(n, np.float32)),
+                                          g.const(f"zero_point.{n}", np.zeros(n, np.int8))],
+                     scope, axis=1)
+            self._record(key, "int8 scales on the input, DequantizeLinear int8 (axis 1) + MatMul")
         elif codec.name == "int4":
             w = self._int4_rows(key, q, s, codec, scope)
             self._record(key, f"int4 g{codec.group_size} decoded in the graph + MatMul")
@@ -202,9 +215,41 @@ class _Weights:
         lead = g.op("Slice", [shape, g.ints("i.0", [0]), g.ints("i.-2", [-2])], scope)
         return g.op("Concat", [lead, g.ints(f"i.{gs}", [gs])], scope, axis=0)
 
-    def embed(self, ids, key, q, s, codec, scope):
+    def int8_blocks(self, key, q, s):
+        """A tied int8 embedding as 8-bit MatMulNBits blocks: codes q + 128 (the operator's
+        default zero point for 8 bits is 128) in blocks of 32, each with its row's scale; the
+        Gather of the embedding reads the same bytes. (DequantizeLinear would need its own copy:
+        onnxruntime fuses it into MatMulNBits only when nothing else reads the int8 tensor.)"""
+        n, d = q.shape
+        codes = (np.asarray(q, np.int16) + 128).astype(np.uint8).reshape(n, d // 32, 32)
+        b = self.g.const(f"{key}.nbits8", codes)
+        sc = self.g.const(f"{key}.scales8", np.repeat(np.asarray(s, np.float32).reshape(n, 1),
+                                                      d // 32, axis=1).reshape(-1))
+        return b, sc
+
+    def tied_int8(self, codec, q):
+        return codec.name == "int8" and q.shape[1] % 32 == 0
+
+    def head_int8(self, x, key, q, s, scope):
+        b, sc = self.int8_blocks(key, q, s)
+        self._record(key, "MatMulNBits 8-bit, block 32, row scale per block (tied embedding)")
+        return self.g.op("MatMulNBits", [x, b, sc], scope, domain="com.microsoft",
+                         K=q.shape[1], N=q.shape[0], bits=8, block_size=32)
+
+    def embed(self, ids, key, q, s, codec, scope, tied=False):
         """Rows of the embedding for ids [B, T] -> f32 [B, T, d]."""
         g = self.g
+        if tied and self.tied_int8(codec, q):
+            b, _ = self.int8_blocks(key, q, s)
+            rows = g.op("Reshape", [g.op("Gather", [b, ids], scope),
+                                    g.ints("shape.bt-1", [0, 0, -1])], scope)
+            rows = g.op("Sub", [g.op("Cast", [rows], scope, to=g.onnx.TensorProto.FLOAT),
+                                g.const("f32.128", np.array(128.0, np.float32))], scope)
+            si = g.const(f"{key}.row_scale", np.asarray(s, np.float32).reshape(-1))
+            sc = g.op("Unsqueeze", [g.op("Gather", [si, ids], scope), g.ints("axis.-1", [-1])],
+                      scope)
+            self._record(key + " (gather)", "int8 rows (MatMulNBits bytes) · scale")
+            return g.op("Mul", [rows, sc], scope)
         if codec.name == "int8":
             qi = g.const(f"{key}.int8", np.asarray(q, np.int8))
             si = g.const(f"{key}.scale", np.asarray(s, np.float32).reshape(-1))
@@ -287,7 +332,8 @@ def build(m, progress=False):
                                                     ["batch", KVH, "total", hd]))
 
     q, s, codec = m.matrix("tok_embeddings")
-    x = W.embed("input_ids", "tok_embeddings", q, s, codec, "/model/embed_tokens")
+    x = W.embed("input_ids", "tok_embeddings", q, s, codec, "/model/embed_tokens",
+                tied=c.tied_embeddings)
     emb = (q, s, codec)
     ax = g.ints("axis.-1", [-1])
     if c.positions == "learned":
@@ -395,8 +441,11 @@ def build(m, progress=False):
     else:
         q, s, codec = m.matrix("output")
         key = "output"
-    g.op("Identity", [W.linear(hN, key, q, s, codec, "/lm_head")], "/lm_head",
-         outputs=["logits"])
+    if c.tied_embeddings and W.tied_int8(codec, q):
+        logits = W.head_int8(hN, key, q, s, "/lm_head")
+    else:
+        logits = W.linear(hN, key, q, s, codec, "/lm_head")
+    g.op("Identity", [logits], "/lm_head", outputs=["logits"])
     graph = h.make_graph(g.nodes, "edgellm", inputs, outputs, list(g.inits.values()))
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET),
                                                h.make_opsetid("com.microsoft", 1)],

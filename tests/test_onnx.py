@@ -119,10 +119,22 @@ def test_export_keeps_quantized_weights(tmp_path):
 
 
 def test_export_demo_model(tmp_path):
+    """The demo (ReLU, tied int8 embedding): logits, and the head's 8-bit MatMulNBits bytes
+    ((code - 128) · scale, the operator's default 8-bit zero point) decode to the embedding."""
+    from edgellm.export import _Model
+
     out = export_onnx(DEMO, tmp_path / "demo", progress=False)
     tok = edgellm.load(DEMO).tokenizer
     ids = tok.encode("It is a truth universally acknowledged that a single man")
     _check_runs_like_edgellm(out, DEMO, ids)
+    m, inits = _initializers(out)
+    (head,) = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: a.i for a in head.attribute}
+    assert attrs["bits"] == 8 and len(head.input) == 3
+    b, s = inits[head.input[1]], inits[head.input[2]]
+    w = (b.astype(np.float32) - 128) * s.reshape(b.shape[0], b.shape[1], 1)
+    np.testing.assert_array_equal(w.reshape(attrs["N"], attrs["K"]),
+                                  _Model(DEMO).dense("tok_embeddings"))
 
 
 def test_export_cli_and_refusals(tmp_path, capsys):
