@@ -20,6 +20,8 @@ Variants (--variants, comma-separated; default all):
     layers2         a 2-layer student (first and last layers) distilled from the teacher
     neurons50       a student with half of each layer's FFN neurons, distilled
     neurons50-init  that student before training (weight selection only)
+    base-tuned      the control: base itself trained the same way against the teacher (how
+                    much of a healed model's gain is the extra training on in-domain text)
 """
 
 import argparse
@@ -29,7 +31,7 @@ import sys
 import time
 
 ALL = ["base", "drop1", "drop1-heal", "drop2", "drop2-heal", "drop2-lora", "layers2",
-       "neurons50-init", "neurons50"]
+       "neurons50-init", "neurons50", "base-tuned"]
 
 
 def build(name, a, out):
@@ -56,6 +58,8 @@ def build(name, a, out):
         convert(a.teacher, dst, quant=a.quant, drop_layers=int(name[-1]), progress=False)
     elif name in ("drop1-heal", "drop2-heal"):
         dist(student=build(name[:5], a, out)[0])
+    elif name == "base-tuned":
+        dist(student=build("base", a, out)[0])
     elif name == "drop2-lora":
         dist(student=build("drop2", a, out)[0], options=opts(lora=8))
     elif name == "layers2":

@@ -140,6 +140,22 @@ def model_info(path, what):
         raise ConvertError(f"{what}: {e}") from None
 
 
+def _refuse_sparse(path):
+    """A weight-pruned student (sparse encodings) would come back dense: training moves the
+    zeros. Heal before pruning instead."""
+    if not structural.is_model_dir(path):
+        return
+    m, _ = format.read_manifest(path)
+    for c in m["chunks"]:
+        for name, e in c["tensors"].items():
+            encs = [e.get("encoding")] + [p.get("encoding") for p in e.get("parts") or []]
+            if any(str(x).startswith(("sp24_", "sp50_")) for x in encs):
+                raise ConvertError(f"student {path}: {name} is stored pruned (sparse "
+                                   "encoding); training would refill the pruned weights. Heal "
+                                   "before pruning (`edgellm convert --prune` on the healed "
+                                   "model)")
+
+
 def parse_layers(spec, n_layers):
     """--keep-layers "0,2,5" -> [0, 2, 5] (sorted, distinct, in range)."""
     try:
@@ -572,6 +588,7 @@ def distill(teacher, dst, text, student=None, layers=None, keep_layers=None, neu
                                "--keep-layers, --neurons and --heads select one from the "
                                "teacher instead; give one or the other")
         s_cfg, _ = model_info(student, "student")
+        _refuse_sparse(student)
         if s_cfg["vocab_size"] != t_cfg["vocab_size"]:
             raise ConvertError(f"student {student}: its vocabulary ({s_cfg['vocab_size']}) is "
                                f"not the teacher's ({t_cfg['vocab_size']})")

@@ -166,23 +166,25 @@ def test_distilling_lowers_the_kl_to_the_teacher(tmp_path, texts):
 
 
 @pytest.mark.slow
-def test_recipe_drop_heal_int8_lowers_perplexity(tmp_path, texts):
+def test_recipe_drop_heal_distill_int8(tmp_path, texts):
     train, held = texts
     r = tmp_path / "r.toml"
     r.write_text(f'[recipe]\neval = "{held}"\neval_tokens = 256\neval_ctx = 64\n'
                  f'decode_tokens = 4\ncalib = "{train}"\ncalib_tokens = 512\n'
                  '[[step]]\nkind = "drop_layers"\nn = 1\n'
                  f'[[step]]\nkind = "heal"\nsteps = 30\nseq_len = 32\nlr = 3e-3\nlora = 4\n'
+                 '[[step]]\nkind = "distill"\nneurons = 0.5\nsteps = 5\nseq_len = 32\n'
                  '[[step]]\nkind = "quantize"\nquant = "int8"\n')
     dst = str(tmp_path / "out")
     report = recipe.run(tiny.checkpoint("llama_relu"), dst, str(r), progress=False)
     ppl = {row["kind"]: row["perplexity"] for row in report}
     assert ppl["heal"] < 0.8 * ppl["drop_layers"]  # held-out text, edgellm's runtime
-    assert ppl["quantize"] == pytest.approx(ppl["heal"], rel=0.02)
+    assert ppl["quantize"] == pytest.approx(ppl["distill"], rel=0.02)
     heal = report[2]["info"]
     assert heal["teacher"] == os.path.abspath(tiny.checkpoint("llama_relu"))
     assert heal["heldout_after"]["ce"] < heal["heldout_before"]["ce"]
     m, cfg = edgellm.runtime.format.read_manifest(dst)
+    assert [r["d_ff"] for r in report] == [256, 256, 256, 128, 128]
     assert cfg.n_layers == 1 and m["provenance"]["recipe_report"][2]["kind"] == "heal"
     assert [x for x in os.listdir(tmp_path) if x not in ("r.toml", "out")] == []
 
@@ -242,6 +244,17 @@ def test_bad_input_refused_before_any_work(case, tmp_path, texts, capsys, monkey
     err = capsys.readouterr().err
     assert "edgellm: error:" in err and message in err, err
     assert sorted(os.listdir(tmp_path)) == ["short.txt"]
+
+
+def test_a_weight_pruned_student_is_refused(tmp_path, texts):
+    from edgellm.converters import prune
+    from edgellm.converters.convert import convert
+
+    pruned = convert(tiny.checkpoint("llama"), str(tmp_path / "p"), quant="int8",
+                     prune=prune.options("magnitude", "2:4"), progress=False)
+    with pytest.raises(ConvertError, match="stored pruned .* Heal before pruning"):
+        distill.distill(tiny.checkpoint("llama"), str(tmp_path / "o"), texts[0], student=pruned)
+    assert sorted(os.listdir(tmp_path)) == ["p"]
 
 
 def test_recipe_refuses_bad_heal_steps(tmp_path, texts):
