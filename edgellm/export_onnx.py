@@ -274,7 +274,8 @@ class _Weights:
                         to=g.onnx.TensorProto.FLOAT)
         w = np.asarray(q, np.float32) if codec.name == "f32" else \
             codec.dequantize(q, s).astype(np.float32)
-        self._record(key + " (gather)", "float32")
+        self._record(key + " (gather)", "float32" if codec.name == "f32" else
+                     f"float32 (decoded from {codec.name}: no exact ONNX twin)")
         return g.op("Gather", [g.const(f"{key}.f32rows", w), ids], scope)
 
 

@@ -58,7 +58,7 @@ def _check_runs_like_edgellm(out, src, ids):
 
 
 EXPORTS = [("llama", "f32"), ("llama", "int8"), ("llama", "int4"), ("llama_tied", "f16"),
-           ("qwen2", "int4"), ("opt", "int8"), ("llama_odd_heads", "int4")]
+           ("qwen2", "int4"), ("opt", "int8"), ("llama_odd_heads", "int4"), ("llama", "int3")]
 
 
 @pytest.mark.parametrize("name,quant", EXPORTS)
@@ -76,6 +76,8 @@ def test_export_logits_match(tmp_path, name, quant):
         assert "MatMulNBits int4 g32" in kinds
     if quant == "int8":
         assert "DequantizeLinear int8 (axis 0) + MatMul" in kinds
+    if quant == "int3":  # no ONNX twin: the decoded values, exactly, and said so
+        assert "float32 (decoded from int3: no exact ONNX twin)" in kinds
 
 
 def _initializers(path):
@@ -226,7 +228,8 @@ def _chunks(path):
             for f in files}, man["config"]
 
 
-IMPORTS = [("llama", False, False), ("llama", True, True), ("qwen2", True, False)]
+IMPORTS = [("llama", False, False), ("llama", True, True), ("qwen2", True, False),
+           ("opt", True, False)]  # opt: LayerNorm, biases, learned positions, ReLU
 
 
 @pytest.mark.slow
