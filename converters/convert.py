@@ -15,6 +15,7 @@ Order of work, so that nothing is written for a conversion that cannot succeed:
 """
 
 import datetime
+import glob
 import logging
 import os
 
@@ -144,6 +145,7 @@ class _Encoder:
         self.errors = {}  # "chunk/tensor" -> {encoding, max_abs_error, max_abs}
         self.fallbacks = {}  # "chunk/tensor" -> reason
         self.layer = None  # a layerwise.Layer quantized by calibquant: its weights, as encoded
+        self.down_matrix = False  # --ffn-down matrix: W_down as a matrix of its own (§3.2)
 
     def vector(self, hf_name):
         return np.ascontiguousarray(self.source.read(hf_name), dtype=np.float32)
@@ -284,8 +286,11 @@ class _Encoder:
                              calibquant.stats(self.layer, "ffn_" + p))
             return self._bundle_entries(entries, arrays, b, layout)
         # gate/up (fc1) rows are read a block at a time; down (fc2) is [d, d_ff] and bundle row i
-        # holds its column i, so it is read whole and sliced
-        down = self.source.read(names["ffn_down"])
+        # holds its column i, so it is read whole and sliced. With down_matrix it is written as
+        # the matrix `ffn_down` instead, quantized along d_ff: decode then multiplies it as a
+        # matvec against int8-quantized hidden activations (docs/FORMAT.md §3.2)
+        parts = [p for p in self.spec.arch.ffn_parts if not (self.down_matrix and p == "down")]
+        down = None if self.down_matrix else self.source.read(names["ffn_down"])
 
         def read_rows(part, r0, r1):
             if part == "down":
@@ -297,12 +302,14 @@ class _Encoder:
         if note:
             self.fallbacks[key] = note
             log.info("%s: %s", key, note)
-        b, layout, stats = quantize.encode_bundles(read_rows, self.spec.arch.ffn_parts, c,
-                                                   cfg.d_ff, d, name=f"{chunk} FFN")
+        b, layout, stats = quantize.encode_bundles(read_rows, parts, c, cfg.d_ff, d,
+                                                   name=f"{chunk} FFN")
         del down
         for part, st in stats.items():
             self._record(f"{key}.{part}", c.name, st)
         self._bundle_entries(entries, arrays, b, layout)
+        if self.down_matrix:
+            self.add(entries, arrays, chunk, "ffn_down", names["ffn_down"])
 
     def _bundle_entries(self, entries, arrays, b, layout):
         cfg = self.spec.config
@@ -356,7 +363,7 @@ class _Encoder:
 def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False, command=None,
             predictor=False, calib=None, calib_options=None, drop_layers=0,
             drop_metric="angular", prune_neurons=None, method="rtn", method_options=None, prune=None,
-            low_rank=None):
+            ffn_down="bundle", low_rank=None):
     """Convert the Hugging Face model directory src into the edgellm model directory dst.
 
     quant: f32 | f16 | int8 | int4 (int4 uses groups of group_size values per scale; a matrix
@@ -379,8 +386,14 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     clip).
     prune: a prune.PruneOptions (prune.options()): magnitude / Wanda / SparseGPT pruning of every
     layer's linears to 2:4 or 50%, stored in the sparse encodings (converters/prune.py).
+    ffn_down: "bundle" (default) stores each neuron's down column in its bundle row, which
+    streaming and window mode need; "matrix" stores W_down as a matrix of its own (`ffn_down`,
+    docs/FORMAT.md §3.2), about twice as fast for resident decode (docs/PERFORMANCE.md), not
+    streamable: Hugging Face sources with --method rtn only.
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    _check_ffn_down(ffn_down, src, quant, method, prune,
+                    drop_layers or prune_neurons is not None or structural.is_model_dir(src))
     if drop_layers or prune_neurons is not None or structural.is_model_dir(src):
         if low_rank is not None:
             raise ConvertError("--low-rank takes a Hugging Face or GGUF source, without "
@@ -416,8 +429,29 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
         walk = calibquant.prepare(cq, spec, source, tokenizer, path=tok_path, progress=progress)
         _write(src, dst, spec, source, tokenizer,
                lambda st: st.copy(tok_path, tokenizer["file"]), chat_template, quant,
-               group_size, progress, overwrite, command, calib=calib, walk=walk, cq=cq, prune=prune)
+               group_size, progress, overwrite, command, calib=calib, walk=walk, cq=cq, prune=prune,
+               ffn_down=ffn_down)
     return dst
+
+
+def _check_ffn_down(ffn_down, src, quant, method, prune, structural_op):
+    """--ffn-down matrix is written by the plain quantizer of a Hugging Face checkpoint; the
+    other paths encode the down projection themselves (kept GGUF blocks choose on their own)."""
+    if ffn_down not in ("bundle", "matrix"):
+        raise ConvertError(f"ffn_down must be 'bundle' or 'matrix', got {ffn_down!r}")
+    if ffn_down == "bundle":
+        return
+    other = ("a GGUF file (--quant keep stores ffn_down as a matrix when it keeps its blocks)"
+             if gguf_source.is_gguf(src) else
+             "--drop-layers, --prune-neurons or an edgellm source" if structural_op else
+             "--quant keep" if quant == quantize.KEEP else
+             f"--method {method}" if method not in (None, "rtn") else
+             "--prune" if prune is not None else None)
+    if other is None and not glob.glob(os.path.join(glob.escape(src), "*.safetensors")):
+        other = "a source that is not a Hugging Face checkpoint directory (safetensors)"
+    if other is not None:
+        raise ConvertError(f"{src}: --ffn-down matrix is written for Hugging Face checkpoints "
+                           f"quantized with --method rtn; not with {other}")
 
 
 def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib=None,
@@ -473,7 +507,7 @@ def _check_tensors(source, spec):
 
 def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant, group_size,
            progress, overwrite, command, extra=None, calib=None, walk=None, cq=None,
-           prune=None):
+           prune=None, ffn_down="bundle"):
     """Stream the chunks into a staging directory, add tokenizer and manifest, verify, rename.
     walk: a layerwise.Walk over the source for calibquant (cq) to quantize layer by layer."""
     cfg = spec.config
@@ -485,6 +519,7 @@ def _write(src, dst, spec, source, tokenizer, write_tokenizer, chat_template, qu
         source = pruning.PrunedSource(source, spec, prune, progress=progress)
 
     enc = _Encoder(source, spec, quant, group_size)
+    enc.down_matrix = ffn_down == "matrix"
     from tqdm.auto import tqdm
 
     chunks = []

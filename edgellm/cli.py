@@ -106,7 +106,8 @@ def cmd_convert(a):
                   drop_layers=a.drop_layers, drop_metric=a.drop_metric,
                   prune_neurons=a.prune_neurons,
                   prune=pruning.options(a.prune, a.prune_pattern, a.prune_calib,
-                                        a.prune_calib_tokens))
+                                        a.prune_calib_tokens),
+                  ffn_down=a.ffn_down)
     print(f"wrote {dst}")
 
 
@@ -316,6 +317,10 @@ def build_parser():
                    help="GPTQ: quantize columns in their order, not by decreasing activation "
                    "energy")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--ffn-down", choices=["bundle", "matrix"], default="bundle",
+                   help="bundle: each FFN neuron's down column in its bundle row (default; "
+                   "needed by --dram-budget streaming); matrix: the down projection as a matrix "
+                   "of its own, about twice as fast FFN decode with everything resident")
     g = c.add_argument_group("calibration (hot-neuron order, thresholds, predictors)")
     g.add_argument("--calib", metavar="FILE.txt", default=None,
                    help="calibrate on this UTF-8 text (default with --predictor: the shipped "
