@@ -169,14 +169,15 @@ def _du(path):
 # 2. edgellm conversions
 
 
-def converted(workdir, hf, enc):
-    dst = os.path.join(workdir, f"edgellm-{enc}" + (f"-g{GROUP}" if enc == "int4" else ""))
+def converted(workdir, hf, enc, ffn_down="bundle"):
+    dst = os.path.join(workdir, f"edgellm-{enc}" + (f"-g{GROUP}" if enc == "int4" else "")
+                       + ("-down" if ffn_down == "matrix" else ""))
     if os.path.isfile(os.path.join(dst, "manifest.json")):
         return dst
     from edgellm.converters.convert import convert
 
     t0 = time.perf_counter()
-    convert(hf, dst, quant=enc, group_size=GROUP, progress=True)
+    convert(hf, dst, quant=enc, group_size=GROUP, progress=True, ffn_down=ffn_down)
     log(f"converted {enc}: {dst} ({_du(dst) / 1e9:.2f} GB, {time.perf_counter() - t0:.0f} s)")
     return dst
 
@@ -319,15 +320,21 @@ def gguf_matrix_bytes(path):
                if len(t.shape) == 2 and t.name != "token_embd.weight")
 
 
-def edgellm_matrix_bytes(rt):
-    """Weight bytes edgellm reads per token: attention matrices, FFN bundles (with their scales
-    and padding) and the head; not the token embedding (one row is gathered)."""
-    n = rt.head.nbytes
+def edgellm_part_bytes(rt):
+    """Weight bytes edgellm reads per token by part: attention matrices, FFN (bundles with their
+    scales and padding, and the down matrix when it is one) and the head; not the token
+    embedding (one row is gathered)."""
+    n = {"attention": 0, "ffn": 0, "head": rt.head.nbytes}
     for L in rt.layers:
-        n += L.q.nbytes + L.k.nbytes + L.v.nbytes + L.o.nbytes + L.ffn.bundles.nbytes
-        if L.ffn.down is not None:  # a GGUF's kept down matrix, outside the bundles
-            n += L.ffn.down.nbytes
+        n["attention"] += L.q.nbytes + L.k.nbytes + L.v.nbytes + L.o.nbytes
+        n["ffn"] += L.ffn.bundles.nbytes
+        if L.ffn.down is not None:  # the down projection as a matrix, outside the bundles
+            n["ffn"] += L.ffn.down.nbytes
     return n
+
+
+def edgellm_matrix_bytes(rt):
+    return sum(edgellm_part_bytes(rt).values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,16 +376,55 @@ def read_bandwidth(mb=1024, repeats=7):
     return a.nbytes / statistics.median(ts)
 
 
-def run_once(engine, prompt, n_decode):
+def run_once(engine, prompt, n_decode, clock=time.perf_counter):
     """(prefill seconds, decode seconds, generated ids) for one greedy run."""
-    t0 = time.perf_counter()
+    t0 = clock()
     logits = engine.prefill(prompt)
-    t1 = time.perf_counter()
+    t1 = clock()
     out = [int(np.argmax(logits))]
     for _ in range(n_decode):
         out.append(int(np.argmax(engine.step(out[-1]))))
-    t2 = time.perf_counter()
+    t2 = clock()
     return t1 - t0, t2 - t1, out
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class _CPUTime:
+    """Stands for the `time` module inside runtime/model.py so that its part timer reads this
+    process's CPU time (--clock cpu: on a shared machine, the work of this process only)."""
+
+    def __getattr__(self, name):
+        return time.process_time if name == "perf_counter" else getattr(time, name)
+
+
+def decode_parts(edge, prompt, n, clock_name):
+    """edgellm's decode time per token by part (embed, attention, ffn, head, other) on the
+    per-operation path (the fused call times a layer as one part; bit for bit the same logits),
+    on the benchmark's clock."""
+    from edgellm.runtime import model as rt_model
+
+    clock = CLOCKS[clock_name]
+    saved = rt_model.time
+    if clock_name == "cpu":
+        rt_model.time = _CPUTime()
+    try:
+        rt = edge.rt
+        rt.reset()
+        tok = int(np.argmax(rt.forward(prompt)[-1]))
+        rt.timer.parts = {}
+        rt.fused = False
+        t0 = clock()
+        for _ in range(n):
+            tok = int(np.argmax(rt.forward([tok])[-1]))
+        wall = (clock() - t0) / n
+        rt.fused = True
+    finally:
+        rt_model.time = saved
+    parts = {k: v / n for k, v in rt.timer.parts.items()}
+    parts["other"] = wall - sum(parts.values())
+    return parts
 
 
 def equivalence(edge, llama_path, prompt, n_ctx, threads, n_check, reference=None):
@@ -430,13 +476,16 @@ def make_prompt(n):
     return [1] + rng.integers(3, SHAPE["vocab"], size=n - 1).tolist()
 
 
-def timed_in_child(engine, path, args):
-    """One timed run (after warm-up) of one engine in a fresh process: (prefill s, decode s, ids)."""
+def timed_in_child(engine, path, args, parts=False):
+    """One timed run (after warm-up) of one engine in a fresh process: (prefill s, decode s, ids,
+    edgellm's decode time by part when parts)."""
     import subprocess
 
     cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, path,
            "--threads", str(args.threads), "--n-ctx", str(args.n_ctx),
-           "--prompt", str(args.prompt), "--decode", str(args.decode)]
+           "--prompt", str(args.prompt), "--decode", str(args.decode), "--clock", args.clock]
+    if parts:
+        cmd.append("--parts")
     env = dict(os.environ)  # each engine with its own OpenMP default unless the user set one
     env.pop("OMP_WAIT_POLICY", None)
     if _USER_WAIT_POLICY is not None:
@@ -445,7 +494,7 @@ def timed_in_child(engine, path, args):
     if r.returncode:
         raise SystemExit(f"child {engine} failed:\n{r.stderr[-2000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    return out["prefill_s"], out["decode_s"], out["tokens"]
+    return out["prefill_s"], out["decode_s"], out["tokens"], out.get("parts")
 
 
 def child(args):
@@ -459,8 +508,11 @@ def child(args):
         e = Llama(path, args.n_ctx, args.threads)
     run_once(e, prompt[:16], 2)  # compile or load kernels, touch pages
     run_once(e, prompt, 2)
-    tp, td, out = run_once(e, prompt, args.decode)
-    print(json.dumps({"prefill_s": tp, "decode_s": td, "tokens": out}))
+    tp, td, out = run_once(e, prompt, args.decode, CLOCKS[args.clock])
+    parts = None
+    if args.parts and engine == "edgellm":
+        parts = decode_parts(e, prompt, args.decode, args.clock)
+    print(json.dumps({"prefill_s": tp, "decode_s": td, "tokens": out, "parts": parts}))
     return 0
 
 
@@ -479,38 +531,31 @@ def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
         log("equivalence:", json.dumps(eq))
     engines = (("edgellm", edge_path), ("llama.cpp", gguf_path))
     res = {name: {"prefill_s": [], "decode_s": []} for name, _ in engines}
+    parts = None
     for r in range(args.repeats):
         for name, path in engines:  # alternate, so that noise from other users hits both
-            tp, td, out = timed_in_child(name, path, args)
+            tp, td, out, p = timed_in_child(name, path, args, parts=r == 0)
+            parts = p or parts
             res[name]["prefill_s"].append(tp)
             res[name]["decode_s"].append(td)
             res[name]["tokens"] = out
             log(f"  repeat {r + 1} {name:9s} prefill {len(prompt) / tp:7.1f} tok/s  "
                 f"decode {args.decode / td:6.2f} tok/s")
-    # Time per part: one more edgellm run, the timer read after the prefill and reset.
+    # Prefill time per part: one more edgellm run in this process (decode's parts come from the
+    # first edgellm child, on the benchmark's clock)
     edge.rt.reset()
     edge.rt.timer.parts = {}
     t0 = time.perf_counter()
-    logits = edge.rt.forward(prompt)
+    edge.rt.forward(prompt)
     wall = time.perf_counter() - t0
     prefill_parts = dict(edge.rt.timer.parts)
     prefill_parts["other"] = wall - sum(prefill_parts.values())
-    edge.rt.timer.parts = {}
-    # attention and FFN timed apart: the per-operation path (a fused decode times each layer as
-    # one part, "layer"; bit for bit the same logits)
-    edge.rt.fused = False
-    tok = int(np.argmax(logits[-1]))
-    t0 = time.perf_counter()
-    for _ in range(args.decode):
-        tok = int(np.argmax(edge.rt.forward([tok])[-1]))
-    wall = (time.perf_counter() - t0) / args.decode
-    decode_parts = {k: v / args.decode for k, v in edge.rt.timer.parts.items()}
-    decode_parts["other"] = wall - sum(decode_parts.values())
 
     out = {"encoding": enc, "gguf_type": qname, "edgellm_dir": edge_path, "gguf": gguf_path,
-           "equivalence": eq, "edgellm_decode_parts_s_per_token": decode_parts,
+           "equivalence": eq, "edgellm_decode_parts_s_per_token": parts,
            "edgellm_prefill_parts_s": prefill_parts,
            "edgellm_bytes_per_token": edgellm_matrix_bytes(edge.rt),
+           "edgellm_part_bytes_per_token": edgellm_part_bytes(edge.rt),
            "llama_bytes_per_token": gguf_matrix_bytes(gguf_path),
            "same_tokens_last_run": res["edgellm"]["tokens"] == res["llama.cpp"]["tokens"],
            "common_prefix_last_run": _common_prefix(res["edgellm"]["tokens"],
@@ -566,13 +611,20 @@ def best_table(results):
 
 
 def parts_table(results):
+    """ms per token by part, and GB/s of the weights each part reads."""
     keys = ["embed", "attention", "ffn", "head", "other"]
-    lines = ["| encoding | " + " | ".join(f"{k} ms" for k in keys) + " | total ms |",
-             "|" + "|".join(["---"] * (len(keys) + 2)) + "|"]
+    lines = ["| encoding | " + " | ".join(f"{k} ms" for k in keys)
+             + " | total ms | attention GB/s | ffn GB/s | head GB/s |",
+             "|" + "|".join(["---"] * (len(keys) + 5)) + "|"]
     for r in results:
         p = r["edgellm_decode_parts_s_per_token"]
+        if not p:
+            continue
+        b = r["edgellm_part_bytes_per_token"]
+        rate = [f"{b[k] / p[k] / 1e9:.1f}" if p.get(k) else "-"
+                for k in ("attention", "ffn", "head")]
         lines.append(f"| {r['encoding']} | " + " | ".join(f"{p.get(k, 0) * 1e3:.1f}" for k in keys)
-                     + f" | {sum(p.values()) * 1e3:.1f} |")
+                     + f" | {sum(p.values()) * 1e3:.1f} | " + " | ".join(rate) + " |")
     return "\n".join(lines)
 
 
@@ -655,7 +707,15 @@ def main(argv=None):
     ap.add_argument("--prepare-only", action="store_true",
                     help="build the checkpoint, conversions and GGUFs, measure nothing")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                    help="wall time, or each child process's CPU time (on a shared machine, "
+                    "the engine's own work; use it with --threads 1: on more threads CPU time "
+                    "adds up the threads, spinning ones included)")
+    ap.add_argument("--ffn-down", choices=["matrix", "bundle"], default="matrix",
+                    help="edgellm's FFN layout (edgellm convert --ffn-down): the down "
+                    "projection as a matrix (default, the resident layout) or in the bundles")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(args)
@@ -668,8 +728,8 @@ def main(argv=None):
 
     os.makedirs(args.workdir, exist_ok=True)
     hf = build_checkpoint(args.workdir)
-    paths = {e: (converted(args.workdir, hf, e), write_gguf(args.workdir, hf, PAIRS[e]))
-             for e in encs}
+    paths = {e: (converted(args.workdir, hf, e, args.ffn_down),
+                 write_gguf(args.workdir, hf, PAIRS[e])) for e in encs}
     log(f"work dir {args.workdir}: {_du(args.workdir) / 1e9:.1f} GB")
     if args.prepare_only:
         return 0
@@ -704,6 +764,7 @@ def main(argv=None):
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None
                                                              else argv),
         "machine": machine(), "git": git_state(), "threads": args.threads,
+        "clock": args.clock, "ffn_down": args.ffn_down,
         "prompt_tokens": args.prompt,
         "decode_tokens": args.decode, "repeats": args.repeats, "n_ctx": args.n_ctx,
         "copy_bandwidth_Bps": copy_bw, "read_bandwidth_Bps": read_bw,
@@ -719,13 +780,15 @@ def main(argv=None):
           f"{copy_bw / 1e9:.1f} GB/s; the bandwidth is the highest of these and of the engines' "
           f"decode read rates. e = edgellm, l = llama.cpp; "
           f"ratio = edgellm / llama.cpp; {args.threads} threads, prompt {args.prompt}, "
-          f"decode {args.decode}, median of {args.repeats}.\n")
+          f"decode {args.decode}, median of {args.repeats}, {args.clock} clock, edgellm FFN "
+          f"down as a {args.ffn_down}.\n")
     print(table(results, bw))
     print("\nBest of the repeats (tokens/s):\n")
     print(best_table(results))
     print("\nEngines compute the same model:\n")
     print(eq_table(results))
-    print("\nedgellm decode, time per token by part:\n")
+    print(f"\nedgellm decode, time per token by part ({args.clock} clock, per-operation path, "
+          "first repeat):\n")
     print(parts_table(results))
     print("\nedgellm prefill, time by part:\n")
     print(prefill_parts_table(results, args.prompt))
