@@ -247,7 +247,10 @@ def test_import_matches_onnxruntime_and_hf(tmp_path, exported, name, strip, exte
     assert np.abs(got - want).max() < TOL
     # the same weights as the checkpoint the ONNX came from: identical chunks, also quantized
     assert _chunks(dst) == _chunks(tiny.converted(name, "f32"))
-    q = convert(path, tmp_path / "int4", quant="int4", progress=False)
+    from edgellm.cli import main  # the command line, on the .onnx file itself
+
+    q = str(tmp_path / "int4")
+    assert main(["convert", path, "-o", q, "--quant", "int4"]) == 0
     assert _chunks(q) == _chunks(tiny.converted(name, "int4"))
     assert json.load(open(os.path.join(q, "manifest.json")))["provenance"]["source_format"] == \
         "onnx"

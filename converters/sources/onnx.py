@@ -10,7 +10,8 @@ read of its own byte range, so peak memory is one tensor, not the model.
 
 Which initializer is which canonical tensor, in this order:
 1. by name: an initializer named like the checkpoint tensor, possibly behind a prefix
-   (`model.layers.0.input_layernorm.weight`, `m.model.norm.weight`), with the expected shape;
+   (`model.layers.0.input_layernorm.weight`, `m.model.norm.weight`) or without `model.` (a bare
+   decoder), with the expected shape;
 2. by node scope: torch names a Linear's MatMul `/model/layers.0/self_attn/q_proj/MatMul`, so
    an anonymous weight (`onnx::MatMul_123`) is still found through the node that uses it;
 3. by tracing the graph, for whatever is left (e.g. a graph whose names were all stripped):
@@ -127,7 +128,7 @@ class ONNXSource:
         by_suffix = {}
         for name in self.inits:
             for hf in needed:
-                if name == hf or name.endswith("." + hf) or hf.endswith("." + name):
+                if name == hf or name.endswith("." + hf) or hf == "model." + name:
                     by_suffix.setdefault(hf, []).append(name)
         for hf, names in by_suffix.items():
             fits = [(n, False) for n in names if self._dims(n) == shape[hf]]
