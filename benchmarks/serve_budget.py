@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,24 +36,52 @@ sys.path.insert(0, HERE)
 from flash import Cgroup  # noqa: E402  (the memory cgroup helper of the flash benchmark)
 
 BASELINE = r"""
-import gc, json, os, sys
+import gc, json, sys
+from edgellm.runtime import memory
 import fastapi, uvicorn, httpx  # the server's own imports
 import edgellm
 from edgellm import server
-a = json.loads(sys.argv[1])
+
+
+def usage():
+    rss = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS")][0]
+    own = [l.split(":", 2)[2].strip() for l in open("/proc/self/cgroup") if ":memory:" in l]
+    cg = int(open("/sys/fs/cgroup/memory" + own[0] + "/memory.usage_in_bytes").read()) if own else None
+    return {"rss": rss, "anon": memory.anonymous_bytes(), "cgroup_usage": cg}
+
+
+out = {"imports": usage()}
+# the code: the kernels compiled (loaded from Numba's cache) by running them once on the 5 MB demo
+# model under a budget, then the model dropped and freed heap returned
 from edgellm.cli import demo_model_path
-# the code and its kernels, run once on the 5 MB demo model under a budget (a dropped model's
-# memory does not all go back to the system, so the served model is not loaded here)
 m = edgellm.load(demo_model_path(), dram_budget="8MB", cold=True)
 m.warmup()
 "".join(m.generate("Hello there", max_tokens=8, temperature=0))
-rss = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS")][0]
-own = [l.split(":", 2)[2].strip() for l in open("/proc/self/cgroup") if ":memory:" in l]
-usage = None
-for f in (["/sys/fs/cgroup/memory" + own[0] + "/memory.usage_in_bytes"] if own else []):
-    usage = int(open(f).read())
-print(json.dumps({"rss": rss, "cgroup_usage": usage}))
+m.stream.close()
+del m
+gc.collect()
+memory.trim()
+out["code"] = usage()
+print(json.dumps(out))
 """
+
+
+class Sampler(threading.Thread):
+    """The server's anonymous memory every `every` seconds (its peak, as VmHWM counts file
+    pages too: libraries' code)."""
+
+    def __init__(self, pid, every=0.1):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak, self.stop = pid, every, 0, threading.Event()
+
+    def run(self):
+        from edgellm.runtime import memory
+
+        while not self.stop.wait(self.every):
+            a = memory.anonymous_bytes(self.pid)
+            if a is None:
+                return
+            self.peak = max(self.peak, a)
 
 
 def free_port():
@@ -83,7 +112,36 @@ def oom_kills(cg):
     return None
 
 
-def conversation(url, k, turns, max_tokens):
+def post(url, body, stream):
+    """(status, usage or error text, answer text) of one chat request; stream: read it as
+    server-sent events, usage from the last chunk (stream_options.include_usage)."""
+    import httpx
+
+    if not stream:
+        r = httpx.post(url + "/v1/chat/completions", timeout=1800, json=body)
+        if r.status_code != 200:
+            return r.status_code, r.json(), None
+        return 200, r.json()["usage"], r.json()["choices"][0]["message"]["content"]
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=1800, json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, r.json(), None
+        text, usage = [], None
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return 500, chunk, None
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk.get("choices") or []:
+                text.append(c["delta"].get("content") or "")
+        return 200, usage, "".join(text)
+
+
+def conversation(url, k, turns, max_tokens, stream):
     import httpx
 
     messages = [{"role": "system", "content": f"You are assistant number {k}."}]
@@ -92,20 +150,19 @@ def conversation(url, k, turns, max_tokens):
         messages.append({"role": "user", "content": f"Tell me a long story about the number "
                          f"{k * 10 + t}, with many details."})
         try:
-            r = httpx.post(url + "/v1/chat/completions", timeout=1800, json={
+            status, usage, text = post(url, {
                 "messages": messages, "max_tokens": max_tokens, "temperature": 0.8,
-                "seed": k * 100 + t})
+                "seed": k * 100 + t}, stream)
         except httpx.TransportError as e:
             out.append((None, f"{type(e).__name__}: {e}"))
             break
-        if r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded":
+        if status == 400 and usage["error"]["code"] == "context_length_exceeded":
             out.append((400, "context full"))  # the conversation has filled its context: done
             break
-        out.append((r.status_code, r.json()["usage"] if r.status_code == 200 else r.text[:300]))
-        if r.status_code != 200:
+        out.append((status, usage if status == 200 else json.dumps(usage)[:300]))
+        if status != 200:
             break
-        messages.append({"role": "assistant", "content": r.json()["choices"][0]["message"][
-            "content"]})
+        messages.append({"role": "assistant", "content": text})
     return out
 
 
@@ -115,7 +172,8 @@ def main():
     ap.add_argument("--dram-budget", default="150MB")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--kv-slots", type=int, default=4)
-    ap.add_argument("--conversations", type=int, default=12)
+    ap.add_argument("--conversations", type=int, default=16)
+    ap.add_argument("--no-stream", action="store_true", help="plain (not streamed) answers")
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=300)
     ap.add_argument("--margin", default="0", help="added to the cgroup limit (e.g. 16MB), to "
@@ -124,22 +182,25 @@ def main():
     args = ap.parse_args()
 
     from edgellm.models import resolve_model
-    from edgellm.runtime import format, plan
+    from edgellm.runtime import format, memory, plan
     from edgellm.runtime.reader import Reader
     from edgellm.runtime.streaming import open_stream
-    from edgellm.server import model_budget
+    from edgellm.server import model_budget, set_aside
 
     path = resolve_model(args.model)
     budget = plan.parse_budget(args.dram_budget)
-    mbudget = model_budget(path, budget, args.kv_slots, args.ctx)
+    queue = args.conversations + 4
+    mbudget = model_budget(path, budget, args.kv_slots, args.ctx, queue)
     manifest, cfg = format.read_manifest(path)
     p = open_stream(Reader(path, manifest), cfg, mbudget, n_ctx=args.ctx, plan_only=True)
     kv = plan.kv_bytes(cfg, args.ctx)
-    accounted = p.total + (args.kv_slots - 1) * kv
+    aside = set_aside(path, args.kv_slots, args.ctx, queue)
+    accounted = p.total + sum(b for _, b in aside)
     print(f"model {path}\nbudget {plan.human(budget)}: plan for the model and its first KV cache "
           f"{plan.human(p.total)} (of {plan.human(mbudget)}, mode {p.mode}, read/token "
-          f"{plan.human(p.read_per_token)}) + {args.kv_slots - 1} KV caches of {plan.human(kv)}"
-          f" = {plan.human(accounted)}", flush=True)
+          f"{plan.human(p.read_per_token)}) + "
+          + " + ".join(f"{n} {plan.human(b)}" for n, b in aside)
+          + f" = {plan.human(accounted)}", flush=True)
 
     # the baseline: in its own cgroup without a limit
     cg = Cgroup(f"edgellm-serve-base-{os.getpid()}")
@@ -149,14 +210,19 @@ def main():
             text=True, preexec_fn=cg.enter, timeout=900)
         if r.returncode:
             sys.exit(f"baseline failed: {r.stderr[-2000:]}")
-        base = json.loads(r.stdout.strip().splitlines()[-1])
+        base_all = json.loads(r.stdout.strip().splitlines()[-1])
+        base = base_all["code"]
         base_rss = base["rss"]
         base_cg = base["cgroup_usage"] if base["cgroup_usage"] is not None else cg.peak()
     finally:
         cg.remove()
     limit = budget + base_cg + (plan.parse_budget(args.margin) if args.margin != "0" else 0)
-    print(f"baseline (outside the budget): cgroup usage {plan.human(base_cg)}, RSS "
-          f"{plan.human(base_rss)}; cgroup limit {plan.human(limit)}", flush=True)
+    imp = base_all["imports"]
+    print(f"baseline (outside the budget: interpreter, libraries, compiled kernels, no model "
+          f"data): cgroup usage {plan.human(base_cg)}, RSS {plan.human(base_rss)}, anonymous "
+          f"{plan.human(base['anon'])}; of which imports only: cgroup {plan.human(imp['cgroup_usage'])}"
+          f", RSS {plan.human(imp['rss'])}, anonymous {plan.human(imp['anon'])}; "
+          f"cgroup limit {plan.human(limit)}", flush=True)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -165,11 +231,11 @@ def main():
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgellm.cli", "serve", path, "--port", str(port),
          "--dram-budget", str(budget), "--ctx", str(args.ctx), "--kv-slots",
-         str(args.kv_slots), "--queue-size", str(args.conversations + 4), "--log-level",
+         str(args.kv_slots), "--queue-size", str(queue), "--log-level",
          "warning"], stdout=log, stderr=subprocess.STDOUT, preexec_fn=cg.enter,
         cwd=tempfile.gettempdir())
     failures, summary = [], {}
-    hwm = None
+    hwm = anon_end = anon_peak = idle = None
     try:
         import httpx
 
@@ -183,12 +249,20 @@ def main():
                     break
             except httpx.TransportError:
                 time.sleep(0.5)
+        idle = memory.anonymous_bytes(proc.pid)
+        sampler = Sampler(proc.pid)
+        sampler.start()
         t = time.monotonic()
         with ThreadPoolExecutor(args.conversations) as pool:
-            results = list(pool.map(lambda k: conversation(url, k, args.turns, args.max_tokens),
-                                    range(args.conversations)))
+            results = list(pool.map(lambda k: conversation(
+                url, k, args.turns, args.max_tokens, not args.no_stream),
+                range(args.conversations)))
         seconds = time.monotonic() - t
         hwm = status_field(proc.pid, "VmHWM")
+        anon_end = memory.anonymous_bytes(proc.pid)
+        sampler.stop.set()
+        sampler.join()
+        anon_peak = sampler.peak
         alive = proc.poll() is None
         try:
             health = httpx.get(url + "/health", timeout=10).json()
@@ -215,6 +289,8 @@ def main():
     tokens = sum(u["completion_tokens"] for s, u in turns if s == 200)
     peak_model = hwm - base_rss if hwm else None
     summary = {"model": path, "budget": budget, "baseline_cgroup": base_cg,
+               "baseline": base_all, "set_aside": aside, "anon_end": anon_end,
+               "anon_peak": anon_peak, "anon_idle": idle,
                "baseline_rss": base_rss, "cgroup_limit": limit, "plan_total": p.total,
                "kv_bytes": kv, "kv_slots": args.kv_slots, "accounted": accounted,
                "peak_rss": hwm, "peak_rss_over_baseline": peak_model, "cgroup_peak": peak_cg,
@@ -233,6 +309,12 @@ def main():
               f"{plan.human(hwm)} - baseline RSS {plan.human(base_rss)} = "
               f"{plan.human(peak_model)} ({peak_model / accounted:.2f}x the accounting)",
               flush=True)
+    if anon_peak:
+        print(f"anonymous memory: idle after start-up {plan.human(idle - base['anon'])} over the "
+              f"baseline; peak {plan.human(anon_peak)} - baseline {plan.human(base['anon'])} = "
+              f"{plan.human(anon_peak - base['anon'])} ({(anon_peak - base['anon']) / accounted:.3f}"
+              f"x the accounting); after the run {plan.human(anon_end - base['anon'])}",
+              flush=True)
     print(f"cgroup peak {plan.human(peak_cg)} - baseline {plan.human(base_cg)} = "
           f"{plan.human(peak_cg - base_cg)} (limit {plan.human(limit)}; includes page cache)",
           flush=True)
@@ -242,8 +324,9 @@ def main():
         failures.append(f"{oom} processes killed for memory in the cgroup")
     if bad:
         failures.append(f"{len(bad)} requests failed: {bad[:3]}")
-    if peak_model is not None and peak_model > budget:
-        failures.append(f"peak over the baseline {plan.human(peak_model)} exceeds the budget")
+    if anon_peak and anon_peak - base["anon"] > budget:
+        failures.append(f"anonymous memory over the baseline {plan.human(anon_peak - base['anon'])}"
+                        " exceeds the budget")
     summary["failures"] = failures
     if args.json:
         with open(args.json, "w") as f:

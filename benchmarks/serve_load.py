@@ -263,7 +263,16 @@ def main():
 
     import logging
 
-    logging.getLogger("asyncio").setLevel(logging.ERROR)  # "socket.send() raised": hang-ups
+    class Count(logging.Handler):  # asyncio's warnings (e.g. "socket.send() raised exception."
+        def __init__(self):  # after a hang-up: writes to a lost connection) are counted: none
+            super().__init__(logging.WARNING)  # may appear
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logged = Count()
+    logging.getLogger("asyncio").addHandler(logged)
     import edgellm
     from edgellm import server
     from edgellm.cli import demo_model_path
@@ -377,6 +386,11 @@ def main():
             proc.kill()
         main_srv.stop()
         busy_srv.stop()
+    summary["asyncio_warnings"] = len(logged.messages)
+    print(f"asyncio warnings logged: {len(logged.messages)} "
+          f"{sorted(set(logged.messages))[:3] if logged.messages else ''}")
+    if logged.messages:
+        failures.append(f"{len(logged.messages)} asyncio warnings: {logged.messages[:2]}")
     summary["failures"] = failures
     if args.json:
         with open(args.json, "w") as f:

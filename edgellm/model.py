@@ -39,7 +39,7 @@ class Model:
     @classmethod
     def load(cls, path, verify=False, n_ctx=None, threads=None, kv=kvcache.DEFAULT,
              dram_budget=None, mode=None, window=None, io_threads=None, cold=False,
-             oracle=False):
+             oracle=False, mmap=True):
         """Open a model directory. verify=True reads every chunk and checks its sha256.
         n_ctx: context length (default: the model's, capped at 4096). threads: kernel and BLAS
         threads (default: one per core). kv: KV cache encoding, "f16" (default), "f32" or
@@ -49,11 +49,13 @@ class Model:
         or "naive"; window: tokens a neuron stays cached; io_threads: parallel reads (default
         up to 32, their memory at most 1/8 of the budget); cold: drop read pages from the page
         cache; oracle: window mode with the true active set of a ReLU model (measurements only;
-        docs/INTERNALS.md, "Streaming")."""
+        docs/INTERNALS.md, "Streaming"). mmap=False: read the chunks into memory instead of
+        mapping them (a mapped file truncated by another process kills this one with SIGBUS;
+        edgellm serve uses this)."""
         path = os.fspath(path)
         set_threads(threads)
         manifest, config = format.read_manifest(path)
-        reader = Reader(path, manifest)
+        reader = Reader(path, manifest, mapped=mmap)
         if verify:
             reader.verify()
         tokenizer = Tokenizer.load(path, manifest)
@@ -105,9 +107,16 @@ class Model:
             self.stream.reset_caches()
         return time.perf_counter() - t
 
+    def check_files(self):
+        """A FormatError when a chunk file the runtime reads again changed on disk since the
+        model was loaded: mapped chunks (their pages may be read again) and streamed layers.
+        Chunks read into memory (mmap=False, no budget) cannot change under the model."""
+        if self.reader.mapped or self.stream is not None:
+            self.reader.check_unchanged()
+
     def logits(self, ids):
         """float32 logits [len(ids), vocab] for a token sequence, from an empty context."""
-        self.reader.check_unchanged()
+        self.check_files()
         self.runtime.cache = self.default_cache
         self.runtime.reset()
         out = self.runtime.forward(ids, all_logits=True)
@@ -136,7 +145,7 @@ class Model:
         if max_tokens < 0:
             raise EdgeLLMError(f"max_tokens must be >= 0, got {max_tokens}")
         shift = self._window(context_shift, sinks, shift_size)
-        self.reader.check_unchanged()  # a chunk changed on disk: an error, not wrong weights
+        self.check_files()  # a chunk changed on disk: an error, not wrong weights
         stop = [stop] if isinstance(stop, str) else [s for s in stop if s]
         sampler = Sampler(params or SamplingParams(**sampling))
         rt = self.runtime

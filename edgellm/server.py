@@ -590,6 +590,14 @@ class Service:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
             while True:
+                # Pieces that queued up while the loop was busy would be written in one burst
+                # without yielding to it; when the first write finds the connection reset, asyncio
+                # logs "socket.send() raised exception." for each further write. Yielding once
+                # per piece lets the lost connection be noticed: uvicorn then drops writes
+                # silently, and the job is cancelled (gone).
+                await asyncio.sleep(0)
+                if gone.done():
+                    return
                 kind, value = await job.events.get()
                 if kind == "text":
                     yield chunk({"content": value}, text=value)
@@ -704,20 +712,44 @@ def _url(host, port):
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def model_budget(model_path, dram_budget, kv_slots, n_ctx=None):
-    """The DRAM budget left for the model once the pool's other KV caches are set aside: the
-    planner counts one KV cache (the model's own), the server keeps up to kv_slots."""
+def request_bytes(n_ctx):
+    """Allowance for one request held (running or queued): its body, token ids (up to n_ctx, as
+    Python ints in a few lists), the pieces waiting for a slow client and the connection's
+    buffers. An allowance, not a ledger: 16 streaming clients on SmolLM2 at 512 positions held
+    under 1.5 MB outside the plan, tokenizer and KV caches (benchmarks/serve_budget.py)."""
+    return (64 << 10) + 128 * n_ctx
+
+
+
+def set_aside(model_path, kv_slots, n_ctx=None, queue_size=DEFAULT_QUEUE):
+    """What `serve --dram-budget` sets aside before planning the model, as (part, bytes): the
+    pool's other KV caches (the planner counts the model's own), the tokenizer (an estimate) and
+    the requests held (REQUEST_BYTES each; the planner covers weights, KV cache, buffers and
+    scratch). The process's code (interpreter, libraries, compiled kernels) is the baseline
+    outside the budget (docs/SERVER.md)."""
     from .model import DEFAULT_CONTEXT
     from .runtime import format, plan
 
-    total = plan.parse_budget(dram_budget)
-    _, config = format.read_manifest(os.fspath(model_path))
+    path = os.fspath(model_path)
+    manifest, config = format.read_manifest(path)
     n = n_ctx or min(config.max_context, DEFAULT_CONTEXT)
-    extra = (max(1, kv_slots) - 1) * plan.kv_bytes(config, n)
+    slots = max(1, kv_slots)
+    return [(f"{slots - 1} more KV caches ({n} positions)", (slots - 1) * plan.kv_bytes(config, n)),
+            ("tokenizer", plan.tokenizer_bytes(path, manifest)),
+            (f"requests ({queue_size} queued + 1 running)", (queue_size + 1) * request_bytes(n))]
+
+
+def model_budget(model_path, dram_budget, kv_slots, n_ctx=None, queue_size=DEFAULT_QUEUE):
+    """The DRAM budget left for the model once set_aside's parts are taken out of it."""
+    from .runtime import plan
+
+    total = plan.parse_budget(dram_budget)
+    parts = set_aside(model_path, kv_slots, n_ctx, queue_size)
+    extra = sum(b for _, b in parts)
     if total - extra <= 0:
-        raise EdgeLLMError(f"--dram-budget {dram_budget}: the {kv_slots} KV caches of {n} "
-                           f"positions alone take {plan.human(extra + plan.kv_bytes(config, n))}"
-                           "; lower --kv-slots or --ctx")
+        raise EdgeLLMError(f"--dram-budget {dram_budget}: "
+                           + ", ".join(f"{name} {plan.human(b)}" for name, b in parts)
+                           + " already take it; lower --kv-slots or --ctx")
     return total - extra
 
 
@@ -734,9 +766,17 @@ def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT
     stream = {}
     if dram_budget is not None or mode is not None:
         budget = None if dram_budget is None else model_budget(model_path, dram_budget,
-                                                                 kv_slots, n_ctx)
+                                                                 kv_slots, n_ctx, queue_size)
         stream = {"dram_budget": budget, "mode": mode}
-    model = load(model_path, n_ctx=n_ctx, threads=threads, **stream)
+    # chunks read into memory, not mapped: a mapped file truncated by another process would kill
+    # the server with SIGBUS (docs/SERVER.md, "Under load and faults")
+    model = load(model_path, n_ctx=n_ctx, threads=threads, mmap=False, **stream)
+    if dram_budget is not None:  # the plan shows all the budget covers, set-aside parts too
+        from .runtime.plan import Part, parse_budget
+
+        model.plan.parts += [Part(n, b, "buffer", note="set aside by the server")
+                             for n, b in set_aside(model_path, kv_slots, n_ctx, queue_size)]
+        model.plan.budget = parse_budget(dram_budget)
     model.warmup()
     name = name or os.path.basename(os.path.normpath(os.fspath(model_path)))
     app = create_app(model, name, queue_size=queue_size, kv_slots=kv_slots, api_key=api_key,
@@ -755,9 +795,10 @@ def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT
                     print(f"warning: listening on {host} with no --api-key: anyone who can reach "
                           "this address can use the model", flush=True)
                 if dram_budget is not None:
-                    print(f"edgellm serve: DRAM budget {human(model.plan.budget)} for the model "
-                          f"and its first KV cache, {kv_slots - 1} more KV caches set aside",
-                          flush=True)
+                    aside = [p for p in model.plan.parts if p.note == "set aside by the server"]
+                    print(f"edgellm serve: DRAM budget {human(model.plan.budget)}: plan "
+                          f"{human(model.plan.total)}, of which set aside "
+                          + ", ".join(f"{p.name} {human(p.nbytes)}" for p in aside), flush=True)
 
         async def shutdown(self, sockets=None):
             engine = app.state.engine

@@ -199,6 +199,23 @@ def kv_bytes(cfg, n_ctx, kv=None):
     return KVCache(cfg, n_ctx, kv or DEFAULT).nbytes()  # zero pages: nothing is touched here
 
 
+# memory a loaded tokenizer holds per byte of its file (after memory.trim): SmolLM2's 1.6 MB
+# tokenizer.json (Hugging Face tokenizers, 49k-token BPE) 8.1x; a 32k sentencepiece model 1.8x
+TOKENIZER_FACTOR = {"hf": 10, "sentencepiece": 2}
+
+
+def tokenizer_bytes(model_dir, manifest):
+    """Estimated memory of the model's loaded tokenizer (0 when its file cannot be stat'ed)."""
+    import os
+
+    spec = manifest.get("tokenizer") or {}
+    try:
+        size = os.path.getsize(format.safe_path(model_dir, spec["file"]))
+    except (OSError, KeyError, TypeError, EdgeLLMError):
+        return 0
+    return size * TOKENIZER_FACTOR.get(spec.get("kind"), 10)
+
+
 def cache_row_overhead(stride):
     return stride + 4 + 8  # buffer row, ids, last_used
 

@@ -1,7 +1,11 @@
 """The one reader: every weight byte the runtime uses comes through a Reader.
 
 Resident mode memory-maps each chunk after checking it against the manifest and hands out
-zero-copy NumPy views. (The flash reader of a later issue adds pread-based streaming here.)
+zero-copy NumPy views; with mapped=False it reads each chunk into memory instead (views of that
+copy). A mapped file that another process truncates kills this process with SIGBUS at the next
+touch of a page past the new end, which no Python code can catch: a long-running server reads its
+chunks into memory (edgellm serve), after which nothing on disk can change its weights. Streaming
+under a DRAM budget reads through runtime/flashio.py instead (runtime/streaming.py).
 """
 
 import hashlib
@@ -35,9 +39,10 @@ class Matrix:
 
 
 class Reader:
-    def __init__(self, model_dir, manifest):
+    def __init__(self, model_dir, manifest, mapped=True):
         self.model_dir = os.fspath(model_dir)
         self.manifest = manifest
+        self.mapped = mapped  # False: chunks are read into memory, not mapped
         self.chunks = {c["file"]: c for c in manifest["chunks"]}
         self._maps = {}  # file -> (mmap, {stored name: (dtype, shape, begin, end)})
         self.bytes_mapped = 0
@@ -51,7 +56,8 @@ class Reader:
             path = format.safe_path(self.model_dir, file)
             extents = format.check_chunk(path, self.chunks[file])
             with open(path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                mm = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.mapped
+                      else _read_all(f, path, self.chunks[file]["size"]))
             self._maps[file] = (mm, extents)
             self.bytes_mapped += len(mm)
         return self._maps[file]
@@ -95,10 +101,12 @@ class Reader:
 
     def check_unchanged(self):
         """Raise a FormatError when a chunk file changed on disk since the model was loaded
-        (removed, replaced, truncated, or written to: its inode, size or mtime differ). Costs one
-        stat per chunk. Weights already mapped or read would no longer match the file, and a
-        mapped file that shrank faults (SIGBUS) where its pages are gone: callers check before
-        each generation, so such a change ends in this error instead."""
+        (removed, replaced, truncated, or written to: its device, inode, size, mtime or ctime
+        differ; ctime too because tools that keep a file's mtime, such as rsync -t or cp -p,
+        cannot keep its ctime). Costs one stat per chunk. Weights already mapped or read would
+        no longer match the file, and a mapped file that shrank faults (SIGBUS) where its pages
+        are gone: callers check before each generation, so such a change ends in this error
+        instead (a change during a generation is not seen: docs/INTERNALS.md)."""
         for file, seen in self._seen.items():
             path = os.path.join(self.model_dir, file)
             now = _identity(path)
@@ -111,7 +119,7 @@ class Reader:
             elif now[2] != seen[2]:
                 what = f"its size changed from {seen[2]} to {now[2]} bytes"
             else:
-                what = "written to"
+                what = "written to, or its status changed"
             raise FormatError(path, f"changed on disk since the model was loaded ({what}); load "
                                     "the model again")
 
@@ -120,13 +128,28 @@ class Reader:
         self._maps.clear()
 
 
+def _read_all(f, path, size):
+    """A chunk file's bytes in a read-only array (a file shorter than the manifest says, e.g.
+    truncated since it was checked, is a FormatError)."""
+    buf = np.empty(size, np.uint8)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = f.readinto(view[got:])
+        if not n:
+            raise FormatError(path, f"file ended after {got} of {size} bytes while being read "
+                                    "(truncated?)")
+        got += n
+    buf.flags.writeable = False
+    return buf
+
+
 def _identity(path):
-    """(device, inode, size, mtime) of a file, or None when it cannot be stat'ed."""
+    """(device, inode, size, mtime, ctime) of a file, or None when it cannot be stat'ed."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def load_matrix(src, file, name):

@@ -6,6 +6,14 @@ incremental detokenizer that streaming needs.
 
 from . import format
 from .errors import EdgeLLMError, FormatError
+from .memory import trim
+
+
+def is_panic(exc):
+    """A Rust panic inside the tokenizers library reaches Python as pyo3's PanicException, a
+    BaseException (not an Exception): e.g. tokenizers 0.23's from_file on some malformed JSON
+    (found by the fuzzer: tests/fuzz/corpus/tokenizer)."""
+    return type(exc).__name__ == "PanicException"
 
 
 class Tokenizer:
@@ -34,11 +42,16 @@ class Tokenizer:
                 import tokenizers
 
                 impl = tokenizers.Tokenizer.from_file(path)
+                trim()  # its JSON parse leaves ~2x the tables' size free in the C heap
                 vocab = impl.get_vocab_size(with_added_tokens=True)
                 bos, eos = None, []
         except FormatError:
             raise
         except Exception as e:  # the libraries raise RuntimeError/ValueError/OSError variously
+            raise FormatError(path, f"cannot load tokenizer: {e}") from None
+        except BaseException as e:
+            if not is_panic(e):
+                raise
             raise FormatError(path, f"cannot load tokenizer: {e}") from None
         if cfg.get("bos_token_id") is not None:
             bos = cfg["bos_token_id"]

@@ -14,7 +14,10 @@ changes under a loaded model.
 - a chunk truncated during a streamed generation ends that generation with a FlashReadError naming
   the file; the same model generates again once the file is back (tests/test_flash.py injects an
   I/O error the same way). A chunk truncated, written to or replaced while a model is loaded is
-  detected at the next generation (stat: inode, size, mtime), mapped or streamed.
+  detected at the next generation (stat: inode, size, mtime, ctime), mapped or streamed.
+- a chunk truncated during a resident generation: mapped, the process dies of SIGBUS (the
+  limit, shown in a child process); read into memory (mmap=False, as edgellm serve loads) the
+  generation and the server go on; a served model under a budget ends that stream with an error.
 """
 
 import json
@@ -380,10 +383,14 @@ def test_chunk_truncated_during_a_streamed_generation(tmp_path):
     os.truncate(chunk, len(data) // 2)
     with pytest.raises(FlashReadError, match="layer_002.safetensors"):
         list(gen)
-    # back as it was (bytes and mtime): the same model generates again, the same text
+    # back as it was (bytes and mtime): the ctime still tells that the file was written to
     with open(chunk, "r+b") as f:
         f.write(data)
     os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(FormatError, match="layer_002.safetensors.*written to"):
+        m.complete(PROMPT, max_tokens=12, temperature=0)
+    # the process goes on: loaded again, the model generates the same text
+    m = edgellm.load(path, dram_budget="5MB", mode="naive")
     assert m.complete(PROMPT, max_tokens=12, temperature=0) == want
 
 
@@ -422,3 +429,90 @@ def test_chunk_changed_while_loaded_is_detected(tmp_path, change, streamed):
     else:
         with pytest.raises(EdgeLLMError, match="layer_001.safetensors"):
             edgellm.load(path, **kwargs).complete(PROMPT, max_tokens=4, temperature=0)
+
+
+# A chunk truncated while a resident model generates. Mapped (the library's default), the next
+# touch of a page past the new end kills the process with SIGBUS, which Python cannot catch;
+# read into memory (mmap=False, what edgellm serve does) the generation goes on unaffected.
+
+SIGBUS_CHILD = r"""
+import os, sys
+import edgellm
+path = sys.argv[1]
+m = edgellm.load(path, mmap=sys.argv[2] == "mapped")
+m.complete("Hello", max_tokens=2, temperature=0)  # kernels compiled, every page touched
+for f in os.listdir(path):
+    if f.endswith(".safetensors"):
+        os.truncate(os.path.join(path, f), 0)
+m.runtime.reset()
+m.runtime.forward([1, 2, 3])  # what the running generation does next
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["mapped", "read"])
+def test_chunks_truncated_under_a_resident_model(tmp_path, how):
+    path = demo_copy(tmp_path)
+    r = subprocess.run([sys.executable, "-c", SIGBUS_CHILD, str(path), how], capture_output=True,
+                       text=True, timeout=300, cwd=tempfile.gettempdir())
+    if how == "mapped":  # the limit this documents (docs/INTERNALS.md)
+        assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-2000:])
+    else:
+        assert r.returncode == 0 and "alive" in r.stdout, r.stderr[-2000:]
+
+
+def test_chunks_truncated_during_a_generation_read_into_memory(tmp_path):
+    path = demo_copy(tmp_path)
+    want = edgellm.load(path).complete(PROMPT, max_tokens=12, temperature=0)
+    m = edgellm.load(path, mmap=False)
+    gen = m.generate(PROMPT, max_tokens=12, temperature=0)
+    got = next(gen)
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            os.truncate(path / f, 0)
+    got += "".join(gen)
+    assert got == want
+    # nothing on disk is read again: the loaded model goes on as it was
+    assert m.complete(PROMPT, max_tokens=12, temperature=0) == want
+
+
+def test_server_survives_chunks_truncated_during_a_stream(tmp_path):
+    """The served model (read into memory, as `edgellm serve` loads it) finishes the stream it
+    was generating when its files were truncated, and answers the next requests; under a DRAM
+    budget (layers streamed from the files) the running stream ends with an error event, and
+    the next requests get a 400 naming the changed file; the server keeps answering."""
+    pytest.importorskip("fastapi", reason="fastapi is not installed")
+    httpx = pytest.importorskip("httpx", reason="the test extra (httpx) is not installed")
+    from test_server_load import Running
+
+    for kw in ({"mmap": False}, {"mmap": False, "dram_budget": "5MB", "mode": "naive"}):
+        path = demo_copy(tmp_path / str(len(kw)))
+        m = edgellm.load(path, **kw)
+        body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+        with Running(m) as srv:
+            want = httpx.post(srv.url + "/v1/completions", json=body, timeout=120).json()[
+                "choices"][0]["text"]
+            events = []
+            with httpx.stream("POST", srv.url + "/v1/completions", json=dict(body, stream=True),
+                              timeout=120) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    if not events:  # the first piece is out: the files lose their contents
+                        for f in os.listdir(path):
+                            if f.endswith(".safetensors"):
+                                os.truncate(path / f, 0)
+                    events.append(json.loads(line[6:]))
+            text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+            after = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+            health = httpx.get(srv.url + "/health", timeout=30)
+        assert health.status_code == 200
+        if "dram_budget" not in kw:
+            assert text == want and not any("error" in e for e in events)
+            assert after.status_code == 200 and after.json()["choices"][0]["text"] == want
+        else:
+            err = [e["error"] for e in events if "error" in e]
+            assert err and "safetensors" in err[0]["message"], events
+            assert after.status_code == 400, after.text
+            assert "changed on disk" in after.json()["error"]["message"]

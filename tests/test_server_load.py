@@ -208,18 +208,24 @@ def test_clients_that_hang_up_free_the_worker_within_a_token(model, monkeypatch)
 # --dram-budget covers every KV slot (benchmarks/serve_budget.py measures it in a cgroup)
 
 
-def test_dram_budget_sets_aside_the_other_kv_slots():
+def test_dram_budget_sets_aside_the_other_kv_slots_the_tokenizer_and_requests():
+    import os
+
     from edgellm.runtime import format, plan
     from edgellm.runtime.errors import EdgeLLMError
 
-    _, cfg = format.read_manifest(DEMO)
+    manifest, cfg = format.read_manifest(DEMO)
     kv = plan.kv_bytes(cfg, 256)
-    assert kv > 0
+    tok = os.path.getsize(os.path.join(DEMO, manifest["tokenizer"]["file"]))
+    assert kv > 0 and manifest["tokenizer"]["kind"] == "sentencepiece"
     budget = 8_000_000
-    left = server.model_budget(DEMO, budget, kv_slots=4, n_ctx=256)
-    assert left == budget - 3 * kv
+    aside = dict(server.set_aside(DEMO, kv_slots=4, n_ctx=256, queue_size=8))
+    requests = 9 * server.request_bytes(256)  # 8 queued + 1 running
+    assert sorted(aside.values()) == sorted([3 * kv, 2 * tok, requests])  # 2x a sentencepiece
+    left = server.model_budget(DEMO, budget, kv_slots=4, n_ctx=256, queue_size=8)
+    assert left == budget - 3 * kv - 2 * tok - requests
     m = edgellm.load(DEMO, n_ctx=256, dram_budget=left)
     assert m.plan.total <= left and m.plan.total + 3 * m.default_cache.nbytes() <= budget
     assert m.default_cache.nbytes() == kv  # the planner's KV cache is the pool's size
-    with pytest.raises(EdgeLLMError, match="KV caches"):
+    with pytest.raises(EdgeLLMError, match="KV caches.*tokenizer"):
         server.model_budget(DEMO, 3 * kv, kv_slots=4, n_ctx=256)
