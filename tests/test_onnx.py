@@ -256,6 +256,49 @@ def test_import_matches_onnxruntime_and_hf(tmp_path, exported, name, strip, exte
         "onnx"
 
 
+@pytest.mark.slow
+def test_import_merged_decoder(tmp_path, exported):
+    """optimum's decoder_model_merged.onnx layout: the model inside both branches of an If."""
+    from edgellm.converters.convert import convert
+
+    path = exported("llama", True, False)
+    m = onnx.load(path)
+    h = onnx.helper
+
+    def branch(tag):
+        out = {o: f"{tag}/{o}" for n in m.graph.node for o in n.output}
+        nodes = []
+        for n in m.graph.node:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            for k, i in enumerate(c.input):
+                c.input[k] = out.get(i, i)
+            for k, o in enumerate(c.output):
+                c.output[k] = out[o]
+            nodes.append(c)
+        return h.make_graph(nodes, tag, [], [h.make_tensor_value_info(
+            out["logits"], onnx.TensorProto.FLOAT, None)])
+
+    cond = h.make_node("Constant", [], ["use_cache"], value=h.make_tensor(
+        "c", onnx.TensorProto.BOOL, [], [True]))
+    node = h.make_node("If", ["use_cache"], ["logits"], then_branch=branch("with_past"),
+                       else_branch=branch("without_past"))
+    merged = h.make_model(h.make_graph([cond, node], "merged", list(m.graph.input),
+                                       list(m.graph.output), list(m.graph.initializer)),
+                          opset_imports=m.opset_import)
+    d = tmp_path / "merged"
+    shutil.copytree(os.path.dirname(path), d)
+    os.remove(d / "model.onnx")
+    onnx.save_model(merged, str(d / "decoder_model_merged.onnx"))
+    ids = tiny.token_ids("llama")
+    sess = ort.InferenceSession(str(d / "decoder_model_merged.onnx"),
+                                providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"input_ids": np.array([ids], np.int64)})[0][0]
+    dst = convert(d, tmp_path / "out", quant="f32", progress=False)  # the directory
+    assert np.abs(_edge_logits(dst, ids) - want).max() < TOL
+    assert _chunks(dst) == _chunks(tiny.converted("llama", "f32"))
+
+
 def test_round_trip_through_onnx(tmp_path):
     """export --to onnx of a float model, converted back: the same chunks."""
     from edgellm.converters.convert import convert

@@ -25,7 +25,8 @@ Which initializer is which canonical tensor, in this order:
 MatMul computes x·W with W stored [in, out]: such weights are transposed to the checkpoint's
 [out, in] when read (Gemm with transB=1 stores [out, in] already).
 
-Anything missing is an error naming the .onnx file and the tensors not found, before anything is
+An If node (optimum's merged decoder: the model with and without past keys in its two branches)
+is read through its then_branch. Anything missing is an error naming the .onnx file and the tensors not found, before anything is
 written. Graphs that are already quantized (MatMulNBits, DequantizeLinear, MatMulInteger) are
 refused: convert a floating-point export.
 """
@@ -70,6 +71,23 @@ def find_onnx(src):
     return None
 
 
+def _flatten(graph):
+    """(nodes, initializers) of a graph, an If node replaced by its then_branch: optimum's merged
+    decoder (decoder_model_merged.onnx) holds the model twice, with and without past keys, in the
+    two branches of one If; either branch has every weight, the other would repeat them."""
+    nodes, inits = [], list(graph.initializer)
+    for n in graph.node:
+        branch = next((a.g for a in n.attribute if a.name == "then_branch"), None) \
+            if n.op_type == "If" else None
+        if branch is None:
+            nodes.append(n)
+            continue
+        sub_nodes, sub_inits = _flatten(branch)
+        nodes += sub_nodes
+        inits += sub_inits
+    return nodes, inits
+
+
 class ONNXSource:
     """An ONNX decoder seen through Hugging Face checkpoint names (the HFSource interface)."""
 
@@ -83,17 +101,18 @@ class ONNXSource:
             raise ConvertError(f"{self.path}: cannot read ONNX ({type(e).__name__}: {e})") \
                 from None
         g = model.graph
-        quantized = sorted({n.op_type for n in g.node if n.op_type in QUANTIZED_OPS})
+        nodes, inits = _flatten(g)
+        quantized = sorted({n.op_type for n in nodes if n.op_type in QUANTIZED_OPS})
         if quantized:
             raise ConvertError(f"{self.path}: the graph is already quantized ({', '.join(quantized)}"
                                "); convert a floating-point export")
-        self.inits = {t.name: t for t in g.initializer}
-        for n in g.node:  # constants folded into Constant nodes count as initializers
+        self.inits = {t.name: t for t in inits}
+        for n in nodes:  # constants folded into Constant nodes count as initializers
             if n.op_type == "Constant" and len(n.output) == 1:
                 for a in n.attribute:
                     if a.name == "value" and a.t.dims:
                         self.inits.setdefault(n.output[0], a.t)
-        self.nodes = list(g.node)
+        self.nodes = nodes
         self.inputs = [i.name for i in g.input if i.name not in self.inits]
         self.producer = {o: n for n in self.nodes for o in n.output}
         self.consumers = {}
