@@ -11,7 +11,8 @@ For a model with predictors (ReLU: `--predictor`) or magnitude thresholds (SiLU:
   rows above the threshold);
 - FFN time: every layer's FFN inputs recorded during a decode, then the dense kernel and the
   skipping kernel (predictor included) run on them alternately, --repeats times; medians;
-- decode time per token (fused decode, greedy, --gen tokens), dense and sparse alternately.
+- decode time per token (fused decode, greedy, --gen tokens): a dense and a sparse runtime
+  (--dense-model: another model's) decode in turn, --repeats times; medians.
 
 --clock cpu times in the main thread's CPU time (with --threads 1 the kernels run in the calling
 thread: other processes' load is left out); wall is wall time.
@@ -62,13 +63,19 @@ def ppl(wins, logits):
     return math.exp(nll / n)
 
 
-def decode_ms(rt, prompt, n, clock):
-    rt.reset()
-    tok = int(np.argmax(rt.forward(prompt)[-1]))
-    t = clock()
+def decode_ms(rts, prompt, n, clock):
+    """ms per greedy decode step of each runtime in rts (each with its own cache), stepped in
+    turn token by token."""
+    toks, tot = [], [0.0] * len(rts)
+    for rt in rts:
+        rt.reset()
+        toks.append(int(np.argmax(rt.forward(prompt)[-1])))
     for _ in range(n):
-        tok = int(np.argmax(rt.forward([tok])[-1]))
-    return (clock() - t) / n * 1e3
+        for k, rt in enumerate(rts):
+            t = clock()
+            toks[k] = int(np.argmax(rt.forward([toks[k]])[-1]))
+            tot[k] += clock() - t
+    return [x / n * 1e3 for x in tot]
 
 
 def ffn_times(rt, prompt, n, repeats, clock):
@@ -89,7 +96,7 @@ def ffn_times(rt, prompt, n, repeats, clock):
     for i, L in enumerate(rt.layers):
         L.ffn = Rec(i, L.ffn)
     rt.fused = False
-    decode_ms(rt, prompt, n, time.perf_counter)
+    decode_ms([rt], prompt, n, time.perf_counter)
     rt.fused = True
     for L, f in zip(rt.layers, saved):
         L.ffn = f
@@ -106,7 +113,6 @@ def ffn_times(rt, prompt, n, repeats, clock):
         for meta, arr, key in ((meta_d, dense, "dense"), (skip.meta, a, "sparse")):
             calls.append((key, i, meta, arr, s, hid))
     times = {"dense": [], "sparse": []}
-    d = rt.cfg.d_model
     for _ in range(repeats):
         for key in ("dense", "sparse"):
             tot = 0.0
@@ -119,23 +125,22 @@ def ffn_times(rt, prompt, n, repeats, clock):
                         continue
                     part = s.partial(a["n"])
                     t = clock()
-                    fused.ffn_any(rec[i][tk], d, meta, a["bundles"], a["tab"], a["gshifts"],
-                                  a["up_bias"], fused._LUT, part, hid, a["dq"], a["ds"], a["pa"],
-                                  a["pb"], a["pbias"], a["thr"], a["z"], a["scores"], a["rows"],
-                                  a["kept"])
+                    fused.ffn_call(rec[i][tk], meta, a, part, hid)
                     tot += clock() - t
             times[key].append(tot / n * 1e3)
     return times
 
 
-def scale(rt, s):
-    """Thresholds of the SiLU layers times s (their plans made again)."""
-    if s == 1.0:
+def scale(rt, s, shift=0.0):
+    """Thresholds of the SiLU layers times s, of the low-rank predictors plus shift (their
+    plans made again)."""
+    if s == 1.0 and shift == 0.0:
         return
     for L in rt.layers:
         f = L.ffn
-        if isinstance(f, rowskip.SkipFFN) and f.sparse["mode"] == 2:
-            f.sparse["thr"] = f.arrays["thr"] = np.float32(f.sparse["thr"] * s)
+        if isinstance(f, rowskip.SkipFFN):
+            t = f.sparse["thr"] * s if f.sparse["mode"] == 3 else f.sparse["thr"] + shift
+            f.sparse["thr"] = f.arrays["thr"] = np.float32(t)
             L.ffn = rowskip.SkipFFN.__new__(rowskip.SkipFFN)  # a new object: re-planned
             L.ffn.__dict__.update(f.__dict__)
 
@@ -153,6 +158,11 @@ def main(argv=None):
     ap.add_argument("--thr-scale", type=float, default=1.0,
                     help="SiLU: multiply the stored thresholds by this (a sparsity sweep without "
                          "calibrating again)")
+    ap.add_argument("--pred-shift", type=float, default=0.0,
+                    help="ReLU: add this to the low-rank predictors' score thresholds (fewer rows "
+                         "computed for a positive shift, at a cost in recall)")
+    ap.add_argument("--dense-model", help="time dense decode on this model instead (e.g. the "
+                    "same weights converted without calibration: bundles holding the gates)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -164,7 +174,7 @@ def main(argv=None):
     n_layers = rowskip.enable(rt, prefill="sparse")
     if not n_layers:
         raise SystemExit(f"{args.model}: no layer has a predictor or threshold")
-    scale(rt, args.thr_scale)
+    scale(rt, args.thr_scale, args.pred_shift)
     sparse_logits = logits_over(rt, wins)
     frac = [f for f in rowskip.stats(rt) if f is not None]
     agree = np.mean(np.concatenate([a.argmax(1) == b.argmax(1)
@@ -172,17 +182,19 @@ def main(argv=None):
     p_dense, p_sparse = ppl(wins, dense_logits), ppl(wins, sparse_logits)
     prompt = wins[0][:64]
     ffn = ffn_times(rt, prompt, args.gen, args.repeats, clock)
+    # a second runtime over the same mapped weights, dense; the two decode in turn, a whole run
+    # each (token by token in step, their caches and buffers evicted each other's: the demo's
+    # dense token went from 0.47 to 0.72 ms)
+    dense_rt = edgellm.load(args.dense_model or args.model, threads=args.threads,
+                            kv="f32").runtime
     dec = {"dense": [], "sparse": []}
     for _ in range(args.repeats):
-        rowskip.disable(rt)
-        dec["dense"].append(decode_ms(rt, prompt, args.gen, clock))
-        rowskip.enable(rt, prefill="sparse")
-        scale(rt, args.thr_scale)
-        dec["sparse"].append(decode_ms(rt, prompt, args.gen, clock))
+        dec["dense"] += decode_ms([dense_rt], prompt, args.gen, clock)
+        dec["sparse"] += decode_ms([rt], prompt, args.gen, clock)
     med = {k: {p: statistics.median(v[p]) for p in v} for k, v in (("ffn", ffn),
                                                                       ("decode", dec))}
-    out = {"model": args.model, "threads": args.threads, "clock": args.clock,
-           "thr_scale": args.thr_scale,
+    out = {"model": args.model, "dense_model": args.dense_model, "threads": args.threads, "clock": args.clock,
+           "thr_scale": args.thr_scale, "pred_shift": args.pred_shift,
            "tokens": sum(len(w) - 1 for w in wins), "layers_skipping": n_layers,
            "rows_computed_fraction": float(np.mean(frac)),
            "rows_computed_by_layer": [round(float(f), 4) for f in frac],

@@ -7,7 +7,9 @@ CATS-style), the converter
   rest so that neurons that fire together are adjacent (neuron_order; the row bytes move
   unchanged, so the FFN's output is unchanged up to summation order); ffn_perm records the
   source neuron of each row and ffn_freq its frequency;
-- for SiLU models stores the magnitude threshold (ffn_act_threshold);
+- for SiLU models stores the magnitude threshold (ffn_act_threshold) and, without a predictor,
+  moves the gate parts out of the bundles into a matrix of their own (ffn_gate), so that the
+  runtime reads every gate and only the needed rows' up and down (runtime/gateapart.py);
 - with predictor=True trains a low-rank predictor (converters/predictor.py) on the first part of
   the tokens and sets its threshold (ReLU) or top-k (SiLU) on the held-out rest for the target
   recall, which it records in the manifest's calibration section with precision and fractions.
@@ -206,6 +208,9 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
     silu = cfg.activation != "relu"
     rank = opts.rank or trainer.default_rank(cfg.d_model, cfg.d_ff)
     select = "top_k" if silu else "threshold"
+    # SiLU thresholds without a predictor: the runtime reads every gate, then up and down of the
+    # neurons above the threshold, so the gates go into a matrix of their own (ffn_gate)
+    gate_apart = silu and cfg.gated_ffn and not opts.predictor
     chunks = list(manifest["chunks"])
     records = []
     bar = tqdm(total=cfg.n_layers, desc="calibrate", unit="layer", disable=not progress)
@@ -271,6 +276,8 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
                 arrays[name] = np.ascontiguousarray(arrays[name][order])
         arrays.update(extra_a)
         entries = {**entry["tensors"], **extra_e}
+        if gate_apart:
+            _split_gate(arrays, entries, cfg.d_model)
         # the model above still maps the old file: unlink it rather than overwrite it in place
         os.remove(path)
         chunks[i + 1] = write_chunk(file, entries, arrays)
@@ -296,10 +303,29 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
             "target_recall": opts.recall, "epochs": opts.epochs},
         "mean_recall": (float(np.mean([r["recall"] for r in records]))
                         if opts.predictor else None),
+        "gate_apart": gate_apart,
         "seconds": round(time.perf_counter() - t_start, 1),
         "layers": records,
     }
     return out
+
+
+def _split_gate(arrays, entries, d):
+    """Move the gate parts out of a chunk's bundles into the matrix ffn_gate (docs/FORMAT.md
+    §3.2): the same bytes, rows in bundle-row order, nothing re-rounded."""
+    from edgellm.runtime import format
+    from edgellm.runtime.gateapart import split_bundles
+
+    e = entries["ffn_bundles"]
+    part = next(p for p in e["parts"] if p["name"] == "gate")
+    q, s, bundles, layout = split_bundles(arrays["ffn_bundles"], e["parts"], d)
+    arrays["ffn_bundles"] = bundles
+    entries["ffn_bundles"] = {**e, "shape": list(bundles.shape), "parts": layout}
+    entries["ffn_gate"] = {"encoding": part["encoding"], "shape": [bundles.shape[0], d],
+                           "group_size": part["group_size"]}
+    arrays["ffn_gate"] = q
+    if s is not None:
+        arrays[format.scales_name("ffn_gate")] = s
 
 
 HOT_PREFIX = 0.5  # neurons needed by at least this share of tokens come first, hottest first

@@ -88,6 +88,10 @@ class _Model:
         if not name.startswith("ffn_") or name == "ffn_down" and self.down_is_matrix(i):
             m = self.reader.matrix(f, name)
             return m.q, m.s, m.codec
+        if name == "ffn_gate" and self.reader.has(f, "ffn_gate"):  # stored apart, in row order
+            m = self.reader.matrix(f, name)
+            order = np.argsort(self.reader.array(f, "ffn_perm"))
+            return m.q[order], None if m.s is None else m.s[order], m.codec
         part = name[len("ffn_"):]
         entry = self.reader.entry(f, "ffn_bundles")
         layout = {p["name"]: p for p in entry["parts"]}

@@ -266,6 +266,10 @@ def _check_against_config(path, chunk, cfg):
         want["ffn_down"] = (encodings.NAMES, [cfg.d_model, cfg.d_ff])
     if file != EMBED_CHUNK:
         want.update(lowrank_tensors(path, file, tensors, want))
+    if file != EMBED_CHUNK and "ffn_gate" in tensors:  # the gate apart (runtime/gateapart.py)
+        if not cfg.gated_ffn:
+            raise FormatError(path, f"chunk {file}: ffn_gate in a model whose FFN is not gated")
+        want["ffn_gate"] = (encodings.NAMES, [cfg.d_ff, cfg.d_model])
     if set(tensors) != set(want):
         missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
         raise FormatError(path, f"chunk {file}: tensors do not match the config (missing "
@@ -286,6 +290,8 @@ def _check_against_config(path, chunk, cfg):
             names = bundle_parts(cfg)
             if "ffn_down" in tensors:
                 names = names[:-1]
+            if "ffn_gate" in tensors:
+                names = names[1:]
             if tuple(n for n, _ in parts) != names:
                 raise EdgeLLMError(f"parts must be {names}")
             for _, c in parts:

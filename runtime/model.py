@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import format, kernels, threads
+from . import format, gateapart, kernels, threads
 from . import lowrank
 from .kernels import fused, w8a8
 from .errors import ContextLengthError, EdgeLLMError
@@ -40,13 +40,19 @@ class Layer:
 class ResidentFFN:
     """The feed-forward block computed from its row-column bundles as mapped from the chunk."""
 
-    def __init__(self, cfg, bundles, layout, up_bias, down_bias, down=None):
+    def __init__(self, cfg, bundles, layout, up_bias, down_bias, down=None, gate=None):
         self.cfg, self.bundles, self.layout = cfg, bundles, layout
         self.up_bias, self.down_bias = up_bias, down_bias
         self.down = down  # Matrix [d, d_ff] when the bundles hold no down part (GGUF kept)
+        self.gate = gate  # Matrix [d_ff, d] when the bundles hold no gate part (runtime/gateapart)
 
     def __call__(self, h):
         cfg = self.cfg
+        if self.gate is not None:
+            f = gateapart.ffn(self, h)
+            if self.down_bias is not None:
+                f += self.down_bias
+            return f
         f = kernels.ffn(h, self.bundles, self.layout, cfg.d_model, cfg.activation, cfg.gated_ffn,
                         self.up_bias, self.down)
         if self.down_bias is not None:
@@ -118,7 +124,8 @@ class Transformer:
         entry = r.entry(f, "ffn_bundles")
         resident = ResidentFFN(self.cfg, r.array(f, "ffn_bundles"), entry["parts"],
                                self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias"),
-                               r.matrix(f, "ffn_down") if r.has(f, "ffn_down") else None)
+                               r.matrix(f, "ffn_down") if r.has(f, "ffn_down") else None,
+                               r.matrix(f, "ffn_gate") if r.has(f, "ffn_gate") else None)
         return Layer(
             attn_norm=self._norm(f, "attn_norm"),
             q=lowrank.projection(r, f, "attn_q"), k=lowrank.projection(r, f, "attn_k"),

@@ -9,7 +9,8 @@ in the layer chunks (docs/FORMAT.md §3.3). Two kinds:
 - magnitude threshold (SiLU models, CATS-style): a neuron is needed when |act(gate_i·h)| > t.
   This computes every neuron's gate dot product, so the gate rows of all neurons must be resident
   (needs_gate_rows; resident_bytes counts them), and the up/down parts of only the needed ones
-  are read.
+  are read. The converter stores them apart (`ffn_gate`) with the threshold; for an older model
+  the gate parts are copied out of the bundles.
 
 Indices are bundle rows (hot first), the rows the FFN reads. h is the FFN input after its norm.
 
@@ -30,6 +31,7 @@ FREQ = "ffn_freq"
 PRED_A, PRED_B, PRED_BIAS = "ffn_pred.a", "ffn_pred.b", "ffn_pred.bias"
 PRED_THRESHOLD, PRED_TOP_K = "ffn_pred.threshold", "ffn_pred.top_k"
 ACT_THRESHOLD = "ffn_act_threshold"
+GATE = "ffn_gate"  # the gate projection as a matrix of its own (written with the threshold)
 
 
 class Predictor:
@@ -73,9 +75,12 @@ class Predictor:
                 raise FormatError(path, f"{ACT_THRESHOLD} must be a finite number >= 0")
             if not cfg.gated_ffn:
                 raise FormatError(path, f"{ACT_THRESHOLD} needs a gated FFN")
-            entry = reader.entry(file, "ffn_bundles")
-            gate = resident_part(reader.array(file, "ffn_bundles"), entry["parts"], "gate",
-                                 cfg.d_model)
+            if reader.has(file, GATE):  # stored apart (docs/FORMAT.md §3.2): no copy
+                gate = reader.matrix(file, GATE)
+            else:
+                entry = reader.entry(file, "ffn_bundles")
+                gate = resident_part(reader.array(file, "ffn_bundles"), entry["parts"], "gate",
+                                     cfg.d_model)
             return cls("threshold", layer, cfg.d_ff, threshold=t, gate=gate,
                        activation=cfg.activation, meta=meta)
         return None
@@ -160,6 +165,9 @@ class PredictedFFN:
     measure recall along the dense model's own trajectory)."""
 
     def __init__(self, ffn, predictor, check=False, act_threshold=None, apply=True):
+        if getattr(ffn, "gate", None) is not None:
+            raise EdgeLLMError("PredictedFFN reads bundles with a gate part; this layer stores its "
+                               "gate apart (ffn_gate): use runtime/rowskip.py")
         self.ffn, self.predictor, self.check, self.apply = ffn, predictor, check, apply
         self.act_threshold = act_threshold
         self.w = decoded_part(ffn.cfg, ffn.bundles, ffn.layout) if check else None

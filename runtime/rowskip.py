@@ -6,8 +6,11 @@ runtime/predictor.py) gets a SkipFFN over its resident FFN:
 
 - low-rank predictor (ReLU models): scores = B (A h) + bias, the rows above the stored
   threshold are computed, the others count as zero (exactly PredictedFFN's output);
-- magnitude threshold (SiLU models, CATS-style, `--sparsity`): every row's gate, then up and down
-  only for the rows with |act(gate h)| > the stored threshold.
+- magnitude threshold (SiLU models, CATS-style, `--sparsity`): every neuron's gate in one
+  matvec over a gate matrix (the layer's `ffn_gate`, or a copy of the bundles' gate parts made at
+  enable() for a model that stores them inside the bundles: 1/3 of the FFN's bytes more in
+  memory), then the up and down parts only of the bundle rows with |act(gate h)| > the stored
+  threshold: a skipped row is not read at all.
 
 Both run in one kernel call (kernels/fused.ffn_any), also inside the fused decode layer.
 Prefill runs the dense FFN unless prefill="sparse" (token by token through the same kernel: what
@@ -35,18 +38,21 @@ class SkipFFN:
         n = base.bundles.shape[0]
         p = predictor
         if p.kind == "lowrank":
+            if getattr(base, "gate", None) is not None:
+                raise EdgeLLMError(f"layer {p.layer}: a low-rank predictor over an FFN whose gate "
+                                   f"is stored apart (ffn_gate) is not supported")
             if p.top_k is not None:
                 raise EdgeLLMError(f"layer {p.layer}: top-k predictors are not supported here")
             if p.a.codec.name != "f16" or p.b.codec.name != "f16":
                 raise EdgeLLMError(f"layer {p.layer}: predictor weights must be f16")
             r = p.a.shape[0]
             self.sparse = dict(mode=1, pa=np.ascontiguousarray(p.a.q).view(np.uint16),
-                               pb=np.ascontiguousarray(p.b.q).view(np.uint16),
+                               pb=np.ascontiguousarray(p.b.q.T).view(np.uint16),  # [r, n]
                                pbias=np.ascontiguousarray(p.bias, np.float32),
                                z=np.empty(r, np.float32))
         else:
-            self.sparse = dict(mode=2, pa=fused._NO_SPARSE["pa"], pb=fused._NO_SPARSE["pb"],
-                               pbias=fused._EMPTY_F32, z=fused._EMPTY_F32)
+            self.sparse = dict(mode=3, pa=fused._NO_SPARSE["pa"], pb=fused._NO_SPARSE["pb"],
+                               pbias=fused._EMPTY_F32, z=fused._EMPTY_F32, gate=p.gate)
         # NumPy 2 compares float32 scores with a Python float threshold in float32 (NEP 50)
         self.sparse.update(thr=np.float32(p.threshold), scores=np.empty(n, np.float32),
                            rows=np.empty(n, np.int32), kept=np.zeros(2, np.int64))
@@ -62,15 +68,12 @@ class SkipFFN:
         h = np.ascontiguousarray(h, dtype=np.float32).reshape(-1, self.cfg.d_model)
         if h.shape[0] > 1 and self.prefill == "dense":
             return self.base(h)
-        a, s, d = self.arrays, self.scratch, self.cfg.d_model
+        a, s = self.arrays, self.scratch
         n = a["n"]
         hidden = s.hidden(n if a["dq"] is not fused._EMPTY_U16 else 1)
         out = np.empty_like(h)
         for t in range(h.shape[0]):
-            out[t] = fused.ffn_any(h[t], d, self.meta, a["bundles"], a["tab"], a["gshifts"],
-                                   a["up_bias"], fused._LUT, s.partial(n), hidden, a["dq"],
-                                   a["ds"], a["pa"], a["pb"], a["pbias"], a["thr"], a["z"],
-                                   a["scores"], a["rows"], a["kept"])
+            out[t] = fused.ffn_call(h[t], self.meta, a, s.partial(n), hidden)
         if self.base.down_bias is not None:
             out += self.base.down_bias
         return out

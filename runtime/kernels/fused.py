@@ -35,14 +35,14 @@ from .halfs import F16_TO_F32 as _LUT
 from .norms import rmsnorm
 from .qmatvec import f16_row, matvec3, row_dot
 from .rope import apply_rope
-from .simd import act_buffers, prefetch, quantize_act
+from .simd import act_buffers, f16_axpy_fast, f16_axpy_generic, prefetch, quantize_act
 
 F16 = ENC_CODES["f16"]
 
 # meta: the layer's integers in one array (fewer arguments to type-check per call)
 (M_QENC, M_QSHIFT, M_QROW, M_QSROW, M_OENC, M_OSHIFT, M_OROW, M_OSROW, M_QKV_BIAS, M_O_BIAS,
  M_H, M_KVH, M_HD, M_KIND, M_GATED, M_UP_BIAS, M_DENC, M_DSHIFT, M_DROW, M_DSROW, M_DOWN_BIAS,
- M_SIMD, M_FAST, M_SPARSE, M_LEN) = range(25)
+ M_SIMD, M_FAST, M_SPARSE, M_GENC, M_GSHIFT, M_GROW, M_GSROW, M_LEN) = range(29)
 
 OK, F16_RANGE = 0, 1  # decode_layer's return codes
 
@@ -93,7 +93,7 @@ def store_f16(x, p0, c):
 def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv, wo, so,
                  bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts, up_bias,
                  down_bias, dq, ds, partial, hidden, h, qkv, rot, att, obuf, posarr, pa, pb,
-                 pbias, thr, z, scores, rows, kept):
+                 pbias, thr, z, scores, rows, kept, gq, gs, gvals):
     """One decoded token through one layer; x f32[d] (the residual stream) is updated in place.
 
     Caches as the attention kernel reads them: float32 (kvlut, ksc, vsc None), float16 bits
@@ -141,7 +141,7 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
     x += obuf
     rmsnorm(x2, fnorm, eps, h2)
     f = ffn_any(h, d, meta, bundles, tab, gshifts, up_bias, lut, partial, hidden, dq, ds, pa, pb,
-                pbias, thr, z, scores, rows, kept)
+                pbias, thr, z, scores, rows, kept, gq, gs, gvals)
     if meta[M_DOWN_BIAS]:
         f += down_bias
     x += f
@@ -153,15 +153,27 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
 
 
 @njit(cache=True)
-def predict_rows(x, pa, pb, pbias, thr, lut, z, scores, rows, fast):
+def predict_rows(x, pa, pbt, pbias, thr, lut, z, scores, rows, fast):
     """Low-rank predictor (runtime/predictor.py): scores = B (A x) + bias, float16 A [r, d] and
-    B [d_ff, r] as bits, with the same dot products as kernels.linear's float16 matvec; rows
-    int32[d_ff] gets the sorted bundle rows with score > thr. Returns their count."""
+    B transposed, [r, d_ff], as bits; rows int32[d_ff] gets the sorted bundle rows with score >
+    thr. Returns their count. B's product is r axpys along d_ff (vectorized, long rows) rather
+    than d_ff dot products of length r (relu-large, r = 64, d_ff = 2048: 0.26 -> 0.18 ms a
+    token over its six layers). The scores equal kernels.linear's up to float32 summation
+    order."""
     for i in range(pa.shape[0]):
         z[i] = f16_row(pa, i, x, lut, fast)
+    n = pbt.shape[1]
+    nv = n // 32
+    scores[:] = pbias
+    for j in range(pbt.shape[0]):
+        if fast:
+            f16_axpy_fast(scores, pbt, j * 2 * n, nv, z[j])
+        else:
+            f16_axpy_generic(scores, pbt, j * 2 * n, nv, z[j])
+        for i in range(nv * 32, n):
+            scores[i] += z[j] * lut[pbt[j, i]]
     m = 0
-    for i in range(pb.shape[0]):
-        scores[i] = f16_row(pb, i, z, lut, fast) + pbias[i]
+    for i in range(n):
         if scores[i] > thr:
             rows[m] = i
             m += 1
@@ -169,23 +181,31 @@ def predict_rows(x, pa, pb, pbias, thr, lut, z, scores, rows, fast):
 
 
 @njit(cache=True, parallel=True)
-def ffn_decode_sparse(x, bundles, rows, nrows, thr, encs, offs, soffs, gshifts, d, kind, gated,
-                      up_bias, has_bias, lut, partial, hidden, dq, ds, denc, dshift, dqrow, dsrow,
-                      fast, kept):
-    """ffn_decode_simd over some rows only: thr < 0: bundle rows rows[:nrows] (a predictor's),
-    the sum chunked as ffn_decode_simd chunks bundles[rows[:nrows]], so the result is exactly
-    kernels.ffn on those rows; thr >= 0 (a SiLU magnitude threshold, CATS): every row's gate,
-    and up and down only for the rows with |act(gate x)| > thr. Skipped rows read nothing past
-    their gate (or nothing at all), and add zero. partial f32[threads, d]; kept[0] += the
-    number of rows computed."""
+def ffn_decode_sparse(x, bundles, rows, nrows, listed, thr, gvals, pregated, encs, offs, soffs,
+                      gshifts, d, kind, gated, up_bias, has_bias, lut, partial, hidden, dq, ds,
+                      denc, dshift, dqrow, dsrow, fast, kept):
+    """ffn_decode_simd over some rows only. listed: bundle rows rows[:nrows] (a predictor's), the
+    sum chunked as ffn_decode_simd chunks bundles[rows[:nrows]], so the result is exactly
+    kernels.ffn on those rows. Otherwise a SiLU magnitude threshold (CATS): every row's gate,
+    and up and down only for the rows with |act(gate x)| > thr (thr < 0: every row). pregated:
+    the gates are gvals[i] (computed beforehand from a gate matrix of their own, the bundles hold
+    no gate part or it is not read), so a skipped row's bytes are not read at all; else each
+    row's gate comes from its bundle. partial f32[threads, d]; kept[0] += the rows computed."""
     n = bundles.shape[0]
     stride = bundles.shape[1]
     nlines = (stride + 63) // 64
     third = (nlines + 2) // 3
     xq, xs, xp, corr = act_buffers(d)
     quantize_act(x, xq, xs, xp, corr)
-    listed = thr < 0
-    m = nrows if listed else n
+    if pregated and not listed:  # the rows to read, known before any is read
+        m = 0
+        for i in range(n):
+            if abs(act(gvals[i], kind)) > thr:
+                rows[m] = i
+                m += 1
+        listed = True
+    else:
+        m = nrows if listed else n
     nchunks = max(1, min(m, partial.shape[0]))  # partial: one row per thread
     if denc != NONE:
         hidden[:] = 0.0
@@ -206,7 +226,9 @@ def ffn_decode_sparse(x, bundles, rows, nrows, thr, encs, offs, soffs, gshifts, 
                 for line in range(0, third):
                     prefetch(bundles, nxt + 64 * line)
             gt = np.float32(0.0)
-            if gated:
+            if pregated:
+                gt = gvals[i]
+            elif gated:
                 gt = simd_part_dot(bundles, base, encs[0], offs[0], soffs[0], gshifts[0], d, x,
                                    xq, xs, xp, corr, lut, fast)
                 if not listed and abs(act(gt, kind)) <= thr:
@@ -245,9 +267,11 @@ def ffn_decode_sparse(x, bundles, rows, nrows, thr, encs, offs, soffs, gshifts, 
 
 @njit(cache=True)
 def ffn_any(h, d, meta, bundles, tab, gshifts, up_bias, lut, partial, hidden, dq, ds, pa, pb,
-            pbias, thr, z, scores, rows, kept):
-    """The FFN of a layer, dense (meta[M_SPARSE] 0), over a low-rank predictor's rows (1) or
-    with a magnitude threshold (2): decode_layer's FFN, also called alone (rowskip.py)."""
+            pbias, thr, z, scores, rows, kept, gq, gs, gvals):
+    """The FFN of a layer, dense (meta[M_SPARSE] 0), over a low-rank predictor's rows (1), with a
+    magnitude threshold on gates read from the bundles (2), or on gates from a gate matrix of
+    their own (3: gq, gs; thr < 0 computes every row): decode_layer's FFN, also called alone
+    (rowskip.py, gateapart.py)."""
     fast = meta[M_FAST] != 0
     mode = meta[M_SPARSE]
     if mode == 0:
@@ -257,14 +281,16 @@ def ffn_any(h, d, meta, bundles, tab, gshifts, up_bias, lut, partial, hidden, dq
                                meta[M_DSROW], fast)
     kept[1] += 1  # tokens
     nrows = 0
-    t = thr
     if mode == 1:
         nrows = predict_rows(h, pa, pb, pbias, thr, lut, z, scores, rows, fast)
-        t = np.float32(-1.0)
-    return ffn_decode_sparse(h, bundles, rows, nrows, t, tab[0], tab[1], tab[2], gshifts, d,
-                             meta[M_KIND], meta[M_GATED] != 0, up_bias, meta[M_UP_BIAS] != 0,
-                             lut, partial, hidden, dq, ds, meta[M_DENC], meta[M_DSHIFT],
-                             meta[M_DROW], meta[M_DSROW], fast, kept)
+    elif mode == 3:
+        matvec1(meta[M_GENC], meta[M_GSHIFT], meta[M_GROW], meta[M_GSROW], gq, gs, h, lut, gvals,
+                fast)
+    return ffn_decode_sparse(h, bundles, rows, nrows, mode == 1, thr, gvals, mode == 3, tab[0],
+                             tab[1], tab[2], gshifts, d, meta[M_KIND], meta[M_GATED] != 0,
+                             up_bias, meta[M_UP_BIAS] != 0, lut, partial, hidden, dq, ds,
+                             meta[M_DENC], meta[M_DSHIFT], meta[M_DROW], meta[M_DSROW], fast,
+                             kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,12 +324,15 @@ def _vec(b, size):
 _NO_SPARSE = dict(pa=np.zeros((1, 1), np.uint16), pb=np.zeros((1, 1), np.uint16),
                   pbias=_EMPTY_F32, thr=np.float32(0.0), z=_EMPTY_F32, scores=_EMPTY_F32,
                   rows=np.zeros(1, np.int32), kept=np.zeros(2, np.int64))
+# no gate matrix (int8 shaped, as most gate matrices are: one compiled decode_layer for both)
+_NO_GATE = dict(gq=np.zeros((1, 1), np.int8), gs=_EMPTY_F32, gvals=_EMPTY_F32)
 
 
 def plan_ffn(cfg, f, ffn_cls, meta):
     """The FFN's arrays for ffn_any / decode_layer (its integers written into meta), or None
     when the SIMD kernels do not take it. f: a ffn_cls (model.ResidentFFN), or a row-skipping
-    FFN over one (rowskip.SkipFFN: f.base, f.sparse)."""
+    FFN over one (rowskip.SkipFFN: f.base, f.sparse). A gate matrix of its own (base.gate, or
+    sparse["gate"]: a copy of the bundles' gates) makes it mode 3."""
     from .. import kernels as K
 
     d = cfg.d_model
@@ -325,7 +354,11 @@ def plan_ffn(cfg, f, ffn_cls, meta):
         meta[M_DENC], meta[M_DSHIFT], meta[M_DROW], meta[M_DSROW] = _enc(down)
     else:
         meta[M_DENC] = NONE
-    tab = K._part_table_cached(base.layout, cfg.gated_ffn, d, bundles, down is not None)
+    gate = sparse.get("gate") if sparse is not None else None
+    gate = getattr(base, "gate", None) if gate is None else gate
+    # with a gate matrix the bundles' gate part, if any, is not read
+    tab = K._part_table_cached(base.layout, cfg.gated_ffn and gate is None, d, bundles,
+                               down is not None)
     meta[M_KIND] = ACT_CODES[cfg.activation]
     meta[M_GATED] = bool(cfg.gated_ffn)
     has_up_bias = base.up_bias is not None and not cfg.gated_ffn
@@ -340,10 +373,30 @@ def plan_ffn(cfg, f, ffn_cls, meta):
         dq=_bits(down.q) if down is not None else _EMPTY_U16,
         ds=_bits(down.s) if down is not None else _EMPTY_U16,
         n=n, **_NO_SPARSE)
+    arrays.update(_NO_GATE)
     if sparse is not None:
         meta[M_SPARSE] = sparse["mode"]
         arrays.update({k: sparse[k] for k in _NO_SPARSE})
+    if gate is not None:
+        if not (cfg.gated_ffn and gate.shape == (n, d) and gate.codec.name != "f32"
+                and K._simd_ok(gate)):
+            return None
+        K._check_matrix(gate)
+        meta[M_GENC], meta[M_GSHIFT], meta[M_GROW], meta[M_GSROW] = _enc(gate)
+        arrays.update(gq=_bits(gate.q), gs=_bits(gate.s) if gate.s is not None else _EMPTY_F32,
+                      gvals=np.empty(n, np.float32))
+        if meta[M_SPARSE] == 0:  # the gate matrix alone: every row (a negative threshold)
+            meta[M_SPARSE] = 3
+            arrays["thr"] = np.float32(-1.0)
+            arrays["rows"] = np.empty(n, np.int32)
     return arrays
+
+
+def ffn_call(h, meta, a, partial, hidden):
+    """ffn_any for one token h f32[d] with plan_ffn's arrays a (no down bias added)."""
+    return ffn_any(h, h.shape[0], meta, a["bundles"], a["tab"], a["gshifts"], a["up_bias"], _LUT,
+                   partial, hidden, a["dq"], a["ds"], a["pa"], a["pb"], a["pbias"], a["thr"],
+                   a["z"], a["scores"], a["rows"], a["kept"], a["gq"], a["gs"], a["gvals"])
 
 
 def plan_layer(cfg, L, ffn_cls):
@@ -432,7 +485,8 @@ def layer_args(plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
             vc, ksc, vsc, kvlut, _LUT, a["bundles"], a["tab"], a["gshifts"], a["up_bias"],
             a["down_bias"], a["dq"], a["ds"], scratch.partial(n), hidden, scratch.h,
             scratch.qkv, scratch.rot, scratch.att, scratch.obuf, scratch.posarr, a["pa"], a["pb"],
-            a["pbias"], a["thr"], a["z"], a["scores"], a["rows"], a["kept"])
+            a["pbias"], a["thr"], a["z"], a["scores"], a["rows"], a["kept"], a["gq"], a["gs"],
+            a["gvals"])
 
 
 def takes_cache(kv):
