@@ -261,7 +261,7 @@ def test_import_merged_decoder(tmp_path, exported):
     """optimum's decoder_model_merged.onnx layout: the model inside both branches of an If."""
     from edgellm.converters.convert import convert
 
-    path = exported("llama", True, False)
+    path = exported("llama", True, True)  # the export of an earlier test, weights read inline
     m = onnx.load(path)
     h = onnx.helper
 
@@ -289,6 +289,7 @@ def test_import_merged_decoder(tmp_path, exported):
     d = tmp_path / "merged"
     shutil.copytree(os.path.dirname(path), d)
     os.remove(d / "model.onnx")
+    os.remove(d / "model.onnx_data")
     onnx.save_model(merged, str(d / "decoder_model_merged.onnx"))
     ids = tiny.token_ids("llama")
     sess = ort.InferenceSession(str(d / "decoder_model_merged.onnx"),
