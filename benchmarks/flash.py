@@ -292,6 +292,39 @@ def run_one(args, engine, budget, baseline):
     return res
 
 
+def medians(runs):
+    """One row per (budget, engine): the median of each numeric figure over its runs that did
+    not fail (tokens/s also as min and max), or the first error when all failed."""
+    import statistics
+
+    out = []
+    keys = []
+    for r in runs:
+        if (r["budget_bytes"], r["engine"]) not in keys:
+            keys.append((r["budget_bytes"], r["engine"]))
+    for key in keys:
+        group = [r for r in runs if (r["budget_bytes"], r["engine"]) == key]
+        ok = [r for r in group if "error" not in r]
+        if not ok:
+            out.append(dict(group[0], runs=len(group), failed=len(group)))
+            continue
+        row = dict(ok[0])
+        for k, v in ok[0].items():
+            vals = [r.get(k) for r in ok]
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and \
+                    all(isinstance(x, (int, float)) for x in vals):
+                row[k] = statistics.median(vals)
+        for k in ("peak_over_baseline_bytes", "cgroup_peak_bytes", "peak_rss_bytes"):
+            vals = [r[k] for r in ok if r.get(k) is not None]
+            if vals:  # memory: the worst run, not the median
+                row[k] = max(vals)
+        row["tokens_per_s_min"] = min(r["tokens_per_s"] for r in ok)
+        row["tokens_per_s_max"] = max(r["tokens_per_s"] for r in ok)
+        row["runs"], row["failed"] = len(group), len(group) - len(ok)
+        out.append(row)
+    return out
+
+
 def plot(rows, size, path):
     import matplotlib
 
@@ -352,7 +385,8 @@ def cost_model(rows):
 def table(rows):
     naive = {r["budget_bytes"]: r for r in rows if r["engine"] == "naive" and "error" not in r}
     out = [f"{'budget MB':>9} {'engine':9} {'tok/s':>7} {'x naive':>7} {'MB read/tok':>11} "
-           f"{'% naive':>7} {'dev MB/tok':>10} {'peak MB':>8} {'limit MB':>8} {'alloc MB':>8}"]
+           f"{'% naive':>7} {'dev MB/tok':>10} {'peak MB':>8} {'limit MB':>8} {'alloc MB':>8} "
+           f"{'reads/tok':>9} {'tok/s range':>13} runs"]
     for r in rows:
         mb = f"{r['budget_bytes'] / 1e6:9.2f}"
         if "error" in r:
@@ -371,7 +405,11 @@ def table(rows):
             f"{f(rb, w=11, p=3)} "
             f"{100 * rb / nv['bytes_read_per_token'] if nv and rb is not None else float('nan'):7.1f} "
             f"{f(dev, w=10, p=3)} {f(peak)} "
-            f"{f(r['budget_bytes'])} {f(r.get('allocated_bytes'))}")
+            f"{f(r['budget_bytes'])} {f(r.get('allocated_bytes'))} "
+            f"{f(r.get('reads_per_token'), 1, 9, 0)} "
+            f"{r.get('tokens_per_s_min', r['tokens_per_s']):6.1f}-"
+            f"{r.get('tokens_per_s_max', r['tokens_per_s']):<6.1f} "
+            f"{r.get('runs', 1) - r.get('failed', 0)}/{r.get('runs', 1)}")
     return "\n".join(out)
 
 
@@ -391,6 +429,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--io-threads", type=int, default=None, help="default: the runtime's (32)")
     p.add_argument("-n", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=1, help="runs per engine and budget (engines "
+                   "interleaved; llama.cpp once); the table shows medians and the tokens/s range")
     p.add_argument("--prompt", default="It is a truth universally acknowledged")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", default=None)
@@ -411,14 +451,18 @@ def main(argv=None):
                                           if args.gguf else "")
           + "; baselines (outside the budget): "
           + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in baselines.items() if v), file=sys.stderr)
-    rows = []
+    runs = []
     for frac in args.fractions:
         budget = int(size * frac)
-        for engine in engines:
-            r = run_one(args, engine, budget, baselines[engine])
-            r["fraction"] = frac
-            rows.append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
+        for rep in range(args.repeat):  # engines interleaved: each repeat sees similar load
+            for engine in engines:
+                if engine == "llama.cpp" and rep:  # minutes per run: once
+                    continue
+                r = run_one(args, engine, budget, baselines[engine])
+                r["fraction"], r["repeat"] = frac, rep
+                runs.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+    rows = medians(runs)
     print(table(rows))
     print("\npredicted tokens/s from flash I/O alone (and with this machine's compute per token)")
     print(cost_model(rows))
@@ -426,8 +470,8 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "model_bytes": size, "gguf": args.gguf,
                        "gguf_bytes": os.path.getsize(args.gguf) if args.gguf else None,
-                       "baseline_bytes": baselines, "args": vars(args), "rows": rows}, f,
-                      indent=2)
+                       "baseline_bytes": baselines, "args": vars(args), "rows": rows,
+                       "runs": runs}, f, indent=2)
     if args.plot:
         try:
             plot(rows, size, args.plot)

@@ -94,8 +94,12 @@ class NeuronCache:
         return min(count, cand.size)
 
     def evict_unpinned(self):
-        """Drop every unpinned row (a step whose active set exceeds the capacity)."""
-        self._remove(np.arange(self.n_pinned, self.n))
+        """Drop every unpinned row (a step whose active set exceeds the capacity): nothing
+        moves, the tail is just forgotten."""
+        p, n = self.n_pinned, self.n
+        self.slot[self.ids[p:n]] = -1
+        self.ids[p:n] = -1
+        self.n = p
 
     def insert(self, neurons, step):
         """Append rows for neurons (not cached; must fit). Returns their rows, in order; the
