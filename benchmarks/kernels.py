@@ -11,7 +11,8 @@ ms/token, the weight bytes read per second and the ratio to llama.cpp's whole to
 
 --ffn also times the same token with the FFN computed from row-column bundles (kernels.ffn,
 gate/up/down of one neuron in one row) instead of three matvecs, then the FFN alone (ms per
-layer, bundle bytes read per second). --kernels portable times the
+layer, bytes read per second): "ffn/layer" with the down columns in the bundles, "ffn-split"
+with gate/up bundles and the down projection as a matrix (edgellm convert --ffn-down matrix). --kernels portable times the
 fallback kernels (float32 activations, no SIMD intrinsics).
 """
 
@@ -63,9 +64,11 @@ def random_matrix(rng, enc, n, d, g=32):
     return Matrix(q, s, c, (n, d))
 
 
-def random_bundles(rng, enc, g=32):
+def random_bundles(rng, enc, g=32, down=True):
+    """Bundles of DFF neurons: gate, up and down parts, or gate and up only (down=False: the
+    down projection a matrix of its own, edgellm convert --ffn-down matrix)."""
     c = encodings.codec(enc, g if enc == "int4" else None)
-    parts = [("gate", c), ("up", c), ("down", c)]
+    parts = [("gate", c), ("up", c)] + ([("down", c)] if down else [])
     layout, stride = encodings.bundle_layout(parts, D)
     b = rng.integers(0, 256, size=(DFF, stride), dtype=np.uint8)
     for e in layout:  # make every value and scale a sane number
@@ -197,17 +200,22 @@ def main(argv=None):
                                 "llama_cpp_ratio": LLAMA_CPP_MS / (sec * 1e3)})
                 print(f"{enc:5} {'api+ffn':9} {t:3d} {sec * 1e3:9.1f} {fbytes / sec / 1e9:6.1f} "
                       f"{LLAMA_CPP_MS / (sec * 1e3):11.2f}x")
-            # the FFN alone, per layer: ms and bundle bytes read per second
+            # the FFN alone, per layer: ms and bytes read per second, bundles with the down
+            # columns, then gate/up bundles and the down matrix (--ffn-down matrix)
             ffns, fin = fns[4::5], inputs[4::5]
-            bbytes = bundles[0][0].nbytes
-            for t in threads:
-                set_threads(t)
-                sec = time_token(ffns, fin, args.repeats) / args.layers
-                results.append({"enc": enc, "kernel": "ffn/layer", "threads": t,
-                                "ms_per_layer": sec * 1e3, "gb_per_s": bbytes / sec / 1e9,
-                                "bytes_per_layer": bbytes})
-                print(f"{enc:5} {'ffn/layer':9} {t:3d} {sec * 1e3:9.2f} {bbytes / sec / 1e9:6.1f} "
-                      f"{'':11}  (one layer's FFN, {bbytes / 1e6:.1f} MB of bundles)")
+            split = [(random_bundles(rng, enc, down=False), layer[6]) for layer in mats]
+            sfns = [lambda x, b=b, m=m: kernels.ffn(x, b[0], b[1], D, "silu", True, None, m)
+                    for b, m in split]
+            for name, fl, nb in (("ffn/layer", ffns, bundles[0][0].nbytes),
+                                 ("ffn-split", sfns, split[0][0][0].nbytes + split[0][1].nbytes)):
+                for t in threads:
+                    set_threads(t)
+                    sec = time_token(fl, fin, args.repeats) / args.layers
+                    results.append({"enc": enc, "kernel": name, "threads": t,
+                                    "ms_per_layer": sec * 1e3, "gb_per_s": nb / sec / 1e9,
+                                    "bytes_per_layer": nb})
+                    print(f"{enc:5} {name:9} {t:3d} {sec * 1e3:9.2f} {nb / sec / 1e9:6.1f} "
+                          f"{'':11}  (one layer's FFN, {nb / 1e6:.1f} MB)")
         del mats, bundles
     print(f"llama.cpp reference: {LLAMA_CPP_MS} ms/token (TinyLlama-1.1B Q4_0, 2 threads, whole "
           f"token, DESIGN.md); ratio > 1 means faster than that whole token")
