@@ -10,6 +10,7 @@ CPU time with --clock cpu, which is steadier on a shared machine).
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -78,6 +79,8 @@ def main(argv=None):
         for name, (pre, dec) in rows.items():
             print(f"  {name:12} prefill {pre:8.1f} tokens/s   decode {dec:7.1f} tokens/s "
                   f"({a.clock} clock, {a.threads} thread(s), median of {a.repeat})")
+        del engines
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
