@@ -147,6 +147,13 @@ SMALL = ("attn_norm.weight", "attn_norm.bias", "ffn_norm.weight", "ffn_norm.bias
          "ffn_down.bias")
 
 
+# per-layer predictor tensors window mode keeps resident (runtime/predictor.py; a threshold
+# predictor's gate rows when stored apart): relu-large's low-rank ones are 2.02 MB, which plans
+# did not count (its window runs filled their cgroups while the plan said 26.75 of 26.76 MB)
+LAYER_PREDICTOR = ("ffn_pred.a", "ffn_pred.b", "ffn_pred.bias", "ffn_pred.threshold",
+                   "ffn_pred.top_k", "ffn_act_threshold", "ffn_gate")
+
+
 @dataclass
 class Sizes:
     """What the planner needs to know about a model, in bytes."""
@@ -160,6 +167,7 @@ class Sizes:
     embed_row: int  # untied: one embedding row (read per token); 0 when tied
     embed_other: int  # final norm, positional embeddings
     predictors: int
+    layer_predictors: int = 0  # predictors stored in the layer chunks (window mode loads them)
 
     @classmethod
     def of(cls, manifest, cfg):
@@ -178,7 +186,8 @@ class Sizes:
             embed_row=0 if cfg.tied_embeddings else emb // cfg.vocab_size,
             embed_other=tensor_bytes(e, "norm.weight") + tensor_bytes(e, "norm.bias")
             + tensor_bytes(e, "pos_embeddings"),
-            predictors=pred)
+            predictors=pred,
+            layer_predictors=sum(tensor_bytes(c, n) for c in layers for n in LAYER_PREDICTOR))
 
 
 def scratch_bytes(cfg, n_ctx, T):
@@ -261,6 +270,8 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
                           "one row per token"))
     if s.predictors:
         fixed.append(Part("predictors", s.predictors, "resident"))
+    if s.layer_predictors and mode == "window":
+        fixed.append(Part("predictors (in the layer chunks)", s.layer_predictors, "resident"))
     fixed_total = sum(p.nbytes for p in fixed)
     scratch1 = scratch_bytes(cfg, n_ctx, 1)
     scratchP = scratch_bytes(cfg, n_ctx, PREFILL_BLOCK)

@@ -474,6 +474,11 @@ def test_window_mode_with_the_models_predictors(relu_with_predictors):
 
     m = edgellm.load(relu_with_predictors, n_ctx=64, dram_budget="2MB")
     assert m.plan.mode == "window" and m.stream.ffns
+    # the predictors live in the layer chunks: the plan counts what loading them allocated
+    pred = sum(p.resident_bytes for p in (w.predictor for w in m.stream.ffns))
+    part = [p for p in m.plan.parts if p.name.startswith("predictors")]
+    assert pred > 0 and sum(p.nbytes for p in part) >= pred
+    assert m.stream.allocated_bytes <= m.plan.total <= m.plan.budget
     checked = []
     for w in m.stream.ffns:
         call, active = w.__call__, w.predictor.active
