@@ -42,7 +42,7 @@ import time
 import numpy as np
 
 from edgellm.runtime import format
-from edgellm.runtime.errors import ConvertError
+from edgellm.runtime.errors import ConvertError, EdgeLLMError
 
 from . import quantize, structural, writer
 
@@ -600,9 +600,7 @@ def distill(teacher, dst, text, student=None, layers=None, keep_layers=None, neu
                            f"({t_cfg['max_context']})")
     try:
         ids = token_ids(tok, read_text(text))
-    except ConvertError:
-        raise
-    except Exception as e:  # read_text's EdgeLLMError names the file
+    except EdgeLLMError as e:  # read_text's error names the file
         raise ConvertError(f"--text: {e}") from None
     if opts.max_tokens:
         ids = ids[:opts.max_tokens]
