@@ -7,9 +7,10 @@ CATS-style), the converter
   rest so that neurons that fire together are adjacent (neuron_order; the row bytes move
   unchanged, so the FFN's output is unchanged up to summation order); ffn_perm records the
   source neuron of each row and ffn_freq its frequency;
-- for SiLU models stores the magnitude threshold (ffn_act_threshold) and, without a predictor,
-  moves the gate parts out of the bundles into a matrix of their own (ffn_gate), so that the
-  runtime reads every gate and only the needed rows' up and down (runtime/gateapart.py);
+- for SiLU models stores the magnitude threshold (ffn_act_threshold) and, when a sparsity was
+  asked for and no predictor, moves the gate parts out of the bundles into a matrix of their own
+  (ffn_gate), so that the runtime reads every gate and only the needed rows' up and down
+  (runtime/gateapart.py);
 - with predictor=True trains a low-rank predictor (converters/predictor.py) on the first part of
   the tokens and sets its threshold (ReLU) or top-k (SiLU) on the held-out rest for the target
   recall, which it records in the manifest's calibration section with precision and fractions.
@@ -59,6 +60,8 @@ class CalibOptions:
     rank: int | None = None  # predictor rank (default: predictor.default_rank)
     recall: float = 0.99  # target recall of truly needed neurons on held-out tokens
     sparsity: float = 0.5  # SiLU: fraction of neurons below the magnitude threshold
+    gate_apart: bool = False  # SiLU, no predictor: store the gates as ffn_gate (options() sets it
+    # when a sparsity is asked for; calibrations for other ends, e.g. neuron pruning, keep bundles)
     epochs: int = 8  # logistic-regression epochs
     seed: int = 0
 
@@ -165,7 +168,9 @@ def options(predictor=False, text=None, extra=None):
     if not predictor and text is None:
         return None
     try:
-        opts = CalibOptions(text=text, predictor=bool(predictor), **(extra or {}))
+        extra = dict(extra or {})
+        extra.setdefault("gate_apart", "sparsity" in extra)
+        opts = CalibOptions(text=text, predictor=bool(predictor), **extra)
     except TypeError as e:
         raise ConvertError(f"calibration options: {e}") from None
     return opts.check()
@@ -210,7 +215,7 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
     select = "top_k" if silu else "threshold"
     # SiLU thresholds without a predictor: the runtime reads every gate, then up and down of the
     # neurons above the threshold, so the gates go into a matrix of their own (ffn_gate)
-    gate_apart = silu and cfg.gated_ffn and not opts.predictor
+    gate_apart = opts.gate_apart and silu and cfg.gated_ffn and not opts.predictor
     chunks = list(manifest["chunks"])
     records = []
     bar = tqdm(total=cfg.n_layers, desc="calibrate", unit="layer", disable=not progress)

@@ -317,10 +317,13 @@ def _prune_chunk(st, entry, cfg, keep):
     # rows are hot first after calibration, so this is 0 .. keep-1; with a separate ffn_down
     # the calibration keeps the source order, so pick the rows, in order
     rows = np.sort(np.argsort(-freq, kind="stable")[:keep])
-    for name in ("ffn_bundles", "ffn_perm", "ffn_up.bias", "ffn_freq"):
+    for name in ("ffn_bundles", "ffn_perm", "ffn_up.bias", "ffn_freq", "ffn_gate"):
         if name in arrays:
             arrays[name] = np.ascontiguousarray(arrays[name][rows])
             entries[name]["shape"][0] = keep
+    gate_scales = format.scales_name("ffn_gate")
+    if gate_scales in arrays:  # the gate stored apart (calibrate.py): rows as the bundles'
+        arrays[gate_scales] = np.ascontiguousarray(arrays[gate_scales][rows])
     note = None
     for name in PREDICTOR:
         entries.pop(name, None)
