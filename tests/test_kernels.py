@@ -473,3 +473,23 @@ def test_no_jit_subset():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "5 passed" in r.stdout, r.stdout[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not simd.HAVE_VNNI, reason="this CPU has no VNNI: the fast kernels already "
+                    "run the AVX2 sequence in the tests above")
+def test_fast_kernels_without_vnni(tmp_path):
+    """Where the CPU has VNNI the fast flavor multiplies with vpdpbusd; the AVX2 sequence it
+    replaces (what a CPU without VNNI runs) again against the exact products, in a process with
+    EDGELLM_NO_VNNI=1 and its own Numba cache (this one's cached code is compiled with VNNI):
+    int4 (the pair dot products of int4 and q4_1) and int8 (the block dot of int8 and q8_0)."""
+    env = dict(os.environ, EDGELLM_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "test_linear[ and -1-fast and (int4- or int8-) and not many",
+                        "-x"], env=env, capture_output=True, text=True, timeout=900,
+                       cwd=os.path.dirname(__file__))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
+    check = subprocess.run([sys.executable, "-c", "from edgellm.runtime.kernels import simd; "
+                            "print(simd.HAVE_VNNI)"], env=env, capture_output=True, text=True)
+    assert check.stdout.strip() == "False"

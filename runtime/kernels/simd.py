@@ -19,7 +19,8 @@ subtracts 8 * sum(x) per block.
 
 Each integer dot and float16 kernel has two flavors: "fast" uses vpmaddubsw/vpmaddwd (as
 llama.cpp does; byte products summed in pairs into 16 bits, then 32: no overflow since |x| <=
-127, |w| <= 128) and the CPU's float16 conversion (F16C vcvtph2ps, ARM fcvtl); "generic"
+127, |w| <= 128), or vpdpbusd where the CPU has VNNI (HAVE_VNNI: byte products summed in fours
+straight into 32 bits), and the CPU's float16 conversion (F16C vcvtph2ps, ARM fcvtl); "generic"
 sign-extends and multiplies, and converts float16 with integer bit operations, which LLVM
 compiles for any target. The fast flavor emits the generic IR where the CPU lacks the
 instructions, so both always compile; the kernels take a `fast` flag and tests run both.
@@ -47,6 +48,12 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 _ARM = platform.machine().lower() in ("aarch64", "arm64")
 HAVE_AVX2 = _NUMBA_HOST and _X86 and "+avx2" in _FEATURES.split(",")
 HAVE_F16 = _NUMBA_HOST and ((_X86 and "+f16c" in _FEATURES.split(",")) or _ARM)
+# vpdpbusd (AVX-512 VNNI with VL, or AVX-VNNI): u8 x s8 products summed in groups of four into
+# 32-bit lanes in one instruction, for vpmaddubsw + vpmaddwd (+ vpaddw); EDGELLM_NO_VNNI=1 keeps
+# the AVX2 sequence (tests run it in a subprocess)
+_FEATS = set(_FEATURES.split(","))
+HAVE_VNNI = (HAVE_AVX2 and os.environ.get("EDGELLM_NO_VNNI", "") != "1"
+             and ("+avxvnni" in _FEATS or {"+avx512vnni", "+avx512vl"} <= _FEATS))
 # intrinsics cannot run as Python: without the JIT the dispatch uses the portable kernels
 AVAILABLE = not numba.config.DISABLE_JIT
 
@@ -54,19 +61,32 @@ AVAILABLE = not numba.config.DISABLE_JIT
 
 def _drop_stale_cache():
     """Numba's on-disk cache keys a function on its own file only, but the kernels inline the
-    IR written here: after an edit of this file, their cached machine code would be stale. Keep
-    a hash of this file beside the cache and drop the package's cache files when it changes."""
-    cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    IR written here: after an edit of this file (or a change of EDGELLM_NO_VNNI), their cached
+    machine code would be stale. Keep a hash of this file and of that choice beside the cache and
+    drop the package's cache files when it changes (with NUMBA_CACHE_DIR set, every cache file
+    under that directory)."""
+    own = numba.config.CACHE_DIR
+    cache = own or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
     try:
         with open(__file__, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
+            digest = hashlib.sha256(f.read() + f"vnni={HAVE_VNNI}".encode()).hexdigest()
         stamp = os.path.join(cache, "simd.sha256")
         if os.path.exists(stamp):
             with open(stamp) as f:
                 if f.read().strip() == digest:
                     return
-        for path in glob.glob(os.path.join(cache, "*.nb[ic]")):
+        pattern = os.path.join(cache, "**", "*.nb[ic]") if own else os.path.join(cache,
+                                                                               "*.nb[ic]")
+        for path in glob.glob(pattern, recursive=bool(own)):
             os.remove(path)
+        # A process still running the old code may save more entries later, under the source
+        # stamps (file mtimes) it read at import: new mtimes make Numba ignore them (measured:
+        # one such entry broke the bit-for-bit equality of two kernels in the tests). Not for a
+        # cache directory of one's own (the package's cache is not stale for its other users).
+        if not own:
+            for path in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "*.py")):
+                os.utime(path)
         os.makedirs(cache, exist_ok=True)
         with open(stamp, "w") as f:
             f.write(digest)
@@ -121,10 +141,11 @@ def _fmuladd(builder, a, b, c):
 
 
 def _hsum(builder, v):
-    total = builder.extract_element(v, ir.Constant(I32, 0))
-    for i in range(1, v.type.count):
-        total = builder.fadd(total, builder.extract_element(v, ir.Constant(I32, i)))
-    return total
+    """Sum of a float vector's lanes as a tree of halves (3 adds for 8 lanes, not 7 in a chain)."""
+    while v.type.count > 1:
+        h = v.type.count // 2
+        v = builder.fadd(_slice(builder, v, 0, h), _slice(builder, v, h, h))
+    return builder.extract_element(v, ir.Constant(I32, 0))
 
 
 def _slice(builder, v, start, n):
@@ -132,11 +153,20 @@ def _slice(builder, v, start, n):
                                   ir.Constant(_v(I32, n), list(range(start, start + n))))
 
 
+def _dpbusd(builder, acc, u, s):
+    """acc <8 x i32> + sums of four u8 (u) x s8 (s) products per lane: vpdpbusd."""
+    t = _v(I32, 8)
+    return _call(builder, "llvm.x86.avx512.vpdpbusd.256",
+                 [acc, builder.bitcast(u, t), builder.bitcast(s, t)], t)
+
+
 def _block_dot(builder, w, x, avx2):
     """<32 x i8> w (|w| <= 128), <32 x i8> x (|x| <= 127) -> <8 x i32> partial sums of w * x."""
     if avx2 and HAVE_AVX2:
         aw = _call(builder, "llvm.abs.v32i8", [w, ir.Constant(ir.IntType(1), 0)], w.type)
         sx = _call(builder, "llvm.x86.avx2.psign.b", [x, w], w.type)
+        if HAVE_VNNI:
+            return _dpbusd(builder, _const_vec(I32, 8, 0), aw, sx)
         p16 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", [aw, sx], _v(I16, 16))
         return _call(builder, "llvm.x86.avx2.pmadd.wd", [p16, _const_vec(I16, 16, 1)],
                      _v(I32, 8))
@@ -203,6 +233,8 @@ def _pair_dot(builder, lo, hi, xlo, xhi, avx2):
     activations in the matching order -> <8 x i32>, lane k = sum of elements 4k..4k+3 of
     lo * xlo + hi * xhi (lanes 0-3 the first block, 4-7 the second). vpmaddubsw pair sums are at
     most 2 * 15 * 127 = 3810 and two of them 7620: no 16-bit saturation."""
+    if avx2 and HAVE_VNNI:
+        return _dpbusd(builder, _dpbusd(builder, _const_vec(I32, 8, 0), lo, xlo), hi, xhi)
     if avx2 and HAVE_AVX2:
         p = builder.add(_call(builder, "llvm.x86.avx2.pmadd.ub.sw", [lo, xlo], _v(I16, 16)),
                         _call(builder, "llvm.x86.avx2.pmadd.ub.sw", [hi, xhi], _v(I16, 16)))
