@@ -124,7 +124,7 @@ def test_kill9_at_random_moments_of_convert(refs, tmp_path):
     assert wait(fork_convert(refs["src"], str(tmp_path / "timing"), "int8", False)) == 0
     span = time.monotonic() - t
     rng = random.Random(int(os.environ.get("EDGELLM_FAULT_SEED", "0")))
-    outcomes = {}
+    outcomes, scale = {}, 1.1
     for i in range(KILLS):
         overwrite = i % 2 == 1
         parent = tmp_path / f"k{i}"
@@ -132,7 +132,7 @@ def test_kill9_at_random_moments_of_convert(refs, tmp_path):
         if overwrite:  # an existing good model, replaced with --force
             shutil.copytree(refs["old_dir"], parent / "model")
         pid = fork_convert(refs["src"], str(parent / "model"), "int8", overwrite)
-        time.sleep(rng.uniform(0, 1.1 * span))
+        time.sleep(rng.uniform(0, scale * span))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         allowed = {"new": refs["new"], "old": refs["old"]} if overwrite else {"new": refs["new"]}
@@ -140,7 +140,10 @@ def test_kill9_at_random_moments_of_convert(refs, tmp_path):
         key = ("force " if overwrite else "fresh ") + got
         outcomes[key] = outcomes.get(key, 0) + 1
         shutil.rmtree(parent)
-    print(f"\n{KILLS} kills over {span:.2f} s conversions: {outcomes}")
+        if i >= KILLS // 2 and not any(k.endswith(" new") for k in outcomes):
+            scale *= 1.5  # a loaded machine made conversions slower than the timing run
+    print(f"\n{KILLS} kills over {span:.2f} s conversions (last delay range {scale:.1f}x): "
+          f"{outcomes}")
     if KILLS >= 20:  # the kills did fall both before and after the commit
         assert outcomes.get("fresh absent", 0) + outcomes.get("force old", 0) > 0
         assert outcomes.get("fresh new", 0) + outcomes.get("force new", 0) > 0
