@@ -98,12 +98,13 @@ def test_gate_apart_layout_written():
 def test_gate_apart_dense_equals_bundled(fused_on):
     """Without row skipping a gate-apart model computes every row: the same logits as the
     uncalibrated conversion (decode in the fused call or the general path, and prefill), up to
-    float32 summation order (rows are stored in another order). int8: the gates' dot products
-    are the bundled kernel's on the same int8 activations (and int8 shares the fused call's
-    compiled form with the other tests: a float16 gate would compile another)."""
+    float32 summation order (rows are stored in another order). f16, not int8: with int8 the
+    next layer quantizes its input to int8 per block, and a last-bit difference from the
+    summation order can flip one rounding and move logits by ~1e-2 (seen in CI); f16 keeps the
+    comparison at float32 rounding (test_silu_threshold_rows compiles the f16 path anyway)."""
     ids = tiny.token_ids("llama", 12)
-    want = decode(edgellm.load(tiny.converted("llama", "int8"), kv="f32").runtime, ids, 6)
-    rt = edgellm.load(calibrated("llama", False, quant="int8", sparsity=0.5), kv="f32").runtime
+    want = decode(edgellm.load(tiny.converted("llama", "f16"), kv="f32").runtime, ids, 6)
+    rt = edgellm.load(calibrated("llama", False, quant="f16", sparsity=0.5), kv="f32").runtime
     rt.fused = fused_on
     got = decode(rt, ids, 6)
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
