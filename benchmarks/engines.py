@@ -7,7 +7,18 @@ No side effects at import: a benchmark sets its thread environment first, then i
 import numpy as np
 
 
-class Edge:
+class _Stepper:
+    """An engine whose rt has reset() and forward(ids), which returns logits per position."""
+
+    def prefill(self, ids):
+        self.rt.reset()
+        return self.rt.forward(ids)[-1]
+
+    def step(self, tok):
+        return self.rt.forward([tok])[-1]
+
+
+class Edge(_Stepper):
     name = "edgellm"
 
     def __init__(self, path, n_ctx, threads):
@@ -18,13 +29,6 @@ class Edge:
         except TypeError:  # an older runtime without the option: numba.set_num_threads only
             self.model = edgellm.load(path, n_ctx=n_ctx)
         self.rt = self.model.runtime
-
-    def prefill(self, ids):
-        self.rt.reset()
-        return self.rt.forward(ids)[-1]
-
-    def step(self, tok):
-        return self.rt.forward([tok])[-1]
 
     def all_logits(self, ids):
         self.rt.reset()
@@ -63,7 +67,7 @@ class Llama:
         self.llm.close()
 
 
-class Onnx:
+class Onnx(_Stepper):
     """onnxruntime on a directory written by `edgellm export MODEL --to onnx` (the same weights;
     edgellm/export_onnx.py). exact=False leaves onnxruntime's default int8-activation matmuls on
     for int8 weights (faster, not the same numbers)."""
@@ -74,13 +78,6 @@ class Onnx:
         from edgellm.export_onnx import OnnxRunner
 
         self.rt = OnnxRunner(path, threads=threads, exact=exact)
-
-    def prefill(self, ids):
-        self.rt.reset()
-        return self.rt.forward(ids)[-1]
-
-    def step(self, tok):
-        return self.rt.forward([tok])[-1]
 
     def all_logits(self, ids):
         self.rt.reset()

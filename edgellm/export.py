@@ -482,11 +482,7 @@ def _export_hf(m, out, overwrite, progress):
                   os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         report["tensors"] = {k: {"type": "F32", "max_abs_change": 0.0} for k in tensors}
         _write_json(os.path.join(tmp, "config.json"), cfg)
-        gen = {"bos_token_id": c.bos_token_id,
-               "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) > 1 else
-               (c.eos_token_ids[0] if c.eos_token_ids else None)}
-        _write_json(os.path.join(tmp, "generation_config.json"), gen)
-        _hf_tokenizer(m, tmp)
+        _hf_extras(m, tmp)
         if os.path.lexists(out):
             shutil.rmtree(out)
         os.rename(tmp, out)
@@ -494,6 +490,17 @@ def _export_hf(m, out, overwrite, progress):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out, report
+
+
+def _hf_extras(m, dst):
+    """generation_config.json and the tokenizer files, as transformers and optimum look for them
+    next to config.json."""
+    c = m.config
+    _write_json(os.path.join(dst, "generation_config.json"),
+                {"bos_token_id": c.bos_token_id,
+                 "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) > 1 else
+                 (c.eos_token_ids[0] if c.eos_token_ids else None)})
+    _hf_tokenizer(m, dst)
 
 
 def _hf_tokenizer(m, dst):

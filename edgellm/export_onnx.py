@@ -50,7 +50,7 @@ import tempfile
 
 import numpy as np
 
-from .export import ExportError, _check_destination, _hf_tokenizer, _Model, _write_json, \
+from .export import ExportError, _check_destination, _hf_extras, _Model, _write_json, \
     hf_config
 from .runtime.kernels.reference import rope_tables
 
@@ -484,12 +484,7 @@ def export_onnx(model_dir, out, overwrite=False, progress=True, report=None):
                         size_threshold=1024)
         del model
         _write_json(os.path.join(tmp, "config.json"), cfg)
-        c = m.config
-        _write_json(os.path.join(tmp, "generation_config.json"),
-                    {"bos_token_id": c.bos_token_id,
-                     "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) > 1 else
-                     (c.eos_token_ids[0] if c.eos_token_ids else None)})
-        _hf_tokenizer(m, tmp)
+        _hf_extras(m, tmp)
         if os.path.lexists(out):
             shutil.rmtree(out)
         os.rename(tmp, out)
