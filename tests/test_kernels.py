@@ -491,5 +491,6 @@ def test_fast_kernels_without_vnni(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
     check = subprocess.run([sys.executable, "-c", "from edgellm.runtime.kernels import simd; "
-                            "print(simd.HAVE_VNNI)"], env=env, capture_output=True, text=True)
-    assert check.stdout.strip() == "False"
+                            "print(simd.HAVE_VNNI)"], env=env, capture_output=True, text=True,
+                           cwd=os.path.dirname(__file__))  # not the checkout: the installed package
+    assert check.stdout.strip() == "False", check.stderr[-2000:]
