@@ -30,6 +30,7 @@ Both are written to a temporary sibling and renamed into place when complete.
 >>> export("models/smollm2", "smollm2.gguf", to="gguf")     # doctest: +SKIP
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -468,9 +469,8 @@ def _export_hf(m, out, overwrite, progress):
         raise ExportError(f"{m.path}: the Hugging Face config would not describe the same model "
                           f"({back} != {c.to_dict()})")
     out = _check_destination(out, overwrite, is_dir=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
     report = {"format": "hf", "tensors": {}}
-    try:
+    with _hf_directory(m, cfg, out) as tmp:
         tensors = {}
         for name, hf in spec.global_tensors().items():
             tensors[hf] = m.vector(name) if _is_vector(name) or name == "pos_embeddings" \
@@ -481,6 +481,17 @@ def _export_hf(m, out, overwrite, progress):
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
                   os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         report["tensors"] = {k: {"type": "F32", "max_abs_change": 0.0} for k in tensors}
+    return out, report
+
+
+@contextlib.contextmanager
+def _hf_directory(m, cfg, out):
+    """A directory laid out as Hugging Face tools expect, built in a staging directory beside
+    out: the caller writes the weights into the yielded path; config.json, generation_config.json
+    and the tokenizer are added, then it replaces out. Nothing is left behind on failure."""
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+    try:
+        yield tmp
         _write_json(os.path.join(tmp, "config.json"), cfg)
         _hf_extras(m, tmp)
         if os.path.lexists(out):
@@ -489,7 +500,6 @@ def _export_hf(m, out, overwrite, progress):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out, report
 
 
 def _hf_extras(m, dst):

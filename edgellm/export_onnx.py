@@ -44,14 +44,11 @@ Everything is written to a temporary sibling directory and renamed into place wh
 """
 
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
-from .export import ExportError, _check_destination, _hf_extras, _Model, _write_json, \
-    hf_config
+from .export import ExportError, _check_destination, _hf_directory, _Model, hf_config
 from .runtime.kernels.reference import rope_tables
 
 OPSET = 18
@@ -477,20 +474,11 @@ def export_onnx(model_dir, out, overwrite=False, progress=True, report=None):
         raise ExportError(f"{m.path}: cannot export to ONNX: odd head_dim with rotary positions")
     out = _check_destination(out, overwrite, is_dir=True)
     model, rep = build(m, progress)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
-    try:
+    with _hf_directory(m, cfg, out) as tmp:
         onnx.save_model(model, os.path.join(tmp, "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx_data",
                         size_threshold=1024)
         del model
-        _write_json(os.path.join(tmp, "config.json"), cfg)
-        _hf_extras(m, tmp)
-        if os.path.lexists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if report is not None:
         report.update(rep)
     if progress:
