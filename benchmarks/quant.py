@@ -1,6 +1,7 @@
 """Quantization methods side by side on one source: perplexity, size, bytes per token, decode
 cost and conversion time for f16, int8, int4 RTN/GPTQ/AWQ, int3 RTN/GPTQ, W8A8 (SmoothQuant and
-its unsmoothed baseline), low-rank attention (and the f32 reference: the source's own weights,
+its unsmoothed baseline), low-rank attention, 50% and 2:4 magnitude/Wanda/SparseGPT pruning
+with int8 values (and the f32 reference: the source's own weights,
 dequantized).
 
     python benchmarks/quant.py SRC --out /tmp/quant [--max-tokens 8192] [--calib-tokens 8192]
@@ -31,7 +32,8 @@ VARIANTS = [  # (name, quant, method, extra convert kwargs); the comparisons tha
     ("f16", "f16", "rtn", {}), ("int8", "int8", "rtn", {}),
     ("W8A8 per-token", "int8", "w8a8", {}), ("W8A8 SmoothQuant", "int8", "smoothquant", {}),
     ("int8 low-rank 0.5", "int8", "rtn", {"low_rank": 0.5}),
-]
+] + [(f"{pat} {m}" if pat == "2:4" else f"50% {m}", "int8", "rtn", {"prune": (m, pat)})
+     for pat in ("0.5", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]  # sp50/sp24_int8
 
 
 def source(arg, out):
@@ -115,6 +117,7 @@ def main():
     import edgellm
     from edgellm import evaluate
     from edgellm.converters.convert import convert
+    from edgellm.converters.prune import options as prune_options
 
     os.makedirs(a.out, exist_ok=True)
     src = source(a.src, a.out)
@@ -124,9 +127,12 @@ def main():
     for name, quant, method, extra in VARIANTS:
         if only and name not in only:
             continue
-        tag = "-".join([quant, method] + [f"{k}{v}" for k, v in sorted(extra.items())])
+        tag = "-".join([quant, method] + [f"{k}{'-'.join(v) if isinstance(v, tuple) else v}"
+                                          for k, v in sorted(extra.items())])
         dst = os.path.join(a.out, tag)
         t0, c0 = time.perf_counter(), time.process_time()
+        if "prune" in extra:  # (method, pattern), the default calibration (4096 tokens)
+            extra = dict(extra, prune=prune_options(*extra["prune"]))
         if not os.path.isdir(dst):
             convert(src, dst, quant=quant, group_size=a.group_size, method=method,
                     progress=False, method_options=None if method in ("rtn", "w8a8") else
