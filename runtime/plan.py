@@ -142,6 +142,7 @@ def tensor_bytes(chunk, name):
 
 
 ATTN = ("attn_q", "attn_k", "attn_v", "attn_o")
+FFN = ("ffn_bundles", "ffn_down")  # ffn_down: a matrix apart (GGUF kept, --ffn-down matrix)
 SMALL = ("attn_norm.weight", "attn_norm.bias", "ffn_norm.weight", "ffn_norm.bias",
          "attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_o.bias", "ffn_up.bias",
          "ffn_down.bias")
@@ -160,7 +161,7 @@ class Sizes:
 
     small: int  # norms and biases of all layers
     attn: list  # per layer
-    ffn: list  # per layer (bundles)
+    ffn: list  # per layer (bundles, and the down matrix when stored apart)
     stride: int
     d_ff: int
     head: int  # head (tied: the embedding matrix)
@@ -168,6 +169,7 @@ class Sizes:
     embed_other: int  # final norm, positional embeddings
     predictors: int
     layer_predictors: int = 0  # predictors stored in the layer chunks (window mode loads them)
+    down_apart: bool = False  # the down projection is a matrix, not a part of the bundles
 
     @classmethod
     def of(cls, manifest, cfg):
@@ -181,13 +183,14 @@ class Sizes:
         return cls(
             small=sum(tensor_bytes(c, n) for c in layers for n in SMALL),
             attn=[sum(tensor_bytes(c, n) for n in ATTN) for c in layers],
-            ffn=[tensor_bytes(c, "ffn_bundles") for c in layers],
+            ffn=[sum(tensor_bytes(c, n) for n in FFN) for c in layers],
             stride=stride, d_ff=cfg.d_ff, head=head,
             embed_row=0 if cfg.tied_embeddings else emb // cfg.vocab_size,
             embed_other=tensor_bytes(e, "norm.weight") + tensor_bytes(e, "norm.bias")
             + tensor_bytes(e, "pos_embeddings"),
             predictors=pred,
-            layer_predictors=sum(tensor_bytes(c, n) for c in layers for n in LAYER_PREDICTOR))
+            layer_predictors=sum(tensor_bytes(c, n) for c in layers for n in LAYER_PREDICTOR),
+            down_apart=any("ffn_down" in c["tensors"] for c in layers))
 
 
 def scratch_bytes(cfg, n_ctx, T):
@@ -249,6 +252,14 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
                 raise
             return make_plan(manifest, cfg, budget, mode, io_threads=MIN_IO_THREADS, **kw)
     s = Sizes.of(manifest, cfg)
+    if s.down_apart and mode != "dense":
+        # window and naive read neurons (rows of the bundles); a down matrix holds a neuron as a
+        # column spread over every row (quantized along d_ff), which no row read can fetch
+        raise EdgeLLMError(
+            f"{mode} mode reads FFN neurons as rows of the bundles, but this model stores the "
+            "FFN down projection as a matrix apart (GGUF weights kept, or --ffn-down matrix): "
+            "use --mode dense, or reconvert with --ffn-down bundle (and --quant) to stream "
+            "neurons")
     L = cfg.n_layers
     a_frac = active_fraction if active_fraction is not None else DEFAULT_ACTIVE_FRACTION
     fracs = list(a_frac) if isinstance(a_frac, (list, tuple)) else [a_frac] * L
@@ -282,7 +293,7 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
         for i in range(L):
             b = (0 if i < n_attn_res else s.attn[i] + 8 * 64)  # + alignment of 8 tensors
             if mode != "window" and not chunked and (mode == "naive" or i >= n_ffn_res):
-                b += s.ffn[i] + 64
+                b += s.ffn[i] + 3 * 64  # + alignment of the bundles, down and its scales
             out = max(out, b)
         return out
 
@@ -409,5 +420,7 @@ def minimum_budget(manifest, cfg, mode="dense", n_ctx=None, **kw):
         make_plan(manifest, cfg, 1, mode, n_ctx, **kw)
     except EdgeLLMError as e:
         m = re.search(r"\((\d+) bytes", str(e))
+        if m is None:  # refused whatever the budget (a mode the model cannot run in)
+            raise
         return int(m.group(1))
     return 1

@@ -188,9 +188,6 @@ class Stream:
         layers = []
         for i in range(cfg.n_layers):
             f = format.layer_chunk(i)
-            if src.has(f, "ffn_down"):
-                raise EdgeLLMError(f"{f}: the FFN down projection is stored as a matrix, not in "
-                                   "the bundles; streaming under a DRAM budget needs bundles")
             if src.has(f, "ffn_gate"):
                 raise EdgeLLMError(f"{f}: the FFN gate is stored apart (ffn_gate, written with "
                                    "SiLU thresholds); streaming under a DRAM budget does not "
@@ -204,6 +201,8 @@ class Stream:
                                 or (plan.mode == "dense" and not plan.ffn_resident[i]))
             if full_ffn_streams:
                 names.append("ffn_bundles")
+                if src.has(f, "ffn_down"):  # dense mode only (the planner refuses the others)
+                    names += list(format.stored_tensors("ffn_down", src.entry(f, "ffn_down")))
             if names:
                 self.staged[i] = StagedLayer(src, i, names)
             layers.append(self._layer(tf, i))
@@ -227,7 +226,8 @@ class Stream:
         elif plan.mode == "naive" and plan.ffn_chunk_rows:
             ffn = self._chunked_ffn(i, layout, up_bias, down_bias)
         elif plan.mode == "dense" and plan.ffn_resident[i]:
-            ffn = ResidentFFN(cfg, src.array(f, "ffn_bundles"), layout, up_bias, down_bias)
+            ffn = ResidentFFN(cfg, src.array(f, "ffn_bundles"), layout, up_bias, down_bias,
+                              src.matrix(f, "ffn_down") if src.has(f, "ffn_down") else None)
         else:
             ffn = None  # set by enter() from the staging buffer
         self._layout = layout
@@ -346,16 +346,18 @@ class Stream:
 
             v = self.staged[i].views(self.stage_bufs[b])
             f = format.layer_chunk(i)
-            upd = {}
-            for n, attr in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"), ("attn_o", "o")):
-                if n in v:
-                    e = self.src.entry(f, n)
-                    c = encodings.codec(e["encoding"], e.get("group_size"))
-                    upd[attr] = Matrix(v[n], v.get(format.scales_name(n)), c, tuple(e["shape"]))
+            def matrix(n):
+                e = self.src.entry(f, n)
+                c = encodings.codec(e["encoding"], e.get("group_size"))
+                return Matrix(v[n], v.get(format.scales_name(n)), c, tuple(e["shape"]))
+
+            upd = {attr: matrix(n) for n, attr in (("attn_q", "q"), ("attn_k", "k"),
+                                                   ("attn_v", "v"), ("attn_o", "o")) if n in v}
             if "ffn_bundles" in v:
                 upd["ffn"] = ResidentFFN(self.cfg, v["ffn_bundles"], self._layout,
                                          self._opt_bias(i, "ffn_up.bias"),
-                                         self._opt_bias(i, "ffn_down.bias"))
+                                         self._opt_bias(i, "ffn_down.bias"),
+                                         matrix("ffn_down") if "ffn_down" in v else None)
             self._views[key] = replace(L, **upd)
         return self._views[key]
 

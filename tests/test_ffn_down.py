@@ -15,10 +15,12 @@ import reference
 import tiny
 from edgellm.converters.convert import convert
 from edgellm.runtime import encodings
-from edgellm.runtime.errors import ConvertError
+from edgellm.runtime.errors import ConvertError, EdgeLLMError
 from edgellm.runtime.kernels import simd
 
 _MODELS = {}
+# enough layers that streaming them one at a time takes less memory than holding them all
+tiny.VARIANTS.setdefault("llama_5layers", dict(layers=5))
 
 
 def matrix_model(name, quant):
@@ -112,9 +114,39 @@ def test_f16_layouts_compute_the_same_model():
     assert np.abs(out[0] - out[1]).max() <= 1e-4 * np.abs(out[0]).max()
 
 
-def test_streaming_refuses_the_matrix_layout():
-    with pytest.raises(Exception, match="bundles"):
+def test_neuron_streaming_refuses_the_matrix_layout():
+    """A neuron is a row of the bundles but a column of the down matrix: naive mode (and
+    window, which also needs predictors) refuses the layout, naming the way out."""
+    with pytest.raises(EdgeLLMError, match="--mode dense.*--ffn-down bundle"):
         edgellm.load(matrix_model("llama", "int8"), dram_budget=10 ** 9, mode="naive")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_dense_streaming_of_the_matrix_layout_is_exact(quant):
+    """Under any budget down to the minimum, dense mode streams the down matrix with its layer
+    (or keeps it resident) and gives the mapped model's logits and tokens, bit for bit."""
+    from edgellm.runtime import format
+    from edgellm.runtime import plan as planner
+
+    path = matrix_model("llama_5layers", quant)
+    manifest, cfg = format.read_manifest(path)
+    ids = tiny.token_ids("llama_5layers")
+
+    def run(m):
+        m.runtime.prefill_block = 1  # budgeted runs prefill token by token
+        logits = m.logits(ids)
+        m.complete(ids, max_tokens=8, temperature=0, repetition_penalty=1.0)
+        return logits, list(m.last_stats["token_ids"])
+
+    ref = run(edgellm.load(path, n_ctx=64))
+    low = planner.minimum_budget(manifest, cfg, "dense", n_ctx=64)
+    for budget in (low, low * 3, 10**9):
+        m = edgellm.load(path, n_ctx=64, dram_budget=budget, mode="dense")
+        if budget == low:  # every FFN streams, its down matrix with it
+            assert not any(m.plan.ffn_resident) and m.plan.stage_bytes
+        got = run(m)
+        assert np.array_equal(got[0], ref[0]) and got[1] == ref[1]
+        assert m.stream.allocated_bytes <= budget
 
 
 @pytest.mark.parametrize("kwargs,match", [
