@@ -22,7 +22,13 @@ Objective, per predicted token, averaged over the batch's tokens (Hinton et al. 
     loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, next token)
 
 with s, t the student's and the teacher's logits and T the temperature (T^2 keeps the KL term's
-gradients at the scale of the CE term's). With `lora=r` only low-rank adapters on every linear of
+gradients at the scale of the CE term's). alpha defaults to 1 (KL only) when healing and to 0.5
+for a selected student: the CE term pulls the student towards the text, not towards the
+teacher, and its gradient does not vanish when the student equals the teacher (on SmolLM2 with
+two layers dropped its gradient was 3x the KL term's at alpha 0.5; a 40-step LoRA heal lowered
+the cross-entropy on the Austen text and left the KL to the teacher where it was).
+`freeze_embeddings` keeps the token embedding (and the head) as they are: fewer weights to
+update, and the gradient of a tied 49152-row head is a fifth of a small model's step. With `lora=r` only low-rank adapters on every linear of
 the decoder layers train (W + (alpha_lora / r) B A, B zero at the start, so the student starts as
 the model it adapts); they are merged into the weights before writing.
 
@@ -60,12 +66,13 @@ class Options:
     batch: int = 4
     lr: float = None  # default: 2e-4, or 1e-3 with LoRA
     temperature: float = 2.0
-    alpha: float = 0.5  # weight of the KL term
+    alpha: float = None  # weight of the KL term; default: 1.0 when healing, else 0.5
     lora: int = 0  # rank; 0: train every weight
     lora_alpha: float = None  # default: 2 * rank
     threads: int = 1
     seed: int = 0
     max_tokens: int = None  # use at most this many tokens of the text
+    freeze_embeddings: bool = False  # train the layers only (the tied head stays too)
 
     def check(self):
         def bad(name, what):
@@ -84,7 +91,8 @@ class Options:
             bad("lr", "must be between 0 and 1")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             bad("temperature", "must be positive")
-        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float))
+                                           and 0 <= self.alpha <= 1):
             bad("alpha", "must be between 0 and 1")
         if self.lora_alpha is None:
             self.lora_alpha = 2.0 * max(self.lora, 1)
@@ -448,6 +456,13 @@ def add_lora(model, rank, alpha, seed=0):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def freeze_embeddings(model):
+    """Stop training the token embedding and the output head (one matrix when tied)."""
+    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if emb is not None:
+            emb.weight.requires_grad_(False)
+
+
 def merge_lora(model):
     """Replace every LoRA adapter by its base linear with B A merged into the weight."""
     for layer in decoder_layers(model):
@@ -576,7 +591,9 @@ def distill(teacher, dst, text, student=None, layers=None, keep_layers=None, neu
     from .convert import convert
 
     teacher, dst = os.fspath(teacher), os.fspath(dst)
-    opts = (options or Options()).check()
+    opts = copy.copy(options or Options()).check()
+    if opts.alpha is None:  # healing: match the teacher; a new student: also the text
+        opts.alpha = 1.0 if student is not None else 0.5
     quantize.check_quant(quant, group_size)
     if quant == quantize.KEEP:
         raise ConvertError("--quant keep keeps a GGUF file's blocks; a trained student has "
@@ -631,6 +648,8 @@ def distill(teacher, dst, text, student=None, layers=None, keep_layers=None, neu
             s_model, _ = load_hf(student, work, "student")
             record = {"init": os.path.abspath(student)}
         before = heldout(t_model, s_model, held_ids, opts.seq_len)
+        if opts.freeze_embeddings:
+            freeze_embeddings(s_model)
         if opts.lora:
             record["lora_trainable_params"] = add_lora(s_model, opts.lora, opts.lora_alpha,
                                                        opts.seed)

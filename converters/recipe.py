@@ -116,7 +116,7 @@ STEPS = {
 # heal and distill: converters/distill.py's training options (checked by distill.Options)
 TRAIN = {"steps": (int, 100, None), "seq_len": (int, 128, None), "batch": (int, 4, None),
          "lr": ((int, float), None, None), "temperature": ((int, float), 2.0, None),
-         "alpha": ((int, float), 0.5, None), "lora": (int, 0, None), "text": (str, None, None),
+         "alpha": ((int, float), None, None), "lora": (int, 0, None), "text": (str, None, None),
          "threads": (int, 1, None), "seed": (int, 0, None), "max_tokens": (int, None, None)}
 STEPS["heal"] = dict(TRAIN)
 STEPS["distill"] = {**TRAIN, "layers": (int, None, None), "keep_layers": ((str, list), None, None),

@@ -266,7 +266,8 @@ def cmd_distill(a):
 
     opts = distill.Options(steps=a.steps, seq_len=a.seq_len, batch=a.batch, lr=a.lr,
                            temperature=a.temperature, alpha=a.alpha, lora=a.lora,
-                           threads=a.threads, seed=a.seed, max_tokens=a.max_tokens)
+                           threads=a.threads, seed=a.seed, max_tokens=a.max_tokens,
+                           freeze_embeddings=a.freeze_embeddings)
     info = distill.distill(a.teacher, a.output, a.text, student=a.student, layers=a.layers,
                            keep_layers=a.keep_layers, neurons=a.neurons, heads=a.heads,
                            options=opts, quant=a.quant, group_size=a.group_size,
@@ -465,8 +466,10 @@ def build_parser():
                    "1e-3 with --lora)")
     t.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the "
                    "KL term (default 2)")
-    t.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term; 1 - alpha "
-                   "weighs the cross-entropy (default 0.5)")
+    t.add_argument("--alpha", type=float, default=None, help="weight of the KL term; 1 - alpha "
+                   "weighs the cross-entropy (default 1 with --student, 0.5 otherwise)")
+    t.add_argument("--freeze-embeddings", action="store_true", help="train the layers only, "
+                   "not the token embedding and head")
     t.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R adapters on "
                    "the layers' linears only, merged before writing (default 0: every weight)")
     t.add_argument("--max-tokens", type=int, default=None, help="use at most N tokens of the "
