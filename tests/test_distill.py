@@ -88,6 +88,53 @@ def test_lora_merge_equals_unmerged_forward(tmp_path):
     np.testing.assert_allclose(merged.numpy(), unmerged.numpy(), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_student_equal_to_the_teacher_has_no_kl_and_no_kl_gradient(tmp_path, temperature):
+    """The KL term compares the two models at the same positions: a copy of the teacher has KL 0
+    and a zero gradient; the CE term's gradient does not vanish there (why healing defaults to
+    alpha 1: with alpha 0.5 it pulls the student away from the teacher, towards the text)."""
+    import copy
+
+    teacher = _hf("llama", tmp_path)
+    student = copy.deepcopy(teacher).train()
+    w = torch.from_numpy(np.array([tiny.token_ids("llama", 33, seed=1)]))
+    x, y = w[:, :-1], w[:, 1:]
+    with torch.no_grad():
+        t = teacher(input_ids=x).logits
+
+    def grad_norm(alpha):
+        student.zero_grad()
+        loss, kl, _ = distill.objective(student(input_ids=x).logits, t, y, temperature, alpha)
+        loss.backward()
+        g = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+        return float(kl.detach()), float(g.norm())
+
+    kl, g_kl = grad_norm(1.0)
+    assert abs(kl) < 1e-6 and g_kl < 1e-5
+    _, g_half = grad_norm(0.5)
+    assert g_half > 0.1
+
+
+def test_healing_trains_kl_only_by_default_and_can_freeze_embeddings(tmp_path, texts):
+    from safetensors.numpy import load_file
+
+    teacher = tiny.converted("llama", "f32")
+    dropped = structural.drop_layers(teacher, str(tmp_path / "d"), [1])
+    out = str(tmp_path / "healed")
+    info = distill.distill(teacher, out, texts[0], student=dropped, quant="f32", progress=False,
+                           options=distill.Options(steps=3, seq_len=16, lr=1e-2,
+                                                   freeze_embeddings=True))
+    assert info["options"]["alpha"] == 1.0 and info["options"]["freeze_embeddings"]
+    before, after = load_file(f"{dropped}/embed.safetensors"), load_file(f"{out}/embed.safetensors")
+    for name in ("tok_embeddings", "output"):  # untied: both kept
+        np.testing.assert_array_equal(after[name], before[name])
+    assert not np.array_equal(after["norm.weight"], before["norm.weight"])  # the rest trained
+    sel = distill.distill(teacher, str(tmp_path / "sel"), texts[0], keep_layers="0",
+                          quant="f32", progress=False,
+                          options=distill.Options(steps=1, seq_len=16))
+    assert sel["options"]["alpha"] == 0.5 and not sel["options"]["freeze_embeddings"]
+
+
 def test_selection_equals_the_teacher_without_the_rest(tmp_path):
     """A student of kept heads and neurons computes what the teacher computes with the other
     heads' o columns and the other neurons' down columns zeroed (exactly the removed terms)."""
