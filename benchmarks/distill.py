@@ -4,6 +4,12 @@
         --text ~/.cache/edgellm-demo/text/train.txt \\
         --eval-text ~/.cache/edgellm-demo/text/heldout.txt --out /tmp/distill-demo \\
         --steps 300 --json demo.json
+    python benchmarks/distill.py measure DIR [DIR ...] --max-tokens 2048 [--json rows.jsonl]
+
+`measure` gives models built elsewhere (`edgellm distill`, `edgellm convert --drop-layers`) the
+rows of benchmarks/quant.py (the SmolLM2 table of docs/COMPRESSION.md): perplexity on the shipped
+held-out text (ctx 512, stride 256, the first --max-tokens tokens), size, weight bytes read per
+decoded token, decode CPU ms per token (process time, best of 3 runs of 16 greedy tokens).
 
 Every variant is written as an edgellm model (--quant, int8 by default) in --out (kept, so a run
 can be resumed: existing variants are measured again, not rebuilt) and measured with the recipe
@@ -73,7 +79,43 @@ def build(name, a, out):
     return dst, round(time.perf_counter() - t0, 1)
 
 
+def measure(argv):
+    """benchmarks/quant.py's row for each model directory given."""
+    p = argparse.ArgumentParser(prog="distill.py measure")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--decode-tokens", type=int, default=0,
+                   help="tokens of quant.py's decode-path perplexity (default 0: skip)")
+    p.add_argument("--json", default=None, help="append each row as a JSON line to this file")
+    a = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import quant  # benchmarks/quant.py: the same measurements as the quantization rows
+
+    import edgellm
+    from edgellm import evaluate
+
+    text = evaluate.read_text(evaluate.heldout_text_path())
+    for d in a.models:
+        m = edgellm.load(d)
+        r = evaluate.perplexity(m, text, max_tokens=a.max_tokens)
+        ms = quant.decode_cpu_ms(m)
+        dppl = quant.decode_ppl(m, text, a.decode_tokens) if a.decode_tokens else None
+        size, per_tok = quant.weight_bytes(d)
+        row = {"model": os.path.abspath(d), "n_layers": m.config.n_layers,
+               "d_ff": m.config.d_ff, "perplexity": round(r["perplexity"], 3),
+               "decode_path_ppl": None if dppl is None else round(dppl, 3),
+               "size_MB": round(size / 1e6, 2), "bytes_per_token_MB": round(per_tok / 1e6, 2),
+               "decode_cpu_ms": round(ms, 2), "eval_tokens": r["tokens"]}
+        print(json.dumps(row), flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del m
+
+
 def main():
+    if sys.argv[1:2] == ["measure"]:
+        return measure(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True)
     p.add_argument("--text", required=True, help="training text")
