@@ -1,14 +1,16 @@
 """FFN row skipping with everything resident (runtime/rowskip.py): quality and speed together,
 against the dense model in the same process (a script, not a test; nothing is asserted).
 
-For a model with predictors (ReLU: `--predictor`) or magnitude thresholds (SiLU: `--calib ...
---sparsity S`):
+For a model with predictors (ReLU: `--predictor`), magnitude thresholds (SiLU: `--calib ...
+--sparsity S`) or TEAL input thresholds (`--sparsity-mode teal`, runtime/teal.py; give
+--dense-model, the same weights converted without calibration, for the dense FFN and decode):
 
 - quality: perplexity over --tokens of --text in disjoint windows of --ctx, dense vs sparse (the
   sparse model runs every position through the skipping FFN); top-1 agreement with dense at
   every position of those windows (teacher-forced);
 - rows computed per token (fraction of d_ff, mean over layers; the predictor's rows, or the
-  rows above the threshold);
+  rows above the threshold; TEAL: the fraction of the FFN's weight bytes read, (2 x inputs
+  kept + hidden values kept) / 3, both also reported);
 - FFN time: every layer's FFN inputs recorded during a decode, then the dense kernel and the
   skipping kernel (predictor included) run on them alternately, --repeats times; medians;
 - decode time per token (fused decode, greedy, --gen tokens): a dense and a sparse runtime
@@ -30,7 +32,7 @@ import time
 import numpy as np
 
 import edgellm
-from edgellm.runtime import rowskip
+from edgellm.runtime import rowskip, teal
 from edgellm.runtime.kernels import fused
 from edgellm.runtime.model import ResidentFFN
 
@@ -78,9 +80,10 @@ def decode_ms(rts, prompt, n, clock):
     return [x / n * 1e3 for x in tot]
 
 
-def ffn_times(rt, prompt, n, repeats, clock):
+def ffn_times(rt, dense_rt, prompt, n, repeats, clock):
     """Record each layer's FFN inputs over n decode steps, then time dense vs skipping kernels
-    on them (ms per token, all layers)."""
+    on them (ms per token, all layers). The dense kernel: the skipping FFN's base, or (TEAL)
+    dense_rt's FFN of the same layer."""
     rec = [[] for _ in rt.layers]
     saved = [L.ffn for L in rt.layers]
 
@@ -103,14 +106,18 @@ def ffn_times(rt, prompt, n, repeats, clock):
     calls = []
     for i, L in enumerate(rt.layers):
         skip = L.ffn
-        a = skip.arrays
+        if isinstance(skip, teal.TealFFN):
+            meta_s = np.zeros(fused.M_LEN, np.int64)
+            a = fused.plan_ffn(rt.cfg, skip, ResidentFFN, meta_s)
+            base = dense_rt.layers[i].ffn
+        else:
+            a, meta_s, base = skip.arrays, skip.meta, skip.base
         meta_d = np.zeros(fused.M_LEN, np.int64)
-        dense = fused.plan_ffn(rt.cfg, skip.base, ResidentFFN, meta_d)
+        dense = fused.plan_ffn(rt.cfg, base, ResidentFFN, meta_d)
         meta_d.flags.writeable = False
         s = fused.Scratch(rt.cfg)
-        nrow = a["n"]
-        hid = s.hidden(nrow if a["dq"] is not fused._EMPTY_U16 else 1)
-        for meta, arr, key in ((meta_d, dense, "dense"), (skip.meta, a, "sparse")):
+        for meta, arr, key in ((meta_d, dense, "dense"), (meta_s, a, "sparse")):
+            hid = s.hidden(arr["n"] if arr["dq"] is not fused._EMPTY_U16 else 1)
             calls.append((key, i, meta, arr, s, hid))
     times = {"dense": [], "sparse": []}
     for _ in range(repeats):
@@ -138,6 +145,8 @@ def scale(rt, s, shift=0.0):
         return
     for L in rt.layers:
         f = L.ffn
+        if isinstance(f, teal.TealFFN):
+            f.scale_thresholds(s)  # the kernel reads f.thr: nothing to plan again
         if isinstance(f, rowskip.SkipFFN):
             t = f.sparse["thr"] * s if f.sparse["mode"] == 3 else f.sparse["thr"] + shift
             f.sparse["thr"] = f.arrays["thr"] = np.float32(t)
@@ -171,22 +180,31 @@ def main(argv=None):
     rt = model.runtime
     wins = windows(model, open(args.text, encoding="utf-8").read(), args.ctx, args.tokens)
     dense_logits = logits_over(rt, wins)
-    n_layers = rowskip.enable(rt, prefill="sparse")
+    n_teal = teal.enable(rt, prefill="sparse")
+    n_layers = n_teal or rowskip.enable(rt, prefill="sparse")
     if not n_layers:
         raise SystemExit(f"{args.model}: no layer has a predictor or threshold")
+    if n_teal and not args.dense_model:
+        raise SystemExit(f"{args.model}: TEAL thresholds: give --dense-model (the same weights "
+                         f"converted without calibration) for the dense kernels")
     scale(rt, args.thr_scale, args.pred_shift)
     sparse_logits = logits_over(rt, wins)
-    frac = [f for f in rowskip.stats(rt) if f is not None]
+    if n_teal:
+        kept = [f for f in teal.stats(rt) if f is not None]
+        frac = [(2 * a + b) / 3 for a, b in kept]
+    else:
+        kept = None
+        frac = [f for f in rowskip.stats(rt) if f is not None]
     agree = np.mean(np.concatenate([a.argmax(1) == b.argmax(1)
                                     for a, b in zip(dense_logits, sparse_logits)]))
     p_dense, p_sparse = ppl(wins, dense_logits), ppl(wins, sparse_logits)
     prompt = wins[0][:64]
-    ffn = ffn_times(rt, prompt, args.gen, args.repeats, clock)
     # a second runtime over the same mapped weights, dense; the two decode in turn, a whole run
     # each (token by token in step, their caches and buffers evicted each other's: the demo's
     # dense token went from 0.47 to 0.72 ms)
     dense_rt = edgellm.load(args.dense_model or args.model, threads=args.threads,
                             kv="f32").runtime
+    ffn = ffn_times(rt, dense_rt, prompt, args.gen, args.repeats, clock)
     dec = {"dense": [], "sparse": []}
     decode_ms([dense_rt, rt], prompt, 2, clock)  # compiles (the first run timed a compile)
     for _ in range(args.repeats):
@@ -199,6 +217,8 @@ def main(argv=None):
            "tokens": sum(len(w) - 1 for w in wins), "layers_skipping": n_layers,
            "rows_computed_fraction": float(np.mean(frac)),
            "rows_computed_by_layer": [round(float(f), 4) for f in frac],
+           "teal_inputs_kept": float(np.mean([a for a, _ in kept])) if kept else None,
+           "teal_hidden_kept": float(np.mean([b for _, b in kept])) if kept else None,
            "ppl_dense": p_dense, "ppl_sparse": p_sparse,
            "ppl_change_pct": 100 * (p_sparse / p_dense - 1), "top1_agreement": float(agree),
            "ffn_ms_per_token": med["ffn"],

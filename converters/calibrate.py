@@ -31,6 +31,7 @@ import numpy as np
 from edgellm.runtime.errors import ConvertError
 
 from . import predictor as trainer
+from . import teal
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "edgellm", "data", "calib", "austen-calib.txt")
@@ -62,6 +63,8 @@ class CalibOptions:
     sparsity: float = 0.5  # SiLU: fraction of neurons below the magnitude threshold
     gate_apart: bool = False  # SiLU, no predictor: store the gates as ffn_gate (options() sets it
     # when a sparsity is asked for; calibrations for other ends, e.g. neuron pruning, keep bundles)
+    sparsity_mode: str = "cats"  # cats: thresholds on |act(gate h)|, gates apart; teal:
+    # thresholds on the FFN's inputs, weights stored by input column (converters/teal.py)
     epochs: int = 8  # logistic-regression epochs
     seed: int = 0
 
@@ -80,6 +83,10 @@ class CalibOptions:
             bad(f"target recall must be in [0.5, 1), got {self.recall!r}")
         if not 0 <= self.sparsity < 1:
             bad(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        if self.sparsity_mode not in ("cats", "teal"):
+            bad(f"sparsity mode must be cats or teal, got {self.sparsity_mode!r}")
+        if self.sparsity_mode == "teal" and self.predictor:
+            bad("--sparsity-mode teal sets thresholds, not predictors; drop --predictor")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             bad(f"predictor rank must be a positive integer, got {self.rank!r}")
         self.text = os.fspath(self.text) if self.text is not None else default_text()
@@ -169,7 +176,8 @@ def options(predictor=False, text=None, extra=None):
         return None
     try:
         extra = dict(extra or {})
-        extra.setdefault("gate_apart", "sparsity" in extra)
+        extra.setdefault("gate_apart", "sparsity" in extra
+                         and extra.get("sparsity_mode", "cats") == "cats")
         opts = CalibOptions(text=text, predictor=bool(predictor), **extra)
     except TypeError as e:
         raise ConvertError(f"calibration options: {e}") from None
@@ -217,6 +225,9 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
     # neurons above the threshold, so the gates go into a matrix of their own (ffn_gate)
     gate_apart = opts.gate_apart and silu and cfg.gated_ffn and not opts.predictor
     chunks = list(manifest["chunks"])
+    teal_mode = opts.sparsity_mode == "teal"
+    if teal_mode:
+        teal.check(cfg, chunks[1]["tensors"])
     records = []
     bar = tqdm(total=cfg.n_layers, desc="calibrate", unit="layer", disable=not progress)
     for i, H in ffn_inputs(model, seqs):
@@ -235,7 +246,10 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
         rec = {"layer": i, "true_fraction": float(Y.mean()),
                "never_active_fraction": float((freq == 0).mean())}
         extra_e, extra_a = {}, {}
-        if act_t is not None:
+        if teal_mode:
+            t_in, t_hid = teal.thresholds(cfg, bundles, layout, H, opts.sparsity, rng)
+            rec["teal_thresholds"] = [t_in, t_hid]
+        elif act_t is not None:
             rec["act_threshold"] = act_t
             extra_e[rp.ACT_THRESHOLD] = _vec([1])
             extra_a[rp.ACT_THRESHOLD] = np.array([act_t], dtype=np.float32)
@@ -283,6 +297,8 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
         entries = {**entry["tensors"], **extra_e}
         if gate_apart:
             _split_gate(arrays, entries, cfg.d_model)
+        elif teal_mode:
+            teal.to_columns(arrays, entries, cfg.d_model, t_in, t_hid)
         # the model above still maps the old file: unlink it rather than overwrite it in place
         os.remove(path)
         chunks[i + 1] = write_chunk(file, entries, arrays)
@@ -312,6 +328,8 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
         "seconds": round(time.perf_counter() - t_start, 1),
         "layers": records,
     }
+    if teal_mode:
+        out["calibration"]["sparsity_mode"] = "teal"
     return out
 
 

@@ -89,7 +89,8 @@ def cmd_convert(a):
     from .converters.convert import convert
 
     extra = {k: v for k, v in (("tokens", a.calib_tokens), ("rank", a.predictor_rank),
-                               ("recall", a.predictor_recall), ("sparsity", a.sparsity))
+                               ("recall", a.predictor_recall), ("sparsity", a.sparsity),
+                               ("sparsity_mode", a.sparsity_mode))
              if v is not None}
     command = " ".join(["edgellm"] + sys.argv[1:])
     if a.recipe:
@@ -337,6 +338,10 @@ def build_parser():
     g.add_argument("--sparsity", type=float, default=None,
                    help="SiLU models: fraction of neurons below the magnitude threshold "
                    "(default 0.5)")
+    g.add_argument("--sparsity-mode", choices=["cats", "teal"], default=None,
+                   help="cats (default): threshold on |silu(gate h)|, the gates stored apart; "
+                   "teal: thresholds on the FFN's inputs (h and silu(gate h) * up h), the FFN "
+                   "weights stored by input column (needs --quant int8)")
     g = c.add_argument_group("structural compression and recipes (docs/COMPRESSION.md)")
     g.add_argument("--drop-layers", type=int, default=0, metavar="N",
                    help="drop N layers, measured on the calibration text")

@@ -68,7 +68,10 @@ class Model:
         n_ctx = n_ctx or min(config.max_context, DEFAULT_CONTEXT)
         stream = None
         if dram_budget is not None or mode is not None:
+            from .runtime import teal
             from .runtime.streaming import open_stream
+
+            teal.refuse_streaming(manifest)
 
             stream = open_stream(reader, config, dram_budget, mode, n_ctx=n_ctx, kv=kv,
                                  window=window, io_threads=io_threads, cold=cold, oracle=oracle)

@@ -26,7 +26,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound the safetensors library uses
 ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I32": np.int32}
 ST_NAMES = {np.dtype(v): k for k, v in ST_DTYPES.items()}
 
-RAW_ENCODINGS = ("i32",)  # stored as-is, no codec (e.g. the neuron permutation)
+RAW_ENCODINGS = ("i32", "i8")  # stored as-is, no codec (e.g. the neuron permutation; i8: the
+# int8 codes of TEAL's input columns, §3.5)
 TOKENIZER_KINDS = ("sentencepiece", "hf")
 
 
@@ -47,6 +48,8 @@ def stored_tensors(name, entry):
     enc, shape = entry["encoding"], tuple(entry["shape"])
     if enc == "i32":
         return {name: (np.dtype(np.int32), shape)}
+    if enc == "i8":
+        return {name: (np.dtype(np.int8), shape)}
     if enc == "bundle":
         return {name: (np.dtype(np.uint8), shape)}
     c = encodings.codec(enc, entry.get("group_size"))
@@ -270,6 +273,14 @@ def _check_against_config(path, chunk, cfg):
         if not cfg.gated_ffn:
             raise FormatError(path, f"chunk {file}: ffn_gate in a model whose FFN is not gated")
         want["ffn_gate"] = (encodings.NAMES, [cfg.d_ff, cfg.d_model])
+    if file != EMBED_CHUNK and "ffn_in_cols" in tensors:  # TEAL (§3.5): no bundles
+        if not cfg.gated_ffn:
+            raise FormatError(path, f"chunk {file}: ffn_in_cols in a model whose FFN is not gated")
+        d, n = cfg.d_model, cfg.d_ff
+        del want["ffn_bundles"]
+        want.update({"ffn_in_cols": (("i8",), [d, 2 * n]), "ffn_in_scales": (("f32",), [2 * n]),
+                     "ffn_down_cols": (("int8",), [n, d]),
+                     "ffn_teal_threshold": (("f32",), [2])})
     if set(tensors) != set(want):
         missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
         raise FormatError(path, f"chunk {file}: tensors do not match the config (missing "

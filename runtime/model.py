@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import format, gateapart, kernels, threads
+from . import format, gateapart, kernels, teal, threads
 from . import lowrank
 from .kernels import fused, w8a8
 from .errors import ContextLengthError, EdgeLLMError
@@ -90,6 +90,8 @@ class Transformer:
                                       for k in c["tensors"]):
             raise EdgeLLMError("a model with low-rank projections (converters/lowrank.py) "
                                "cannot stream under a DRAM budget yet; load it resident")
+        if stream is not None:
+            teal.refuse_streaming(reader.manifest)
         self.prefill_block = stream.prefill_block if stream is not None else PREFILL_BLOCK
         self.n_ctx = min(cfg.max_context, n_ctx or cfg.max_context)
         self.kv = kv  # KV cache encoding of new caches (kvcache.ENCODINGS)
@@ -121,11 +123,18 @@ class Transformer:
 
     def _layer(self, f):
         r = self.reader
-        entry = r.entry(f, "ffn_bundles")
-        resident = ResidentFFN(self.cfg, r.array(f, "ffn_bundles"), entry["parts"],
-                               self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias"),
-                               r.matrix(f, "ffn_down") if r.has(f, "ffn_down") else None,
-                               r.matrix(f, "ffn_gate") if r.has(f, "ffn_gate") else None)
+        if teal.has_teal(r, f):  # weights by input column, TEAL thresholds (runtime/teal.py)
+            if self.act_token:
+                raise EdgeLLMError("TEAL thresholds with per-token int8 activations (W8A8) are "
+                                   "not supported")
+            ffn = teal.TealFFN.load(r, self.cfg, f, self._opt(f, "ffn_down.bias"))
+        else:
+            entry = r.entry(f, "ffn_bundles")
+            resident = ResidentFFN(self.cfg, r.array(f, "ffn_bundles"), entry["parts"],
+                                   self._opt(f, "ffn_up.bias"), self._opt(f, "ffn_down.bias"),
+                                   r.matrix(f, "ffn_down") if r.has(f, "ffn_down") else None,
+                                   r.matrix(f, "ffn_gate") if r.has(f, "ffn_gate") else None)
+            ffn = w8a8.TokenFFN(resident) if self.act_token else resident
         return Layer(
             attn_norm=self._norm(f, "attn_norm"),
             q=lowrank.projection(r, f, "attn_q"), k=lowrank.projection(r, f, "attn_k"),
@@ -133,7 +142,7 @@ class Transformer:
             q_bias=self._opt(f, "attn_q.bias"), k_bias=self._opt(f, "attn_k.bias"),
             v_bias=self._opt(f, "attn_v.bias"), o_bias=self._opt(f, "attn_o.bias"),
             ffn_norm=self._norm(f, "ffn_norm"),
-            ffn=w8a8.TokenFFN(resident) if self.act_token else resident,
+            ffn=ffn,
         )
 
     # -----------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from .norms import rmsnorm
 from .qmatvec import f16_row, matvec3, row_dot
 from .rope import apply_rope
 from .simd import act_buffers, f16_axpy_fast, f16_axpy_generic, prefetch, quantize_act
+from .teal import ffn_teal
 
 F16 = ENC_CODES["f16"]
 
@@ -93,7 +94,7 @@ def store_f16(x, p0, c):
 def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv, wo, so,
                  bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts, up_bias,
                  down_bias, dq, ds, partial, hidden, h, qkv, rot, att, obuf, posarr, pa, pb,
-                 pbias, thr, z, scores, rows, kept, gq, gs, gvals):
+                 pbias, thr, z, scores, rows, kept, gq, gs, gvals, tl):
     """One decoded token through one layer; x f32[d] (the residual stream) is updated in place.
 
     Caches as the attention kernel reads them: float32 (kvlut, ksc, vsc None), float16 bits
@@ -141,7 +142,7 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
     x += obuf
     rmsnorm(x2, fnorm, eps, h2)
     f = ffn_any(h, d, meta, bundles, tab, gshifts, up_bias, lut, partial, hidden, dq, ds, pa, pb,
-                pbias, thr, z, scores, rows, kept, gq, gs, gvals)
+                pbias, thr, z, scores, rows, kept, gq, gs, gvals, tl)
     if meta[M_DOWN_BIAS]:
         f += down_bias
     x += f
@@ -267,13 +268,17 @@ def ffn_decode_sparse(x, bundles, rows, nrows, listed, thr, gvals, pregated, enc
 
 @njit(cache=True)
 def ffn_any(h, d, meta, bundles, tab, gshifts, up_bias, lut, partial, hidden, dq, ds, pa, pb,
-            pbias, thr, z, scores, rows, kept, gq, gs, gvals):
+            pbias, thr, z, scores, rows, kept, gq, gs, gvals, tl):
     """The FFN of a layer, dense (meta[M_SPARSE] 0), over a low-rank predictor's rows (1), with a
     magnitude threshold on gates read from the bundles (2), or on gates from a gate matrix of
-    their own (3: gq, gs; thr < 0 computes every row): decode_layer's FFN, also called alone
-    (rowskip.py, gateapart.py)."""
+    their own (3: gq, gs; thr < 0 computes every row), or TEAL input thresholds over weights
+    stored by input column (4: the arrays in tl, runtime/teal.py): decode_layer's FFN, also
+    called alone (rowskip.py, gateapart.py)."""
     fast = meta[M_FAST] != 0
     mode = meta[M_SPARSE]
+    if mode == 4:
+        return ffn_teal(h, tl[0], tl[1], tl[2], tl[3], tl[4], meta[M_KIND], tl[5], tl[6], tl[7],
+                        partial, tl[8])
     if mode == 0:
         return ffn_decode_simd(h, bundles, tab[0], tab[1], tab[2], gshifts, d, meta[M_KIND],
                                meta[M_GATED] != 0, up_bias, meta[M_UP_BIAS] != 0, lut, partial,
@@ -328,6 +333,38 @@ _NO_SPARSE = dict(pa=np.zeros((1, 1), np.uint16), pb=np.zeros((1, 1), np.uint16)
 _NO_GATE = dict(gq=np.zeros((1, 1), np.int8), gs=_EMPTY_F32, gvals=_EMPTY_F32)
 
 
+def _ro(a):
+    a.flags.writeable = False
+    return a
+
+
+# no TEAL FFN: runtime/teal.TealFFN.tuple's types (one compiled decode_layer for both)
+_NO_TEAL = (_ro(np.zeros((1, 1), np.int8)), _ro(np.zeros(1, np.float32)),
+            _ro(np.zeros((1, 1), np.int8)), _ro(np.zeros(1, np.float32)), np.zeros(2, np.float32),
+            np.zeros(1, np.float32), np.zeros(1, np.int32), np.zeros(1, np.float32),
+            np.zeros(3, np.int64))
+_TEAL_BUNDLES = _ro(np.zeros((1, 1), np.uint8))  # bundles as mapped ones are typed
+
+
+def plan_teal(cfg, f, meta):
+    """plan_ffn for a runtime/teal.TealFFN f: sparse mode 4, its arrays in tl."""
+    from .. import kernels as K
+
+    meta[M_SPARSE] = 4
+    meta[M_KIND] = ACT_CODES[cfg.activation]
+    meta[M_GATED] = 1
+    meta[M_DENC] = NONE
+    meta[M_DOWN_BIAS] = f.down_bias is not None
+    meta[M_SIMD] = {"fast": 2, "generic": 1}.get(K.MODE, 0)
+    meta[M_FAST] = K.MODE == "fast"
+    arrays = dict(bundles=_TEAL_BUNDLES, tab=_ro(np.zeros((4, 3), np.int64)),
+                  gshifts=np.zeros(3, np.int64), up_bias=_EMPTY_F32,
+                  down_bias=_vec(f.down_bias, cfg.d_model), dq=_EMPTY_U16, ds=_EMPTY_U16,
+                  n=cfg.d_ff, tl=f.tuple, **_NO_SPARSE)
+    arrays.update(_NO_GATE)
+    return arrays
+
+
 def plan_ffn(cfg, f, ffn_cls, meta):
     """The FFN's arrays for ffn_any / decode_layer (its integers written into meta), or None
     when the SIMD kernels do not take it. f: a ffn_cls (model.ResidentFFN), or a row-skipping
@@ -335,6 +372,8 @@ def plan_ffn(cfg, f, ffn_cls, meta):
     sparse["gate"]: a copy of the bundles' gates) makes it mode 3."""
     from .. import kernels as K
 
+    if getattr(f, "teal", False):  # input thresholds, weights by column (runtime/teal.py)
+        return f.plan(meta) if K.MODE != "portable" else None
     d = cfg.d_model
     sparse = getattr(f, "sparse", None)
     base = f.base if sparse is not None else f
@@ -372,7 +411,7 @@ def plan_ffn(cfg, f, ffn_cls, meta):
         down_bias=_vec(base.down_bias, d),
         dq=_bits(down.q) if down is not None else _EMPTY_U16,
         ds=_bits(down.s) if down is not None else _EMPTY_U16,
-        n=n, **_NO_SPARSE)
+        n=n, tl=_NO_TEAL, **_NO_SPARSE)
     arrays.update(_NO_GATE)
     if sparse is not None:
         meta[M_SPARSE] = sparse["mode"]
@@ -396,7 +435,8 @@ def ffn_call(h, meta, a, partial, hidden):
     """ffn_any for one token h f32[d] with plan_ffn's arrays a (no down bias added)."""
     return ffn_any(h, h.shape[0], meta, a["bundles"], a["tab"], a["gshifts"], a["up_bias"], _LUT,
                    partial, hidden, a["dq"], a["ds"], a["pa"], a["pb"], a["pbias"], a["thr"],
-                   a["z"], a["scores"], a["rows"], a["kept"], a["gq"], a["gs"], a["gvals"])
+                   a["z"], a["scores"], a["rows"], a["kept"], a["gq"], a["gs"], a["gvals"],
+                   a["tl"])
 
 
 def plan_layer(cfg, L, ffn_cls):
@@ -486,7 +526,7 @@ def layer_args(plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
             a["down_bias"], a["dq"], a["ds"], scratch.partial(n), hidden, scratch.h,
             scratch.qkv, scratch.rot, scratch.att, scratch.obuf, scratch.posarr, a["pa"], a["pb"],
             a["pbias"], a["thr"], a["z"], a["scores"], a["rows"], a["kept"], a["gq"], a["gs"],
-            a["gvals"])
+            a["gvals"], a["tl"])
 
 
 def takes_cache(kv):

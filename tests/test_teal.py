@@ -1,0 +1,210 @@
+"""TEAL-style input thresholds (`--sparsity-mode teal`; converters/teal.py, runtime/teal.py,
+kernels/teal.py): the layout holds the dense int8 model's codes by input column; the kernel
+computes what a NumPy FFN thresholded on its inputs computes (also under NUMBA_DISABLE_JIT=1);
+the fused decode equals the general path; prefill stays dense; what cannot be converted or
+streamed is refused with a clear message."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edgellm
+import tiny
+from edgellm.converters.convert import convert
+from edgellm.runtime import encodings, teal
+from edgellm.runtime.errors import ConvertError, EdgeLLMError
+from edgellm.runtime.kernels import simd
+from edgellm.runtime.kernels import teal as kt
+from edgellm.runtime.kernels.ffn import SILU
+from test_predictor import calib_text, calibrated, chunk, ffn_inputs
+
+needs_jit = pytest.mark.skipif(not simd.AVAILABLE, reason="the fused decode runs the SIMD "
+                               "kernels (NUMBA_DISABLE_JIT=1 has none)")
+SPARSITY = 0.4
+
+
+def model_path():
+    return calibrated("llama", False, quant="int8", sparsity=SPARSITY, sparsity_mode="teal")
+
+
+def numpy_teal(gate, up, down, h, t_in, t_hid):
+    """The thresholded gated SiLU FFN in NumPy, weights f32 [n, d] (down: column i as row i):
+    inputs with |h_j| <= t_in and hidden values with |v_i| <= t_hid count as zero."""
+    h = np.where(np.abs(h) > t_in, h, 0)
+    g = h @ gate.T
+    v = g / (1 + np.exp(-g)) * (h @ up.T)
+    return np.where(np.abs(v) > t_hid, v, 0) @ down
+
+
+def weights(f):
+    """A TealFFN's weights decoded, f32 [n, d] each (down: column i as row i)."""
+    n = f.cfg.d_ff
+    w = f.cols.astype(np.float32).T * f.cscale[:, None]  # [2n, d]
+    return w[:n], w[n:], f.dq.astype(np.float32) * f.ds[:, None]
+
+
+def test_layout_holds_the_int8_codes():
+    """gate and up by input column and down by column: the plain int8 conversion's codes and
+    scales, moved (rows in the calibrated order, ffn_perm), nothing re-rounded."""
+    path = model_path()
+    plain = edgellm.load(tiny.converted("llama", "int8"))
+    m = edgellm.load(path)
+    cfg = m.config
+    d, n = cfg.d_model, cfg.d_ff
+    for i in range(cfg.n_layers):
+        arrays = chunk(path, i)
+        assert "ffn_bundles" not in arrays
+        perm = arrays["ffn_perm"]
+        L = plain.runtime.layers[i].ffn
+        parts = {e["name"]: e for e in L.layout}
+        (gq, gs), (uq, us), (dq, ds) = (encodings.bundle_part(L.bundles, parts[k], d)
+                                        for k in ("gate", "up", "down"))
+        cols = arrays[teal.IN_COLS]
+        assert cols.dtype == np.int8 and cols.shape == (d, 2 * n)
+        assert np.array_equal(cols[:, :n], gq[perm].T)
+        assert np.array_equal(cols[:, n:], uq[perm].T)
+        assert np.array_equal(arrays[teal.IN_SCALES], np.concatenate([gs[perm], us[perm]]))
+        assert np.array_equal(arrays[teal.DOWN_COLS], dq[perm])
+        assert np.array_equal(arrays[teal.DOWN_COLS + ".scales"], ds[perm])
+        t_in, t_hid = arrays[teal.THRESHOLD]
+        assert t_in > 0 and t_hid > 0
+    assert m.manifest["calibration"]["sparsity_mode"] == "teal"
+
+
+def test_kernel_equals_numpy_on_ffn_inputs():
+    """Every layer, on real FFN inputs: the kernel equals the NumPy thresholded FFN; around the
+    target sparsity of inputs and hidden values is dropped; negative thresholds keep all."""
+    m = edgellm.load(model_path(), kv="f32")
+    rt = m.runtime
+    seen = ffn_inputs(m, tiny.token_ids("llama", 12))
+    for i, L in enumerate(rt.layers):
+        f = L.ffn
+        assert isinstance(f, teal.TealFFN)
+        gate, up, down = weights(f)
+        H = seen[i]
+        t_in, t_hid = f.stored
+        f.reset_counts()
+        got = np.concatenate([f(h[None]) for h in H])
+        want = numpy_teal(gate, up, down, H, t_in, t_hid)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        kin, khid = f.fractions()
+        assert 0.3 < kin < 0.9 and 0.3 < khid < 0.9, (kin, khid)
+        f.scale_thresholds(-1.0)
+        got = np.concatenate([f(h[None]) for h in H])
+        dense = numpy_teal(gate, up, down, H, -1, -1)
+        np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
+        np.testing.assert_allclose(f.dense(H), dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
+        f.scale_thresholds(1.0)
+
+
+def test_dense_prefill_equals_plain_model():
+    """Prefill is dense by default: the same logits as the plain int8 conversion (prefill there
+    decodes the same codes), up to float summation order."""
+    ids = tiny.token_ids("llama", 12)
+    want = edgellm.load(tiny.converted("llama", "int8"), kv="f32").runtime.forward(
+        ids, all_logits=True)
+    got = edgellm.load(model_path(), kv="f32").runtime.forward(ids, all_logits=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@needs_jit
+def test_fused_decode_equals_general_path():
+    m = edgellm.load(model_path(), kv="f32")
+    rt = m.runtime
+    ids = tiny.token_ids("llama", 10)
+
+    def run():
+        rt.reset()
+        out = [rt.forward(ids)]
+        for _ in range(6):
+            out.append(rt.forward([int(np.argmax(out[-1][-1]))]))
+        return np.concatenate(out)
+
+    fused_on = run()
+    assert all(p is not None for p in rt._fused_plans[0])  # every layer took the fused call
+    rt.fused = False
+    general = run()
+    np.testing.assert_allclose(fused_on, general, rtol=1e-5, atol=1e-5)
+    assert teal.enable(rt, prefill="sparse") == rt.cfg.n_layers
+    sparse_prefill = rt.forward(ids, all_logits=True)
+    assert np.isfinite(sparse_prefill).all()
+    assert all(0 < a < 1 and 0 < b < 1 for a, b in teal.stats(rt))
+
+
+def test_no_jit_kernel():
+    """The kernel as plain Python (NUMBA_DISABLE_JIT=1) against NumPy, in a child process."""
+    code = """if True:
+        import numpy as np
+        from edgellm.runtime.kernels import teal as kt
+        from edgellm.runtime.kernels.ffn import SILU
+        rng = np.random.default_rng(3)
+        d, n = 32, 48
+        cols = rng.integers(-127, 128, (d, 2 * n)).astype(np.int8)
+        cs = rng.uniform(0.001, 0.01, 2 * n).astype(np.float32)
+        dq = rng.integers(-127, 128, (n, d)).astype(np.int8)
+        ds = rng.uniform(0.001, 0.01, n).astype(np.float32)
+        x = rng.standard_normal(d).astype(np.float32)
+        thr = np.array([0.5, 0.02], np.float32)
+        kept = np.zeros(3, np.int64)
+        out = kt.ffn_teal(x, cols, cs, dq, ds, thr, SILU, np.empty(2 * n, np.float32),
+                          np.empty(n, np.int32), np.empty(n, np.float32),
+                          np.empty((2, d), np.float32), kept)
+        w = cols.astype(np.float32).T * cs[:, None]
+        h = np.where(np.abs(x) > thr[0], x, 0)
+        g, u = w[:n] @ h, w[n:] @ h
+        v = g / (1 + np.exp(-g)) * u
+        v = np.where(np.abs(v) > thr[1], v, 0)
+        want = v @ (dq.astype(np.float32) * ds[:, None])
+        assert np.allclose(out, want, rtol=1e-4, atol=1e-5), (out, want)
+        assert kept[0] == (np.abs(x) > thr[0]).sum() and kept[2] == (v != 0).sum()
+        print("ok")
+    """
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(__file__))
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_kernel_random_threads_and_groups():
+    """Input counts not a multiple of the 4-column group, several partial sums (threads)."""
+    rng = np.random.default_rng(0)
+    d, n = 64, 96
+    cols = rng.integers(-127, 128, (d, 2 * n)).astype(np.int8)
+    cs = rng.uniform(0.001, 0.01, 2 * n).astype(np.float32)
+    dq = rng.integers(-127, 128, (n, d)).astype(np.int8)
+    ds = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    w = cols.astype(np.float32).T * cs[:, None]
+    for t_in in (-1.0, 0.3, 1.0, 10.0):
+        x = rng.standard_normal(d).astype(np.float32)
+        thr = np.array([t_in, 0.01], np.float32)
+        for threads in (1, 3):
+            out = kt.ffn_teal(x, cols, cs, dq, ds, thr, SILU, np.empty(2 * n, np.float32),
+                              np.empty(n, np.int32), np.empty(n, np.float32),
+                              np.empty((threads, d), np.float32), np.zeros(3, np.int64))
+            want = numpy_teal(w[:n], w[n:], dq.astype(np.float32) * ds[:, None], x, t_in, 0.01)
+            np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-6)
+
+
+def test_refused(tmp_path):
+    """teal needs int8 FFN weights with down in the bundles, no predictor; a TEAL model does
+    not stream."""
+    src = tiny.checkpoint("llama")
+    text = calib_text(tiny._root())
+    opts = {"tokens": 256, "seq_len": 64, "sparsity": 0.4, "sparsity_mode": "teal"}
+    with pytest.raises(ConvertError, match="int8"):
+        convert(src, tmp_path / "a", quant="f16", calib=text, calib_options=opts)
+    with pytest.raises(ConvertError, match="ffn-down matrix"):
+        convert(src, tmp_path / "b", quant="int8", calib=text, calib_options=opts,
+                ffn_down="matrix")
+    with pytest.raises(ConvertError, match="predictor"):
+        convert(src, tmp_path / "c", quant="int8", calib=text, calib_options=opts,
+                predictor=True)
+    with pytest.raises(ConvertError, match="sparsity mode"):
+        convert(src, tmp_path / "d", quant="int8", calib=text,
+                calib_options={**opts, "sparsity_mode": "fast"})
+    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
+    with pytest.raises(EdgeLLMError, match="stream"):
+        edgellm.load(model_path(), dram_budget="200KB")
