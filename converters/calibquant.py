@@ -47,21 +47,30 @@ class Options:
 
 def options(method, quant, group_size, text=None, extra=None, low_rank=None):
     """Checked Options, or None for rtn (nothing to calibrate). low_rank: factorize the
-    attention projections (converters/lowrank.py), with rtn only for now."""
+    attention projections (converters/lowrank.py), then round to nearest (rtn) or quantize
+    the factors and the rest with GPTQ (converters/lowrank.py quantize_layer)."""
     if low_rank is not None:
         from . import lowrank
 
         lowrank.check(low_rank)
-        if method not in (None, "rtn"):
+        method = method or "rtn"
+        if method not in ("rtn", "gptq"):
             raise ConvertError(f"--low-rank with --method {method} is not supported yet (use "
-                               "rtn, the default)")
+                               "rtn or gptq: AWQ's and SmoothQuant's scales are searched and "
+                               "folded on the dense projections, not on factors)")
         if quant == "keep":
             raise ConvertError("--low-rank needs a --quant to encode the factors (not keep)")
+        if method == "gptq" and quant not in QUANTS:
+            raise ConvertError(f"--method gptq quantizes to {' or '.join(QUANTS)}, not "
+                               f"--quant {quant}")
         try:
-            return Options(method="rtn", quant=quant, group_size=group_size, text=text,
-                           low_rank=float(low_rank), **(extra or {}))
+            o = Options(method=method, quant=quant, group_size=group_size, text=text,
+                        low_rank=float(low_rank), **(extra or {}))
         except TypeError as e:
             raise ConvertError(f"low-rank options: {e}") from None
+        if method == "gptq":
+            encodings.codec(quant, group_size)  # group size a multiple of 32
+        return o
     if method in (None, "rtn"):
         if extra:
             raise ConvertError(f"options {sorted(extra)} need --method gptq or awq")
@@ -110,8 +119,10 @@ def prepare(o, spec, source, tokenizer, path=None, data=None, progress=False):
     if o.low_rank is not None:
         from . import lowrank
 
+        if o.method == "gptq":  # (factors whose rows the group does not divide: int8)
+            check_shapes(Options(method="gptq", group_size=o.group_size), spec.config)
         return lowrank.prepare(o.low_rank, spec, source, tokenizer, path=path, data=data,
-                               text=o.text, tokens=o.tokens, progress=progress)
+                               text=o.text, tokens=o.tokens, progress=progress, quant=o)
     from . import layerwise
 
     check_shapes(o, spec.config)
@@ -121,21 +132,26 @@ def prepare(o, spec, source, tokenizer, path=None, data=None, progress=False):
     return layerwise.Walk(source, spec, seqs, progress=progress)
 
 
-def transform(layer, o):
+def transform(layer, o, names=None):
     """Quantize the linears of one layerwise.Layer with method o.method; each is set() with its
-    encoded form. Returns the layer's report."""
+    encoded form. Returns the layer's report. names: only these linears (in execution order;
+    gptq and rtn only: AWQ and SmoothQuant scale whole groups)."""
     from . import awq, gptq, smoothquant
 
     c = encodings.codec(o.quant, o.group_size)
-    names = [n for n in ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up",
-                         "ffn_down") if n in layer.weights]
+    partial = names is not None
+    if partial and o.method not in ("gptq", "rtn"):
+        raise ConvertError(f"{o.method} quantizes whole layers, not some of their linears")
+    names = [n for n in names or ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up",
+                                  "ffn_down") if n in layer.weights]
     report = {"layer": layer.index}
     if o.method == "awq":
         report["awq"] = awq.apply(layer, c, clip=o.clip)
     elif o.method == "smoothquant":
         report["smoothquant"] = smoothquant.apply(layer, alpha=o.alpha)
     errors = {}
-    layer.prequant = {}  # name -> the float weights just before rounding (for stats)
+    if not partial or not hasattr(layer, "prequant"):
+        layer.prequant = {}  # name -> the float weights just before rounding (for stats)
     for n in names:  # in execution order: each sees the inputs of the quantized ones before it
         w = layer.weights[n]
         columns = n == "ffn_down"

@@ -187,14 +187,18 @@ class _Encoder:
 
     def _add_lowrank(self, entries, arrays, chunk, canonical):
         """A projection factorized by converters/lowrank.py: its two factors (FORMAT.md §3.4),
-        each encoded like any matrix of --quant."""
-        for part, w in zip((".left", ".right"), self.layer.lowrank[canonical]):
+        each encoded like any matrix of --quant (or as GPTQ encoded them: lowrank_encoded)."""
+        done = getattr(self.layer, "lowrank_encoded", {}).get(canonical)
+        for k, (part, w) in enumerate(zip((".left", ".right"), self.layer.lowrank[canonical])):
             n, d = w.shape
             c, note = quantize.matrix_codec(self.quant, self.group_size, d)
             key = f"{chunk}/{canonical}{part}"
             if note:
                 self.fallbacks[key] = note
-            q, s, stats = quantize.encode_matrix(lambda r0, r1: w[r0:r1], n, d, c, name=key)
+            if done is not None:  # w holds the decoded values of these codes
+                c, q, s, stats = done[k]
+            else:
+                q, s, stats = quantize.encode_matrix(lambda r0, r1: w[r0:r1], n, d, c, name=key)
             entries[canonical + part] = quantize.entry(c, (n, d))
             arrays[canonical + part] = q
             if s is not None:

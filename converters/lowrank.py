@@ -16,6 +16,14 @@ for projections narrower than 128) by a greedy choice of the largest drop of rel
 error (dropped σ² over all σ²) per weight added, and a projection whose factors would hold as
 many weights as the matrix stays dense. q, k, v are factorized on the layer's input; o on the
 attention output of the already factorized q, k, v (sequential, as the calibration pass goes).
+
+With --method gptq (quantize_layer), the factors are then quantized with GPTQ, still layer by
+layer: right [r, d] on the projection's input Hessian H, left [n, r] on the Hessian of its own
+input z = right_q x, i.e. right_q H right_qᵀ (so left compensates right's rounding), in the
+order the layer computes (q, k, v, then o on the attention output of the quantized q, k, v);
+the projections left dense and the FFN go through calibquant.transform's GPTQ as without
+--low-rank. A factor whose row length the group size does not divide falls back to int8 (as
+quantize.matrix_codec does), rounded to nearest.
 """
 
 import numpy as np
@@ -103,16 +111,75 @@ def plan(shapes, spectra, fraction):
 
 
 class Walk:
-    """The calibration pass that factorizes each layer's projections (see the module doc)."""
+    """The calibration pass that factorizes each layer's projections (see the module doc), then
+    quantizes them and the rest of the layer with GPTQ when quant (calibquant.Options) asks."""
 
-    def __init__(self, walk, fraction):
-        self.walk, self.fraction = walk, fraction
+    def __init__(self, walk, fraction, quant=None):
+        self.walk, self.fraction, self.quant = walk, fraction, quant
 
     def layers(self):
         for layer in self.walk.layers():
             layer.lowrank = {}
             layer.report = apply(layer, self.fraction)
+            if self.quant is not None and self.quant.method == "gptq":
+                layer.report.update(quantize_layer(layer, self.quant))
             yield layer
+
+
+LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_o",), ("ffn_gate", "ffn_up", "ffn_down"))
+
+
+def quantize_layer(layer, o):
+    """GPTQ of a factorized layer (module doc): layer.lowrank[name] becomes the quantized
+    factors, layer.lowrank_encoded[name] their ((codec, q, s, stats), ...) for the converter, every other linear set() with its encoding by calibquant.transform. Returns
+    {"output_error": {name: ||X (W - W_q)ᵀ|| / ||X Wᵀ||}} (W: the float weights, W = left ·
+    right for a factorized projection)."""
+    from . import calibquant
+
+    layer.lowrank_encoded, layer.prequant = {}, {}
+    errors = {}
+    for group in LINEARS:
+        for n in group:
+            if n in layer.lowrank:
+                errors[n] = _gptq_factors(layer, n, o)
+        rest = [n for n in group if n in layer.weights and n not in layer.lowrank]
+        if rest:
+            errors.update(calibquant.transform(layer, o, names=rest)["output_error"])
+    return {"output_error": errors}
+
+
+def _gptq_factors(layer, name, o):
+    from . import calibquant
+
+    left, right = layer.lowrank[name]
+    w = layer.weights[name]  # left · right in float
+    H = layer.hessian(name)
+    rq, enc_r = quantize_factor(right, H, o)
+    r64 = rq.astype(np.float64)
+    lq, enc_l = quantize_factor(left, r64 @ H @ r64.T, o)
+    err = calibquant._rel_error(layer.inputs(name), w, lq @ rq)
+    layer.lowrank[name] = (lq, rq)
+    # (codec, q, s, the converter's per-tensor record: as calibquant.stats, against the factor
+    # before rounding)
+    layer.lowrank_encoded[name] = tuple(
+        (*enc, {"max_abs_error": float(np.abs(fq - f).max(initial=0)),
+                "max_abs": float(np.abs(f).max(initial=0))})
+        for enc, fq, f in ((enc_l, lq, left), (enc_r, rq, right)))
+    layer.prequant[name] = w
+    layer.set(name, lq @ rq)
+    return err
+
+
+def quantize_factor(w, H, o):
+    """(w quantized, (codec, q, s)): GPTQ with the input Hessian H when o.quant's group size
+    divides w's rows, else int8 rounded to nearest (quantize.matrix_codec's fallback)."""
+    from . import gptq, quantize
+
+    c, _ = quantize.matrix_codec(o.quant, o.group_size, w.shape[1])
+    if c.name == o.quant:
+        return gptq.quantize(w, H, c, damp=o.damp, act_order=o.act_order)
+    q, s = c.quantize(np.asarray(w, np.float32))
+    return c.dequantize(q, s), (c, q, s)
 
 
 def apply(layer, fraction):
@@ -141,12 +208,13 @@ def apply(layer, fraction):
 
 
 def prepare(fraction, spec, source, tokenizer, path=None, data=None, text=None, tokens=4096,
-            progress=False):
-    """A Walk over the source (everything checked first)."""
+            progress=False, quant=None):
+    """A Walk over the source (everything checked first); quant: calibquant.Options of a
+    method applied after the factorization (gptq), or None (the converter rounds to nearest)."""
     check(fraction)
     tok = layerwise.load_tokenizer(tokenizer, spec.config, path=path, data=data)
     seqs = layerwise.sequences(tok, spec.config, text=text, tokens=tokens)
-    return Walk(layerwise.Walk(source, spec, seqs, progress=progress), fraction)
+    return Walk(layerwise.Walk(source, spec, seqs, progress=progress), fraction, quant)
 
 
 def record(fraction, walk, reports):

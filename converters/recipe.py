@@ -45,6 +45,10 @@ Steps and what they map to:
                    text); needs torch (the [train] extra)
     distill        converters/distill.py: a student selected from the current model's weights
                    (layers, keep_layers, neurons, heads), trained against it
+    lowrank        convert's --low-rank F (converters/lowrank.py): the attention projections
+                   factorized to keep `fraction` of their weights, the factors and the rest
+                   encoded in `quant` by `method` (rtn, or gptq for int4/int3); the last step
+                   that touches weights (exports and calibration passes do not read factors)
 To add a step: an entry in STEPS (its options and their checks) and a function in RUNNERS.
 """
 
@@ -121,9 +125,13 @@ TRAIN = {"steps": (int, 100, None), "seq_len": (int, 128, None), "batch": (int, 
 STEPS["heal"] = dict(TRAIN)
 STEPS["distill"] = {**TRAIN, "layers": (int, None, None), "keep_layers": ((str, list), None, None),
                     "neurons": ((int, float), None, None), "heads": (int, None, None)}
-NOT_YET = {  # named in the issue, not available in this edgellm: refused with the reason
-    "lowrank": "low-rank factorization of the attention projections is not implemented yet",
-}
+STEPS["lowrank"] = {"fraction": ((int, float), REQUIRED,
+                                 _between(0, 1, "a fraction between 0 and 1 (exclusive) of the "
+                                          "attention weights to keep")),
+                    "quant": (str, "int8", _one_of(*quantize.QUANTS)),
+                    "method": (str, "rtn", _one_of("rtn", "gptq")),
+                    "group_size": (int, 32, None)}
+NOT_YET = {}  # named in the issue, not available in this edgellm: refused with the reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,10 +261,14 @@ def check(recipe, src):
     params = inspect.signature(convert_fn).parameters
     needs_calib = False
     pruned = None  # the step that stored weights in the sparse encodings
+    factorized = None  # the lowrank step: nothing that rewrites weights may follow it
     predicted = None  # the step that trained predictors
     for k, st in enumerate(recipe["steps"], 1):
         where = f"step {k} ({st['kind']})"
         kind = st["kind"]
+        if factorized:
+            bad(f"{where}: comes after {factorized}, which must be the last step (exports and "
+                "calibration passes do not read factorized projections back)")
         if kind in ("heal", "distill"):
             if pruned or predicted:  # training writes dense weights, without predictors
                 bad(f"{where}: must come before {pruned or predicted} (training rewrites every "
@@ -315,6 +327,20 @@ def check(recipe, src):
                 bad(f"{where}: {e}")
             needs_calib = st["method"] != "magnitude" or needs_calib
             pruned = where
+        elif kind == "lowrank":
+            from . import calibquant
+
+            try:
+                quantize.check_quant(st["quant"], st["group_size"])
+                calibquant.options(st["method"], st["quant"], st["group_size"], s["calib"],
+                                   {"tokens": s["calib_tokens"]}, low_rank=st["fraction"])
+            except ConvertError as e:
+                bad(f"{where}: {e}")
+            if st["quant"] in ("int4", "int3") and d % st["group_size"]:
+                bad(f"{where}: group_size {st['group_size']} does not divide the model's "
+                    f"d_model {d}")
+            needs_calib = True
+            factorized = where
         elif kind == "drop_layers":
             try:
                 structural.check_drop(st["n"], n_layers, where)
@@ -395,6 +421,25 @@ def _prune(cur, out, st, s, work):
     return {}
 
 
+def _lowrank(cur, out, st, s, work):
+    from edgellm.export import export
+
+    from .convert import convert
+
+    src = cur
+    if structural.is_model_dir(cur):
+        src = os.path.join(work, os.path.basename(out) + "-hf")
+        export(cur, src, to="hf", progress=False)
+    convert(src, out, quant=st["quant"], group_size=st["group_size"], progress=False,
+            method=st["method"], method_options={"tokens": s["calib_tokens"]},
+            calib=s["calib"], low_rank=st["fraction"])
+    if src != cur:
+        shutil.rmtree(src, ignore_errors=True)
+    m, _ = format.read_manifest(out)
+    rec = m["provenance"]["quantization"]["calibrated"]["low_rank"]
+    return {"ranks": [lay["ranks"] for lay in rec["layers"]]}
+
+
 def _prune_options(st, s):
     from . import prune as pruning
 
@@ -450,7 +495,7 @@ def _predictor(cur, out, st, s, work):
 
 RUNNERS = {"quantize": _quantize, "prune": _prune, "drop_layers": _drop,
            "prune_neurons": _prune_neurons, "predictor": _predictor, "heal": _heal,
-           "distill": _distill}
+           "distill": _distill, "lowrank": _lowrank}
 
 
 def calibrate_model(model_dir, dst, opts):
@@ -486,7 +531,7 @@ def measure(model_dir, s, eval_text):
     row = {"size_bytes": structural.model_bytes(model_dir),
            # dense decode reads every layer's weights, the head and one embedding row
            "bytes_per_token": sum(sz.attn) + sum(sz.ffn) + _down_bytes(m) + sz.small + sz.head
-           + sz.embed_row,
+           + sz.embed_row + _factor_bytes(m),
            "n_layers": cfg.n_layers, "d_ff": cfg.d_ff}
     if not s["report"]:
         return row
@@ -505,6 +550,14 @@ def _down_bytes(m):
     from edgellm.runtime.plan import tensor_bytes
 
     return sum(tensor_bytes(c, "ffn_down") for c in m["chunks"][1:])
+
+
+def _factor_bytes(m):
+    """Low-rank factors (plan.Sizes counts the attention projections by their plain names)."""
+    from edgellm.runtime.plan import ATTN, tensor_bytes
+
+    return sum(tensor_bytes(c, p + part) for c in m["chunks"][1:] for p in ATTN
+               for part in (".left", ".right"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,11 +589,12 @@ def run(src, dst, recipe_path, overwrite=False, progress=True, command=None):
         if not structural.is_model_dir(src):
             first = steps[0]
             base = os.path.join(work, "step0")
-            if first["kind"] == "quantize":  # straight from the source
+            if first["kind"] in ("quantize", "lowrank"):  # straight from the source
                 steps.pop(0)
-                _say(progress, f"step 1/{len(recipe['steps'])}: quantize {first['quant']}")
-                _quantize(src, base, first, s, work)
-                label = {"step": 1, "kind": "quantize", **_opts(first)}
+                _say(progress, f"step 1/{len(recipe['steps'])}: {first['kind']} {_opts(first)}")
+                info = RUNNERS[first["kind"]](src, base, first, s, work)
+                label = {"step": 1, "kind": first["kind"], **_opts(first),
+                         **({"info": info} if info else {})}
             else:
                 _say(progress, f"converting {src} ({s['base']})")
                 convert(src, base, quant=s["base"], progress=False)

@@ -8,6 +8,7 @@ against direct NumPy statements:
 - the runtime's two products equal an independent NumPy forward pass (tests/reference.py) of the
   checkpoint whose projections are left · right, in prefill and decode, f32 and int8;
 - malformed factors in a manifest, and bad options, are refused.
+(--low-rank with --method gptq: tests/test_lowrank_gptq.py.)
 """
 
 import json
@@ -174,7 +175,7 @@ def test_bad_factors_refused(tmp_path, lowrank_f32):
 def test_bad_options(tmp_path):
     src = tiny.checkpoint("llama")
     for kw, msg in (({"low_rank": 1.5}, "fraction"), ({"low_rank": 0.0}, "fraction"),
-                    ({"low_rank": 0.5, "quant": "int4", "method": "gptq"}, "not supported")):
+                    ({"low_rank": 0.5, "quant": "int4", "method": "awq"}, "not supported")):
         kw = {"quant": "int8", **kw}
         with pytest.raises(ConvertError, match=msg):
             convert(src, tmp_path / "x", progress=False, **kw)

@@ -114,7 +114,8 @@ BAD = {
     "missing option": ('[[step]]\nkind = "drop_layers"\n', "n is required"),
     "wrong type": ('[[step]]\nkind = "prune_neurons"\nfraction = "half"\n',
                    "fraction must be int or float"),
-    "not yet": ('[[step]]\nkind = "lowrank"\n', "low-rank .* not implemented"),
+    "low-rank fraction 120%": ('[[step]]\nkind = "lowrank"\nfraction = 1.2\n',
+                               "fraction must be a fraction between 0 and 1"),
     "no steps": ('[recipe]\ncalib_tokens = 512\n', "at least one"),
     "bad toml": ('[[step]\nkind = 1\n', "not a valid TOML recipe"),
     "neurons after weight pruning": ('[[step]]\nkind = "prune"\nmethod = "magnitude"\n'
