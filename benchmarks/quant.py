@@ -32,6 +32,8 @@ VARIANTS = [  # (name, quant, method, extra convert kwargs); the comparisons tha
     ("f16", "f16", "rtn", {}), ("int8", "int8", "rtn", {}),
     ("W8A8 per-token", "int8", "w8a8", {}), ("W8A8 SmoothQuant", "int8", "smoothquant", {}),
     ("int8 low-rank 0.5", "int8", "rtn", {"low_rank": 0.5}),
+    ("int4 RTN low-rank 0.5", "int4", "rtn", {"low_rank": 0.5}),
+    ("int4 GPTQ low-rank 0.5", "int4", "gptq", {"low_rank": 0.5}),
 ] + [(f"{pat} {m}" if pat == "2:4" else f"50% {m}", "int8", "rtn", {"prune": (m, pat)})
      for pat in ("0.5", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]  # sp50/sp24_int8
 
