@@ -219,7 +219,9 @@ def test_recipe_drop_heal_distill_int8(tmp_path, texts):
     r.write_text(f'[recipe]\neval = "{held}"\neval_tokens = 256\neval_ctx = 64\n'
                  f'decode_tokens = 4\ncalib = "{train}"\ncalib_tokens = 512\n'
                  '[[step]]\nkind = "drop_layers"\nn = 1\n'
+                 # alpha 0.5: the tiny teacher is random, only the CE term lowers perplexity
                  f'[[step]]\nkind = "heal"\nsteps = 30\nseq_len = 32\nlr = 3e-3\nlora = 4\n'
+                 'alpha = 0.5\n'
                  '[[step]]\nkind = "distill"\nneurons = 0.5\nsteps = 5\nseq_len = 32\n'
                  '[[step]]\nkind = "quantize"\nquant = "int8"\n')
     dst = str(tmp_path / "out")
