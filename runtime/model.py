@@ -202,12 +202,17 @@ class Transformer:
             raise EdgeLLMError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
         out = []
         step = self.prefill_block
-        for b in range(0, ids.size, step):
-            block = ids[b:b + step]
-            last = b + step >= ids.size
-            x = self._block(block)
-            if all_logits or last:
-                out.append(self._logits(x if all_logits else x[-1:]))
+        # no more threads than cores free now, where results do not depend on it (threads.py)
+        restore = threads.adapt(blas=ids.size > 1)
+        try:
+            for b in range(0, ids.size, step):
+                block = ids[b:b + step]
+                last = b + step >= ids.size
+                x = self._block(block)
+                if all_logits or last:
+                    out.append(self._logits(x if all_logits else x[-1:]))
+        finally:
+            threads.restore(restore)
         return np.concatenate(out, axis=0)
 
     def _block(self, ids):
@@ -232,17 +237,23 @@ class Transformer:
         positions = np.arange(p0, p0 + T, dtype=np.int64)
         t = self.timer.add("embed", t)
         plans = self._fused_layers() if T == 1 and self.fused and self.stream is None else None
-        for i, L in enumerate(self.layers):
-            if plans is not None and self._fused_plan(i, L) is not None:
-                x = self._fused_layer(i, plans[i], x, p0)
-                t = self.timer.add("layer", t)
-                continue
-            if self.stream is not None:
-                L = self.stream.enter(i, L)  # its streamed weights in place
-            x = self._attention(i, L, x, positions)
-            t = self.timer.add("attention", t)
-            x = x + L.ffn(self.apply_norm(x, L.ffn_norm))
-            t = self.timer.add("ffn", t)
+        # decoded layers: one thread for a small model, else the count asked for (threads.py)
+        restore = threads.narrow_for_layers(self) if T == 1 else 0
+        try:
+            for i, L in enumerate(self.layers):
+                if plans is not None and self._fused_plan(i, L) is not None:
+                    x = self._fused_layer(i, plans[i], x, p0)
+                    t = self.timer.add("layer", t)
+                    continue
+                if self.stream is not None:
+                    L = self.stream.enter(i, L)  # its streamed weights in place
+                x = self._attention(i, L, x, positions)
+                t = self.timer.add("attention", t)
+                x = x + L.ffn(self.apply_norm(x, L.ffn_norm))
+                t = self.timer.add("ffn", t)
+        finally:
+            if restore:
+                numba.set_num_threads(restore)
         self.cache.tokens.extend(int(i) for i in ids)
         return x
 

@@ -1,15 +1,47 @@
 """How many threads the runtime uses: Numba's kernels (decode) and BLAS (prefill).
 
 Both pools matter on a small CPU: oversubscribing 2 cores with 2 Numba + 2 BLAS threads that
-spin-wait makes every call slower, so one setting governs both.
+spin-wait makes every call slower, so one setting governs both. What was measured on a 2-core
+KVM guest shared with other work (docs/PERFORMANCE.md, "Threads"):
+
+- Prefill alternates BLAS calls with Numba kernels (dequantized tiles, attention). OpenBLAS's
+  idle workers spin ~0.1 s after each call, so Numba's threads found both cores taken: 2-thread
+  prefill ran at 14-16 tokens/s against 80 on one. edgellm/__init__.py sets
+  OPENBLAS_THREAD_TIMEOUT=4 (sleep at once) before numpy loads OpenBLAS; `blas_sleeps()` says
+  whether that happened in time.
+- Decode forks and joins Numba's threads five times a layer. They wait passively
+  (OMP_WAIT_POLICY=PASSIVE, kernels/__init__.py: spinning workers starve a core shared with
+  other processes), and waking one costs tens of microseconds here, more under load: more than
+  a small layer's whole work split in two. SmolLM2-135M (2.2 MB a layer) decoded slower on 2
+  threads than on 1. So a layer whose weights are under SMALL_LAYER_BYTES decodes on one
+  thread; the head and prefill use all of them. With spinning waits asked for (GOMP_SPINCOUNT,
+  or OMP_WAIT_POLICY=ACTIVE: for a device with nothing else running) every layer uses them all.
+- Every hand-off between threads waits for the other thread to be scheduled: when other
+  processes hold the cores, up to a scheduler slice (milliseconds). At load average 20 on 2
+  cores, 2-thread prefill ran 2.5-4x slower than 1 thread, whatever the split between BLAS and
+  Numba. So each forward pass uses no more threads than there are cores free at that moment
+  (`free_cores`: /proc/loadavg's count of running tasks), for the work whose results do not
+  depend on the thread count (prefill blocks, the head: bit for bit the same, tested). Decoded
+  layers keep a fixed count (their FFN sums partials per thread), so a text does not change with
+  the machine's load.
+
+EDGELLM_FIXED_THREADS=1 turns both rules off (exactly N threads everywhere, for measurements).
 """
+
+import os
+import threading
 
 import numba
 
 from .errors import EdgeLLMError
 
+SMALL_LAYER_BYTES = 8 << 20  # decode a layer with fewer weight bytes on one thread (see above)
+LOADAVG = "/proc/loadavg"  # "0.50 0.40 0.30 RUNNING/TOTAL LASTPID" (Linux)
+
 _blas_limit = None  # keeps threadpoolctl's limit alive for the process
 _requested = None  # the count set_threads asked for (None: defaults)
+_local = threading.local()  # per calling thread: the count before adapt() lowered it
+_controller = None  # threadpoolctl's view of the BLAS libraries (found once: it scans them)
 
 
 def set_threads(n):
@@ -40,3 +72,137 @@ def apply():
     is process-wide already)."""
     if _requested is not None and numba.get_num_threads() != _requested:
         numba.set_num_threads(_requested)
+
+
+def fixed():
+    return os.environ.get("EDGELLM_FIXED_THREADS", "").strip() not in ("", "0")
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def free_cores():
+    """Cores not taken by other runnable tasks right now: Linux's count of running tasks
+    (/proc/loadavg, this thread included); every core where that is unknown."""
+    n = _cores()
+    try:
+        with open(LOADAVG, "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return n
+    return max(1, n - max(0, running - 1))
+
+
+def _blas(n):
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    _controller.limit(limits=n, user_api="blas")
+
+
+def adapt(blas):
+    """At the start of a forward pass (after apply()): fewer Numba threads (and BLAS threads
+    when blas) while other tasks hold the cores. Returns the count for restore(), or 0."""
+    n = _local.full = numba.get_num_threads()
+    if n == 1 or fixed():
+        return 0
+    k = min(n, free_cores())
+    if k == n:
+        return 0
+    numba.set_num_threads(k)
+    if blas:
+        _blas(k)
+    _local.blas = blas
+    return n
+
+
+def restore(n):
+    """Undo adapt() (n: what it returned)."""
+    if n:
+        numba.set_num_threads(n)
+        if _local.blas:
+            _blas(n)
+
+
+def spinning():
+    """True when the user asked OpenMP's waiting threads to spin (then waking one is cheap)."""
+    spins = os.environ.get("GOMP_SPINCOUNT", "").strip()
+    if spins and spins not in ("0", "0k", "0K"):
+        return True
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "ACTIVE"
+
+
+def decode_layer_threads(layer_bytes):
+    """Numba threads for decoding one token through a layer of layer_bytes weight bytes: the
+    count in use, or 1 for a small layer (see the module docstring)."""
+    n = getattr(_local, "full", None) or numba.get_num_threads()
+    if n == 1 or layer_bytes >= SMALL_LAYER_BYTES or spinning() or fixed():
+        return n
+    return 1
+
+
+def layer_bytes(L):
+    """Weight bytes a decoded token reads in layer L (model.Layer): projections and FFN."""
+    total = 0
+    for m in (L.q, L.k, L.v, L.o):
+        parts = (m.left, m.right) if hasattr(m, "left") else (m,)  # lowrank.LowRank: 2 factors
+        total += sum(p.nbytes for p in parts)
+    f = L.ffn
+    f = getattr(f, "base", f)  # rowskip.SkipFFN over a resident FFN
+    f = getattr(f, "resident", f)  # kernels/w8a8.TokenFFN
+    for a in (getattr(f, "bundles", None), getattr(f, "down", None), getattr(f, "gate", None)):
+        if a is not None:
+            total += a.nbytes
+    return total
+
+
+def narrow_for_layers(rt):
+    """Before a decoded token's layers (rt: model.Transformer): one thread when its layers are
+    small (decode_layer_threads), else the count asked for even while adapt() has lowered it
+    (their sums depend on it). Returns the count to restore after them, or 0."""
+    cur = numba.get_num_threads()
+    if rt.stream is not None:  # streamed layers: their reads overlap the compute; not measured
+        want = getattr(_local, "full", None) or cur
+    else:
+        nbytes = rt.__dict__.get("_layer_bytes")
+        if nbytes is None:
+            nbytes = rt._layer_bytes = max((layer_bytes(L) for L in rt.layers), default=0)
+        want = decode_layer_threads(nbytes)
+    if want == cur:
+        return 0
+    numba.set_num_threads(want)
+    return cur
+
+
+def blas_sleeps():
+    """True when OpenBLAS's idle workers sleep at once (OPENBLAS_THREAD_TIMEOUT was set before
+    OpenBLAS loaded); False when numpy was imported before edgellm, or the user chose longer."""
+    from edgellm import BLAS_TIMEOUT_EARLY
+
+    try:
+        timeout = int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", ""))
+    except ValueError:
+        return False
+    return BLAS_TIMEOUT_EARLY and timeout <= 4  # OpenBLAS raises smaller values to 4
+
+
+def describe():
+    """What the thread pools are, for benchmarks' records."""
+    from threadpoolctl import threadpool_info
+
+    blas = [{k: p.get(k) for k in ("internal_api", "num_threads", "threading_layer")}
+            for p in threadpool_info() if p.get("user_api") == "blas"]
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = None
+    return {"numba_threads": numba.get_num_threads(), "numba_layer": layer, "blas": blas,
+            "blas_sleeps": blas_sleeps(), "spinning": spinning(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "small_layer_bytes": SMALL_LAYER_BYTES}
