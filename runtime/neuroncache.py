@@ -9,10 +9,13 @@ neurons used in the last k tokens. Bookkeeping is three index arrays:
     last_used[r]  step at which row r's neuron was last in an active set
 
 A step (one token, or one prefill block) asks for its active neurons: rows already cached are hits;
-neurons that left the window (not used in the last k steps) are evicted by moving the last rows
-into their places (no reallocation, no copy of the whole buffer); missing neurons get rows at the
-end and the caller reads their bundles straight into those rows. The FFN is then computed from
-rows 0..n of the buffer directly.
+missing neurons get rows at the end and the caller reads their bundles straight into those rows.
+Rows stay while there is room: only when the missing neurons do not fit are the least recently
+used unpinned rows (never this step's) evicted, as many as needed, by moving the last rows into
+their places (no reallocation, no copy of the whole buffer). Neurons that left the window of the
+last k tokens are therefore the first to go, but they are not thrown away while the cache has
+free rows (evicting them at once re-read ~1 MB per token at high budgets on relu-large). The FFN
+is then computed from rows 0..n of the buffer directly.
 """
 
 import numpy as np
@@ -61,15 +64,16 @@ class NeuronCache:
         self.last_used[rows[hit]] = step
         return active[~hit]
 
-    def prepare(self, active, step, k):
-        """One step's bookkeeping in one compiled call: lookup(active, step), then evict the
-        rows not used in the last k steps, then, when the missing neurons do not fit, the rows
-        used longest ago (never this step's). Returns the missing neurons (in active's order;
-        active: unique ids). Same result as lookup, evict and evict_oldest in turn."""
+    def prepare(self, active, step):
+        """One step's bookkeeping in one compiled call: lookup(active, step), then, when the
+        missing neurons do not fit in the free rows, evict the rows used longest ago (never this
+        step's), as many as needed. Returns the missing neurons (in active's order; active:
+        unique ids). Same result as lookup and evict_oldest in turn (ties in last use may go
+        either way)."""
         active = np.ascontiguousarray(active, dtype=np.int32)
         missing = np.empty(active.size, dtype=np.int32)
         self.n, m = _prepare(self.buf, self.ids, self.last_used, self.slot, self.n,
-                             self.n_pinned, self.capacity, active, step, step - k, missing)
+                             self.n_pinned, self.capacity, active, step, missing)
         return missing[:m]
 
     def evict(self, keep_after, protect=None):
@@ -149,8 +153,7 @@ class NeuronCache:
 
 
 @njit(cache=True)
-def _prepare(buf, ids, last_used, slot, n, n_pinned, capacity, active, step, keep_after,
-             missing):
+def _prepare(buf, ids, last_used, slot, n, n_pinned, capacity, active, step, missing):
     """NeuronCache.prepare: returns (new n, number of missing written to `missing`)."""
     m = 0
     for a in active:  # lookup: hits are marked used now (which also protects them below)
@@ -160,27 +163,38 @@ def _prepare(buf, ids, last_used, slot, n, n_pinned, capacity, active, step, kee
         else:
             missing[m] = a
             m += 1
+    short = m - (capacity - n)
+    if short <= 0:
+        return n, m  # room for all: nothing is evicted
+    # make room: the `short` rows used longest ago, except this step's. The cut-off step comes
+    # from a partition (linear time, the cache is full at every step here), then the rows
+    # older than it and, in row order, as many of those used at it as still needed.
+    n_cand = 0
+    for r in range(n_pinned, n):
+        if last_used[r] != step:
+            n_cand += 1
+    if n_cand == 0:
+        return n, m
+    vals = np.empty(n_cand, dtype=np.int64)
+    c = 0
+    for r in range(n_pinned, n):
+        if last_used[r] != step:
+            vals[c] = last_used[r]
+            c += 1
+    take = min(short, n_cand)
+    cut = np.partition(vals, take - 1)[take - 1]
     dead = np.zeros(n, dtype=np.bool_)
     n_dead = 0
-    for r in range(n_pinned, n):  # left the window
-        if last_used[r] <= keep_after and last_used[r] != step:
+    for r in range(n_pinned, n):
+        if last_used[r] < cut:
             dead[r] = True
             n_dead += 1
-    short = m - (capacity - (n - n_dead))
-    if short > 0:  # make room: the rows used longest ago, except this step's
-        cand = np.empty(n - n_pinned, dtype=np.int64)
-        c = 0
-        for r in range(n_pinned, n):
-            if not dead[r] and last_used[r] != step:
-                cand[c] = r
-                c += 1
-        cand = cand[:c]
-        order = np.argsort(last_used[cand], kind="mergesort")
-        for q in range(min(short, c)):
-            dead[cand[order[q]]] = True
+    for r in range(n_pinned, n):
+        if n_dead == take:
+            break
+        if last_used[r] == cut:
+            dead[r] = True
             n_dead += 1
-    if n_dead == 0:
-        return n, m
     # remove the dead rows: each hole below the new end takes a surviving row from the tail
     new_n = n - n_dead
     for r in range(n):

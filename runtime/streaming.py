@@ -465,7 +465,7 @@ class WindowFFN:
             s.neurons_loaded += neurons.size
 
     def __call__(self, h):
-        c, s, k = self.cache, self.stream.cur, self.stream.window
+        c, s = self.cache, self.stream.cur
         step = self.stream.step
         if h.shape[0] == 1:
             active = self.predictor.active(h[0])
@@ -473,8 +473,8 @@ class WindowFFN:
             active = np.unique(np.concatenate([self.predictor.active(r) for r in h]))
         active = np.asarray(active, dtype=np.int32)
         tp = time.perf_counter()
-        # kept: used in steps step-k+1 .. step; then the oldest, when the missing do not fit
-        missing = c.prepare(active, step, k)
+        # rows stay while there is room; when the missing do not fit, the least recently used go
+        missing = c.prepare(active, step)
         if s is not None:
             s.mem_s += time.perf_counter() - tp
             s.neurons_active += active.size

@@ -207,10 +207,12 @@ steps = st.lists(st.lists(st.integers(0, 39), max_size=25), min_size=1, max_size
 
 
 @settings(max_examples=60, deadline=None)
-@given(steps, st.integers(1, 4), st.integers(0, 6), st.booleans())
-def test_neuron_cache_matches_a_plain_model(active_sets, k, n_pin, combined):
-    """combined: the compiled prepare() the runtime calls; else lookup, evict, evict_oldest."""
-    n, cap, stride = 40, 24, 8
+@given(steps, st.integers(0, 6), st.booleans(), st.integers(8, 30))
+def test_neuron_cache_matches_a_plain_model(active_sets, n_pin, combined, cap):
+    """combined: the compiled prepare() the runtime calls; else lookup, then evict_oldest.
+    The model: rows stay while there is room (whether or not they left the window); when the
+    missing neurons do not fit, the least recently used unpinned ones (not this step's) go."""
+    n, stride = 40, 8
     data = (np.arange(n)[:, None] * 3 + np.arange(stride)[None, :]).astype(np.uint8)
     c = NeuronCache(n, cap, stride)
     c.buf[:] = 255
@@ -219,22 +221,17 @@ def test_neuron_cache_matches_a_plain_model(active_sets, k, n_pin, combined):
     model = {}  # neuron -> last step used (unpinned only)
     for step, act in enumerate(active_sets, start=1):
         act = np.unique(np.array(act, dtype=np.int32))
-        # the model: what is cached and not pinned, used in the last k steps, plus this step's
         for i in act:
             if i in model:
                 model[i] = step
-        expired = [i for i, t in model.items() if t <= step - k and i not in act]
-        for i in expired:
-            del model[i]
+        free = c.capacity - n_pin - len(model)
         if combined:
-            missing = c.prepare(act, step, k)
-            short = missing.size - (c.capacity - n_pin - len(model))
+            missing = c.prepare(act, step)
         else:
             missing = c.lookup(act, step)
-            c.evict(step - k, protect=act)
-            short = missing.size - (c.capacity - c.n)
-            if short > 0:
-                c.evict_oldest(short, protect=act)
+            if missing.size > c.capacity - c.n:
+                c.evict_oldest(missing.size - (c.capacity - c.n), protect=act)
+        short = missing.size - free
         assert sorted(missing.tolist()) == [i for i in act.tolist() if i >= n_pin and i not in
                                             model]
         if short > 0:  # room made by evicting the least recently used (ties: any of them)
@@ -248,6 +245,8 @@ def test_neuron_cache_matches_a_plain_model(active_sets, k, n_pin, combined):
             assert len(gone) == len([1 for t, _ in cand if t == cut])
             for i in gone:
                 del model[i]
+        else:  # room for all: nothing left the cache
+            assert c.n == n_pin + len(model)
         if missing.size <= c.capacity - c.n:
             r = c.insert(missing, step)
             c.buf[r] = data[missing]
@@ -263,7 +262,21 @@ def test_neuron_cache_matches_a_plain_model(active_sets, k, n_pin, combined):
         assert np.all(c.slot[held] == np.arange(c.n))
         assert np.count_nonzero(c.slot >= 0) == c.n
         assert np.all(c.ids[c.n:] == -1)
-        assert c.n <= cap
+        assert c.n <= cap and c.buf.shape[0] == cap
+
+
+def test_neuron_cache_keeps_rows_that_left_the_window_while_there_is_room():
+    """A neuron unused for many steps is still a hit while the cache has free rows; once the
+    cache is full, the least recently used row is the one that makes room."""
+    c = NeuronCache(10, 4, 2)
+    for step, i in enumerate([1, 2, 3], start=1):
+        missing = c.prepare(np.array([i], np.int32), step)
+        c.insert(missing, step)
+    assert c.prepare(np.array([1], np.int32), 50).size == 0  # 49 steps later: still cached
+    c.insert(c.prepare(np.array([4], np.int32), 51), 51)  # fills the last free row
+    missing = c.prepare(np.array([5], np.int32), 52)  # full: neuron 2 (step 2) is the oldest
+    assert missing.tolist() == [5] and c.slot[2] == -1 and c.n == 3
+    assert sorted(c.cached().tolist()) == [1, 3, 4]
 
 
 def test_neuron_cache_evicts_by_moving_the_tail():
@@ -325,6 +338,26 @@ def test_dense_streaming_is_exact_on_the_demo_with_prefill_blocks():
     a = ref.complete(PROMPT, max_tokens=24, temperature=0)
     b = m.complete(PROMPT, max_tokens=24, temperature=0)
     assert a == b and m.last_stats["token_ids"] == ref.last_stats["token_ids"]
+
+
+def test_smaller_prefill_blocks_keep_the_logits():
+    """Budgets without room for 256-token prefill blocks plan blocks of 64 or 32, whose logits
+    equal the mapped runtime's (blocks of 256) bit for bit, over a prompt of several blocks."""
+    manifest, cfg = format.read_manifest(DEMO)
+    low = planner.minimum_budget(manifest, cfg, "dense")
+    found = {}
+    for budget in range(low, 3 * low, max(1, low // 400)):
+        block = planner.make_plan(manifest, cfg, budget, "dense").prefill_block
+        found.setdefault(block, budget)
+    assert {32, 64} <= set(found), found
+    ref = edgellm.load(DEMO)
+    ids = ref.tokenizer.encode(" ".join([PROMPT] * 12))
+    assert len(ids) > 2 * 64
+    want = ref.logits(ids)
+    for block in (64, 32):
+        m = edgellm.load(DEMO, dram_budget=found[block], mode="dense")
+        assert m.plan.prefill_block == block
+        assert np.array_equal(m.logits(ids), want), block
 
 
 @pytest.mark.parametrize("mode", ["dense", "naive"])
