@@ -11,6 +11,20 @@ held-out loss/perplexity and the fraction of FFN neurons that are zero on held-o
 standard Hugging Face directory (config.json, model.safetensors, tokenizer.model,
 tokenizer_config.json, generation_config.json) plus train_log.json.
 
+Sparser FFNs (issue 3: streaming reads only the rows a token needs, so fewer active rows means
+fewer bytes per token):
+
+    python scripts/train_relu_large.py --init ~/.cache/edgellm-demo/hf-large \
+        --out ~/.cache/edgellm-demo/hf-large-sparse --act-l1 0.5 --steps 150 --lr 3e-4
+
+--init DIR starts from an existing HF checkpoint (its config and tokenizer.model are used; the
+size options are ignored and no tokenizer is trained) instead of random weights. --act-l1 LAMBDA
+adds LAMBDA * (mean over layers of sum relu(g) / sum |g|) to the loss, where g = gate(x) is the
+FFN's gate pre-activation over the batch: the share of the gate's mass that is positive. It is an
+L1 penalty on relu(g) divided by the mass of g, so that it cannot be met by scaling g down (a
+plain L1 on relu(g) can be, by shrinking W_gate or the FFN norm and growing W_up or W_down, which
+changes nothing about which neurons fire); it pushes g below zero, i.e. more exact zeros.
+
 torch and transformers are used here only; nothing on the device path imports them.
 """
 from __future__ import annotations
@@ -89,6 +103,12 @@ def main(argv=None) -> int:
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this HF checkpoint (with its tokenizer.model) instead of "
+                         "random weights; the size options are then ignored")
+    ap.add_argument("--act-l1", type=float, default=0.0, metavar="LAMBDA",
+                    help="activation-sparsity penalty: LAMBDA * mean over layers of "
+                         "sum relu(gate x) / sum |gate x| (see the docstring)")
     args = ap.parse_args(argv)
 
     import torch
@@ -108,8 +128,16 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     # ---------------------------------------------------------------- tokenizer and data
-    tok_dir = cache / "tokenizer"
-    sp_model = train_tokenizer(text_dir / "train.txt", tok_dir, args.vocab_size, args.threads)
+    init_dir = args.init.expanduser() if args.init else None
+    if init_dir is not None:
+        sp_model = init_dir / "tokenizer.model"
+        if not sp_model.exists():
+            sys.exit(f"--init {init_dir}: no tokenizer.model there")
+        if out_dir.resolve() == init_dir.resolve():
+            sys.exit(f"--out {out_dir} is the --init checkpoint: write to a new directory")
+    else:
+        tok_dir = cache / "tokenizer"
+        sp_model = train_tokenizer(text_dir / "train.txt", tok_dir, args.vocab_size, args.threads)
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     bos, eos = sp.bos_id(), sp.eos_id()
     train_docs = encode_file(sp, text_dir / "train.txt")
@@ -157,7 +185,18 @@ def main(argv=None) -> int:
         mlp_bias=False,
     )
     cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg)
+    if init_dir is not None:
+        model = LlamaForCausalLM.from_pretrained(init_dir, torch_dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+        cfg = model.config
+        if cfg.vocab_size != sp.get_piece_size() or cfg.max_position_embeddings < T:
+            sys.exit(f"--init {init_dir}: vocab {cfg.vocab_size} / context "
+                     f"{cfg.max_position_embeddings} do not fit its tokenizer / --context {T}")
+        args.d_model, args.n_layers, args.d_ff = (cfg.hidden_size, cfg.num_hidden_layers,
+                                                  cfg.intermediate_size)
+        args.n_heads, args.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    else:
+        model = LlamaForCausalLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters (tied embeddings): d_model {args.d_model}, "
           f"{args.n_layers} layers, {args.n_heads} heads / {args.n_kv_heads} kv heads, "
@@ -174,6 +213,19 @@ def main(argv=None) -> int:
             return args.lr * (step + 1) / args.warmup
         p = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+    # the sparsity penalty reads each layer's gate pre-activation g (the input of act_fn) while
+    # training: sum relu(g) / sum |g| per layer, averaged over layers
+    penalty_terms: list = []
+    train_zeros: list = []  # the batch's zero fraction per layer, for the log
+    if args.act_l1 > 0:
+        def penalty_hook(mod, inp, out):
+            if mod.training:
+                g = inp[0][:, 1:]  # BOS positions excluded, as in the sparsity report
+                penalty_terms.append(torch.relu(g).sum() / g.abs().sum().clamp_min(1e-6))
+                train_zeros.append(float((g.detach() <= 0).float().mean()))
+        for layer in model.model.layers:
+            layer.mlp.act_fn.register_forward_hook(penalty_hook)
 
     @torch.no_grad()
     def evaluate(stream, starts, bs=16):
@@ -201,18 +253,29 @@ def main(argv=None) -> int:
             g["lr"] = lr_at(step)
         starts = gen.integers(0, len(train_stream) - span, size=args.batch)
         x = window_batch(train_stream, starts)
-        loss = model(input_ids=x, labels=x).loss
+        penalty_terms.clear()
+        train_zeros.clear()
+        ce = model(input_ids=x, labels=x).loss
+        loss = ce
+        if penalty_terms:
+            pen = torch.stack(penalty_terms).mean()
+            loss = ce + args.act_l1 * pen
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += x.numel()
-        lv = loss.item()
+        lv = ce.item()  # the language-model loss; the penalty is logged apart
         ema = lv if ema is None else 0.9 * ema + 0.1 * lv
         rec = {"step": step + 1, "loss": round(lv, 4)}
+        if penalty_terms:
+            rec["positive_mass"] = round(pen.item(), 4)
+            rec["zeros"] = round(sum(train_zeros) / len(train_zeros), 4)
         if (step + 1) % args.log_every == 0 or step == 0:
             el = time.time() - t_train
-            print(f"step {step + 1:5d}  loss {lv:.3f}  ema {ema:.3f}  lr {lr_at(step):.2e}  "
+            extra = (f"  positive mass {pen.item():.3f}  zeros {rec['zeros']:.3f}"
+                     if penalty_terms else "")
+            print(f"step {step + 1:5d}  loss {lv:.3f}  ema {ema:.3f}  lr {lr_at(step):.2e}{extra}  "
                   f"{tokens_seen / el:.0f} tok/s  {el / 60:.1f} min", flush=True)
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             hl = evaluate(held_stream, held_windows(16))
@@ -272,7 +335,8 @@ def main(argv=None) -> int:
     log = {
         "source": "Jane Austen's six novels (public domain) via Debian r-cran-janeaustenr; "
                   "scripts/get_demo_text.py",
-        "hyperparameters": vars(args) | {"cache": str(cache), "out": str(out_dir)},
+        "hyperparameters": vars(args) | {"cache": str(cache), "out": str(out_dir),
+                                         "init": str(init_dir) if init_dir else None},
         "parameters": n_params,
         "train_tokens": int(len(train_stream)), "heldout_tokens": int(len(held_stream)),
         "tokens_seen": tokens_seen, "train_seconds": round(train_time, 1),
