@@ -2,7 +2,8 @@
 
 A preallocated buffer of bundle rows, uint8 [capacity, stride], holds the FFN neurons of the
 current window: rows 0..n_pinned-1 are pinned hot neurons (never evicted), rows n_pinned..n-1 are
-neurons used in the last k tokens. Bookkeeping is three index arrays:
+the neurons used most recently (the last tokens' active sets, as many as fit). Bookkeeping is
+three index arrays:
 
     ids[r]        neuron held in row r (r < n)
     slot[i]       row holding neuron i, or -1
