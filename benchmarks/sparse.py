@@ -138,15 +138,15 @@ def ffn_times(rt, dense_rt, prompt, n, repeats, clock):
     return times
 
 
-def scale(rt, s, shift=0.0):
+def scale(rt, s, shift=0.0, s_hid=None):
     """Thresholds of the SiLU layers times s, of the low-rank predictors plus shift (their
-    plans made again)."""
-    if s == 1.0 and shift == 0.0:
+    plans made again); TEAL's hidden thresholds times s_hid (default s)."""
+    if s == 1.0 and shift == 0.0 and s_hid is None:
         return
     for L in rt.layers:
         f = L.ffn
         if isinstance(f, teal.TealFFN):
-            f.scale_thresholds(s)  # the kernel reads f.thr: nothing to plan again
+            f.scale_thresholds(s, s_hid)  # the kernel reads f.thr: nothing to plan again
         if isinstance(f, rowskip.SkipFFN):
             t = f.sparse["thr"] * s if f.sparse["mode"] == 3 else f.sparse["thr"] + shift
             f.sparse["thr"] = f.arrays["thr"] = np.float32(t)
@@ -167,6 +167,9 @@ def main(argv=None):
     ap.add_argument("--thr-scale", type=float, default=1.0,
                     help="SiLU: multiply the stored thresholds by this (a sparsity sweep without "
                          "calibrating again)")
+    ap.add_argument("--teal-hidden-scale", type=float, default=None,
+                    help="TEAL: multiply the stored hidden (down input) thresholds by this "
+                         "instead (-1: keep every hidden value, thresholds on the FFN input only)")
     ap.add_argument("--pred-shift", type=float, default=0.0,
                     help="ReLU: add this to the low-rank predictors' score thresholds (fewer rows "
                          "computed for a positive shift, at a cost in recall)")
@@ -187,7 +190,7 @@ def main(argv=None):
     if n_teal and not args.dense_model:
         raise SystemExit(f"{args.model}: TEAL thresholds: give --dense-model (the same weights "
                          f"converted without calibration) for the dense kernels")
-    scale(rt, args.thr_scale, args.pred_shift)
+    scale(rt, args.thr_scale, args.pred_shift, args.teal_hidden_scale)
     sparse_logits = logits_over(rt, wins)
     if n_teal:
         kept = [f for f in teal.stats(rt) if f is not None]
@@ -214,6 +217,7 @@ def main(argv=None):
                                                                       ("decode", dec))}
     out = {"model": args.model, "dense_model": args.dense_model, "threads": args.threads, "clock": args.clock,
            "thr_scale": args.thr_scale, "pred_shift": args.pred_shift,
+           "teal_hidden_scale": args.teal_hidden_scale,
            "tokens": sum(len(w) - 1 for w in wins), "layers_skipping": n_layers,
            "rows_computed_fraction": float(np.mean(frac)),
            "rows_computed_by_layer": [round(float(f), 4) for f in frac],

@@ -133,9 +133,11 @@ class TealFFN:
 
         return fused.plan_teal(self.cfg, self, meta)
 
-    def scale_thresholds(self, s):
-        """Thresholds = s x the stored ones (a sparsity sweep without converting again)."""
-        self.thr[:] = self.stored * np.float32(s)
+    def scale_thresholds(self, s, s_hid=None):
+        """Thresholds = s x the stored ones, the hidden one s_hid x (default s; negative keeps
+        every hidden value): a sweep without converting again."""
+        self.thr[0] = self.stored[0] * np.float32(s)
+        self.thr[1] = self.stored[1] * np.float32(s if s_hid is None else s_hid)
 
     def fractions(self):
         """(input columns kept, down rows kept) as fractions, over the sparse tokens so far."""
