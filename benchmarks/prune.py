@@ -3,9 +3,11 @@
     python benchmarks/prune.py models [--text FILE] [--tokens N] MODEL_DIR...
         per model: size on disk, weight bytes read per decoded token (every layer chunk plus
         the head), perplexity on the first N tokens of the text (default: the shipped held-out
-        text), decode cost in CPU milliseconds per token (process time, best of 3 runs of 16
-        greedy tokens after a short prompt: on a shared machine wall time says little).
-        Run with NUMBA_NUM_THREADS=1 for per-core figures.
+        text; --tokens 0: none), decode cost in CPU milliseconds per token (process time of 16
+        greedy tokens after a short prompt, median and minimum of --repeats rounds that take
+        the models in turn: on a shared machine wall time says little, and side by side a
+        burst of load elsewhere touches every model alike). Run with NUMBA_NUM_THREADS=1 for
+        per-core figures.
     python benchmarks/prune.py layer SRC LAYER [--tokens N]
         relative output error ||(W - W')X^T|| / ||W X^T|| of one layer's linears for each
         method and pattern, on calibration inputs through the dense layers before it, and the
@@ -21,10 +23,13 @@ import numpy as np
 
 
 def models(a):
+    """Perplexity per model, then decode timing rounds over all models in turn (side by side:
+    a burst of load elsewhere touches every model alike); medians and minima of the rounds."""
     import edgellm
     from edgellm import evaluate
 
     text = evaluate.read_text(a.text or evaluate.heldout_text_path())
+    rows, loaded = [], []
     for m in a.model:
         with open(os.path.join(m, "manifest.json")) as f:
             man = json.load(f)
@@ -34,24 +39,29 @@ def models(a):
         e = emb["output" if "output" in emb else "tok_embeddings"]
         head = int(np.prod(e["shape"])) * {"f16": 2, "int8": 1, "f32": 4}.get(e["encoding"], 1)
         model = edgellm.load(m)
-        ppl = evaluate.perplexity(model, text, max_tokens=a.tokens)["perplexity"]
-        rt = model.runtime
-        ids = model.tokenizer.encode("It is a truth universally acknowledged", add_bos=True)
-        best = None
-        for _ in range(3):
+        row = {"model": os.path.basename(os.path.normpath(m)), "size_mb": round(size / 1e6, 2),
+               "weight_mb_per_token": round((layers + head) / 1e6, 2)}
+        if a.tokens:
+            row["ppl"] = round(evaluate.perplexity(model, text, max_tokens=a.tokens)["perplexity"],
+                               3)
+        rows.append(row)
+        loaded.append(model)
+    ids = loaded[0].tokenizer.encode("It is a truth universally acknowledged", add_bos=True)
+    times = [[] for _ in loaded]
+    for _ in range(a.repeats):
+        for k, model in enumerate(loaded):
+            rt = model.runtime
             rt.reset()
             rt.forward(ids)
             tok, n = ids[-1], 16
             t0 = time.process_time()
             for _ in range(n):
                 tok = int(rt.forward([tok])[0].argmax())
-            ms = (time.process_time() - t0) / n * 1e3
-            best = ms if best is None else min(best, ms)
-        print(json.dumps({"model": os.path.basename(os.path.normpath(m)),
-                          "size_mb": round(size / 1e6, 2),
-                          "weight_mb_per_token": round((layers + head) / 1e6, 2),
-                          "ppl": round(ppl, 3), "decode_cpu_ms_per_token": round(best, 2)}),
-              flush=True)
+            times[k].append((time.process_time() - t0) / n * 1e3)
+    for row, t in zip(rows, times):
+        row["decode_cpu_ms_per_token"] = round(float(np.median(t)), 2)
+        row["decode_cpu_ms_min"] = round(float(np.min(t)), 2)
+        print(json.dumps(row), flush=True)
 
 
 def layer(a):
@@ -88,6 +98,7 @@ def main():
     m.add_argument("model", nargs="+")
     m.add_argument("--text", default=None)
     m.add_argument("--tokens", type=int, default=1024)
+    m.add_argument("--repeats", type=int, default=7)
     m.set_defaults(func=models)
     la = sub.add_parser("layer")
     la.add_argument("src")

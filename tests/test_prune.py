@@ -15,6 +15,8 @@ import tiny
 from edgellm.converters import prune
 from edgellm.converters.convert import convert
 from edgellm.runtime import encodings, format, kernels
+from edgellm.runtime.kernels import simd
+from edgellm.runtime.kernels import sparse as ksparse
 from edgellm.runtime.errors import ConvertError, EdgeLLMError
 from edgellm.runtime.reader import Matrix, Reader
 
@@ -106,17 +108,36 @@ def test_codec_refuses_rows_outside_the_pattern():
 # Kernels
 
 
+def q8_blocks(x):
+    """Activations as the int8 decode kernels see them: per block of 32, scale max|x| / 127 and
+    values rint(x / scale) (llama.cpp's Q8_0 with a float32 scale), dequantized."""
+    xb = np.asarray(x, np.float32).reshape(-1, 32)
+    sc = np.abs(xb).max(axis=1) / np.float32(127)
+    inv = np.float32(1) / np.where(sc > 0, sc, np.float32(1))
+    return (np.rint(xb * inv[:, None]) * sc[:, None]).reshape(np.shape(x)).astype(np.float32)
+
+
+def int8_activations(pattern, value, T, d):
+    """True when decode multiplies these rows with int8 activations (sparse_simd.py)."""
+    p, v, _ = ksparse.codes(encodings.codec(f"{pattern}_{value}", None if value != "int4"
+                                            else 32))
+    return T == 1 and ksparse.simd_int8(p, v, d, kernels.MODE)
+
+
 def _kernel_cases_tiny(pattern, value, g, T, n=40, d=64):
     rng = np.random.default_rng(T)
     W = np_prune(rng.standard_normal((n, d)), pattern).astype(np.float32)
     m = sparse_matrix(W, pattern, value, g)
     x = rng.standard_normal((T, d)).astype(np.float32)
     dec = m.dequantize()
-    want = x.astype(np.float64) @ dec.T.astype(np.float64)
+    # int8 rows at decode meet int8 activations (as the dense int8 kernels): the reference
+    # multiplies the same rounded activations
+    xr = q8_blocks(x) if int8_activations(pattern, value, T, d) else x
+    want = xr.astype(np.float64) @ dec.T.astype(np.float64)
     got = kernels.linear(m, x)
     assert got.shape == (T, n)
     # float32 sums in another order: a few ulps of the sum of |products|
-    bound = 1e-5 * (np.abs(x) @ np.abs(dec).T).max()
+    bound = 1e-5 * (np.abs(xr) @ np.abs(dec).T).max()
     assert np.abs(got - want).max() <= bound
     # and the dense kernels on the same (decoded) weights agree
     f16 = encodings.codec("f16")
@@ -139,7 +160,45 @@ def test_linear_sparse_shapes(pattern, value, g):
         _kernel_cases_tiny(pattern, value, g, T, n=n, d=d)
 
 
-def ffn_reference(x, gate, up, down, activation, gated, bias=None):
+SIMD_MODES = ["fast", "generic"] if simd.AVAILABLE else []
+
+
+@pytest.mark.parametrize("mode", SIMD_MODES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_linear_sparse_int8_simd(pattern, mode, monkeypatch):
+    """int8 sparse rows at decode (sparse_simd.py): against NumPy on the block-rounded
+    activations, and against the dense int8 kernel on the decoded weights (which re-quantize to
+    the same int8 values: the kept values include the row's largest), both to float32
+    summation order. Row lengths with a whole number of 32-group steps per half (256, 512,
+    1536) and with a tail (288, 320, 576); sp50 runs vpexpandb where the CPU has VBMI2 (fast),
+    else the float kernels."""
+    monkeypatch.setattr(kernels, "MODE", mode)
+    rng = np.random.default_rng(3)
+    int8 = encodings.codec("int8")
+    for n, d in [(37, 256), (5, 288), (9, 320), (33, 576), (3, 512), (7, 1536)]:
+        W = np_prune(rng.standard_normal((n, d)) * 0.1, pattern).astype(np.float32)
+        W[0, :] = 0  # an all-zero row
+        m = sparse_matrix(W, pattern, "int8", None)
+        dec = m.dequantize()
+        x = (rng.standard_normal((1, d)) * np.exp(rng.standard_normal(d))).astype(np.float32)
+        x[0, 32:64] = 0  # an all-zero activation block (scale 0)
+        got = kernels.linear(m, x)
+        simd_path = int8_activations(pattern, "int8", 1, d)
+        assert simd_path == (pattern == "sp24" or (mode == "fast" and ksparse.HAVE_VBMI2))
+        xr = q8_blocks(x) if simd_path else x
+        want = xr.astype(np.float64) @ dec.T.astype(np.float64)
+        bound = 1e-5 * (np.abs(xr) @ np.abs(dec).T).max()
+        assert np.abs(got - want).max() <= bound, (n, d)
+        assert got[0, 0] == 0
+        if simd_path:
+            dense = Matrix(*int8.quantize(dec), int8, dec.shape)
+            assert np.array_equal(dense.q.view(np.int8).astype(np.float32) * dense.s[:, None],
+                                  dec)
+            assert np.abs(kernels.linear(dense, x) - got).max() <= 2 * bound
+
+
+def ffn_reference(x, gate, up, down, activation, gated, bias=None, q8=None):
+    """q8: rounds the hidden activations before down (as int8 decode kernels do)."""
     x = x.astype(np.float64)
     u = x @ up.T
     if gated:
@@ -147,6 +206,8 @@ def ffn_reference(x, gate, up, down, activation, gated, bias=None):
         h = h * u
     else:
         h = reference.relu(u + bias) if activation == "relu" else reference.silu(u + bias)
+    if q8 is not None:
+        h = q8(h.astype(np.float32)).astype(np.float64)
     return h @ down.T
 
 
@@ -164,7 +225,13 @@ def _ffn_case_tiny(pattern, value, g, T, gated=True, activation="silu", d=64, n=
     dec = {e["name"]: encodings.unpack_bundle_part(b, e, d) for e in layout}
     x = rng.standard_normal((T, d)).astype(np.float32)
     got = kernels.ffn(x, b, layout, d, activation, gated, bias, down=dm)
-    want = ffn_reference(x, dec.get("gate"), dec["up"], dm.dequantize(), activation, gated, bias)
+    if int8_activations(pattern, value, T, d):  # gate/up, then down, on rounded activations
+        down_q8 = int8_activations(pattern, value, T, n)
+        want = ffn_reference(q8_blocks(x), dec.get("gate"), dec["up"], dm.dequantize(),
+                             activation, gated, bias, q8=q8_blocks if down_q8 else None)
+    else:
+        want = ffn_reference(x, dec.get("gate"), dec["up"], dm.dequantize(), activation, gated,
+                             bias)
     assert got.shape == (T, d)
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 
@@ -179,6 +246,33 @@ def test_ffn_sparse_tiny(pattern, value, g, T):
 @pytest.mark.parametrize("T", [1, 4])
 def test_ffn_sparse_ungated_relu_with_bias(T):
     _ffn_case_tiny("sp24", "int8", None, T, gated=False, activation="relu")
+
+
+@pytest.mark.parametrize("mode", SIMD_MODES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("gated", [True, False])
+def test_ffn_sparse_int8_simd(pattern, gated, mode, monkeypatch):
+    """Sparse int8 bundle parts at decode (rows long enough for sparse_simd: d = 288 has a
+    tail step; d_ff = 256 for the separate sparse down)."""
+    monkeypatch.setattr(kernels, "MODE", mode)
+    _ffn_case_tiny(pattern, "int8", None, 1, gated=gated,
+                   activation="silu" if gated else "relu", d=288, n=256)
+
+
+def test_sparse_int8_without_vbmi2(tmp_path):
+    """EDGELLM_NO_VBMI2=1 turns vpexpandb off (what a CPU without AVX-512 VBMI2 runs): sp50
+    int8 rows take the float kernels, sp24 still the int8 SIMD one; the kernel tests again in a
+    process with that setting and its own Numba cache."""
+    env = dict(os.environ, EDGELLM_NO_VBMI2="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "int8_simd and fast", "-x"], env=env, capture_output=True,
+                       text=True, timeout=900, cwd=os.path.dirname(__file__))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
+    check = subprocess.run([sys.executable, "-c", "from edgellm.runtime.kernels import "
+                            "sparse_simd; print(sparse_simd.HAVE_VBMI2)"], env=env,
+                           capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert check.stdout.strip() == "False", check.stderr[-2000:]
 
 
 def test_ffn_sparse_needs_a_separate_down():

@@ -54,6 +54,10 @@ HAVE_F16 = _NUMBA_HOST and ((_X86 and "+f16c" in _FEATURES.split(",")) or _ARM)
 _FEATS = set(_FEATURES.split(","))
 HAVE_VNNI = (HAVE_AVX2 and os.environ.get("EDGELLM_NO_VNNI", "") != "1"
              and ("+avxvnni" in _FEATS or {"+avx512vnni", "+avx512vl"} <= _FEATS))
+# vpexpandb (AVX-512 VBMI2 with VL) for the 50% sparse int8 kernel (sparse_simd.py);
+# EDGELLM_NO_VBMI2=1 keeps its float fallback
+HAVE_VBMI2 = (HAVE_AVX2 and os.environ.get("EDGELLM_NO_VBMI2", "") != "1"
+              and {"+avx512vbmi2", "+avx512vl", "+avx512bw"} <= _FEATS)
 # intrinsics cannot run as Python: without the JIT the dispatch uses the portable kernels
 AVAILABLE = not numba.config.DISABLE_JIT
 
@@ -61,15 +65,21 @@ AVAILABLE = not numba.config.DISABLE_JIT
 
 def _drop_stale_cache():
     """Numba's on-disk cache keys a function on its own file only, but the kernels inline the
-    IR written here: after an edit of this file (or a change of EDGELLM_NO_VNNI), their cached
-    machine code would be stale. Keep a hash of this file and of that choice beside the cache and
+    IR written here (and in sparse_simd.py): after an edit of either file (or a change of
+    EDGELLM_NO_VNNI or EDGELLM_NO_VBMI2), their cached machine code would be stale. Keep a hash
+    of these files and of those choices beside the cache and
     drop the package's cache files when it changes (with NUMBA_CACHE_DIR set, every cache file
     under that directory)."""
     own = numba.config.CACHE_DIR
     cache = own or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
     try:
-        with open(__file__, "rb") as f:
-            digest = hashlib.sha256(f.read() + f"vnni={HAVE_VNNI}".encode()).hexdigest()
+        # sparse_simd.py's IR too (kernels in sparse.py inline it)
+        here = os.path.dirname(os.path.abspath(__file__))
+        text = b""
+        for name in (__file__, os.path.join(here, "sparse_simd.py")):
+            with open(name, "rb") as f:
+                text += f.read()
+        digest = hashlib.sha256(text + f"vnni={HAVE_VNNI},vbmi2={HAVE_VBMI2}".encode()).hexdigest()
         stamp = os.path.join(cache, "simd.sha256")
         if os.path.exists(stamp):
             with open(stamp) as f:

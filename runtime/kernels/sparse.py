@@ -22,6 +22,8 @@ import numpy as np
 from numba import njit, prange
 
 from .ffn import act
+from .sparse_simd import (HAVE_VBMI2, SP24_MIN_D, act24, act50, sp24_dot_fast, sp24_dot_generic,
+                          sp50_dot)
 
 SP24, SP50 = 0, 1
 F16, INT8, INT4 = 1, 2, 3  # value encodings (as ffn.ENC_CODES)
@@ -195,6 +197,71 @@ def ffn_hidden(x, gate, up, gated, kind, up_bias, has_bias, d, lut, hidden, nchu
 
 
 # ---------------------------------------------------------------------------------------------
+# int8 values against int8 activations (sparse_simd.py): decode in the fast/generic modes
+
+
+def simd_int8(pat, venc, d, mode):
+    """True when int8 sparse rows of length d run sparse_simd's kernels in kernel mode `mode`."""
+    if venc != INT8 or mode == "portable" or d % 32:
+        return False
+    if pat == SP24:
+        return d >= SP24_MIN_D
+    return mode == "fast" and HAVE_VBMI2
+
+
+@njit(cache=True, inline="always")
+def int8_row(vals, o, pat, d, xa, xb, fast):
+    """Row at byte o of vals (values, then codes) . the activations of act24 / act50 (xa, xb),
+    without the row scale."""
+    if pat == SP24:
+        if fast:
+            return sp24_dot_fast(vals, o, o + d // 2, d // 8, xa, xb)
+        return sp24_dot_generic(vals, o, o + d // 2, d // 8, xa, xb)
+    return sp50_dot(vals, o, o + d // 2, d // 32, xa, xb)
+
+
+@njit(cache=True)
+def act_int8(x, pat):
+    if pat == SP24:
+        return act24(x)
+    return act50(x)
+
+
+@njit(cache=True, parallel=True)
+def matvec_int8(vals, stride, sf, pat, d, x, out, fast):
+    """out[i] = (row i . x) * sf[i] for int8 sparse rows: row i at byte i * stride of vals."""
+    xa, xb = act_int8(x, pat)
+    for i in prange(out.shape[0]):
+        out[i] = int8_row(vals, i * stride, pat, d, xa, xb, fast) * sf[i]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def ffn_hidden_int8(x, gate, gsf, up, usf, stride, pat, gated, kind, up_bias, has_bias, d,
+                    hidden, fast):
+    """ffn_hidden for int8 sparse gate/up parts of one pattern (views gate, up into the bundle
+    rows of `stride` bytes; row scales gsf, usf)."""
+    xa, xb = act_int8(x, pat)
+    for i in prange(hidden.shape[0]):
+        o = i * stride
+        u = int8_row(up, o, pat, d, xa, xb, fast) * usf[i]
+        if gated:
+            gt = int8_row(gate, o, pat, d, xa, xb, fast) * gsf[i]
+            hidden[i] = act(gt, kind) * u
+        else:
+            if has_bias:
+                u += up_bias[i]
+            hidden[i] = act(u, kind)
+    return hidden
+
+
+def _mode():
+    from .. import kernels
+
+    return kernels.MODE
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry points for kernels/__init__.py (linear and ffn route sparse encodings here)
 
 def _views(c, block, voff, d, soff=None, scales=None):
@@ -236,6 +303,9 @@ def matvec_matrix(m, x, lut, out):
 
     n, d = m.shape
     v = _matrix_views(m)
+    mode = _mode()
+    if simd_int8(v[5], v[6], d, mode):
+        return matvec_int8(v[0], v[0].strides[0], v[3], v[5], d, x, out, mode == "fast")
     return matvec(*v, d, x, lut, out, max(1, min(numba.get_num_threads(), n)))
 
 
@@ -294,6 +364,12 @@ def ffn(x, bundles, layout, d, kind, gated, up_bias, down, linear, activate, lut
     T = x.shape[0]
     if T == 1:
         hidden = np.empty(n, dtype=np.float32)
+        mode = _mode()
+        g = gate or up
+        if (g[5] == up[5] and g[6] == up[6] and simd_int8(up[5], up[6], d, mode)):
+            ffn_hidden_int8(x[0], g[0], g[3], up[0], up[3], bundles.strides[0], up[5], gated,
+                            kind, bias, has_bias, d, hidden, mode == "fast")
+            return linear(down, hidden.reshape(1, n))
         ffn_hidden(x[0], gate or up, up, gated, kind, bias, has_bias, d, lut, hidden,
                    max(1, min(numba.get_num_threads(), n)))
         return linear(down, hidden.reshape(1, n))
