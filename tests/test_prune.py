@@ -365,6 +365,28 @@ def test_options_refused_before_work(tmp_path):
 # Converted models
 
 
+@pytest.mark.skipif(not simd.AVAILABLE, reason="the fused call needs the JIT")
+@pytest.mark.parametrize("pattern,mode", [("2:4", "fast"), ("2:4", "generic"), ("0.5", "fast")])
+def test_fused_decode_of_pruned_int8_model(tmp_path, monkeypatch, pattern, mode):
+    """Decode of a pruned int8 model in one call per layer (fused.py with sparse.py's int8
+    kernels) gives bit for bit the general path's logits (which the kernel tests check against
+    NumPy); every layer is fused where the kernels take its rows (2:4: d >= 256; 50%: with
+    VBMI2, in the fast mode)."""
+    from test_fused import decode_logits
+
+    monkeypatch.setattr(kernels, "MODE", mode)
+    monkeypatch.setitem(tiny.VARIANTS, "llama_wide", dict(d=256, heads=4, kv=2, d_ff=512))
+    dst = convert(tiny.build("llama_wide", tmp_path), tmp_path / "m", quant="int8",
+                  progress=False, prune=prune.options("magnitude", pattern))
+    m = edgellm.load(dst)
+    ids = tiny.token_ids("llama", 12)
+    general = decode_logits(m, ids, 6, False)
+    got = decode_logits(m, ids, 6, True)
+    fused = [p is not None for p in m.runtime._fused_plans[0]]
+    assert fused == [pattern == "2:4" or (mode == "fast" and ksparse.HAVE_VBMI2)] * len(fused)
+    assert np.array_equal(got.view(np.uint32), general.view(np.uint32))
+
+
 def _linears(model_dir):
     """{(layer, canonical): dense float64 weights decoded from the model} and the manifest."""
     m, cfg = format.read_manifest(model_dir)

@@ -28,6 +28,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from . import simd as _simd
+from . import sparse as _sp
 from .attention import attention, store_int8
 from .ffn import (ACT_CODES, ENC_CODES, NONE, act, ffn_decode_simd, ffn_output,
                   simd_part_axpy, simd_part_dot)
@@ -110,8 +111,11 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
     q = qkv[:nq]
     k = qkv[nq:nq + nk]
     v = qkv[nq + nk:nq + 2 * nk]
-    matvec3(meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW], wq, sq, wk, sk, wv, sv,
-            h, lut, q, k, v, fast)
+    if meta[M_QENC] >= _sp.FUSED:  # pruned int8 (kernels/sparse.py)
+        _sp.matvec3_int8(meta[M_QENC], meta[M_QROW], wq, sq, wk, sk, wv, sv, h, q, k, v, fast)
+    else:
+        matvec3(meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW], wq, sq, wk, sk, wv,
+                sv, h, lut, q, k, v, fast)
     if meta[M_QKV_BIAS]:
         q += bq
         k += bk
@@ -135,8 +139,11 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
                 vc[j, pos, i] = v3[0, j, i]
     a3 = att.reshape(1, H, hd)
     attention(qr, kc, vc, ksc, vsc, kvlut, meta[M_SIMD], pos, a3)
-    matvec1(meta[M_OENC], meta[M_OSHIFT], meta[M_OROW], meta[M_OSROW], wo, so, att, lut, obuf,
-            fast)
+    if meta[M_OENC] >= _sp.FUSED:
+        _sp.matvec_int8(wo, meta[M_OROW], so, meta[M_OENC] - _sp.FUSED, nq, att, obuf, fast)
+    else:
+        matvec1(meta[M_OENC], meta[M_OSHIFT], meta[M_OROW], meta[M_OSROW], wo, so, att, lut,
+                obuf, fast)
     if meta[M_O_BIAS]:
         obuf += bo
     x += obuf
@@ -280,6 +287,10 @@ def ffn_any(h, d, meta, bundles, tab, gshifts, up_bias, lut, partial, hidden, dq
         return ffn_teal(h, tl[0], tl[1], tl[2], tl[3], tl[4], meta[M_KIND], tl[5], tl[6], tl[7],
                         partial, tl[8])
     if mode == 0:
+        if tab[0, 1] >= _sp.FUSED:  # pruned int8 parts and down (kernels/sparse.py)
+            return _sp.fused_ffn(h, bundles, tab, d, meta[M_KIND], meta[M_GATED] != 0, up_bias,
+                                 meta[M_UP_BIAS] != 0, hidden, dq, ds, meta[M_DENC],
+                                 meta[M_DROW], fast)
         return ffn_decode_simd(h, bundles, tab[0], tab[1], tab[2], gshifts, d, meta[M_KIND],
                                meta[M_GATED] != 0, up_bias, meta[M_UP_BIAS] != 0, lut, partial,
                                hidden, dq, ds, meta[M_DENC], meta[M_DSHIFT], meta[M_DROW],
@@ -385,7 +396,16 @@ def plan_ffn(cfg, f, ffn_cls, meta):
     bundles = np.ascontiguousarray(base.bundles)
     n = bundles.shape[0]
     down = base.down
-    if down is not None:
+    gate = sparse.get("gate") if sparse is not None else None
+    gate = getattr(base, "gate", None) if gate is None else gate
+    pruned = _sp.is_sparse_layout(base.layout)
+    if pruned:  # int8 sparse parts and down, every row (kernels/sparse.py)
+        tab = _sp.fused_table(base.layout, cfg.gated_ffn, d, bundles, down, K.MODE)
+        if tab is None or sparse is not None or gate is not None or down.shape != (d, n):
+            return None
+        K._check_matrix(down)
+        meta[M_DENC], meta[M_DSHIFT], meta[M_DROW], meta[M_DSROW] = _sp.fused_enc(down, K.MODE)
+    elif down is not None:
         if not (n % 32 == 0 and down.codec.name != "f32" and K._simd_ok(down)
                 and down.shape == (d, n)):
             return None
@@ -393,11 +413,10 @@ def plan_ffn(cfg, f, ffn_cls, meta):
         meta[M_DENC], meta[M_DSHIFT], meta[M_DROW], meta[M_DSROW] = _enc(down)
     else:
         meta[M_DENC] = NONE
-    gate = sparse.get("gate") if sparse is not None else None
-    gate = getattr(base, "gate", None) if gate is None else gate
     # with a gate matrix the bundles' gate part, if any, is not read
-    tab = K._part_table_cached(base.layout, cfg.gated_ffn and gate is None, d, bundles,
-                               down is not None)
+    if not pruned:
+        tab = K._part_table_cached(base.layout, cfg.gated_ffn and gate is None, d, bundles,
+                                   down is not None)
     meta[M_KIND] = ACT_CODES[cfg.activation]
     meta[M_GATED] = bool(cfg.gated_ffn)
     has_up_bias = base.up_bias is not None and not cfg.gated_ffn
@@ -452,7 +471,11 @@ def plan_layer(cfg, L, ffn_cls):
         return None  # a low-rank projection (runtime/lowrank.py): the per-operation path
     qkv = (L.q, L.k, L.v)
     names = {(m.codec.name, m.codec.group_size, m.shape[1]) for m in qkv}
-    if (len(names) != 1 or L.q.codec.name == "f32" or L.o.codec.name == "f32"
+    pruned = [_sp.fused_enc(m, K.MODE) for m in qkv + (L.o,)]  # int8 sparse, else None
+    if any(e is not None for e in pruned):
+        if len(names) != 1 or None in pruned:
+            return None
+    elif (len(names) != 1 or L.q.codec.name == "f32" or L.o.codec.name == "f32"
             or L.o.shape[1] % 32 or not all(K._simd_ok(m) for m in qkv + (L.o,))):
         return None
     meta = np.zeros(M_LEN, dtype=np.int64)
@@ -461,8 +484,8 @@ def plan_layer(cfg, L, ffn_cls):
         return None
     for m in qkv + (L.o,):
         K._check_matrix(m)
-    meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW] = _enc(L.q)
-    meta[M_OENC], meta[M_OSHIFT], meta[M_OROW], meta[M_OSROW] = _enc(L.o)
+    meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW] = pruned[0] or _enc(L.q)
+    meta[M_OENC], meta[M_OSHIFT], meta[M_OROW], meta[M_OSROW] = pruned[3] or _enc(L.o)
     biases = (L.q_bias, L.k_bias, L.v_bias)
     meta[M_QKV_BIAS] = any(b is not None for b in biases)
     meta[M_O_BIAS] = L.o_bias is not None

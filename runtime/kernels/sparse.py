@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .ffn import act
+from .simd import ld_f32
 from .sparse_simd import (HAVE_VBMI2, SP24_MIN_D, act24, act50, sp24_dot_fast, sp24_dot_generic,
                           sp50_dot)
 
@@ -237,22 +238,95 @@ def matvec_int8(vals, stride, sf, pat, d, x, out, fast):
 
 
 @njit(cache=True, parallel=True)
-def ffn_hidden_int8(x, gate, gsf, up, usf, stride, pat, gated, kind, up_bias, has_bias, d,
+def ffn_hidden_int8(x, b, goff, gsoff, uoff, usoff, pat, gated, kind, up_bias, has_bias, d,
                     hidden, fast):
-    """ffn_hidden for int8 sparse gate/up parts of one pattern (views gate, up into the bundle
-    rows of `stride` bytes; row scales gsf, usf)."""
+    """ffn_hidden for int8 sparse gate/up parts of one pattern in bundle rows b uint8[n, stride]
+    (values at byte offset goff / uoff of a row, f32 row scales at gsoff / usoff)."""
     xa, xb = act_int8(x, pat)
+    stride = b.shape[1]
     for i in prange(hidden.shape[0]):
         o = i * stride
-        u = int8_row(up, o, pat, d, xa, xb, fast) * usf[i]
+        u = int8_row(b, o + uoff, pat, d, xa, xb, fast) * ld_f32(b, o + usoff)
         if gated:
-            gt = int8_row(gate, o, pat, d, xa, xb, fast) * gsf[i]
+            gt = int8_row(b, o + goff, pat, d, xa, xb, fast) * ld_f32(b, o + gsoff)
             hidden[i] = act(gt, kind) * u
         else:
             if has_bias:
                 u += up_bias[i]
             hidden[i] = act(u, kind)
     return hidden
+
+
+# The fused decode call (fused.py) takes layers of int8 sparse matrices and bundle parts as
+# encoding codes FUSED + pattern in its meta and part table (dense codes are below 8).
+FUSED = 16
+
+
+def fused_enc(m, mode):
+    """fused.py's (code, 0, bytes per row, 0) of a Matrix these kernels take at decode, else
+    None (a dense matrix, or a sparse one the int8 kernels do not take)."""
+    from ..encodings import SPARSE_NAMES
+
+    c = getattr(m, "codec", None)
+    if c is None or c.name not in SPARSE_NAMES or not m.q.flags.c_contiguous:
+        return None
+    pat, venc, _ = codes(c)
+    if not simd_int8(pat, venc, m.shape[1], mode):
+        return None
+    return FUSED + pat, 0, m.q.strides[0], 0
+
+
+def fused_table(layout, gated, d, bundles, down, mode):
+    """fused.py's part table (encs, offs, soffs, gs by slot gate, up, down) for int8 sparse
+    gate/up parts of one pattern with a separate down matrix that fused_enc takes, else None."""
+    if down is None or fused_enc(down, mode) is None:
+        return None
+    names = [e["name"] for e in layout]
+    if sorted(names) != (["gate", "up"] if gated else ["up"]):
+        return None
+    tab = np.zeros((4, 3), dtype=np.int64)
+    tab[0, 2] = -1  # ffn.NONE: the down projection is the matrix
+    for slot, name in enumerate(("gate", "up")):
+        v = _part(layout, name if gated else "up", d, bundles)  # checks the part's bounds
+        if not simd_int8(v[5], v[6], d, mode):
+            return None
+        e = layout[names.index(name if gated else "up")]
+        tab[0, slot], tab[1, slot], tab[2, slot] = FUSED + v[5], e["offset"], e["scale_offset"]
+    if tab[0, 0] != tab[0, 1]:
+        return None
+    tab.flags.writeable = False  # as kernels._part_table_cached's (one compiled type)
+    return tab
+
+
+@njit(cache=True, parallel=True)
+def matvec3_int8(code, row, q1, s1, q2, s2, q3, s3, x, o1, o2, o3, fast):
+    """matvec_int8 for three matrices (q, k, v) of one pattern (code: fused_enc's), rows of row
+    bytes, with the activations quantized once."""
+    pat = code - FUSED
+    d = x.shape[0]
+    xa, xb = act_int8(x, pat)
+    n1, n2, n3 = o1.shape[0], o2.shape[0], o3.shape[0]
+    for r in prange(n1 + n2 + n3):
+        if r < n1:
+            o1[r] = int8_row(q1, r * row, pat, d, xa, xb, fast) * s1[r]
+        elif r < n1 + n2:
+            i = r - n1
+            o2[i] = int8_row(q2, i * row, pat, d, xa, xb, fast) * s2[i]
+        else:
+            i = r - n1 - n2
+            o3[i] = int8_row(q3, i * row, pat, d, xa, xb, fast) * s3[i]
+
+
+@njit(cache=True)
+def fused_ffn(x, bundles, tab, d, kind, gated, up_bias, has_bias, hidden, dq, ds, dcode, drow,
+              fast):
+    """The FFN of fused.decode_layer for fused_table's parts, then the down matrix (values dq,
+    row scales ds, code and row bytes from fused_enc) times the hidden activations."""
+    pat = tab[0, 1] - FUSED
+    ffn_hidden_int8(x, bundles, tab[1, 0], tab[2, 0], tab[1, 1], tab[2, 1], pat, gated, kind,
+                    up_bias, has_bias, d, hidden, fast)
+    out = np.empty(dq.shape[0], dtype=np.float32)
+    return matvec_int8(dq, drow, ds, dcode - FUSED, hidden.shape[0], hidden, out, fast)
 
 
 def _mode():
@@ -366,9 +440,11 @@ def ffn(x, bundles, layout, d, kind, gated, up_bias, down, linear, activate, lut
         hidden = np.empty(n, dtype=np.float32)
         mode = _mode()
         g = gate or up
-        if (g[5] == up[5] and g[6] == up[6] and simd_int8(up[5], up[6], d, mode)):
-            ffn_hidden_int8(x[0], g[0], g[3], up[0], up[3], bundles.strides[0], up[5], gated,
-                            kind, bias, has_bias, d, hidden, mode == "fast")
+        if g[5] == up[5] and g[6] == up[6] and simd_int8(up[5], up[6], d, mode):
+            off = {e["name"]: (e["offset"], e["scale_offset"]) for e in layout}
+            go, gso = off["gate"] if gated else off["up"]
+            ffn_hidden_int8(x[0], bundles, go, gso, *off["up"], up[5], gated, kind, bias,
+                            has_bias, d, hidden, mode == "fast")
             return linear(down, hidden.reshape(1, n))
         ffn_hidden(x[0], gate or up, up, gated, kind, bias, has_bias, d, lut, hidden,
                    max(1, min(numba.get_num_threads(), n)))
