@@ -16,7 +16,7 @@ from the same weights unless prefill="sparse" (token by token through the kernel
 perplexity of the sparse model measures).
 
 >>> enable(model.runtime, prefill="sparse")   # layers with thresholds  # doctest: +SKIP
->>> stats(model.runtime)                      # per layer (inputs kept, hidden kept) fractions  # doctest: +SKIP
+>>> stats(model.runtime)                      # per layer (inputs kept, down rows read)  # doctest: +SKIP
 """
 
 import os
@@ -140,7 +140,8 @@ class TealFFN:
         self.thr[1] = self.stored[1] * np.float32(s if s_hid is None else s_hid)
 
     def fractions(self):
-        """(input columns kept, down rows kept) as fractions, over the sparse tokens so far."""
+        """(input columns kept, down rows read) as fractions, over the sparse tokens so far (down
+        reads every row when many hidden values are kept: kernels/teal.DENSE_DOWN)."""
         cols, tokens, rows = (int(v) for v in self.kept)
         if not tokens:
             return None
@@ -168,5 +169,5 @@ def enable(rt, prefill="dense"):
 
 
 def stats(rt):
-    """Per layer: (input columns kept, down rows kept) fractions (None for other layers)."""
+    """Per layer: (input columns kept, down rows read) fractions (None for other layers)."""
     return [L.ffn.fractions() if isinstance(L.ffn, TealFFN) else None for L in rt.layers]

@@ -30,7 +30,8 @@ GROUP = 4  # input columns summed per pass over the accumulators (fewer loads an
 BLOCK = 128  # accumulator values per inner loop; between two, the next group's columns are
 # prefetched (the kept columns are 2 n-byte runs with gaps: the hardware prefetcher alone left
 # the loop at half the dense kernel's bandwidth)
-DOWN_AHEAD = 8  # down rows prefetched ahead of the one being added
+DENSE_DOWN = 0.35  # above this fraction of hidden values kept, down reads every row (SmolLM2,
+# 1 thread: 50% of the rows 2.4 ms/token, all rows 1.8)
 SPAN_ALIGN = 64  # accumulator slices per thread start on a multiple of this many floats
 
 
@@ -40,7 +41,8 @@ def ffn_teal(x, cols, cscale, dq, ds, thr, kind, acc, rows, hid, partial, kept):
     column j), cscale f32[2n] (the gate rows' scales, then the up rows'), dq int8 [n, d] (row i:
     down column i), ds f32[n]; thr f32[2] (t_in, t_hid: strictly above is kept; negative keeps
     all); kind: the activation code. Buffers: acc f32[2n], rows int32[max(d, n)], hid f32[n],
-    partial f32[threads, d]. kept int64[3]: += (input columns read, tokens, down rows read).
+    partial f32[threads, d]. kept int64[3]: += (input columns read, tokens, down rows read: all of them above
+    DENSE_DOWN).
     Returns out f32[d]."""
     d = x.shape[0]
     n2 = cols.shape[1]
@@ -91,35 +93,35 @@ def ffn_teal(x, cols, cscale, dq, ds, thr, kind, acc, rows, hid, partial, kept):
             for i in range(w):
                 a[i] = a[i] + a0 * np.float32(c0[i])
             k += 1
-    # hidden values above the threshold
+    # hidden values above the threshold (hid: by row, zero where dropped)
     mm = 0
     for i in range(n):
         v = act(acc[i] * cscale[i], kind) * (acc[n + i] * cscale[n + i])
         if abs(v) > thr[1]:
             rows[mm] = i
-            hid[mm] = v * ds[i]
+            hid[i] = v * ds[i]
             mm += 1
-    # down: the kept rows split between threads, one partial sum each
-    nchunks = max(1, min(mm, partial.shape[0]))
-    per = (mm + nchunks - 1) // nchunks
+        else:
+            hid[i] = 0.0
+    # down: rows split between threads, one partial sum each. Above DENSE_DOWN of the rows kept
+    # every row is added (a dropped one adds exactly zero): the sequential walk streams, while
+    # the kept rows alone, 576-byte runs with gaps, came slower than all of them
+    dense = mm > DENSE_DOWN * n
+    total = n if dense else mm
+    nchunks = max(1, min(total, partial.shape[0]))
+    per = (total + nchunks - 1) // nchunks
     for c in prange(nchunks):
         p = partial[c, :]
         p[:] = 0.0
-        end = min(mm, (c + 1) * per)
-        nxt = rows[c * per] if c * per < end else 0  # next row to prefetch
-        last = rows[end - 1] if end > c * per else -1
+        end = min(total, (c + 1) * per)
         for k in range(c * per, end):
-            # every row up to DOWN_AHEAD past this one, kept or not: the walk then streams as a
-            # dense one does (prefetching only the kept rows, with gaps between them, read 60%
-            # of the rows slower than all of them)
-            stop = min(last, rows[k] + DOWN_AHEAD)
-            while nxt <= stop:
-                o = nxt * d
+            i = k if dense else rows[k]
+            if not dense and k + 1 < end:
+                o = rows[k + 1] * d
                 for line in range(0, d, 64):
                     prefetch(dq, o + line)
-                nxt += 1
-            r = dq[rows[k], :]
-            a = hid[k]
+            r = dq[i, :]
+            a = hid[i]
             for j in range(d):
                 p[j] = p[j] + a * np.float32(r[j])
     out = np.zeros(d, dtype=np.float32)
@@ -128,5 +130,5 @@ def ffn_teal(x, cols, cscale, dq, ds, thr, kind, acc, rows, hid, partial, kept):
             out[j] += partial[c, j]
     kept[0] += m
     kept[1] += 1
-    kept[2] += mm
+    kept[2] += total
     return out
