@@ -15,7 +15,8 @@ Sparser FFNs (issue 3: streaming reads only the rows a token needs, so fewer act
 fewer bytes per token):
 
     python scripts/train_relu_large.py --init ~/.cache/edgellm-demo/hf-large \
-        --out ~/.cache/edgellm-demo/hf-large-sparse --act-l1 0.5 --steps 150 --lr 3e-4
+        --out ~/.cache/edgellm-demo/hf-large-sparse --act-l1 1.0 --steps 40 --batch 4 --lr 3e-4 \
+        --warmup 3 --seed 4321 --eval-every 1000   # 72% -> 87% zeros, ppl 106.5 -> 111.5
 
 --init DIR starts from an existing HF checkpoint (its config and tokenizer.model are used; the
 size options are ignored and no tokenizer is trained) instead of random weights. --act-l1 LAMBDA
