@@ -12,6 +12,12 @@ Both read d/2 values and d/8 code bytes instead of d values, and multiply d (sp2
 (sp50) times. Activations stay float32 (no int8 quantization), so results equal the NumPy
 reference up to float32 summation order.
 
+int8 values at decode (T == 1) in the fast and generic kernel modes take sparse_simd.py's
+kernels instead (simd_int8 says when: sp24 rows of d >= 256, sp50 rows with AVX-512 VBMI2):
+activations quantized to int8 once per call as the dense int8 kernels do, integer products of
+the kept values only. They give the dense int8 kernel's result on the decoded weights (up to
+float32 summation order), and run inside fused.decode_layer too (fused_enc, fused_table).
+
 A set of rows is passed as 2-D views (rows()): the packed values [n, V] (also as int8), the codes
 [n, d/8], the int8 row scales f32 [n] and the int4 group scales (float16 bits) [n, d/2/g], so one
 code path serves Matrix rows (values q, scales s) and FFN bundle parts (all inside the bundle
