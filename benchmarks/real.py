@@ -41,7 +41,8 @@ import subprocess
 import sys
 import time
 
-from engines import Edge, Llama
+import edgellm  # before numpy (engines imports it): sets OpenBLAS's thread timeout (threads.py)
+from engines import Edge, Llama  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("The history of the city begins with a small settlement on the river, where traders "
@@ -78,8 +79,6 @@ def converted(workdir, gguf, quant):
 
 def prompt_ids(model_dir, n):
     """n token ids of an English paragraph repeated (the same ids go to both engines)."""
-    import edgellm
-
     tok = edgellm.load(model_dir).tokenizer
     ids = tok.encode(TEXT * (1 + n // 40), add_bos=False)
     if len(ids) < n:
@@ -198,9 +197,9 @@ def time_split(e, ids, n, clock=time.perf_counter):
     logits = rt.forward(ids)[-1]
     logits_of = rt._logits  # final norm + head, timed on the same clock
 
-    def head_timed(x):
+    def head_timed(*a):
         t = clock()
-        r = logits_of(x)
+        r = logits_of(*a)
         acc["head"] = acc.get("head", 0.0) + clock() - t
         return r
 

@@ -210,7 +210,9 @@ class Transformer:
                 last = b + step >= ids.size
                 x = self._block(block)
                 if all_logits or last:
-                    out.append(self._logits(x if all_logits else x[-1:]))
+                    # a prefill's last token: float activations through the head, as every
+                    # other prefill product (decode's kernels round them to int8 blocks)
+                    out.append(self._logits(x if all_logits else x[-1:], ids.size > 1))
         finally:
             threads.restore(restore)
         return np.concatenate(out, axis=0)
@@ -312,10 +314,10 @@ class Transformer:
         a = kernels.attention(q, kc, vc, p0, ks, vs)
         return x + _linear(L.o, a.reshape(T, cfg.q_dim), L.o_bias, self.ops)
 
-    def _logits(self, x):
+    def _logits(self, x, float_act=False):
         t = time.perf_counter()
         h = self.apply_norm(x, self.norm)
-        logits = kernels.linear(self.head, h)
+        logits = kernels.linear(self.head, h, float_act)
         self.timer.add("head", t)
         return logits
 

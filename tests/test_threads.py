@@ -12,7 +12,7 @@ import tiny
 from threadpoolctl import threadpool_info
 
 import edgellm
-from edgellm.runtime import threads
+from edgellm.runtime import kernels, threads
 
 needs2 = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 or more threads")
 
@@ -129,3 +129,23 @@ def test_adapt_lowers_numba_and_blas_inside_the_pass(monkeypatch, two_threads):
     inside.clear()
     m.runtime.forward([6])
     assert inside[0][1] == 2
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_prefill_last_token_uses_float_activations(quant):
+    """A prefill's logits (last token only) equal its all-positions logits' last row up to
+    float32 summation order: the head's one-row product takes float activations as the rest of
+    prefill does, not decode's int8 blocks (which moved them by ~0.5% of the logit scale)."""
+    rt = edgellm.load(tiny.converted("llama", quant)).runtime
+    ids = tiny.token_ids("llama", 12)
+    rt.reset()
+    last = rt.forward(ids)
+    rt.reset()
+    every = rt.forward(ids, all_logits=True)
+    scale = np.abs(every[-1]).max()
+    assert np.abs(last[0] - every[-1]).max() <= 1e-5 * scale
+    if kernels.quantizes_activations(rt.head, 1):  # SIMD kernels (not the portable ones)
+        rt.reset()
+        rt.forward(ids[:-1])
+        step = rt.forward(ids[-1:])  # a decode step keeps the int8 activation kernels
+        assert np.abs(step[0] - every[-1]).max() > 1e-5 * scale

@@ -218,15 +218,18 @@ def linear_many(ms, x, biases=None):
     return outs
 
 
-def linear(m, x):
-    """x f32[T, d] @ m.T for an encoded Matrix m [n, d] -> f32[T, n]."""
+def linear(m, x, float_act=False):
+    """x f32[T, d] @ m.T for an encoded Matrix m [n, d] -> f32[T, n]. float_act: one row too
+    with float32 activations, through prefill's tiles (a prefill's last token through the head;
+    SmolLM2's head 10 ms, the portable matvec 18, the SIMD one 2), instead of the SIMD kernels'
+    int8 activation blocks."""
     n, d = m.shape
     x = _as_rows(x, d, "linear")
     T = x.shape[0]
     _check_matrix(m)
     if m.codec.name == "f32":
         return x @ m.q.T
-    if T == 1:
+    if T == 1 and not (float_act and quantizes_activations(m, 1)):
         out = np.empty((1, n), dtype=np.float32)
         _matvec(m, x[0], out[0])
         return out
