@@ -333,6 +333,16 @@ def edgellm_part_bytes(rt):
     return n
 
 
+def kernel_part_bytes(rt):
+    """Weight bytes per token read by each matrix kernel of kernel_parts."""
+    n = {"qkv": 0, "o": 0, "ffn": 0, "head": rt.head.nbytes}
+    for L in rt.layers:
+        n["qkv"] += L.q.nbytes + L.k.nbytes + L.v.nbytes
+        n["o"] += L.o.nbytes
+        n["ffn"] += L.ffn.bundles.nbytes + (L.ffn.down.nbytes if L.ffn.down is not None else 0)
+    return n
+
+
 def edgellm_matrix_bytes(rt):
     return sum(edgellm_part_bytes(rt).values())
 
@@ -427,6 +437,73 @@ def decode_parts(edge, prompt, n, clock_name):
     return parts
 
 
+def kernel_parts(edge, prompt, n, clock_name):
+    """The fused path's time per token split by kernel: the whole token as decode runs it (one
+    decode_layer call per layer, then the head), and the matrix kernels of every layer alone, in
+    layer order, on the model's own weights: q/k/v (one matvec3), o (matvec1), the FFN
+    (ffn_call: gate/up rows and the down matrix). "layer rest" is the fused layers' time minus
+    those: norms, rope, the KV-cache store, attention over the cache, per-call costs. (The
+    per-operation parts of decode_parts add Python per operation to "attention".)"""
+    from edgellm.runtime import model as rt_model
+    from edgellm.runtime.kernels import fused, qmatvec
+    from edgellm.runtime.kernels.halfs import F16_TO_F32 as lut
+
+    clock = CLOCKS[clock_name]
+    saved = rt_model.time
+    if clock_name == "cpu":
+        rt_model.time = _CPUTime()
+    rt = edge.rt
+    try:
+        rt.reset()
+        tok = int(np.argmax(rt.forward(prompt)[-1]))
+        rt.timer.parts = {}
+        t0 = clock()
+        for _ in range(n):
+            tok = int(np.argmax(rt.forward([tok])[-1]))
+        token = (clock() - t0) / n
+        timed = {k: v / n for k, v in rt.timer.parts.items()}
+    finally:
+        rt_model.time = saved
+    plans = rt._fused_layers()
+    if plans is None or any(p is None for p in plans):
+        return None
+    M = fused
+    sc = fused.Scratch(rt.cfg)
+    nq = rt.cfg.n_heads * rt.cfg.head_dim
+    nk = rt.cfg.n_kv_heads * rt.cfg.head_dim
+    h = np.random.default_rng(0).standard_normal(rt.cfg.d_model).astype(np.float32)
+    att = np.random.default_rng(1).standard_normal(nq).astype(np.float32)
+    q, k, v = sc.qkv[:nq], sc.qkv[nq:nq + nk], sc.qkv[nq + nk:]
+
+    def qkv(meta, a):
+        qmatvec.matvec3(meta[M.M_QENC], meta[M.M_QSHIFT], meta[M.M_QROW], meta[M.M_QSROW],
+                        a["wq"], a["sq"], a["wk"], a["sk"], a["wv"], a["sv"], h, lut, q, k, v,
+                        meta[M.M_FAST] != 0)
+
+    def o(meta, a):
+        fused.matvec1(meta[M.M_OENC], meta[M.M_OSHIFT], meta[M.M_OROW], meta[M.M_OSROW],
+                      a["wo"], a["so"], att, lut, sc.obuf, meta[M.M_FAST] != 0)
+
+    def ffn(meta, a):
+        fused.ffn_call(h, meta, a, sc.partial(a["n"]), sc.hidden(a["n"]))
+
+    out = {}
+    for name, f in (("qkv", qkv), ("o", o), ("ffn", ffn)):
+        for meta, a in plans:  # warm up
+            f(meta, a)
+        ts = []
+        for _ in range(3):
+            t0 = clock()
+            for meta, a in plans:
+                f(meta, a)
+            ts.append(clock() - t0)
+        out[name] = statistics.median(ts)
+    out["layer rest"] = timed.get("layer", 0.0) - out["qkv"] - out["o"] - out["ffn"]
+    out["head"] = timed.get("head", 0.0)
+    out["other"] = token - sum(out.values())
+    return out
+
+
 def equivalence(edge, llama_path, prompt, n_ctx, threads, n_check, reference=None):
     """Do both engines compute the same model? Top-1 agreement over the prompt's positions and
     over n_check greedy tokens of edgellm (teacher-forced in llama.cpp), free-running greedy
@@ -494,25 +571,43 @@ def timed_in_child(engine, path, args, parts=False):
     if r.returncode:
         raise SystemExit(f"child {engine} failed:\n{r.stderr[-2000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    return out["prefill_s"], out["decode_s"], out["tokens"], out.get("parts")
+    return (out["prefill_s"], out["decode_s"], out["tokens"],
+            (out.get("parts"), out.get("kernel_parts")) if parts else None)
+
+
+class EdgeInMemory(Edge):
+    """edgellm with its chunks read into memory (edgellm.load(mmap=False)) instead of mapped:
+    anonymous memory, which the kernel backs with huge pages, where a mapped file has 4 KB
+    pages. llama.cpp holds Q4_0 weights that way too: it repacks them at load into a buffer of
+    its own (CPU_REPACK, q4_0_8x8, in its log) and does not read them from its mapping."""
+    name = "edgellm-mem"
+
+    def __init__(self, path, n_ctx, threads):
+        import edgellm
+
+        self.model = edgellm.load(path, n_ctx=n_ctx, threads=threads, mmap=False)
+        self.rt = self.model.runtime
 
 
 def child(args):
     engine, path = args.child
     prompt = make_prompt(args.prompt)
-    if engine == "edgellm":
+    if engine in ("edgellm", "edgellm-mem"):
         # edgellm.load sets the threads; starting Numba's pool before edgellm is imported would
         # start OpenMP with its spinning default (prefill measured 6x slower that way)
-        e = Edge(path, args.n_ctx, args.threads)
+        e = Edge(path, args.n_ctx, args.threads) if engine == "edgellm" else EdgeInMemory(
+            path, args.n_ctx, args.threads)
     else:
         e = Llama(path, args.n_ctx, args.threads)
     run_once(e, prompt[:16], 2)  # compile or load kernels, touch pages
     run_once(e, prompt, 2)
     tp, td, out = run_once(e, prompt, args.decode, CLOCKS[args.clock])
-    parts = None
+    parts = kparts = None
     if args.parts and engine == "edgellm":
         parts = decode_parts(e, prompt, args.decode, args.clock)
-    print(json.dumps({"prefill_s": tp, "decode_s": td, "tokens": out, "parts": parts}))
+        kparts = kernel_parts(e, prompt, args.decode, args.clock)
+    print(json.dumps({"prefill_s": tp, "decode_s": td, "tokens": out, "parts": parts,
+                      "kernel_parts": kparts}))
     return 0
 
 
@@ -530,12 +625,16 @@ def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
                          None if enc == "f16" else reference)
         log("equivalence:", json.dumps(eq))
     engines = (("edgellm", edge_path), ("llama.cpp", gguf_path))
+    if args.in_memory:
+        engines += (("edgellm-mem", edge_path),)
     res = {name: {"prefill_s": [], "decode_s": []} for name, _ in engines}
-    parts = None
+    parts = kparts = None
     for r in range(args.repeats):
         for name, path in engines:  # alternate, so that noise from other users hits both
-            tp, td, out, p = timed_in_child(name, path, args, parts=r == 0)
-            parts = p or parts
+            tp, td, out, p = timed_in_child(name, path, args,
+                                            parts=r == 0 and name == "edgellm")
+            if p is not None:
+                parts, kparts = p
             res[name]["prefill_s"].append(tp)
             res[name]["decode_s"].append(td)
             res[name]["tokens"] = out
@@ -553,6 +652,8 @@ def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
 
     out = {"encoding": enc, "gguf_type": qname, "edgellm_dir": edge_path, "gguf": gguf_path,
            "equivalence": eq, "edgellm_decode_parts_s_per_token": parts,
+           "edgellm_kernel_parts_s_per_token": kparts,
+           "edgellm_kernel_part_bytes_per_token": kernel_part_bytes(edge.rt),
            "edgellm_prefill_parts_s": prefill_parts,
            "edgellm_bytes_per_token": edgellm_matrix_bytes(edge.rt),
            "edgellm_part_bytes_per_token": edgellm_part_bytes(edge.rt),
@@ -561,7 +662,7 @@ def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
            "common_prefix_last_run": _common_prefix(res["edgellm"]["tokens"],
                                                     res["llama.cpp"]["tokens"])}
     for name, r in res.items():
-        key = "edgellm" if name == "edgellm" else "llama"
+        key = {"edgellm": "edgellm", "edgellm-mem": "edgellm_mem"}.get(name, "llama")
         out[key] = {"prefill_tok_s": len(prompt) / statistics.median(r["prefill_s"]),
                     "decode_tok_s": args.decode / statistics.median(r["decode_s"]),
                     "best_prefill_tok_s": len(prompt) / min(r["prefill_s"]),
@@ -583,16 +684,21 @@ def table(results, bw):
     for r in results:
         e, l = r["edgellm"], r["llama"]
         be, bl = bw / r["edgellm_bytes_per_token"], bw / r["llama_bytes_per_token"]
-        lines.append(
-            f"| {r['encoding']} / {r['gguf_type']} | {e['prefill_tok_s']:.1f} "
-            f"| {e['decode_tok_s']:.2f} | {l['prefill_tok_s']:.1f} | {l['decode_tok_s']:.2f} "
-            f"| {e['prefill_tok_s'] / l['prefill_tok_s']:.2f} "
-            f"| {e['decode_tok_s'] / l['decode_tok_s']:.2f} "
-            f"| {r['edgellm_bytes_per_token'] / 1e6:.0f} / {r['llama_bytes_per_token'] / 1e6:.0f} "
-            f"| {be:.1f} / {bl:.1f} "
-            f"| {e['decode_tok_s'] / be:.2f} / {l['decode_tok_s'] / bl:.2f} "
-            f"| {e['decode_tok_s'] * r['edgellm_bytes_per_token'] / 1e9:.1f} / "
-            f"{l['decode_tok_s'] * r['llama_bytes_per_token'] / 1e9:.1f} |")
+        for ek, label in (("edgellm", ""), ("edgellm_mem", " (edgellm in memory)")):
+            if ek not in r:
+                continue
+            e = r[ek]
+            lines.append(
+                f"| {r['encoding']} / {r['gguf_type']}{label} | {e['prefill_tok_s']:.1f} "
+                f"| {e['decode_tok_s']:.2f} | {l['prefill_tok_s']:.1f} | {l['decode_tok_s']:.2f} "
+                f"| {e['prefill_tok_s'] / l['prefill_tok_s']:.2f} "
+                f"| {e['decode_tok_s'] / l['decode_tok_s']:.2f} "
+                f"| {r['edgellm_bytes_per_token'] / 1e6:.0f} / "
+                f"{r['llama_bytes_per_token'] / 1e6:.0f} "
+                f"| {be:.1f} / {bl:.1f} "
+                f"| {e['decode_tok_s'] / be:.2f} / {l['decode_tok_s'] / bl:.2f} "
+                f"| {e['decode_tok_s'] * r['edgellm_bytes_per_token'] / 1e9:.1f} / "
+                f"{l['decode_tok_s'] * r['llama_bytes_per_token'] / 1e9:.1f} |")
     return "\n".join(lines)
 
 
@@ -623,6 +729,24 @@ def parts_table(results):
         b = r["edgellm_part_bytes_per_token"]
         rate = [f"{b[k] / p[k] / 1e9:.1f}" if p.get(k) else "-"
                 for k in ("attention", "ffn", "head")]
+        lines.append(f"| {r['encoding']} | " + " | ".join(f"{p.get(k, 0) * 1e3:.1f}" for k in keys)
+                     + f" | {sum(p.values()) * 1e3:.1f} | " + " | ".join(rate) + " |")
+    return "\n".join(lines)
+
+
+def kernel_parts_table(results):
+    """The fused path by kernel: ms per token and GB/s of the weights each reads."""
+    keys = ["qkv", "o", "ffn", "layer rest", "head", "other"]
+    lines = ["| encoding | " + " | ".join(f"{k} ms" for k in keys)
+             + " | total ms | qkv GB/s | o GB/s | ffn GB/s | head GB/s |",
+             "|" + "|".join(["---"] * (len(keys) + 6)) + "|"]
+    for r in results:
+        p = r.get("edgellm_kernel_parts_s_per_token")
+        if not p:
+            continue
+        b = r["edgellm_kernel_part_bytes_per_token"]
+        rate = [f"{b[k] / p[k] / 1e9:.1f}" if p.get(k) else "-"
+                for k in ("qkv", "o", "ffn", "head")]
         lines.append(f"| {r['encoding']} | " + " | ".join(f"{p.get(k, 0) * 1e3:.1f}" for k in keys)
                      + f" | {sum(p.values()) * 1e3:.1f} | " + " | ".join(rate) + " |")
     return "\n".join(lines)
@@ -714,6 +838,9 @@ def main(argv=None):
     ap.add_argument("--ffn-down", choices=["matrix", "bundle"], default="matrix",
                     help="edgellm's FFN layout (edgellm convert --ffn-down): the down "
                     "projection as a matrix (default, the resident layout) or in the bundles")
+    ap.add_argument("--in-memory", action="store_true",
+                    help="also time edgellm with its weights read into memory (load(mmap=False)) "
+                    "rather than mapped, as llama.cpp holds its repacked Q4_0 weights")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -737,6 +864,7 @@ def main(argv=None):
     import numba
 
     numba.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     copy_bw = copy_bandwidth()
     read_bw = read_bandwidth()
     bw = max(copy_bw, read_bw)
@@ -767,6 +895,7 @@ def main(argv=None):
         "clock": args.clock, "ffn_down": args.ffn_down,
         "prompt_tokens": args.prompt,
         "decode_tokens": args.decode, "repeats": args.repeats, "n_ctx": args.n_ctx,
+        "load_average_before_after": [load_before, os.getloadavg()],
         "copy_bandwidth_Bps": copy_bw, "read_bandwidth_Bps": read_bw,
         "bound_bandwidth_Bps": bw, "bound_bandwidth_source": bw_source,
         "workdir": args.workdir, "workdir_bytes": _du(args.workdir), "results": results,
@@ -774,7 +903,9 @@ def main(argv=None):
     print(json.dumps(report, indent=1))
     if args.json:
         _write_json(args.json, report)
-    print(f"\ncommit {report['git']}, {report['date']}")
+    print(f"\ncommit {report['git']}, {report['date']}, load average (1, 5, 15 min) "
+          f"before {', '.join(f'{v:.1f}' for v in load_before)}, after "
+          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
     print(f"\nBound = bandwidth {bw / 1e9:.1f} GB/s ({bw_source}) / weight bytes per token. "
           f"Probes: parallel read {read_bw / 1e9:.1f} GB/s, NumPy copy (read + write) "
           f"{copy_bw / 1e9:.1f} GB/s; the bandwidth is the highest of these and of the engines' "
@@ -790,6 +921,9 @@ def main(argv=None):
     print(f"\nedgellm decode, time per token by part ({args.clock} clock, per-operation path, "
           "first repeat):\n")
     print(parts_table(results))
+    print(f"\nedgellm decode by kernel ({args.clock} clock, the fused path as timed above; the "
+          "matrix kernels run alone, in layer order, on the model's weights):\n")
+    print(kernel_parts_table(results))
     print("\nedgellm prefill, time by part:\n")
     print(prefill_parts_table(results, args.prompt))
     return 0

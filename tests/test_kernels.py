@@ -97,6 +97,22 @@ def test_linear(enc, n, d, g, T, mode, set_mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_linear_int4_block_counts(g, mode, set_mode):
+    """Decode of int4 rows of 1 to 13 blocks of 32 (and 66): the fast kernel takes four blocks a
+    step in 512-bit registers where the CPU has AVX-512 (simd.HAVE_AVX512), then a pair of
+    blocks, then a block alone; every mix of those, scales per block (g 32) or shared."""
+    set_mode(mode)
+    rng = np.random.default_rng(g)
+    for nb in list(range(1, 14)) + [66]:
+        if (32 * nb) % g:
+            continue
+        m = make_matrix(rng, "int4", 5, 32 * nb, g, readonly=True)
+        x = rng.standard_normal((1, 32 * nb)).astype(np.float32)
+        assert_linear_close(m, x, kernels.linear(m, x))
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("enc,g", [("f16", 32), ("int8", 32), ("int4", 32), ("int4", 64),
                                    ("q8_0", 32), ("q4_1", 32)])
 def test_linear_prefill_many_tiles(enc, g, mode, set_mode, monkeypatch):
@@ -476,21 +492,28 @@ def test_no_jit_subset():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not simd.HAVE_VNNI, reason="this CPU has no VNNI: the fast kernels already "
-                    "run the AVX2 sequence in the tests above")
-def test_fast_kernels_without_vnni(tmp_path):
-    """Where the CPU has VNNI the fast flavor multiplies with vpdpbusd; the AVX2 sequence it
-    replaces (what a CPU without VNNI runs) again against the exact products, in a process with
-    EDGELLM_NO_VNNI=1 and its own Numba cache (this one's cached code is compiled with VNNI):
-    int4 (the pair dot products of int4 and q4_1) and int8 (the block dot of int8 and q8_0)."""
-    env = dict(os.environ, EDGELLM_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+@pytest.mark.parametrize("switch,flag,tests", [
+    # int4 (the pair dot products of int4 and q4_1) and int8 (the block dot of int8 and q8_0)
+    ("EDGELLM_NO_VNNI", "HAVE_VNNI", "test_linear[ and -1-fast and (int4- or int8-) and not many"),
+    # the 256-bit int4 sequence with vpdpbusd (a CPU with AVX-VNNI but no AVX-512)
+    ("EDGELLM_NO_AVX512", "HAVE_AVX512", "(test_linear[ and -1-fast and int4- and not many) or "
+                                         "test_linear_int4_block_counts[ and fast")],
+    ids=["no-vnni", "no-avx512"])
+def test_fast_kernels_without(switch, flag, tests, tmp_path):
+    """Where the CPU has VNNI the fast flavor multiplies with vpdpbusd, and with AVX-512 the int4
+    rows four blocks at a time in 512-bit registers; the sequences they replace (what a CPU
+    without them runs) again against the exact products, in a process with the switch set and
+    its own Numba cache (this one's cached code is compiled with VNNI and AVX-512)."""
+    if not getattr(simd, flag):
+        pytest.skip(f"this CPU lacks what {flag} needs: the tests above already run without it")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env[switch] = "1"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "test_linear[ and -1-fast and (int4- or int8-) and not many",
-                        "-x"], env=env, capture_output=True, text=True, timeout=900,
+                        "-k", tests, "-x"], env=env, capture_output=True, text=True, timeout=900,
                        cwd=os.path.dirname(__file__))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
     check = subprocess.run([sys.executable, "-c", "from edgellm.runtime.kernels import simd; "
-                            "print(simd.HAVE_VNNI)"], env=env, capture_output=True, text=True,
+                            f"print(simd.{flag})"], env=env, capture_output=True, text=True,
                            cwd=os.path.dirname(__file__))  # not the checkout: the installed package
     assert check.stdout.strip() == "False", check.stderr[-2000:]

@@ -20,7 +20,8 @@ subtracts 8 * sum(x) per block.
 Each integer dot and float16 kernel has two flavors: "fast" uses vpmaddubsw/vpmaddwd (as
 llama.cpp does; byte products summed in pairs into 16 bits, then 32: no overflow since |x| <=
 127, |w| <= 128), or vpdpbusd where the CPU has VNNI (HAVE_VNNI: byte products summed in fours
-straight into 32 bits), and the CPU's float16 conversion (F16C vcvtph2ps, ARM fcvtl); "generic"
+straight into 32 bits), and the CPU's float16 conversion (F16C vcvtph2ps, ARM fcvtl); with
+AVX-512 (HAVE_AVX512) q4_dot takes four blocks a step in 512-bit registers. "generic"
 sign-extends and multiplies, and converts float16 with integer bit operations, which LLVM
 compiles for any target. The fast flavor emits the generic IR where the CPU lacks the
 instructions, so both always compile; the kernels take a `fast` flag and tests run both.
@@ -58,6 +59,10 @@ HAVE_VNNI = (HAVE_AVX2 and os.environ.get("EDGELLM_NO_VNNI", "") != "1"
 # EDGELLM_NO_VBMI2=1 keeps its float fallback
 HAVE_VBMI2 = (HAVE_AVX2 and os.environ.get("EDGELLM_NO_VBMI2", "") != "1"
               and {"+avx512vbmi2", "+avx512vl", "+avx512bw"} <= _FEATS)
+# 512-bit registers for the int4 dot product (AVX-512 BW + VNNI): four blocks a step, half the
+# instructions of the 256-bit sequence; EDGELLM_NO_AVX512=1 keeps the 256-bit one
+HAVE_AVX512 = (HAVE_VNNI and os.environ.get("EDGELLM_NO_AVX512", "") != "1"
+               and {"+avx512bw", "+avx512vnni", "+avx512f"} <= _FEATS)
 # intrinsics cannot run as Python: without the JIT the dispatch uses the portable kernels
 AVAILABLE = not numba.config.DISABLE_JIT
 
@@ -79,7 +84,8 @@ def _drop_stale_cache():
         for name in (__file__, os.path.join(here, "sparse_simd.py")):
             with open(name, "rb") as f:
                 text += f.read()
-        digest = hashlib.sha256(text + f"vnni={HAVE_VNNI},vbmi2={HAVE_VBMI2}".encode()).hexdigest()
+        digest = hashlib.sha256(text + f"vnni={HAVE_VNNI},vbmi2={HAVE_VBMI2},"
+                                      f"avx512={HAVE_AVX512}".encode()).hexdigest()
         stamp = os.path.join(cache, "simd.sha256")
         if os.path.exists(stamp):
             with open(stamp) as f:
@@ -277,6 +283,83 @@ def _scale_pair(builder, sbase, soff, b0, b1, gshift, lut, native):
     return v
 
 
+def _pair_x(builder, p):
+    """Byte offset in xp of the activations of pair p's low nibbles (pair_layout): 128 (p >> 1)
+    + 32 (p & 1); those of its high nibbles are 64 bytes further."""
+    return builder.sub(builder.shl(p, ir.Constant(I64, 6)),
+                       builder.shl(builder.and_(p, ir.Constant(I64, 1)), ir.Constant(I64, 5)))
+
+
+def _dpbusd512(builder, acc, u, s):
+    """acc <16 x i32> + sums of four u8 (u <64 x i8>) x s8 (s) products per lane: vpdpbusd zmm."""
+    t = _v(I32, 16)
+    return _call(builder, "llvm.x86.avx512.vpdpbusd.512",
+                 [acc, builder.bitcast(u, t), builder.bitcast(s, t)], t)
+
+
+def _q4_quads512(builder, qb, qoff, sb, soff, gshift, npairs, xpb, cb, xsb):
+    """q4_dot's pairs 0 .. npairs & ~1 two at a time (four blocks, 64 bytes of a row) in 512-bit
+    registers -> <8 x float> partial sums (q4_dot's lane order folded). In the pair layout the
+    activations of the low (high) nibbles of pairs 2k, 2k + 1 are the 64 bytes at 128k
+    (128k + 64), corr of both pairs 64 bytes at 64k. Lanes of the dot product: 4j..4j+3 block
+    4k + j. Scales: four float16 at soff + 8k when each block has its
+    own (gshift 0), else one per block through b >> gshift."""
+    c1 = ir.Constant(I64, 1)
+    nquads = builder.lshr(npairs, c1)
+    zero = _const_vec(F32, 16, 0.0)
+    izero = _const_vec(I32, 16, 0)
+    spread = ir.Constant(_v(I32, 16), [j // 4 for j in range(16)])
+    result = cgutils.alloca_once_value(builder, zero)
+
+    def step(k, acc, own_scales):
+        qv = _at(builder, qb, builder.add(qoff, builder.shl(k, ir.Constant(I64, 6))), _v(I8, 64))
+        lo = builder.and_(qv, _const_vec(I8, 64, 0x0F))
+        hi = builder.lshr(qv, _const_vec(I8, 64, 4))
+        x0 = builder.shl(k, ir.Constant(I64, 7))
+        xlo = _at(builder, xpb, x0, _v(I8, 64))
+        xhi = _at(builder, xpb, builder.add(x0, ir.Constant(I64, 64)), _v(I8, 64))
+        dot = _dpbusd512(builder, _dpbusd512(builder, izero, lo, xlo), hi, xhi)
+        dot = builder.sub(dot, _at(builder, cb, builder.shl(k, ir.Constant(I64, 6)), _v(I32, 16),
+                                   align=4))
+        if own_scales:
+            h = _at(builder, sb, builder.add(soff, builder.shl(k, ir.Constant(I64, 3))),
+                    _v(I16, 4), align=2)
+        else:
+            h = ir.Constant(_v(I16, 4), ir.Undefined)
+            b0 = builder.shl(k, ir.Constant(I64, 2))
+            for j in range(4):
+                b = builder.add(b0, ir.Constant(I64, j))
+                o = builder.add(soff, builder.shl(builder.lshr(b, gshift), c1))
+                h = builder.insert_element(h, _at(builder, sb, o, I16, align=2),
+                                           ir.Constant(I32, j))
+        ws = builder.fpext(builder.bitcast(h, _v(F16, 4)), _v(F32, 4))
+        d4 = builder.fmul(ws, _at(builder, xsb, builder.shl(k, ir.Constant(I64, 4)), _v(F32, 4),
+                                  align=4))
+        d16 = builder.shuffle_vector(d4, ir.Constant(d4.type, ir.Undefined), spread)
+        return _fmuladd(builder, builder.sitofp(dot, _v(F32, 16)), d16, acc)
+
+    def loop(own_scales):
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+        n2 = builder.lshr(nquads, c1)
+        with cgutils.for_range(builder, n2) as lp:
+            k0 = builder.shl(lp.index, c1)
+            for u, acc in enumerate(accs):
+                builder.store(step(builder.add(k0, ir.Constant(I64, u)), builder.load(acc),
+                                   own_scales), acc)
+        with cgutils.for_range_slice(builder, builder.shl(n2, c1), nquads, c1) as (k, _):
+            builder.store(step(k, builder.load(accs[0]), own_scales), accs[0])
+        builder.store(builder.fadd(builder.load(accs[0]), builder.load(accs[1])), result)
+
+    own = builder.icmp_unsigned("==", gshift, ir.Constant(I64, 0))
+    with builder.if_else(own) as (then, other):
+        with then:
+            loop(True)
+        with other:
+            loop(False)
+    v = builder.load(result)
+    return builder.fadd(_slice(builder, v, 0, 8), _slice(builder, v, 8, 8))
+
+
 def _make_q4_dot(avx2):
     @intrinsic
     def q4_dot(typingctx, q, qoff, s, soff, gshift, nb, xp, corr, xs, lut):
@@ -293,14 +376,14 @@ def _make_q4_dot(avx2):
             cb = _base(context, builder, sig.args[7], corra)
             xsb = _base(context, builder, sig.args[8], xsa)
             lb = _base(context, builder, sig.args[9], luta)
-            c5, c6 = ir.Constant(I64, 5), ir.Constant(I64, 6)
+            c5 = ir.Constant(I64, 5)
 
             def pair(p, qv, b1, acc):
                 lo = builder.and_(qv, _const_vec(I8, 32, 0x0F))
                 hi = builder.lshr(qv, _const_vec(I8, 32, 4))
-                x0 = builder.shl(p, c6)
+                x0 = _pair_x(builder, p)
                 xlo = _at(builder, xpb, x0, _v(I8, 32))
-                xhi = _at(builder, xpb, builder.add(x0, ir.Constant(I64, 32)), _v(I8, 32))
+                xhi = _at(builder, xpb, builder.add(x0, ir.Constant(I64, 64)), _v(I8, 32))
                 dot = builder.sub(_pair_dot(builder, lo, hi, xlo, xhi, avx2),
                                   _at(builder, cb, builder.shl(p, c5), _v(I32, 8), align=4))
                 b0 = builder.shl(p, ir.Constant(I64, 1))
@@ -317,7 +400,14 @@ def _make_q4_dot(avx2):
                 return pair(p, qv, b1, acc)
 
             npairs = builder.lshr(nb, ir.Constant(I64, 1))
-            total = cgutils.alloca_once_value(builder, _block_loop(builder, npairs, body, 2))
+            if avx2 and HAVE_AVX512:  # four blocks a step in 512-bit registers, a pair left
+                total = cgutils.alloca_once_value(builder, _q4_quads512(
+                    builder, qb, qoff, sb, soff, gshift, npairs, xpb, cb, xsb))
+                with cgutils.for_range_slice(builder, builder.and_(npairs, ir.Constant(I64, -2)),
+                                             npairs, ir.Constant(I64, 1)) as (p, _):
+                    builder.store(body(p, builder.load(total)), total)
+            else:
+                total = cgutils.alloca_once_value(builder, _block_loop(builder, npairs, body, 2))
             odd = builder.icmp_unsigned("!=", builder.and_(nb, ir.Constant(I64, 1)),
                                         ir.Constant(I64, 0))
             with builder.if_then(odd):  # last block alone: load its 16 bytes only
@@ -476,39 +566,110 @@ def _make_f16_axpy(native):
 f16_axpy_fast, f16_axpy_generic = _make_f16_axpy(True), _make_f16_axpy(False)
 
 
+def _make_quantize(pairs):
+    @intrinsic
+    def quantize_blocks(typingctx, x, nb, xq, xs, xp, corr):
+        """quantize_q8 of the first nb whole blocks of x (xq, xs), in vector registers; with
+        pairs, also their pair_layout (xp, corr). The same float32 operations as quantize_q8
+        (max |x|, / 127, 1 / scale, x * (1 / scale) rounded half to even), so the same bits."""
+        sig = types.void(x, types.int64, xq, xs, xp, corr)
+
+        def codegen(context, builder, sig, args):
+            xa, nb, xqa, xsa, xpa, corra = args
+            xb = _base(context, builder, sig.args[0], xa)
+            xqb = _base(context, builder, sig.args[2], xqa)
+            xsb = _base(context, builder, sig.args[3], xsa)
+            xpb = _base(context, builder, sig.args[4], xpa)
+            cb = _base(context, builder, sig.args[5], corra)
+            c = [ir.Constant(I64, k) for k in range(8)]
+            with cgutils.for_range(builder, nb) as lp:
+                b = lp.index
+                v = _at(builder, xb, builder.shl(b, c[7]), _v(F32, 32), align=4)
+                a = _call(builder, "llvm.fabs.v32f32", [v], v.type)
+                while a.type.count > 1:  # max of the lanes as a tree
+                    h = a.type.count // 2
+                    a = _call(builder, f"llvm.maxnum.v{h}f32",
+                              [_slice(builder, a, 0, h), _slice(builder, a, h, h)], _v(F32, h))
+                amax = builder.extract_element(a, ir.Constant(I32, 0))
+                sc = builder.fdiv(amax, ir.Constant(F32, 127.0))
+                pos = builder.fcmp_ordered(">", amax, ir.Constant(F32, 0.0))
+                inv = builder.select(pos, builder.fdiv(ir.Constant(F32, 1.0), sc),
+                                     ir.Constant(F32, 0.0))
+                _store_at(builder, xsb, builder.shl(b, c[2]), sc, align=4)
+                r = _call(builder, "llvm.roundeven.v32f32",
+                          [builder.fmul(v, _splat(builder, inv, 32))], v.type)
+                qv = builder.fptosi(r, _v(I8, 32))
+                _store_at(builder, xqb, builder.shl(b, c[5]), qv)
+                if pairs:
+                    # pair_layout: block b is half b & 1 of pair p = b >> 1, whose activations sit
+                    # at 128 (p >> 1) + 32 (p & 1); elements 0-15 there, 16-31 64 bytes further
+                    p = builder.lshr(b, c[1])
+                    e = builder.add(_pair_x(builder, p),
+                                    builder.shl(builder.and_(b, c[1]), c[4]))
+                    _store_at(builder, xpb, e, _slice(builder, qv, 0, 16))
+                    _store_at(builder, xpb, builder.add(e, ir.Constant(I64, 64)),
+                              _slice(builder, qv, 16, 16))
+                    t = builder.sext(qv, _v(I32, 32))
+                    while t.type.count > 1:
+                        h = t.type.count // 2
+                        t = builder.add(_slice(builder, t, 0, h), _slice(builder, t, h, h))
+                    t = builder.mul(builder.extract_element(t, ir.Constant(I32, 0)),
+                                    ir.Constant(I32, 8))
+                    # corr[8p + 4 (b & 1)] = 8 sum, the other three of its four lanes 0
+                    o = builder.shl(b, c[4])
+                    _store_at(builder, cb, o, builder.insert_element(
+                        _const_vec(I32, 4, 0), t, ir.Constant(I32, 0)), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return quantize_blocks
+
+
+quantize_blocks_pairs, quantize_blocks = _make_quantize(True), _make_quantize(False)
+
+
 @njit(cache=True)
 def act_buffers(d):
     """Scratch for the quantized activations of a row of length d: (xq, xs, xp, corr)."""
     nb = (d + 31) // 32
-    npairs = (nb + 1) // 2
-    return (np.empty(npairs * 64, dtype=np.int8), np.empty(npairs * 2, dtype=np.float32),
-            np.empty(npairs * 64, dtype=np.int8), np.empty(npairs * 8, dtype=np.int32))
+    nquads = (nb + 3) // 4  # padded to whole quads of blocks (pair_layout)
+    return (np.empty(nquads * 128, dtype=np.int8), np.empty(nquads * 4, dtype=np.float32),
+            np.empty(nquads * 128, dtype=np.int8), np.empty(nquads * 16, dtype=np.int32))
 
 
 @njit(cache=True)
 def quantize_act(x, xq, xs, xp, corr):
     """Both activation layouts: quantize_q8 (for int8 rows) and pair_layout (for int4 rows)."""
-    quantize_q8(x, xq, xs)
-    pair_layout(xq, xp, corr)
+    b0 = 0
+    if AVAILABLE:  # whole blocks in vector registers (quantize_blocks_pairs), the same bits
+        b0 = x.shape[0] // 32
+        quantize_blocks_pairs(x, b0, xq, xs, xp, corr)
+    _quantize_q8_from(x, xq, xs, b0)
+    pair_layout(xq, xp, corr, b0 >> 1)
 
 
 @njit(cache=True)
-def pair_layout(xq, xp, corr):
-    """Reorder the int8 activations for q4_dot, which multiplies two blocks per step.
+def pair_layout(xq, xp, corr, p0=0):
+    """Reorder the int8 activations for q4_dot, which multiplies two blocks per step (four with
+    512-bit registers).
 
     An int4 pair of blocks is 32 bytes: low nibbles are elements 0-15 of each block, high
-    nibbles elements 16-31. For pair p, xp[64p:64p+32] holds x elements 0-15 of block 2p then
-    0-15 of block 2p+1 (matching the low nibbles), xp[64p+32:64p+64] elements 16-31 of each.
-    q4_dot multiplies unsigned nibbles; corr[8p] and corr[8p+4] hold 8 * sum(x) of each block,
-    subtracted to give sum((nibble - 8) x)."""
+    nibbles elements 16-31. Pairs 2k and 2k+1 share 128 bytes of xp: xp[128k:128k+32] holds x
+    elements 0-15 of block 4k then 0-15 of block 4k+1 (matching pair 2k's low nibbles),
+    xp[128k+32:128k+64] the same for pair 2k+1, and 64 bytes further elements 16-31 of the same
+    blocks (the high nibbles). So one 64-byte load gives the activations of the low (high)
+    nibbles of 64 bytes of a row. q4_dot multiplies unsigned nibbles; corr[8p] and corr[8p+4]
+    hold 8 * sum(x) of each block of pair p, subtracted to give sum((nibble - 8) x)."""
     npairs = xp.shape[0] // 64
-    for p in range(npairs):
+    for p in range(p0, npairs):  # pairs from p0 (those before it: quantize_blocks_pairs)
         o = 64 * p
+        e = 128 * (p >> 1) + 32 * (p & 1)
         for k in range(16):
-            xp[o + k] = xq[o + k]
-            xp[o + 16 + k] = xq[o + 32 + k]
-            xp[o + 32 + k] = xq[o + 16 + k]
-            xp[o + 48 + k] = xq[o + 48 + k]
+            xp[e + k] = xq[o + k]
+            xp[e + 16 + k] = xq[o + 32 + k]
+            xp[e + 64 + k] = xq[o + 16 + k]
+            xp[e + 80 + k] = xq[o + 48 + k]
         for k in range(8):
             corr[8 * p + k] = 0
         for half in range(2):
@@ -521,12 +682,24 @@ def pair_layout(xq, xp, corr):
 @njit(cache=True)
 def quantize_q8(x, xq, xs):
     """x f32[d] -> xq int8, xs f32 (see act_buffers; padding zeroed): per block of 32, scale
-    max|x| / 127 and values round(x / scale), as llama.cpp's Q8_0 (scale kept in float32)."""
+    max|x| / 127 and values round(x / scale), as llama.cpp's Q8_0 (scale kept in float32).
+    Whole blocks in vector registers where the JIT runs (quantize_blocks: 2048 values took
+    3.4 us one at a time)."""
+    b0 = 0
+    if AVAILABLE:
+        b0 = x.shape[0] // 32
+        quantize_blocks(x, b0, xq, xs, xq, xs)
+    _quantize_q8_from(x, xq, xs, b0)
+
+
+@njit(cache=True)
+def _quantize_q8_from(x, xq, xs, b0):
+    """quantize_q8 from block b0 on, one value at a time, and the padding."""
     d = x.shape[0]
     nb = (d + 31) // 32
     xq[nb * 32:] = 0
     xs[nb:] = 0
-    for b in range(nb):
+    for b in range(b0, nb):
         j0 = b * 32
         j1 = min(d, j0 + 32)
         amax = np.float32(0.0)
@@ -679,14 +852,14 @@ def _make_q41_dot(avx2):
             xpb = _base(context, builder, sig.args[5], xpa)
             cb = _base(context, builder, sig.args[6], corra)
             xsb = _base(context, builder, sig.args[7], xsa)
-            c5, c6 = ir.Constant(I64, 5), ir.Constant(I64, 6)
+            c5 = ir.Constant(I64, 5)
 
             def pair(p, qv, b1, acc):
                 lo = builder.and_(qv, _const_vec(I8, 32, 0x0F))
                 hi = builder.lshr(qv, _const_vec(I8, 32, 4))
-                x0 = builder.shl(p, c6)
+                x0 = _pair_x(builder, p)
                 xlo = _at(builder, xpb, x0, _v(I8, 32))
-                xhi = _at(builder, xpb, builder.add(x0, ir.Constant(I64, 32)), _v(I8, 32))
+                xhi = _at(builder, xpb, builder.add(x0, ir.Constant(I64, 64)), _v(I8, 32))
                 dot = _pair_dot(builder, lo, hi, xlo, xhi, avx2)
                 sums = _at(builder, cb, builder.shl(p, c5), _v(I32, 8), align=4)
                 b0 = builder.shl(p, ir.Constant(I64, 1))
