@@ -37,6 +37,11 @@ DEFAULT_WINDOW = 5  # tokens a neuron stays cached after its last use (the paper
 DEFAULT_ACTIVE_FRACTION = 0.25  # when the model states none: per-token active share assumed
 PREFILL_TILE = 4 << 20  # kernels.TILE_BYTES: the float32 tile prefill (T > 1) dequantizes into
 PREFILL_BLOCK = 256
+# smaller prefill blocks a plan falls back to before going token by token, whose decode kernels
+# round activations to int8 (logits move by 5e-3 of their scale on the demo, 5e-2 on SmolLM2
+# keep). Blocks of 32 and 64 sum in BLAS's order for another block height: logits within 5e-7
+# of their scale of the 256-token blocks' (often equal); blocks of 8 moved them by 1e-4
+PREFILL_BLOCKS = (PREFILL_BLOCK, 64, 32)
 MIN_CACHE_ROWS = 32  # window: smallest neuron cache per layer (below, batches cost more than reads)
 MIN_CHUNK_ROWS = 32  # naive: smallest chunk of FFN rows read and computed at once
 MAX_CHUNK_BYTES = 1 << 20  # naive: largest chunk (larger ones save few reads, and a cold read
@@ -285,7 +290,7 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
         fixed.append(Part("predictors (in the layer chunks)", s.layer_predictors, "resident"))
     fixed_total = sum(p.nbytes for p in fixed)
     scratch1 = scratch_bytes(cfg, n_ctx, 1)
-    scratchP = scratch_bytes(cfg, n_ctx, PREFILL_BLOCK)
+    scratches = [(scratch_bytes(cfg, n_ctx, b), b) for b in PREFILL_BLOCKS] + [(scratch1, 1)]
 
     def stage(n_attn_res, n_ffn_res, chunked=False):
         """Bytes of one staging buffer: the largest streamed (attention + whole FFN) of a layer."""
@@ -330,7 +335,7 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
             for f in ((range(L, -1, -1)) if mode == "dense" else (0,)):
                 base = cost(a, f, min_rows if mode == "window" else [0] * L,
                             MIN_CHUNK_ROWS if chunked else 0)
-                for sc, block in ((scratchP, PREFILL_BLOCK), (scratch1, 1)):
+                for sc, block in scratches:
                     if base + sc > budget:
                         continue
                     rows, chunk = [0] * L, 0
@@ -409,8 +414,8 @@ def make_plan(manifest, cfg, budget, mode="dense", n_ctx=None, kv=None, window=N
                                + (f", {sum(pinned)} pinned" if sum(pinned) else "")))
     if st:
         plan.parts.append(Part("staging buffers (2)", 2 * st, "buffer"))
-    plan.parts.append(Part("scratch" + (" (prefill tile)" if block > 1 else " (token by token)"),
-                           sc, "buffer"))
+    plan.parts.append(Part("scratch" + (f" (prefill in blocks of {block})" if block > 1
+                                        else " (token by token)"), sc, "buffer"))
     return plan
 
 

@@ -342,22 +342,24 @@ def test_dense_streaming_is_exact_on_the_demo_with_prefill_blocks():
 
 def test_smaller_prefill_blocks_keep_the_logits():
     """Budgets without room for 256-token prefill blocks plan blocks of 64 or 32, whose logits
-    equal the mapped runtime's (blocks of 256) bit for bit, over a prompt of several blocks."""
+    match the mapped runtime's (blocks of 256) over a prompt of several blocks to float32
+    rounding: BLAS sums a block of another height in another order (5.7e-6 of a max of 10.9
+    measured with blocks of 32; token by token, whose activations are rounded to int8, 5e-2)."""
     manifest, cfg = format.read_manifest(DEMO)
     low = planner.minimum_budget(manifest, cfg, "dense")
     found = {}
-    for budget in range(low, 3 * low, max(1, low // 400)):
+    for budget in range(low, 4 * low, max(1, low // 1000)):
         block = planner.make_plan(manifest, cfg, budget, "dense").prefill_block
         found.setdefault(block, budget)
     assert {32, 64} <= set(found), found
     ref = edgellm.load(DEMO)
-    ids = ref.tokenizer.encode(" ".join([PROMPT] * 12))
+    ids = ref.tokenizer.encode(" ".join([PROMPT] * 20))
     assert len(ids) > 2 * 64
     want = ref.logits(ids)
     for block in (64, 32):
         m = edgellm.load(DEMO, dram_budget=found[block], mode="dense")
         assert m.plan.prefill_block == block
-        assert np.array_equal(m.logits(ids), want), block
+        np.testing.assert_allclose(m.logits(ids), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("mode", ["dense", "naive"])
