@@ -261,12 +261,12 @@ def test_ffn_sparse_int8_simd(pattern, gated, mode, monkeypatch):
 
 def test_sparse_int8_without_vbmi2(tmp_path):
     """EDGELLM_NO_VBMI2=1 turns vpexpandb off (what a CPU without AVX-512 VBMI2 runs): sp50
-    int8 rows take the float kernels, sp24 still the int8 SIMD one; the kernel tests again in a
-    process with that setting and its own Numba cache."""
+    int8 rows take the float kernels, sp24 still the int8 SIMD one; the linear kernel tests again
+    in a process with that setting and its own Numba cache."""
     env = dict(os.environ, EDGELLM_NO_VBMI2="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "int8_simd and fast", "-x"], env=env, capture_output=True,
-                       text=True, timeout=900, cwd=os.path.dirname(__file__))
+                        "-k", "linear_sparse_int8_simd and fast", "-x"], env=env,
+                       capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
     check = subprocess.run([sys.executable, "-c", "from edgellm.runtime.kernels import "
@@ -285,11 +285,12 @@ def test_ffn_sparse_needs_a_separate_down():
 
 
 def test_no_jit_sparse():
-    """The *_tiny kernel tests again with NUMBA_DISABLE_JIT=1 (the kernels as plain Python)."""
+    """The *_tiny kernel tests again with NUMBA_DISABLE_JIT=1 (the kernels as plain Python; int8
+    rows then meet float32 activations: the intrinsics of the int8 path cannot run as Python)."""
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        __file__, "-k", "tiny and (f16-None-sp24 or int4-32-sp50)"], env=env,
-                       capture_output=True, text=True, timeout=300)
+                        __file__, "-k", "tiny and (f16-None-sp24 or int4-32-sp50 or "
+                        "int8-None-sp24)"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:]
 

@@ -236,10 +236,12 @@ def act_int8(x, pat):
 
 @njit(cache=True, parallel=True)
 def matvec_int8(vals, stride, sf, pat, d, x, out, fast):
-    """out[i] = (row i . x) * sf[i] for int8 sparse rows: row i at byte i * stride of vals."""
+    """out[i] = (row i . x) * sf[i] for int8 sparse rows: row i at byte i * stride of vals; sf
+    f32[n] read by byte offset (fused.decode_layer compiles this call for the scale arrays of
+    every encoding, though only sparse layers take it)."""
     xa, xb = act_int8(x, pat)
     for i in prange(out.shape[0]):
-        out[i] = int8_row(vals, i * stride, pat, d, xa, xb, fast) * sf[i]
+        out[i] = int8_row(vals, i * stride, pat, d, xa, xb, fast) * ld_f32(sf, 4 * i)
     return out
 
 
@@ -314,13 +316,13 @@ def matvec3_int8(code, row, q1, s1, q2, s2, q3, s3, x, o1, o2, o3, fast):
     n1, n2, n3 = o1.shape[0], o2.shape[0], o3.shape[0]
     for r in prange(n1 + n2 + n3):
         if r < n1:
-            o1[r] = int8_row(q1, r * row, pat, d, xa, xb, fast) * s1[r]
+            o1[r] = int8_row(q1, r * row, pat, d, xa, xb, fast) * ld_f32(s1, 4 * r)
         elif r < n1 + n2:
             i = r - n1
-            o2[i] = int8_row(q2, i * row, pat, d, xa, xb, fast) * s2[i]
+            o2[i] = int8_row(q2, i * row, pat, d, xa, xb, fast) * ld_f32(s2, 4 * i)
         else:
             i = r - n1 - n2
-            o3[i] = int8_row(q3, i * row, pat, d, xa, xb, fast) * s3[i]
+            o3[i] = int8_row(q3, i * row, pat, d, xa, xb, fast) * ld_f32(s3, 4 * i)
 
 
 @njit(cache=True)
