@@ -19,11 +19,11 @@ KVM guest shared with other work (docs/PERFORMANCE.md, "Threads"):
 - Every hand-off between threads waits for the other thread to be scheduled: when other
   processes hold the cores, up to a scheduler slice (milliseconds). At load average 20 on 2
   cores, 2-thread prefill ran 2.5-4x slower than 1 thread, whatever the split between BLAS and
-  Numba. So each forward pass uses no more threads than there are cores free at that moment
-  (`free_cores`: /proc/loadavg's count of running tasks), for the work whose results do not
-  depend on the thread count (prefill blocks, the head: bit for bit the same, tested). Decoded
-  layers keep a fixed count (their FFN sums partials per thread), so a text does not change with
-  the machine's load.
+  Numba. So a forward pass uses no more threads than there are cores free at that moment
+  (`free_cores`: /proc/loadavg's count of running tasks) where the results do not depend on
+  the thread count: BLAS in prefill, the head in decode (bit for bit the same, tested). Decoded
+  layers and prefill's Numba kernels keep a fixed count (the FFN and row-skipping prefill sum
+  partials per thread), so a text does not change with the machine's load.
 
 EDGELLM_FIXED_THREADS=1 turns both rules off (exactly N threads everywhere, for measurements).
 """
@@ -107,17 +107,21 @@ def _blas(n):
 
 
 def adapt(blas):
-    """At the start of a forward pass (after apply()): fewer Numba threads (and BLAS threads
-    when blas) while other tasks hold the cores. Returns the count for restore(), or 0."""
+    """At the start of a forward pass (after apply()) while other tasks hold the cores: fewer
+    BLAS threads for a prefill (blas), fewer Numba threads for a decoded token (its head; its
+    layers then take narrow_for_layers' count). A prefill keeps its Numba count: row-skipping
+    prefill sums partials per thread, and under a lowered count its logits moved by 1e-6
+    with the load (test_rowskip). Returns the count for restore(), or 0."""
     n = _local.full = numba.get_num_threads()
     if n == 1 or fixed():
         return 0
     k = min(n, free_cores())
     if k == n:
         return 0
-    numba.set_num_threads(k)
     if blas:
         _blas(k)
+    else:
+        numba.set_num_threads(k)
     _local.blas = blas
     return n
 
@@ -125,9 +129,10 @@ def adapt(blas):
 def restore(n):
     """Undo adapt() (n: what it returned)."""
     if n:
-        numba.set_num_threads(n)
         if _local.blas:
             _blas(n)
+        else:
+            numba.set_num_threads(n)
 
 
 def spinning():
@@ -147,19 +152,13 @@ def decode_layer_threads(layer_bytes):
     return 1
 
 
-def layer_bytes(L):
-    """Weight bytes a decoded token reads in layer L (model.Layer): projections and FFN."""
-    total = 0
-    for m in (L.q, L.k, L.v, L.o):
-        parts = (m.left, m.right) if hasattr(m, "left") else (m,)  # lowrank.LowRank: 2 factors
-        total += sum(p.nbytes for p in parts)
-    f = L.ffn
-    f = getattr(f, "base", f)  # rowskip.SkipFFN over a resident FFN
-    f = getattr(f, "resident", f)  # kernels/w8a8.TokenFFN
-    for a in (getattr(f, "bundles", None), getattr(f, "down", None), getattr(f, "gate", None)):
-        if a is not None:
-            total += a.nbytes
-    return total
+def layer_bytes(manifest):
+    """Bytes of the model's largest layer chunk (the manifest's sizes): what a decoded token
+    reads in a layer, give or take norms. Taken from the manifest, not from the loaded weights,
+    so that a model mapped, read into memory or streamed under a budget decodes on the same
+    thread count, and so sums its FFN partials alike (tokens and logits equal)."""
+    return max((c["size"] for c in manifest["chunks"] if c["file"].startswith("layer_")),
+               default=0)
 
 
 def narrow_for_layers(rt):
@@ -167,13 +166,12 @@ def narrow_for_layers(rt):
     small (decode_layer_threads), else the count asked for even while adapt() has lowered it
     (their sums depend on it). Returns the count to restore after them, or 0."""
     cur = numba.get_num_threads()
-    if rt.stream is not None:  # streamed layers: their reads overlap the compute; not measured
-        want = getattr(_local, "full", None) or cur
-    else:
-        nbytes = rt.__dict__.get("_layer_bytes")
-        if nbytes is None:
-            nbytes = rt._layer_bytes = max((layer_bytes(L) for L in rt.layers), default=0)
-        want = decode_layer_threads(nbytes)
+    nbytes = rt.__dict__.get("_layer_bytes")
+    if nbytes is None:
+        manifest = getattr(rt.reader, "manifest", None)
+        nbytes = rt._layer_bytes = (layer_bytes(manifest) if manifest is not None
+                                    else SMALL_LAYER_BYTES)
+    want = decode_layer_threads(nbytes)
     if want == cur:
         return 0
     numba.set_num_threads(want)
