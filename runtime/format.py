@@ -131,9 +131,10 @@ def validate_manifest(m, model_dir, path):
         raise FormatError(path, "chat_template must be a string or null")
 
     chunks = m.get("chunks")
-    expected = [EMBED_CHUNK] + [layer_chunk(i) for i in range(cfg.n_layers)]
-    if not isinstance(chunks, list) or [c.get("file") if isinstance(c, dict) else None
-                                        for c in chunks] != expected:
+    # the count first: n_layers comes from the file, and a list of a billion names is an OOM
+    if not isinstance(chunks, list) or len(chunks) != cfg.n_layers + 1 or \
+            [c.get("file") if isinstance(c, dict) else None for c in chunks] != \
+            [EMBED_CHUNK] + [layer_chunk(i) for i in range(cfg.n_layers)]:
         raise FormatError(path, f"chunks must list {EMBED_CHUNK} then {cfg.n_layers} layer chunks "
                                 "in order")
     for c in chunks:
