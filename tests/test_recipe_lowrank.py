@@ -14,14 +14,8 @@ import edgellm
 import tiny
 from edgellm.converters import recipe
 from edgellm.runtime.errors import ConvertError
+from test_recipe import FAST  # the recipe settings that keep a test fast
 
-FAST = """
-[recipe]
-calib_tokens = 512
-eval_tokens = 64
-eval_ctx = 64
-decode_tokens = 4
-"""
 
 LOWRANK = FAST + """
 [[step]]
