@@ -47,8 +47,10 @@ Steps and what they map to:
                    (layers, keep_layers, neurons, heads), trained against it
     lowrank        convert's --low-rank F (converters/lowrank.py): the attention projections
                    factorized to keep `fraction` of their weights, the factors and the rest
-                   encoded in `quant` by `method` (rtn, or gptq for int4/int3); the last step
-                   that touches weights (exports and calibration passes do not read factors)
+                   encoded in `quant` by `method` (rtn, or gptq for int4/int3); only
+                   drop_layers, prune_neurons and predictor may follow it (they keep the
+                   factors; the others convert again from a dense export, which would multiply
+                   the factors back)
 To add a step: an entry in STEPS (its options and their checks) and a function in RUNNERS.
 """
 
@@ -131,6 +133,9 @@ STEPS["lowrank"] = {"fraction": ((int, float), REQUIRED,
                     "quant": (str, "int8", _one_of(*quantize.QUANTS)),
                     "method": (str, "rtn", _one_of("rtn", "gptq")),
                     "group_size": (int, 32, None)}
+# steps that keep factorized projections as they are (they copy the attention tensors; their
+# calibration passes run the runtime or a float32 export, which holds the factors' product)
+AFTER_LOWRANK = ("drop_layers", "prune_neurons", "predictor")
 NOT_YET = {}  # named in the issue, not available in this edgellm: refused with the reason
 
 
@@ -261,14 +266,15 @@ def check(recipe, src):
     params = inspect.signature(convert_fn).parameters
     needs_calib = False
     pruned = None  # the step that stored weights in the sparse encodings
-    factorized = None  # the lowrank step: nothing that rewrites weights may follow it
+    factorized = None  # the lowrank step: only AFTER_LOWRANK steps may follow it
     predicted = None  # the step that trained predictors
     for k, st in enumerate(recipe["steps"], 1):
         where = f"step {k} ({st['kind']})"
         kind = st["kind"]
-        if factorized:
-            bad(f"{where}: comes after {factorized}, which must be the last step (exports and "
-                "calibration passes do not read factorized projections back)")
+        if factorized and kind not in AFTER_LOWRANK:
+            bad(f"{where}: comes after {factorized}; only {', '.join(AFTER_LOWRANK)} may follow "
+                f"it ({kind} converts the weights again from a dense export, which multiplies "
+                "the factors back: put it before the lowrank step)")
         if kind in ("heal", "distill"):
             if pruned or predicted:  # training writes dense weights, without predictors
                 bad(f"{where}: must come before {pruned or predicted} (training rewrites every "

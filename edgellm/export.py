@@ -25,6 +25,9 @@ ModelConfig), model.safetensors (weights dequantized to float32: exactly the val
 computes with), generation_config.json, the tokenizer file, tokenizer_config.json and
 chat_template.jinja.
 
+Low-rank projections (--low-rank: two factors left [n, r] and right [r, d], docs/FORMAT.md
+§3.4) have no twin in either format: every target (ONNX too) gets their product, float32.
+
 Both are written to a temporary sibling and renamed into place when complete.
 
 >>> export("models/smollm2", "smollm2.gguf", to="gguf")     # doctest: +SKIP
@@ -76,7 +79,12 @@ class _Model:
         return self.reader.vector(self.chunk(i), name)
 
     def has(self, name, i=None):
-        return self.reader.has(self.chunk(i), name)
+        return self.reader.has(self.chunk(i), name) or self.lowrank(name, i)
+
+    def lowrank(self, name, i=None):
+        """The projection is stored as two factors, name.left [n, r] and name.right [r, d]
+        (--low-rank, docs/FORMAT.md §3.4)."""
+        return i is not None and self.reader.has(self.chunk(i), name + ".left")
 
     def down_is_matrix(self, i):
         """--quant keep stores ffn_down as its own [d, d_ff] matrix (docs/FORMAT.md)."""
@@ -86,6 +94,13 @@ class _Model:
         """(q, s, codec) of a stored matrix; FFN parts as ffn_gate/ffn_up [d_ff, d] and ffn_down
         as its transpose [d_ff, d] (rows = neurons, as in the bundle) unless down_is_matrix."""
         f = self.chunk(i)
+        if self.lowrank(name, i):
+            # no export target holds two factors: their product left · right in float32 (the
+            # runtime computes left · (right · x): the same up to float rounding)
+            left, right = (self.reader.matrix(f, name + part) for part in (".left", ".right"))
+            w = left.codec.dequantize(left.q, left.s).astype(np.float64) @ \
+                right.codec.dequantize(right.q, right.s)
+            return w.astype(np.float32), None, encodings.codec("f32")
         if not name.startswith("ffn_") or name == "ffn_down" and self.down_is_matrix(i):
             m = self.reader.matrix(f, name)
             return m.q, m.s, m.codec
