@@ -555,7 +555,7 @@ def make_prompt(n):
 
 def timed_in_child(engine, path, args, parts=False):
     """One timed run (after warm-up) of one engine in a fresh process: (prefill s, decode s, ids,
-    edgellm's decode time by part when parts)."""
+    edgellm's decode time by part when parts, how edgellm held its weights or None)."""
     import subprocess
 
     cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, path,
@@ -572,30 +572,30 @@ def timed_in_child(engine, path, args, parts=False):
         raise SystemExit(f"child {engine} failed:\n{r.stderr[-2000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
     return (out["prefill_s"], out["decode_s"], out["tokens"],
-            (out.get("parts"), out.get("kernel_parts")) if parts else None)
+            (out.get("parts"), out.get("kernel_parts")) if parts else None, out.get("weights"))
 
 
-class EdgeInMemory(Edge):
-    """edgellm with its chunks read into memory (edgellm.load(mmap=False)) instead of mapped:
-    anonymous memory, which the kernel backs with huge pages, where a mapped file has 4 KB
-    pages. llama.cpp holds Q4_0 weights that way too: it repacks them at load into a buffer of
-    its own (CPU_REPACK, q4_0_8x8, in its log) and does not read them from its mapping."""
-    name = "edgellm-mem"
+class EdgeMapped(Edge):
+    """edgellm with its chunks mapped from the files (edgellm.load(mmap=True)), whatever the
+    default load chooses: page cache with 4 KB pages, where chunks read into memory (the
+    default when the model fits, as llama.cpp holds its repacked Q4_0 weights in a buffer of its
+    own: CPU_REPACK, q4_0_8x8, in its log) are anonymous memory with 2 MB pages."""
+    name = "edgellm-map"
 
     def __init__(self, path, n_ctx, threads):
         import edgellm
 
-        self.model = edgellm.load(path, n_ctx=n_ctx, threads=threads, mmap=False)
+        self.model = edgellm.load(path, n_ctx=n_ctx, threads=threads, mmap=True)
         self.rt = self.model.runtime
 
 
 def child(args):
     engine, path = args.child
     prompt = make_prompt(args.prompt)
-    if engine in ("edgellm", "edgellm-mem"):
+    if engine in ("edgellm", "edgellm-map"):
         # edgellm.load sets the threads; starting Numba's pool before edgellm is imported would
         # start OpenMP with its spinning default (prefill measured 6x slower that way)
-        e = Edge(path, args.n_ctx, args.threads) if engine == "edgellm" else EdgeInMemory(
+        e = Edge(path, args.n_ctx, args.threads) if engine == "edgellm" else EdgeMapped(
             path, args.n_ctx, args.threads)
     else:
         e = Llama(path, args.n_ctx, args.threads)
@@ -606,8 +606,9 @@ def child(args):
     if args.parts and engine == "edgellm":
         parts = decode_parts(e, prompt, args.decode, args.clock)
         kparts = kernel_parts(e, prompt, args.decode, args.clock)
+    weights = getattr(getattr(e, "model", None), "weights", None)  # edgellm's load choice
     print(json.dumps({"prefill_s": tp, "decode_s": td, "tokens": out, "parts": parts,
-                      "kernel_parts": kparts}))
+                      "kernel_parts": kparts, "weights": weights}))
     return 0
 
 
@@ -625,16 +626,19 @@ def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
                          None if enc == "f16" else reference)
         log("equivalence:", json.dumps(eq))
     engines = (("edgellm", edge_path), ("llama.cpp", gguf_path))
-    if args.in_memory:
-        engines += (("edgellm-mem", edge_path),)
+    if args.mapped:
+        engines += (("edgellm-map", edge_path),)
     res = {name: {"prefill_s": [], "decode_s": []} for name, _ in engines}
     parts = kparts = None
     for r in range(args.repeats):
         for name, path in engines:  # alternate, so that noise from other users hits both
-            tp, td, out, p = timed_in_child(name, path, args,
-                                            parts=r == 0 and name == "edgellm")
+            tp, td, out, p, w = timed_in_child(name, path, args,
+                                               parts=r == 0 and name == "edgellm")
             if p is not None:
                 parts, kparts = p
+            if w is not None and r == 0:
+                log(f"  {name} weights: {w['load']} ({w['why']})")
+                res[name]["weights"] = w
             res[name]["prefill_s"].append(tp)
             res[name]["decode_s"].append(td)
             res[name]["tokens"] = out
@@ -662,12 +666,13 @@ def bench_pair(enc, edge_path, gguf_path, args, prompt, reference=None):
            "common_prefix_last_run": _common_prefix(res["edgellm"]["tokens"],
                                                     res["llama.cpp"]["tokens"])}
     for name, r in res.items():
-        key = {"edgellm": "edgellm", "edgellm-mem": "edgellm_mem"}.get(name, "llama")
+        key = {"edgellm": "edgellm", "edgellm-map": "edgellm_map"}.get(name, "llama")
         out[key] = {"prefill_tok_s": len(prompt) / statistics.median(r["prefill_s"]),
                     "decode_tok_s": args.decode / statistics.median(r["decode_s"]),
                     "best_prefill_tok_s": len(prompt) / min(r["prefill_s"]),
                     "best_decode_tok_s": args.decode / min(r["decode_s"]),
-                    "prefill_s": r["prefill_s"], "decode_s": r["decode_s"]}
+                    "prefill_s": r["prefill_s"], "decode_s": r["decode_s"],
+                    "weights": r.get("weights")}
     del edge
     return out
 
@@ -684,10 +689,12 @@ def table(results, bw):
     for r in results:
         e, l = r["edgellm"], r["llama"]
         be, bl = bw / r["edgellm_bytes_per_token"], bw / r["llama_bytes_per_token"]
-        for ek, label in (("edgellm", ""), ("edgellm_mem", " (edgellm in memory)")):
+        for ek, label in (("edgellm", ""), ("edgellm_map", " (edgellm mapped)")):
             if ek not in r:
                 continue
             e = r[ek]
+            if ek == "edgellm" and e.get("weights"):  # what the default load chose
+                label = f" (edgellm {e['weights']['load']})"
             lines.append(
                 f"| {r['encoding']} / {r['gguf_type']}{label} | {e['prefill_tok_s']:.1f} "
                 f"| {e['decode_tok_s']:.2f} | {l['prefill_tok_s']:.1f} | {l['decode_tok_s']:.2f} "
@@ -838,9 +845,10 @@ def main(argv=None):
     ap.add_argument("--ffn-down", choices=["matrix", "bundle"], default="matrix",
                     help="edgellm's FFN layout (edgellm convert --ffn-down): the down "
                     "projection as a matrix (default, the resident layout) or in the bundles")
-    ap.add_argument("--in-memory", action="store_true",
-                    help="also time edgellm with its weights read into memory (load(mmap=False)) "
-                    "rather than mapped, as llama.cpp holds its repacked Q4_0 weights")
+    ap.add_argument("--mapped", action="store_true",
+                    help="also time edgellm with its weights mapped (load(mmap=True)); the "
+                    "default row uses the default load, which reads them into memory when "
+                    "they fit (replaces --in-memory, now the default's choice)")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

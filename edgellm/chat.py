@@ -209,7 +209,7 @@ COMMANDS = "/reset /save FILE /load FILE /stats /help /exit"
 def run(a):
     """`edgellm chat`: a is the parsed command line (see cli.build_parser)."""
     from . import load
-    from .cli import kv_from_args, sampling_from_args, window_from_args
+    from .cli import kv_from_args, load_from_args, sampling_from_args, window_from_args
     from .models import resolve_model
     from .streamcli import stream_from_args
 
@@ -218,7 +218,8 @@ def run(a):
     except ImportError:
         pass
     path = resolve_model(a.model)
-    model = load(path, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a), **stream_from_args(a))
+    model = load(path, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a), **load_from_args(a),
+                 **stream_from_args(a))
     conv = Conversation(model, system=a.system, max_tokens=a.n, params=sampling_from_args(a),
                         stop=a.stop, window=window_from_args(a))
     kind = "fallback" if conv.template.fallback else "the model's"
@@ -337,6 +338,9 @@ def stats_table(conv):
                          f"{t['prefill_s'] * 1e3:10.1f}  {rate:12.1f}  {t['finish_reason']}")
     lines.append(f"context: {conv.cache.pos} of {conv.model.n_ctx} tokens cached "
                  f"(KV cache {conv.cache.nbytes() / 1e6:.1f} MB), {len(conv.messages)} messages")
+    from .cli import weights_text
+
+    lines.append(f"weights: {weights_text(conv.model.weights)}")
     flash = (conv.model.last_stats or {}).get("flash") if conv.turns else None
     if flash:  # running under a DRAM budget: the last answer's reads from flash
         from .streamcli import text

@@ -58,6 +58,24 @@ def kv_from_args(a):
     return {"kv": a.kv}
 
 
+MMAP_CHOICES = {"auto": "auto", "on": True, "off": False}
+
+
+def add_load_args(p):
+    """How the weights are held (run, chat, eval, bench, serve): Model.load's mmap."""
+    p.add_argument("--mmap", choices=list(MMAP_CHOICES), default="auto",
+                   help="off: read the weights into memory (a private copy per process; faster "
+                   "decode, and files changed on disk cannot reach it); on: map the files "
+                   "(processes share the page cache; nothing is copied); auto (default): off "
+                   "when the weights take at most half the available memory, else on. "
+                   "--dram-budget streams instead")
+
+
+def load_from_args(a):
+    """Model.load keyword arguments from the add_load_args option (commands without it: auto)."""
+    return {"mmap": MMAP_CHOICES[getattr(a, "mmap", "auto")]}
+
+
 def window_from_args(a):
     """Model.generate keyword arguments from the add_kv_args options."""
     return {"context_shift": a.context_shift, "sinks": a.sinks, "shift_size": a.shift_size}
@@ -185,7 +203,7 @@ def cmd_run(a):
 
     t0 = time.perf_counter()
     model = load(a.model, verify=a.verify, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a),
-                 **stream_from_args(a))
+                 **load_from_args(a), **stream_from_args(a))
     load_s = time.perf_counter() - t0
     if a.stats:
         warm = model.warmup()
@@ -204,18 +222,27 @@ def cmd_run(a):
     if full:
         print(f"edgellm: {full}", file=sys.stderr)
     if a.stats:
-        print_stats(model.last_stats, load_s)
+        print_stats(model.last_stats, load_s, model.weights)
     report(model, a, per_token=a.stats and a.n <= 64)
 
 
-def print_stats(stats, load_s):
+def weights_text(weights):
+    """One line on how a loaded model holds its weights (Model.weights)."""
+    how = {"read": "read into memory", "mapped": "mapped from the files",
+           "streamed": "streamed under the DRAM budget"}[weights["load"]]
+    why = weights["why"]
+    return how + (f" ({why})" if why and weights["load"] != "streamed" else "")
+
+
+def print_stats(stats, load_s, weights=None):
     from .model import stats_summary
 
     s = stats_summary(stats)
     parts = stats.get("parts_s", {})
     total = sum(parts.values()) or 1.0
     lines = [
-        f"load       {load_s * 1e3:8.1f} ms",
+        f"load       {load_s * 1e3:8.1f} ms"
+        + (f", weights {weights_text(weights)}" if weights else ""),
         f"prefill    {stats['prompt_tokens'] - stats.get('cached_tokens', 0):5d} tokens {stats['prefill_s'] * 1e3:8.1f} ms "
         f"{s['prefill_tokens_per_s']:8.1f} tokens/s",
         f"decode     {stats.get('decode_tokens', 0):5d} tokens {stats['decode_s'] * 1e3:8.1f} ms "
@@ -384,6 +411,7 @@ def build_parser():
     r.add_argument("--stats", action="store_true", help="print speed and time per part")
     r.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
     r.add_argument("--verify", action="store_true", help="check checksums before running")
+    add_load_args(r)
     add_sampling_args(r)
     add_kv_args(r)
     from .streamcli import add_bench_parser, add_plan_parser, add_stream_args
@@ -411,6 +439,7 @@ def build_parser():
     h.add_argument("--ctx", type=int, default=None, help="context length (default: model's, "
                    "capped at 4096)")
     h.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
+    add_load_args(h)
     add_sampling_args(h)
     add_kv_args(h)
     add_stream_args(h)
@@ -433,6 +462,7 @@ def build_parser():
     e.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
     e.add_argument("--json", action="store_true", help="print a JSON object (perplexity, tokens, "
                    "tokens_per_s, ...)")
+    add_load_args(e)
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="export a model as GGUF (llama.cpp), a Hugging Face "
@@ -517,6 +547,7 @@ def build_parser():
                    "beyond it stream from flash")
     v.add_argument("--mode", choices=["window", "dense", "naive"], default=None,
                    help="streaming mode under --dram-budget (see edgellm run --help)")
+    add_load_args(v)
     v.set_defaults(func=cmd_serve)
     return p
 

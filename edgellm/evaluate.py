@@ -125,12 +125,13 @@ def read_text(path):
 def main(a):
     """The `edgellm eval` command (arguments parsed by edgellm.cli)."""
     from . import load
+    from .cli import load_from_args
 
     path = a.ppl or heldout_text_path()
     text = read_text(path)
     if a.ctx is not None and a.ctx < 2:
         raise EdgeLLMError(f"--ctx must be at least 2, got {a.ctx}")
-    model = load(a.model, n_ctx=a.ctx or DEFAULT_CTX, threads=a.threads)
+    model = load(a.model, n_ctx=a.ctx or DEFAULT_CTX, threads=a.threads, **load_from_args(a))
     r = perplexity(model, text, ctx=a.ctx, stride=a.stride, max_tokens=a.max_tokens,
                    progress=not a.json)
     r = {"model": os.path.abspath(a.model), "text": os.path.abspath(path), **r}

@@ -12,7 +12,7 @@ import warnings
 from .runtime import format, kvcache
 from .runtime.errors import ContextLengthError, EdgeLLMError
 from .runtime.model import Transformer
-from .runtime.reader import Reader
+from .runtime.reader import Reader, choose_mapped, weight_bytes
 from .runtime.threads import set_threads
 from .runtime.tokenizer import Tokenizer
 from .sampling import Sampler, SamplingParams
@@ -35,11 +35,13 @@ class Model:
         self.plan = stream.plan if stream is not None else None
         self.default_cache = self.runtime.cache
         self.last_stats = None
+        # how the weights are held: {"load": "read" | "mapped" | "streamed", "bytes", "why"}
+        self.weights = {"load": "mapped" if reader.mapped else "read", "bytes": None, "why": ""}
 
     @classmethod
     def load(cls, path, verify=False, n_ctx=None, threads=None, kv=kvcache.DEFAULT,
              dram_budget=None, mode=None, window=None, io_threads=None, cold=False,
-             oracle=False, mmap=True):
+             oracle=False, mmap="auto"):
         """Open a model directory. verify=True reads every chunk and checks its sha256.
         n_ctx: context length (default: the model's, capped at 4096). threads: kernel and BLAS
         threads (default: one per core). kv: KV cache encoding, "f16" (default), "f32" or
@@ -49,13 +51,23 @@ class Model:
         or "naive"; window: tokens a neuron stays cached; io_threads: parallel reads (default
         up to 32, their memory at most 1/8 of the budget); cold: drop read pages from the page
         cache; oracle: window mode with the true active set of a ReLU model (measurements only;
-        docs/INTERNALS.md, "Streaming"). mmap=False: read the chunks into memory instead of
-        mapping them (a mapped file truncated by another process kills this one with SIGBUS;
-        edgellm serve uses this)."""
+        docs/INTERNALS.md, "Streaming"). mmap: "auto" (default) reads the chunks into memory
+        when the weights take at most half the available memory and maps them otherwise
+        (runtime/reader.py, choose_mapped); True maps, False reads. Read: a private copy, faster
+        decode (huge pages), and no file change on disk can reach it; mapped: processes share
+        the page cache, and a file truncated by another process kills this one with SIGBUS.
+        Under a DRAM budget the stream decides (resident parts are read, the rest streamed).
+        self.weights says which was chosen and why."""
         path = os.fspath(path)
         set_threads(threads)
         manifest, config = format.read_manifest(path)
-        reader = Reader(path, manifest, mapped=mmap)
+        nbytes = weight_bytes(manifest)
+        if dram_budget is not None or mode is not None:  # the budget decides, not the rule
+            mapped = True if mmap == "auto" else choose_mapped(mmap, nbytes)[0]
+            why = "streamed under a DRAM budget"
+        else:
+            mapped, why = choose_mapped(mmap, nbytes)
+        reader = Reader(path, manifest, mapped=mapped)
         if verify:
             reader.verify()
         tokenizer = Tokenizer.load(path, manifest)
@@ -75,7 +87,10 @@ class Model:
 
             stream = open_stream(reader, config, dram_budget, mode, n_ctx=n_ctx, kv=kv,
                                  window=window, io_threads=io_threads, cold=cold, oracle=oracle)
-        return cls(path, manifest, config, reader, tokenizer, n_ctx, kv, stream)
+        model = cls(path, manifest, config, reader, tokenizer, n_ctx, kv, stream)
+        model.weights = {"load": "streamed" if stream is not None else
+                         "mapped" if mapped else "read", "bytes": nbytes, "why": why}
+        return model
 
     @property
     def n_ctx(self):
@@ -111,11 +126,10 @@ class Model:
         return time.perf_counter() - t
 
     def check_files(self):
-        """A FormatError when a chunk file the runtime reads again changed on disk since the
-        model was loaded: mapped chunks (their pages may be read again) and streamed layers.
-        Chunks read into memory (mmap=False, no budget) cannot change under the model."""
-        if self.reader.mapped or self.stream is not None:
-            self.reader.check_unchanged()
+        """A FormatError when a chunk file the runtime may read again changed on disk since the
+        model was loaded: mapped chunks (their pages may be read again), streamed layers, and
+        chunks not read yet. Chunks read into memory cannot change under the model (skipped)."""
+        self.reader.check_unchanged()
 
     def logits(self, ids):
         """float32 logits [len(ids), vocab] for a token sequence, from an empty context."""

@@ -755,12 +755,13 @@ def model_budget(model_path, dram_budget, kv_slots, n_ctx=None, queue_size=DEFAU
 
 def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT_QUEUE,
           kv_slots=DEFAULT_KV_SLOTS, n_ctx=None, threads=None, log_level="info", api_key=None,
-          max_body=None, dram_budget=None, mode=None):
+          max_body=None, dram_budget=None, mode=None, mmap="auto"):
     """Load a model and serve it until Ctrl-C (SIGINT) or SIGTERM. dram_budget covers the
-    model and all kv_slots KV caches (model_budget)."""
+    model and all kv_slots KV caches (model_budget). mmap: as edgellm.load's."""
     import uvicorn
 
     from . import load
+    from .cli import weights_text
     from .runtime.plan import human
 
     stream = {}
@@ -768,9 +769,9 @@ def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT
         budget = None if dram_budget is None else model_budget(model_path, dram_budget,
                                                                  kv_slots, n_ctx, queue_size)
         stream = {"dram_budget": budget, "mode": mode}
-    # chunks read into memory, not mapped: a mapped file truncated by another process would kill
-    # the server with SIGBUS (docs/SERVER.md, "Under load and faults")
-    model = load(model_path, n_ctx=n_ctx, threads=threads, mmap=False, **stream)
+    # auto: chunks read into memory when they fit (edgellm.load's rule), else mapped; a mapped
+    # file truncated by another process would kill the server with SIGBUS (docs/SERVER.md)
+    model = load(model_path, n_ctx=n_ctx, threads=threads, mmap=mmap, **stream)
     if dram_budget is not None:  # the plan shows all the budget covers, set-aside parts too
         from .runtime.plan import Part, parse_budget
 
@@ -791,6 +792,7 @@ def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT
                 print(f"edgellm serve: {name} at {url}/v1 (n_ctx {model.n_ctx}, queue "
                       f"{queue_size}, up to {kv_slots} KV caches of {kv:.1f} MB); chat page at "
                       f"{url}/; Ctrl-C stops", flush=True)
+                print(f"edgellm serve: weights {weights_text(model.weights)}", flush=True)
                 if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
                     print(f"warning: listening on {host} with no --api-key: anyone who can reach "
                           "this address can use the model", flush=True)
@@ -825,9 +827,11 @@ def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT
 def serve_command(a):
     """Body of `edgellm serve` (arguments parsed by cli.py). No MODEL: the default model
     (edgellm.models.resolve_model)."""
+    from .cli import load_from_args
     from .models import resolve_model
 
     serve(resolve_model(a.model), host=a.host, port=a.port, name=a.name,
           queue_size=a.queue_size, kv_slots=a.kv_slots, n_ctx=a.ctx, threads=a.threads,
           log_level=a.log_level, api_key=a.api_key or os.environ.get("EDGELLM_API_KEY") or None,
-          max_body=a.max_body, dram_budget=a.dram_budget, mode=a.mode)
+          max_body=a.max_body, dram_budget=a.dram_budget, mode=a.mode,
+          **load_from_args(a))

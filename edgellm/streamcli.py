@@ -116,7 +116,7 @@ def add_plan_parser(sub):
 
 
 def add_bench_parser(sub):
-    from .cli import DEMO_PROMPT, add_kv_args
+    from .cli import DEMO_PROMPT, add_kv_args, add_load_args
 
     b = sub.add_parser("bench", help="prefill and decode speed, and flash reads under a DRAM "
                        "budget",
@@ -132,6 +132,7 @@ def add_bench_parser(sub):
     b.add_argument("--threads", type=int, default=None, help="threads (default: one per core)")
     b.add_argument("--stats", action="store_true", help="also print the flash figures of every "
                    "step")
+    add_load_args(b)
     add_kv_args(b)
     add_stream_args(b)
     b.set_defaults(func=cmd_bench)
@@ -142,18 +143,18 @@ def cmd_bench(a):
     import time
 
     from . import load
-    from .cli import kv_from_args, print_stats
+    from .cli import kv_from_args, load_from_args, print_stats
     from .sampling import SamplingParams
 
     if a.n < 1:
         raise EdgeLLMError(f"-n must be at least 1, got {a.n}")
     t0 = time.perf_counter()
     model = load(a.model, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a),
-                 **stream_from_args(a))
+                 **load_from_args(a), **stream_from_args(a))
     load_s = time.perf_counter() - t0
     warm = model.warmup()
     print(f"model      {a.model}" + (f" (compiled kernels in {warm:.1f} s)" if warm > 1.0 else ""),
           file=sys.stderr)
     model.complete(a.prompt, max_tokens=a.n, params=SamplingParams(temperature=0.0, repetition_penalty=1.0))
-    print_stats(model.last_stats, load_s)
+    print_stats(model.last_stats, load_s, model.weights)
     report(model, a, per_token=a.stats, show=True)

@@ -40,3 +40,55 @@ def anonymous_bytes(pid="self"):
     except OSError:
         pass
     return None
+
+
+def available_bytes():
+    """Memory a new allocation can take without pushing anything out, or None when unknown: the
+    kernel's MemAvailable estimate (Linux /proc/meminfo: free memory plus reclaimable page
+    cache), lowered to what the memory cgroup still allows (limit - usage, cgroup v2 or v1) when
+    the process runs under a limit. Used by edgellm.load's automatic choice between reading the
+    weights into memory and mapping them (runtime/reader.py, choose_mapped)."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        return None
+    if avail is None:
+        return None
+    left = _cgroup_left()
+    return avail if left is None else min(avail, left)
+
+
+def _cgroup_left():
+    """Bytes the process's memory cgroup allows beyond its usage, or None without a limit (the
+    group from /proc/self/cgroup: the v2 line "0::PATH" or the v1 line naming "memory")."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files = (f"/sys/fs/cgroup{path}", "memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            files = (f"/sys/fs/cgroup/memory{path}", "memory.limit_in_bytes",
+                     "memory.usage_in_bytes")
+        else:
+            continue
+        base, limit_file, usage_file = files
+        try:
+            with open(f"{base}/{limit_file}") as f:
+                limit = f.read().strip()
+            with open(f"{base}/{usage_file}") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # no limit (v1 writes a huge number)
+            continue
+        return max(0, int(limit) - usage)
+    return None

@@ -2,10 +2,11 @@
 
 Resident mode memory-maps each chunk after checking it against the manifest and hands out
 zero-copy NumPy views; with mapped=False it reads each chunk into memory instead (views of that
-copy). A mapped file that another process truncates kills this process with SIGBUS at the next
-touch of a page past the new end, which no Python code can catch: a long-running server reads its
-chunks into memory (edgellm serve), after which nothing on disk can change its weights. Streaming
-under a DRAM budget reads through runtime/flashio.py instead (runtime/streaming.py).
+copy). edgellm.load reads when the weights fit comfortably in the available memory and maps
+otherwise (choose_mapped, mmap="auto"). A mapped file that another process truncates kills this
+process with SIGBUS at the next touch of a page past the new end, which no Python code can catch;
+once read into memory, nothing on disk can change the weights. Streaming under a DRAM budget
+reads through runtime/flashio.py instead (runtime/streaming.py).
 """
 
 import hashlib
@@ -15,8 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import encodings, format
-from .errors import FormatError
+from . import encodings, format, memory
+from .errors import EdgeLLMError, FormatError
+
+# edgellm.load(mmap="auto"): read the chunks into memory when the weights take at most this
+# share of the memory available (runtime/memory.py), else map them. Half, because a read copy is
+# anonymous memory that only swap can evict (a mapping's clean pages the kernel can drop and
+# read again), and the rest must hold the KV cache, the runtime (~95 MB), the other processes'
+# growth and, while the chunks are read, their pages in the page cache.
+READ_FRACTION = 0.5
 
 
 @dataclass
@@ -38,6 +46,30 @@ class Matrix:
         return self.q.nbytes + (0 if self.s is None else self.s.nbytes)
 
 
+def weight_bytes(manifest):
+    """Bytes of a model's chunk files (what a resident load maps or reads)."""
+    return sum(int(c["size"]) for c in manifest["chunks"])
+
+
+def choose_mapped(mmap, nbytes):
+    """How a resident load holds nbytes of weights: (mapped, why). mmap True or False forces
+    mapping or reading; "auto" reads when nbytes <= READ_FRACTION of memory.available_bytes()
+    and maps otherwise (or when the available memory is unknown). Reading costs a private copy
+    per process (mapped, processes share the page cache) and the read at load; it gives faster
+    decode (anonymous memory gets 2 MB pages, a mapped file 4 KB ones: int4 decode 1.2x,
+    docs/PERFORMANCE.md) and a model that files changed on disk cannot break (SIGBUS)."""
+    if mmap is True or mmap is False:
+        return mmap, "forced (mmap=%s)" % mmap
+    if mmap != "auto":
+        raise EdgeLLMError(f"mmap must be 'auto', True or False, got {mmap!r}")
+    avail = memory.available_bytes()
+    if avail is None:
+        return True, "auto: available memory unknown"
+    fits = nbytes <= READ_FRACTION * avail
+    return not fits, (f"auto: {nbytes / 1e6:.1f} MB of weights {'<=' if fits else '>'} "
+                      f"{READ_FRACTION:g} x {avail / 1e6:.0f} MB available")
+
+
 class Reader:
     def __init__(self, model_dir, manifest, mapped=True):
         self.model_dir = os.fspath(model_dir)
@@ -48,6 +80,11 @@ class Reader:
         self.bytes_mapped = 0
         self._seen = {c["file"]: _identity(os.path.join(self.model_dir, c["file"]))
                       for c in manifest["chunks"]}
+
+    def read_in(self, file):
+        """True when this chunk's bytes are a private copy in memory (read, not mapped): no
+        later change on disk can reach them."""
+        return not self.mapped and file in self._maps
 
     def _open(self, file):
         if file not in self._maps:
@@ -100,14 +137,17 @@ class Reader:
                                         "after conversion")
 
     def check_unchanged(self):
-        """Raise a FormatError when a chunk file changed on disk since the model was loaded
-        (removed, replaced, truncated, or written to: its device, inode, size, mtime or ctime
-        differ; ctime too because tools that keep a file's mtime, such as rsync -t or cp -p,
-        cannot keep its ctime). Costs one stat per chunk. Weights already mapped or read would
-        no longer match the file, and a mapped file that shrank faults (SIGBUS) where its pages
-        are gone: callers check before each generation, so such a change ends in this error
-        instead (a change during a generation is not seen: docs/INTERNALS.md)."""
+        """Raise a FormatError when a chunk file the runtime may still read changed on disk
+        since the model was loaded (removed, replaced, truncated, or written to: its device,
+        inode, size, mtime or ctime differ; ctime too because tools that keep a file's mtime,
+        such as rsync -t or cp -p, cannot keep its ctime). Chunks already read into memory
+        (read_in) are skipped: their copy cannot change. Costs one stat per chunk. Mapped
+        weights would no longer match the file, and a mapped file that shrank faults (SIGBUS)
+        where its pages are gone: callers check before each generation, so such a change ends
+        in this error instead (a change during a generation is not seen: docs/INTERNALS.md)."""
         for file, seen in self._seen.items():
+            if self.read_in(file):
+                continue
             path = os.path.join(self.model_dir, file)
             now = _identity(path)
             if now == seen:

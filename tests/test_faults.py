@@ -16,8 +16,9 @@ changes under a loaded model.
   I/O error the same way). A chunk truncated, written to or replaced while a model is loaded is
   detected at the next generation (stat: inode, size, mtime, ctime), mapped or streamed.
 - a chunk truncated during a resident generation: mapped, the process dies of SIGBUS (the
-  limit, shown in a child process); read into memory (mmap=False, as edgellm serve loads) the
-  generation and the server go on; a served model under a budget ends that stream with an error.
+  limit, shown in a child process); read into memory (mmap=False, the default load of a model
+  that fits) the generation and the server go on; a served model under a budget ends that
+  stream with an error. A chunk changed under a model read into memory changes nothing.
 """
 
 import json
@@ -405,7 +406,8 @@ def test_chunk_truncated_during_a_streamed_generation(tmp_path):
 @pytest.mark.parametrize("change", ["truncated", "written to", "replaced", "removed"])
 def test_chunk_changed_while_loaded_is_detected(tmp_path, change, streamed):
     path = demo_copy(tmp_path)
-    kwargs = {"dram_budget": "5MB", "mode": "naive"} if streamed else {}
+    # mapped (read into memory, the demo's default load, nothing on disk is read again: below)
+    kwargs = {"dram_budget": "5MB", "mode": "naive"} if streamed else {"mmap": True}
     m = edgellm.load(path, **kwargs)
     first = m.complete(PROMPT, max_tokens=4, temperature=0)
     chunk = path / "layer_001.safetensors"
@@ -438,9 +440,10 @@ def test_chunk_changed_while_loaded_is_detected(tmp_path, change, streamed):
             edgellm.load(path, **kwargs).complete(PROMPT, max_tokens=4, temperature=0)
 
 
-# A chunk truncated while a resident model generates. Mapped (the library's default), the next
-# touch of a page past the new end kills the process with SIGBUS, which Python cannot catch;
-# read into memory (mmap=False, what edgellm serve does) the generation goes on unaffected.
+# A chunk truncated while a resident model generates. Mapped (mmap=True; the default for a model
+# larger than half the available memory), the next touch of a page past the new end kills the
+# process with SIGBUS, which Python cannot catch; read into memory (mmap=False, the default for a
+# model that fits) the generation goes on unaffected.
 
 SIGBUS_CHILD = r"""
 import os, sys

@@ -111,6 +111,7 @@ def stats(model, engine, name):
         "last": generation(model, running),
         "memory": {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(),
                    "kv_cache_bytes": sum(c.nbytes() for c in list(engine.pool.caches)),
-                   "dram_budget_bytes": model.plan.budget if model.plan is not None else None},
+                   "dram_budget_bytes": model.plan.budget if model.plan is not None else None,
+                   "weights_load": model.weights["load"]},
         "flash": fl,
     }
