@@ -235,23 +235,33 @@ def run(a):
 
 
 def _repl(conv):
-    while True:
-        try:
-            line = input(PROMPT)
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:  # at the prompt: just a fresh line
-            print()
-            continue
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/") and not line.startswith("//"):
-            if command(conv, line) == "exit":
+    import signal
+
+    # Ctrl-C at the prompt must raise KeyboardInterrupt. Python does not install that handler
+    # when it starts with SIGINT ignored, as every `cmd &` of a non-interactive shell (a CI
+    # script, a job runner) is: Ctrl-C then stopped answers (answer() sets its own handler) but
+    # was lost at the prompt. It only ever brings a fresh line here, so taking it over is safe.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        while True:
+            try:
+                line = input(PROMPT)
+            except EOFError:
+                print()
                 return
-            continue
-        answer(conv, line[1:] if line.startswith("//") else line)
+            except KeyboardInterrupt:  # at the prompt: just a fresh line
+                print()
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/") and not line.startswith("//"):
+                if command(conv, line) == "exit":
+                    return
+                continue
+            answer(conv, line[1:] if line.startswith("//") else line)
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def answer(conv, text, out=sys.stdout):
