@@ -182,7 +182,17 @@ def apply(layer, codec, clip=True):
         if "ffn_up.bias" in W:
             layer.set("ffn_up.bias", W["ffn_up.bias"] / s)
 
-    if clip:  # not q and k, as AWQ's reference: attention scores are sensitive to clipping
-        for n in ("attn_v", "attn_o") + ffn_in + ("ffn_down",):
-            layer.set(n, search_clip(layer.inputs(n), W[n], codec, columns=n == "ffn_down"))
+    if clip:
+        clip_weights(layer, codec)
     return report
+
+
+def clip_weights(layer, codec, skip=()):
+    """AWQ's auto-clip of the layer's linears except q and k (as AWQ's reference: attention
+    scores are sensitive to clipping) and those in skip (low-rank factorized projections, whose
+    factors are what gets rounded)."""
+    ffn_in = ("ffn_gate", "ffn_up") if layer.cfg.gated_ffn else ("ffn_up",)
+    for n in ("attn_v", "attn_o") + ffn_in + ("ffn_down",):
+        if n not in skip:
+            layer.set(n, search_clip(layer.inputs(n), layer.weights[n], codec,
+                                     columns=n == "ffn_down"))

@@ -48,33 +48,42 @@ class Options:
 def options(method, quant, group_size, text=None, extra=None, low_rank=None):
     """Checked Options, or None for rtn (nothing to calibrate). low_rank: factorize the
     attention projections (converters/lowrank.py), then round to nearest (rtn) or quantize
-    the factors and the rest with GPTQ (converters/lowrank.py quantize_layer)."""
+    the factors and the rest with GPTQ (converters/lowrank.py quantize_layer); AWQ's and
+    SmoothQuant's scales are folded first and the scaled weights factorized (lowrank.Walk)."""
     if low_rank is not None:
         from . import lowrank
 
         lowrank.check(low_rank)
         method = method or "rtn"
-        if method not in ("rtn", "gptq"):
-            raise ConvertError(f"--low-rank with --method {method} is not supported yet (use "
-                               "rtn or gptq: AWQ's and SmoothQuant's scales are searched and "
-                               "folded on the dense projections, not on factors)")
         if quant == "keep":
             raise ConvertError("--low-rank needs a --quant to encode the factors (not keep)")
-        if method == "gptq" and quant not in QUANTS:
-            raise ConvertError(f"--method gptq quantizes to {' or '.join(QUANTS)}, not "
-                               f"--quant {quant}")
+        if method != "rtn":
+            _check_method(method, quant)
         try:
             o = Options(method=method, quant=quant, group_size=group_size, text=text,
                         low_rank=float(low_rank), **(extra or {}))
         except TypeError as e:
             raise ConvertError(f"low-rank options: {e}") from None
-        if method == "gptq":
+        _check_values(o)
+        if method in ("gptq", "awq"):
             encodings.codec(quant, group_size)  # group size a multiple of 32
         return o
     if method in (None, "rtn"):
         if extra:
             raise ConvertError(f"options {sorted(extra)} need --method gptq or awq")
         return None
+    _check_method(method, quant)
+    try:
+        o = Options(method=method, quant=quant, group_size=group_size, text=text,
+                    **(extra or {}))
+    except TypeError as e:
+        raise ConvertError(f"calibrated quantization options: {e}") from None
+    _check_values(o)
+    encodings.codec(quant, group_size)  # group size a multiple of 32
+    return o
+
+
+def _check_method(method, quant):
     if method not in METHODS:
         raise ConvertError(f"method {method!r} is not supported (choose one of "
                            f"{', '.join(METHODS)})")
@@ -86,17 +95,13 @@ def options(method, quant, group_size, text=None, extra=None, low_rank=None):
                            f"--quant {quant}")
     if method == "awq" and quant != "int4":
         raise ConvertError("--method awq is for int4 (use gptq for int3)")
-    try:
-        o = Options(method=method, quant=quant, group_size=group_size, text=text,
-                    **(extra or {}))
-    except TypeError as e:
-        raise ConvertError(f"calibrated quantization options: {e}") from None
+
+
+def _check_values(o):
     if not isinstance(o.alpha, (int, float)) or not 0 <= o.alpha <= 1:
         raise ConvertError(f"SmoothQuant alpha must be in [0, 1], got {o.alpha!r}")
     if not isinstance(o.damp, (int, float)) or not 0 < o.damp < 1:
         raise ConvertError(f"GPTQ dampening must be in (0, 1), got {o.damp!r}")
-    encodings.codec(quant, group_size)  # group size a multiple of 32
-    return o
 
 
 def check_shapes(o, cfg):
@@ -114,15 +119,17 @@ def check_shapes(o, cfg):
 def prepare(o, spec, source, tokenizer, path=None, data=None, progress=False):
     """A layerwise.Walk over the source, everything checked (None when o is None). tokenizer:
     the manifest's tokenizer entry, its file at `path` or its bytes `data`."""
-    if o is None or o.method == "w8a8":  # w8a8: plain rounding, nothing to calibrate
+    if o is None:
         return None
     if o.low_rank is not None:
         from . import lowrank
 
-        if o.method == "gptq":  # (factors whose rows the group does not divide: int8)
-            check_shapes(Options(method="gptq", group_size=o.group_size), spec.config)
+        if o.method in ("gptq", "awq"):  # (factors whose rows the group does not divide: int8)
+            check_shapes(Options(method=o.method, group_size=o.group_size), spec.config)
         return lowrank.prepare(o.low_rank, spec, source, tokenizer, path=path, data=data,
                                text=o.text, tokens=o.tokens, progress=progress, quant=o)
+    if o.method == "w8a8":  # plain rounding, nothing to calibrate
+        return None
     from . import layerwise
 
     check_shapes(o, spec.config)

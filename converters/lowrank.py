@@ -28,6 +28,7 @@ quantize.matrix_codec does), rounded to nearest.
 
 import numpy as np
 
+from edgellm.runtime import encodings
 from edgellm.runtime.errors import ConvertError
 
 from . import layerwise
@@ -118,12 +119,46 @@ class Walk:
         self.walk, self.fraction, self.quant = walk, fraction, quant
 
     def layers(self):
+        method = self.quant.method if self.quant is not None else "rtn"
         for layer in self.walk.layers():
             layer.lowrank = {}
+            scaled = scale_layer(layer, self.quant) if method in ("awq", "smoothquant") else None
             layer.report = apply(layer, self.fraction)
-            if self.quant is not None and self.quant.method == "gptq":
+            if method == "gptq":
                 layer.report.update(quantize_layer(layer, self.quant))
+            elif scaled is not None:
+                layer.report[method] = scaled
+                layer.report.update(round_rest(layer, self.quant))
             yield layer
+
+
+def scale_layer(layer, o):
+    """AWQ's or SmoothQuant's scales folded into the dense layer (norms, v, up), before the
+    factorization: the whitened SVD of the scaled W s on the scaled inputs X / s is the SVD of
+    W on X (the whitening factor of diag(1/s) H diag(1/s) is diag(1/s) S), so the factors come
+    out as those of W with right's columns times s, up to the damping; the factors, not W s,
+    are then rounded (AWQ's search and SmoothQuant's weight maxima still look at W s). AWQ's
+    clipping waits until the ranks are known (round_rest). Returns the method's report."""
+    from . import awq, smoothquant
+
+    if o.method == "awq":
+        return awq.apply(layer, encodings.codec(o.quant, o.group_size), clip=False)
+    return smoothquant.apply(layer, alpha=o.alpha)
+
+
+def round_rest(layer, o):
+    """After scale_layer and apply: AWQ's clipping of the linears left dense, then every linear
+    left dense rounded to nearest (calibquant.transform); the converter rounds the factors."""
+    from dataclasses import replace
+
+    from . import awq, calibquant
+
+    if o.method == "awq" and o.clip:
+        awq.clip_weights(layer, encodings.codec(o.quant, o.group_size), skip=layer.lowrank)
+    rest = [n for group in LINEARS for n in group
+            if n in layer.weights and n not in layer.lowrank]
+    return {"output_error": calibquant.transform(layer, replace(o, method="rtn"),
+                                                 names=rest)["output_error"]}
 
 
 LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_o",), ("ffn_gate", "ffn_up", "ffn_down"))

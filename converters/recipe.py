@@ -47,7 +47,8 @@ Steps and what they map to:
                    (layers, keep_layers, neurons, heads), trained against it
     lowrank        convert's --low-rank F (converters/lowrank.py): the attention projections
                    factorized to keep `fraction` of their weights, the factors and the rest
-                   encoded in `quant` by `method` (rtn, or gptq for int4/int3); only
+                   encoded in `quant` by `method` (rtn; gptq for int4/int3; awq for int4;
+                   smoothquant or w8a8 for int8); only
                    drop_layers, prune_neurons and predictor may follow it (they keep the
                    factors; the others convert again from a dense export, which would multiply
                    the factors back)
@@ -131,7 +132,8 @@ STEPS["lowrank"] = {"fraction": ((int, float), REQUIRED,
                                  _between(0, 1, "a fraction between 0 and 1 (exclusive) of the "
                                           "attention weights to keep")),
                     "quant": (str, "int8", _one_of(*quantize.QUANTS)),
-                    "method": (str, "rtn", _one_of("rtn", "gptq")),
+                    # awq (int4) and smoothquant / w8a8 (int8): scales folded, then factorized
+                    "method": (str, "rtn", _one_of("rtn", "gptq", "awq", "smoothquant", "w8a8")),
                     "group_size": (int, 32, None)}
 # steps that keep factorized projections as they are (they copy the attention tensors; their
 # calibration passes run the runtime or a float32 export, which holds the factors' product)

@@ -24,8 +24,8 @@ touched, so the remaining FFN computes exactly the sum over the kept neurons. A 
 own encoding. A predictor, trained for the full layer, is dropped: train it again afterwards
 (`--predictor`, or a recipe's `predictor` step).
 
-Low-rank factorization of the attention projections is not implemented yet (it needs a
-two-factor matrix in the format and the runtime).
+Low-rank projections (--low-rank: P.left and P.right, converters/lowrank.py) are chunk
+tensors like any other: dropping layers copies them, neuron pruning leaves them as they are.
 """
 
 import copy

@@ -340,7 +340,8 @@ def build_parser():
     c.add_argument("--low-rank", type=float, default=None, metavar="F",
                    help="factorize the attention projections (activation-aware SVD), keeping "
                    "this fraction of their weights, ranks chosen per layer (e.g. 0.5); with "
-                   "--method rtn or gptq (the factors quantized by GPTQ too)")
+                   "any --method (gptq quantizes the factors too; awq and smoothquant fold "
+                   "their scales first, then factorize the scaled weights)")
     c.add_argument("--damp", type=float, default=None,
                    help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01)")
     c.add_argument("--no-act-order", dest="act_order", action="store_false", default=None,

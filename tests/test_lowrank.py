@@ -175,7 +175,7 @@ def test_bad_factors_refused(tmp_path, lowrank_f32):
 def test_bad_options(tmp_path):
     src = tiny.checkpoint("llama")
     for kw, msg in (({"low_rank": 1.5}, "fraction"), ({"low_rank": 0.0}, "fraction"),
-                    ({"low_rank": 0.5, "quant": "int4", "method": "awq"}, "not supported")):
+                    ({"low_rank": 0.5, "quant": "int8", "method": "awq"}, "int4 or int3")):
         kw = {"quant": "int8", **kw}
         with pytest.raises(ConvertError, match=msg):
             convert(src, tmp_path / "x", progress=False, **kw)

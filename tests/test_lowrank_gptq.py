@@ -109,11 +109,10 @@ def test_convert_low_rank_gptq(tmp_path):
     assert rel_rms(logits(g), logits(f32)) < 1.5 * yard
 
 
-def test_low_rank_with_awq_or_int8_gptq_refused(tmp_path):
+def test_low_rank_with_int8_gptq_refused(tmp_path):
+    # (awq and smoothquant with --low-rank: tests/test_lowrank_scaled.py)
     src = tiny.checkpoint("llama")
-    for kw, msg in (({"quant": "int4", "method": "awq"}, "not supported yet"),
-                    ({"quant": "int8", "method": "smoothquant"}, "not supported yet"),
-                    ({"quant": "int8", "method": "gptq"}, "int4 or int3")):
+    for kw, msg in (({"quant": "int8", "method": "gptq"}, "int4 or int3"),):
         with pytest.raises(ConvertError, match=msg):
             convert(src, tmp_path / "x", progress=False, low_rank=0.5, **kw)
         assert not os.path.exists(tmp_path / "x")
