@@ -34,6 +34,8 @@ VARIANTS = [  # (name, quant, method, extra convert kwargs); the comparisons tha
     ("int8 low-rank 0.5", "int8", "rtn", {"low_rank": 0.5}),
     ("int4 RTN low-rank 0.5", "int4", "rtn", {"low_rank": 0.5}),
     ("int4 GPTQ low-rank 0.5", "int4", "gptq", {"low_rank": 0.5}),
+    ("int4 AWQ low-rank 0.5", "int4", "awq", {"low_rank": 0.5}),
+    ("W8A8 SmoothQuant low-rank 0.5", "int8", "smoothquant", {"low_rank": 0.5}),
 ] + [(f"{pat} {m}" if pat == "2:4" else f"50% {m}", "int8", "rtn", {"prune": (m, pat)})
      for pat in ("0.5", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]  # sp50/sp24_int8
 
