@@ -1,5 +1,6 @@
-"""The readers' fuzzing in CI: the regression corpus (inputs that once crashed a reader) replayed,
-every target's seeds reaching a loaded object, and a short bounded atheris run of each target.
+"""The readers' fuzzing in CI: the regression corpus (inputs that once crashed a reader) replayed
+in a child process with a capped address space (replay.py), every target's seeds reaching a loaded
+object, and a short bounded atheris run of each target.
 
 Long runs: scripts/fuzz (tests/fuzz/fuzz.py documents the harness).
 """
@@ -29,10 +30,58 @@ def regression_inputs():
     return out
 
 
+# the replay's address-space cap: a normal input peaks near 0.7 GB of address space; the
+# n_layers input once took 21 GB, and the kernel's OOM killer then took the whole pytest run
+REPLAY_LIMIT_MB = 4096
+
+
+def replay(inputs):
+    """{(target, path): result} for every input, replayed by replay.py in child processes under
+    REPLAY_LIMIT_MB of address space; a child that dies (a native crash) marks the input it was
+    running and a new child goes on with the rest."""
+    # few threads: each reserves address space (stacks, malloc arenas, BLAS buffers)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
+               RAYON_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
+    results, todo = {}, list(inputs)
+    while todo:
+        args = [a for pair in todo for a in pair]
+        p = subprocess.run([sys.executable, os.path.join(HERE, "replay.py"), "--limit-mb",
+                            str(REPLAY_LIMIT_MB), *args], capture_output=True, text=True,
+                           errors="replace", env=env, cwd=os.path.dirname(HERE), timeout=1800)
+        running = None
+        for line in p.stdout.splitlines():
+            kind, _, js = line.partition(" ")
+            if kind == "REPLAY-START":
+                running = tuple(json.loads(js).values())
+            elif kind == "REPLAY":
+                r = json.loads(js)
+                results[r["target"], r["path"]] = r
+                running = None
+        if running is None and len(results) < len(inputs):  # died before its first input
+            running = todo[0]
+        if running is not None:
+            results[running] = {"result": "died", "returncode": p.returncode,
+                                "stderr": p.stderr[-4000:]}
+        todo = [i for i in todo if i not in results]
+    return results
+
+
+@pytest.fixture(scope="module")
+def replayed():
+    return replay([tuple(p.values[:2]) for p in regression_inputs()])
+
+
 @pytest.mark.parametrize("target,path", regression_inputs())
-def test_regression_input_ends_in_a_model_or_a_clear_error(target, path):
-    with open(path, "rb") as f:
-        targets.run(target, f.read())  # anything but an EdgeLLMError propagates
+def test_regression_input_ends_in_a_model_or_a_clear_error(target, path, replayed):
+    r = replayed[target, path]
+    name = os.path.relpath(path, CORPUS)
+    if r["result"] == "died":
+        pytest.fail(f"{name}: the replay process died on this input (status {r['returncode']}, "
+                    f"a native crash, or the kernel's OOM killer):\n{r['stderr']}")
+    if r["result"] == "finding" and r["memory"]:
+        pytest.fail(f"{name}: ran out of the {REPLAY_LIMIT_MB} MB address-space cap (a runaway "
+                    f"allocation):\n{r['traceback']}")
+    assert r["result"] != "finding", f"{name}: not an EdgeLLMError:\n{r['traceback']}"
 
 
 @pytest.mark.parametrize("target", targets.TARGETS)
