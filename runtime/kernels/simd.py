@@ -29,8 +29,6 @@ Intrinsics cannot run as Python: without the JIT (NUMBA_DISABLE_JIT=1) the dispa
 portable kernels (AVAILABLE is False).
 """
 
-import glob
-import hashlib
 import os
 import platform
 
@@ -41,6 +39,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from . import cachestamp
 
 _FEATURES = llb.get_host_cpu_features().flatten()
 _NUMBA_HOST = (numba.config.CPU_NAME in (None, "host")
@@ -68,49 +68,9 @@ AVAILABLE = not numba.config.DISABLE_JIT
 
 
 
-def _drop_stale_cache():
-    """Numba's on-disk cache keys a function on its own file only, but the kernels inline the
-    IR written here (and in sparse_simd.py): after an edit of either file (or a change of
-    EDGELLM_NO_VNNI or EDGELLM_NO_VBMI2), their cached machine code would be stale. Keep a hash
-    of these files and of those choices beside the cache and
-    drop the package's cache files when it changes (with NUMBA_CACHE_DIR set, every cache file
-    under that directory)."""
-    own = numba.config.CACHE_DIR
-    cache = own or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
-    try:
-        # sparse_simd.py's IR too (kernels in sparse.py inline it)
-        here = os.path.dirname(os.path.abspath(__file__))
-        text = b""
-        for name in (__file__, os.path.join(here, "sparse_simd.py")):
-            with open(name, "rb") as f:
-                text += f.read()
-        digest = hashlib.sha256(text + f"vnni={HAVE_VNNI},vbmi2={HAVE_VBMI2},"
-                                      f"avx512={HAVE_AVX512}".encode()).hexdigest()
-        stamp = os.path.join(cache, "simd.sha256")
-        if os.path.exists(stamp):
-            with open(stamp) as f:
-                if f.read().strip() == digest:
-                    return
-        pattern = os.path.join(cache, "**", "*.nb[ic]") if own else os.path.join(cache,
-                                                                               "*.nb[ic]")
-        for path in glob.glob(pattern, recursive=bool(own)):
-            os.remove(path)
-        # A process still running the old code may save more entries later, under the source
-        # stamps (file mtimes) it read at import: new mtimes make Numba ignore them (measured:
-        # one such entry broke the bit-for-bit equality of two kernels in the tests). Not for a
-        # cache directory of one's own (the package's cache is not stale for its other users).
-        if not own:
-            for path in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "*.py")):
-                os.utime(path)
-        os.makedirs(cache, exist_ok=True)
-        with open(stamp, "w") as f:
-            f.write(digest)
-    except OSError:  # a read-only install: its files do not change either
-        pass
-
-
-_drop_stale_cache()
+# cached kernels inline this file's IR (and other kernel files'): cachestamp drops their
+# cache entries when a file they reach, or one of the choices above, changed
+cachestamp.drop_stale(f"vnni={HAVE_VNNI},vbmi2={HAVE_VBMI2},avx512={HAVE_AVX512}")
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32, F16 = ir.FloatType(), ir.HalfType()
