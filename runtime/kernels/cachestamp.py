@@ -36,14 +36,14 @@ CALLS = {
 STAMPS = "kernel-stamps.json"
 
 
-def reached(name):
-    """The kernel files name's compiled functions reach through CALLS (itself not included)."""
-    out, todo = set(), list(CALLS.get(name, ()))
+def reached(name, calls=CALLS):
+    """The kernel files name's compiled functions reach through calls (itself not included)."""
+    out, todo = set(), list(calls.get(name, ()))
     while todo:
         n = todo.pop()
         if n not in out:
             out.add(n)
-            todo.extend(CALLS.get(n, ()))
+            todo.extend(calls.get(n, ()))
     out.discard(name)
     return sorted(out)
 
