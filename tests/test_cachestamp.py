@@ -185,3 +185,19 @@ def test_the_package_cache_is_stamped():
     choices = f"vnni={simd.HAVE_VNNI},vbmi2={simd.HAVE_VBMI2},avx512={simd.HAVE_AVX512}"
     with open(path) as f:
         assert json.load(f) == cachestamp.stamps(choices)
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_cache_dir_is_where_numba_caches_the_kernels(own, tmp_path, monkeypatch):
+    """With and without NUMBA_CACHE_DIR: a cached kernel made now is located where
+    drop_stale looks."""
+    from edgellm.runtime.kernels import norms
+
+    if numba.config.DISABLE_JIT:
+        pytest.skip("no cache without the JIT")
+    if own:
+        monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "numba-cache"))
+    elif not os.access(os.path.dirname(cachestamp.__file__), os.W_OK):
+        pytest.skip("a read-only install: Numba caches in the user's folder, never stale")
+    fresh = numba.njit(cache=True)(norms.rmsnorm.py_func)
+    assert os.path.realpath(fresh._cache._cache_path) == os.path.realpath(cachestamp.cache_dir())
