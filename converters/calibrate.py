@@ -65,6 +65,8 @@ class CalibOptions:
     # when a sparsity is asked for; calibrations for other ends, e.g. neuron pruning, keep bundles)
     sparsity_mode: str = "cats"  # cats: thresholds on |act(gate h)|, gates apart; teal:
     # thresholds on the FFN's inputs, weights stored by input column (converters/teal.py)
+    teal_split: str = "error"  # teal: each layer's split of the sparsity between the FFN input
+    # and the down input, by output error or uniform (converters/teal.py)
     epochs: int = 8  # logistic-regression epochs
     seed: int = 0
 
@@ -85,6 +87,11 @@ class CalibOptions:
             bad(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         if self.sparsity_mode not in ("cats", "teal"):
             bad(f"sparsity mode must be cats or teal, got {self.sparsity_mode!r}")
+        if self.teal_split not in teal.SPLITS:
+            bad(f"teal split must be one of {', '.join(teal.SPLITS)}, got {self.teal_split!r}")
+        if self.sparsity_mode == "teal" and self.sparsity > teal.MAX_SPARSITY:
+            bad(f"--sparsity-mode teal: sparsity must be at most {teal.MAX_SPARSITY} (of the "
+                f"FFN's weight bytes), got {self.sparsity!r}")
         if self.sparsity_mode == "teal" and self.predictor:
             bad("--sparsity-mode teal sets thresholds, not predictors; drop --predictor")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
@@ -247,8 +254,10 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
                "never_active_fraction": float((freq == 0).mean())}
         extra_e, extra_a = {}, {}
         if teal_mode:
-            t_in, t_hid = teal.thresholds(cfg, bundles, layout, H, opts.sparsity, rng)
+            t_in, t_hid, s_in, s_hid = teal.thresholds(cfg, bundles, layout, H, opts.sparsity,
+                                                       rng, opts.teal_split)
             rec["teal_thresholds"] = [t_in, t_hid]
+            rec["teal_sparsity"] = [s_in, s_hid]  # of the FFN input, of the down input
         elif act_t is not None:
             rec["act_threshold"] = act_t
             extra_e[rp.ACT_THRESHOLD] = _vec([1])
@@ -330,6 +339,7 @@ def calibrate(model_dir, manifest, cfg, opts, write_chunk, progress=False):
     }
     if teal_mode:
         out["calibration"]["sparsity_mode"] = "teal"
+        out["calibration"]["teal_split"] = opts.teal_split
     return out
 
 

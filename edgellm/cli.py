@@ -108,7 +108,8 @@ def cmd_convert(a):
 
     extra = {k: v for k, v in (("tokens", a.calib_tokens), ("rank", a.predictor_rank),
                                ("recall", a.predictor_recall), ("sparsity", a.sparsity),
-                               ("sparsity_mode", a.sparsity_mode))
+                               ("sparsity_mode", a.sparsity_mode),
+                               ("teal_split", a.teal_split))
              if v is not None}
     command = " ".join(["edgellm"] + sys.argv[1:])
     if a.recipe:
@@ -371,6 +372,10 @@ def build_parser():
                    help="cats (default): threshold on |silu(gate h)|, the gates stored apart; "
                    "teal: thresholds on the FFN's inputs (h and silu(gate h) * up h), the FFN "
                    "weights stored by input column (needs --quant int8)")
+    g.add_argument("--teal-split", choices=["error", "uniform"], default=None,
+                   help="teal: split each layer's sparsity (of the FFN's weight bytes) between "
+                   "the FFN input and the down input by the FFN's output error (default) or "
+                   "the same for both")
     g = c.add_argument_group("structural compression and recipes (docs/COMPRESSION.md)")
     g.add_argument("--drop-layers", type=int, default=0, metavar="N",
                    help="drop N layers, measured on the calibration text")

@@ -192,6 +192,46 @@ def test_kernel_random_threads_and_groups():
             np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+def test_split_by_output_error():
+    """converters/teal.thresholds, split="error": per layer the byte-weighted sparsity
+    (2 s_in + s_hid) / 3 is the target, the thresholds are the quantiles of those fractions of
+    |h| and of the hidden values, and the FFN's output (NumPy) is no further from the dense FFN
+    than with the uniform split; "uniform" is s_in = s_hid = S. Real FFN inputs, every layer."""
+    from edgellm.converters import teal as ct
+    from edgellm.runtime import predictor as rp
+
+    m = edgellm.load(tiny.converted("llama", "int8"), kv="f32")
+    cfg = m.config
+    seen = ffn_inputs(m, tiny.token_ids("llama", 48))
+    for i, L in enumerate(m.runtime.layers):
+        H = seen[i]
+        parts = {e["name"]: e for e in L.ffn.layout}
+        gate, up, down = (encodings.unpack_bundle_part(L.ffn.bundles, parts[k], cfg.d_model)
+                          for k in ("gate", "up", "down"))
+        want = numpy_teal(gate, up, down, H, -1, -1)
+
+        def err(t_in, t_hid):
+            return float(np.square(numpy_teal(gate, up, down, H, t_in, t_hid) - want).sum())
+
+        def hidden(t_in):
+            h = np.where(np.abs(H) > t_in, H, 0)
+            return rp.activation(h @ gate.T, cfg.activation) * (h @ up.T)
+
+        got = {}
+        for split in ct.SPLITS:
+            t_in, t_hid, s_in, s_hid = ct.thresholds(cfg, L.ffn.bundles, L.ffn.layout, H,
+                                                     SPARSITY, np.random.default_rng(0), split)
+            assert (2 * s_in + s_hid) / 3 == pytest.approx(SPARSITY)
+            if s_in > 0:
+                assert t_in == pytest.approx(np.quantile(np.abs(H), s_in), rel=1e-6)
+            else:
+                assert t_in < 0
+            assert t_hid == pytest.approx(np.quantile(np.abs(hidden(t_in)), s_hid), rel=1e-5)
+            got[split] = (err(t_in, t_hid), s_in, s_hid)
+        assert got["uniform"][1:] == (SPARSITY, SPARSITY)
+        assert got["error"][0] <= got["uniform"][0] * (1 + 1e-4)
+
+
 def test_refused(tmp_path):
     """teal needs int8 FFN weights with down in the bundles, no predictor; a TEAL model does
     not stream."""
@@ -209,6 +249,14 @@ def test_refused(tmp_path):
     with pytest.raises(ConvertError, match="sparsity mode"):
         convert(src, tmp_path / "d", quant="int8", calib=text,
                 calib_options={**opts, "sparsity_mode": "fast"})
-    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
+    with pytest.raises(ConvertError, match="teal split"):
+        convert(src, tmp_path / "e", quant="int8", calib=text,
+                calib_options={**opts, "teal_split": "even"})
+    for bad in (0.97, 1.0, -0.1):
+        with pytest.raises(ConvertError, match="sparsity"):
+            convert(src, tmp_path / "f", quant="int8", calib=text,
+                    calib_options={**opts, "sparsity": bad})
+    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c",
+                                        tmp_path / "e", tmp_path / "f"))
     with pytest.raises(EdgeLLMError, match="stream"):
         edgellm.load(model_path(), dram_budget="200KB")
