@@ -33,6 +33,8 @@ def regression_inputs():
 # the replay's address-space cap: a normal input peaks near 0.7 GB of address space; the
 # n_layers input once took 21 GB, and the kernel's OOM killer then took the whole pytest run
 REPLAY_LIMIT_MB = 4096
+# a hang's bound: a cold Numba cache compiles the kernels first (minutes on a busy machine)
+REPLAY_SECONDS = 1800
 
 
 def replay(inputs):
@@ -45,9 +47,16 @@ def replay(inputs):
     results, todo = {}, list(inputs)
     while todo:
         args = [a for pair in todo for a in pair]
-        p = subprocess.run([sys.executable, os.path.join(HERE, "replay.py"), "--limit-mb",
-                            str(REPLAY_LIMIT_MB), *args], capture_output=True, text=True,
-                           errors="replace", env=env, cwd=os.path.dirname(HERE), timeout=1800)
+        try:
+            p = subprocess.run([sys.executable, os.path.join(HERE, "replay.py"), "--limit-mb",
+                                str(REPLAY_LIMIT_MB), *args], capture_output=True, text=True,
+                               errors="replace", env=env, cwd=os.path.dirname(HERE),
+                               timeout=REPLAY_SECONDS)
+        except subprocess.TimeoutExpired as e:  # a hang: killed, its input marked
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                        for x in (e.stdout, e.stderr))
+            p = subprocess.CompletedProcess(e.cmd, f"killed after {REPLAY_SECONDS} s (a hang)",
+                                            out, err)
         running = None
         for line in p.stdout.splitlines():
             kind, _, js = line.partition(" ")
