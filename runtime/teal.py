@@ -11,7 +11,9 @@ run of bytes:
   |act(gate h) (up h)| (the down projection's input), set by calibration for a target sparsity.
 
 Decode (one token) keeps only inputs strictly above the thresholds (kernels/teal.py), also
-inside the fused decode layer (kernels/fused.py, sparse mode 4). Prefill computes the dense FFN
+inside the fused decode layer (kernels/fused.py, sparse mode 4); where more than
+kernels/teal.DENSE_DOWN of a token's hidden values pass, every down row is read and every hidden
+value added (dropping some would save no reads). Prefill computes the dense FFN
 from the same weights unless prefill="sparse" (token by token through the kernel: what a
 perplexity of the sparse model measures).
 

@@ -30,13 +30,18 @@ def model_path():
     return calibrated("llama", False, quant="int8", sparsity=SPARSITY, sparsity_mode="teal")
 
 
-def numpy_teal(gate, up, down, h, t_in, t_hid):
+def numpy_teal(gate, up, down, h, t_in, t_hid, read_all=True):
     """The thresholded gated SiLU FFN in NumPy, weights f32 [n, d] (down: column i as row i):
-    inputs with |h_j| <= t_in and hidden values with |v_i| <= t_hid count as zero."""
+    inputs with |h_j| <= t_in and hidden values with |v_i| <= t_hid count as zero, the latter
+    (read_all) only for a token that keeps at most DENSE_DOWN of its hidden values (above, the
+    kernel reads every down row and adds every hidden value)."""
     h = np.where(np.abs(h) > t_in, h, 0)
     g = h @ gate.T
     v = g / (1 + np.exp(-g)) * (h @ up.T)
-    return np.where(np.abs(v) > t_hid, v, 0) @ down
+    keep = np.abs(v) > t_hid
+    if read_all:
+        keep |= keep.sum(axis=-1, keepdims=True) > kt.DENSE_DOWN * v.shape[-1]
+    return np.where(keep, v, 0) @ down
 
 
 def weights(f):
@@ -147,21 +152,27 @@ def test_no_jit_kernel():
         dq = rng.integers(-127, 128, (n, d)).astype(np.int8)
         ds = rng.uniform(0.001, 0.01, n).astype(np.float32)
         x = rng.standard_normal(d).astype(np.float32)
-        thr = np.array([0.5, 0.02], np.float32)
-        kept = np.zeros(3, np.int64)
-        out = kt.ffn_teal(x, cols, cs, dq, ds, thr, SILU, np.empty(2 * n, np.float32),
-                          np.empty(n, np.int32), np.empty(n, np.float32),
-                          np.empty((2, d), np.float32), kept)
         w = cols.astype(np.float32).T * cs[:, None]
-        h = np.where(np.abs(x) > thr[0], x, 0)
-        g, u = w[:n] @ h, w[n:] @ h
-        v = g / (1 + np.exp(-g)) * u
-        v = np.where(np.abs(v) > thr[1], v, 0)
-        want = v @ (dq.astype(np.float32) * ds[:, None])
-        assert np.allclose(out, want, rtol=1e-4, atol=1e-5), (out, want)
-        nz = (v != 0).sum()
-        assert kept[0] == (np.abs(x) > thr[0]).sum()
-        assert kept[2] == (n if nz > kt.DENSE_DOWN * n else nz)
+        branches = set()
+        for t_hid in (0.02, 0.2, 0.5, 1.0, 2.0):
+            thr = np.array([0.5, t_hid], np.float32)
+            kept = np.zeros(3, np.int64)
+            out = kt.ffn_teal(x, cols, cs, dq, ds, thr, SILU, np.empty(2 * n, np.float32),
+                              np.empty(n, np.int32), np.empty(n, np.float32),
+                              np.empty((2, d), np.float32), kept)
+            h = np.where(np.abs(x) > thr[0], x, 0)
+            g, u = w[:n] @ h, w[n:] @ h
+            v = g / (1 + np.exp(-g)) * u
+            nz = (np.abs(v) > thr[1]).sum()
+            read_all = nz > kt.DENSE_DOWN * n
+            branches.add(bool(read_all))
+            if not read_all:  # else every down row is read and every value added
+                v = np.where(np.abs(v) > thr[1], v, 0)
+            want = v @ (dq.astype(np.float32) * ds[:, None])
+            assert np.allclose(out, want, rtol=1e-4, atol=1e-5), (t_hid, out, want)
+            assert kept[0] == (np.abs(x) > thr[0]).sum()
+            assert kept[2] == (n if read_all else nz)
+        assert branches == {True, False}, branches
         print("ok")
     """
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
@@ -211,7 +222,9 @@ def test_split_by_output_error():
         want = numpy_teal(gate, up, down, H, -1, -1)
 
         def err(t_in, t_hid):
-            return float(np.square(numpy_teal(gate, up, down, H, t_in, t_hid) - want).sum())
+            # the split's measure: the hidden threshold applied to every token
+            got = numpy_teal(gate, up, down, H, t_in, t_hid, read_all=False)
+            return float(np.square(got - want).sum())
 
         def hidden(t_in):
             h = np.where(np.abs(H) > t_in, H, 0)

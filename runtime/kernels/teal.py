@@ -5,6 +5,7 @@ docs/FORMAT.md §3.5).
     g, u = sum over j in J of h_j * (gate and up columns j)      (axpys over contiguous runs)
     v = act(s_g * g) * (s_u * u) -> K = {i : |v_i| > t_hid}
     out = sum over i in K of v_i * s_d[i] * down_cols[i]         (axpys over contiguous rows)
+          (over every i when K holds more than DENSE_DOWN of them: all rows are read then)
 
 A zeroed input skips a whole column of gate and up (2 d_ff int8 bytes), a zeroed hidden value a
 whole column of down (d bytes): the bytes not needed are not read. The int8 codes are the dense
@@ -93,19 +94,18 @@ def ffn_teal(x, cols, cscale, dq, ds, thr, kind, acc, rows, hid, partial, kept):
             for i in range(w):
                 a[i] = a[i] + a0 * np.float32(c0[i])
             k += 1
-    # hidden values above the threshold (hid: by row, zero where dropped)
+    # hidden values above the threshold: their rows listed
     mm = 0
     for i in range(n):
         v = act(acc[i] * cscale[i], kind) * (acc[n + i] * cscale[n + i])
+        hid[i] = v * ds[i]
         if abs(v) > thr[1]:
             rows[mm] = i
-            hid[i] = v * ds[i]
             mm += 1
-        else:
-            hid[i] = 0.0
     # down: rows split between threads, one partial sum each. Above DENSE_DOWN of the rows kept
-    # every row is added (a dropped one adds exactly zero): the sequential walk streams, while
-    # the kept rows alone, 576-byte runs with gaps, came slower than all of them
+    # every row is read (the sequential walk streams, while the kept rows alone, 576-byte runs
+    # with gaps, came slower than all of them), and so every hidden value is added: the
+    # threshold would save nothing there and cost accuracy
     dense = mm > DENSE_DOWN * n
     total = n if dense else mm
     nchunks = max(1, min(total, partial.shape[0]))
