@@ -260,6 +260,12 @@ def drop_by_metric(model_dir, dst, n, metric="angular", opts=None, overwrite=Fal
 # Neuron pruning
 
 
+def has_factors(model_dir):
+    """model_dir stores low-rank projections (P.left / P.right, docs/FORMAT.md §3.4)."""
+    m, _ = _read(model_dir)
+    return any(k.endswith(".left") for c in m["chunks"][1:] for k in c["tensors"])
+
+
 def has_frequencies(m):
     return all("ffn_freq" in c["tensors"] for c in m["chunks"][1:])
 
@@ -407,6 +413,10 @@ def convert_structural(src, dst, convert_fn, quant=None, drop_layers=0, drop_met
     cfg, _ = source_info(src)
     if quant is None and is_model_dir(src) and convert_kw.get("method") not in (None, "rtn"):
         raise ConvertError(f"--method {convert_kw['method']} quantizes: give --quant too")
+    if quant is not None and is_model_dir(src) and has_factors(src):
+        raise ConvertError(f"{src}: has low-rank projections (--low-rank); --quant {quant} would "
+                           "convert it again from a dense export, which multiplies the factors "
+                           "back: leave --quant out to keep the model's encodings")
     if drop_layers:
         check_drop(drop_layers, cfg["n_layers"])
         check_metric(drop_metric)

@@ -152,6 +152,19 @@ def test_drop_layers_keeps_the_factors(tmp_path, lowrank):
         TOL * max(1.0, float(np.abs(want).max()))
 
 
+def test_convert_drop_layers_keeps_the_factors(tmp_path, lowrank):
+    """`edgellm convert LOWRANK -o DST --drop-layers 1` (no --quant: the model's encodings);
+    with a --quant it would convert a dense export again: refused, nothing written."""
+    src = lowrank["int8"]
+    with pytest.raises(ConvertError, match="multiplies the factors back"):
+        convert(src, tmp_path / "q", quant="int8", drop_layers=1, progress=False)
+    assert not os.path.exists(tmp_path / "q")
+    out = convert(src, tmp_path / "d", quant=None, drop_layers=1, progress=False,
+                  calib_options={"tokens": 512})
+    layer = json.load(open(os.path.join(out, "manifest.json")))["chunks"][1]["tensors"]
+    assert any(k.endswith(".left") for k in layer)
+
+
 def test_recipe_steps_after_lowrank(tmp_path):
     body = FAST + """
 [[step]]
