@@ -178,6 +178,9 @@ def test_linear_sparse_int8_simd(pattern, mode, monkeypatch):
     for n, d in [(37, 256), (5, 288), (9, 320), (33, 576), (3, 512), (7, 1536)]:
         W = np_prune(rng.standard_normal((n, d)) * 0.1, pattern).astype(np.float32)
         W[0, :] = 0  # an all-zero row
+        if pattern == "sp50":  # whole 64-position blocks kept, then whole blocks empty
+            W[1, :] = 0
+            W[1, :d // 2] = rng.standard_normal(d // 2) * 0.1
         m = sparse_matrix(W, pattern, "int8", None)
         dec = m.dequantize()
         x = (rng.standard_normal((1, d)) * np.exp(rng.standard_normal(d))).astype(np.float32)
@@ -260,9 +263,10 @@ def test_ffn_sparse_int8_simd(pattern, gated, mode, monkeypatch):
 
 
 def test_sparse_int8_without_vbmi2(tmp_path):
-    """EDGELLM_NO_VBMI2=1 turns vpexpandb off (what a CPU without AVX-512 VBMI2 runs): sp50
-    int8 rows take the float kernels, sp24 still the int8 SIMD one; the linear kernel tests again
-    in a process with that setting and its own Numba cache."""
+    """EDGELLM_NO_VBMI2=1 turns vpexpandb and vpermt2b off (what a CPU without AVX-512 VBMI2
+    runs): sp50 int8 rows take the float kernels, sp24 still an int8 SIMD one (byte blends, not
+    the permute); the linear kernel tests again in a process with that setting and its own Numba
+    cache."""
     env = dict(os.environ, EDGELLM_NO_VBMI2="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                         "-k", "linear_sparse_int8_simd and fast", "-x"], env=env,
@@ -270,9 +274,9 @@ def test_sparse_int8_without_vbmi2(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
     check = subprocess.run([sys.executable, "-c", "from edgellm.runtime.kernels import "
-                            "sparse_simd; print(sparse_simd.HAVE_VBMI2)"], env=env,
+                            "sparse_simd as s; print(s.HAVE_VBMI2, s.HAVE_VBMI)"], env=env,
                            capture_output=True, text=True, cwd=os.path.dirname(__file__))
-    assert check.stdout.strip() == "False", check.stderr[-2000:]
+    assert check.stdout.strip() == "False False", check.stderr[-2000:]
 
 
 def test_ffn_sparse_needs_a_separate_down():
