@@ -9,7 +9,10 @@ prunes the branches on None arguments), so the float32 path is the same code as 
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import config
+from numba.extending import intrinsic
 
 from .simd import f16_axpy_fast, f16_axpy_generic, f16_dot_fast, f16_dot_generic
 
@@ -67,6 +70,49 @@ def _f16_direct_values(o, s, c, kv, n, simd):
                 f16_axpy_fast(acc, c, base + j * stride, nv, s[g, j])
             else:
                 f16_axpy_generic(acc, c, base + j * stride, nv, s[g, j])
+
+
+if config.DISABLE_JIT:  # an intrinsic has no Python body
+    def _f32_from_bits(i):
+        return np.int32(i).view(np.float32)
+else:
+    @intrinsic
+    def _f32_from_bits(typingctx, i):
+        """The float32 whose bits are the int32 i (LLVM bitcast)."""
+        sig = types.float32(types.int32)
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return sig, codegen
+
+
+# fastmath without reassociation: the reduction's two steps (ln 2 in two parts) must stay apart
+_EXP_FLAGS = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
+
+
+@njit(cache=True, fastmath=_EXP_FLAGS)
+def _exp_shifted(s, g, n, mx):
+    """s[g, :n] = exp(s[g, :n] - mx) for scores <= mx, in float32 with no call inside, so that
+    the loop runs in vector registers (Numba has no vector exp without Intel's SVML; libm's expf
+    one value at a time took 7 ns a value, this 0.3 ns, measured; the softmax was a fifth of the
+    attention's time). Cephes' expf: x = k ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, so
+    that k ln 2 is exact), exp(r) by a degree-7 polynomial, 2^k built in the exponent bits.
+    Relative error the same as libm's on these inputs (3.9e-6 for scores of std 30, measured:
+    that of rounding s - mx to float32); differences under -87.3 give exp(-87.3) ~ 1e-38, not
+    less, which a softmax cannot tell from 0."""
+    for j in range(n):
+        x = max(s[g, j] - mx, np.float32(-87.33654))
+        k = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+        r = x - k * np.float32(0.693359375)
+        r = r - k * np.float32(-2.12194440e-4)
+        p = np.float32(1.9875691500e-4) * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        y = p * (r * r) + r + np.float32(1.0)
+        s[g, j] = y * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
 @njit(inline="always")
@@ -141,11 +187,10 @@ def attention(q, k_cache, v_cache, k_scale, v_scale, lut, simd, start_pos, out):
             mx = s[g, 0]
             for j in range(1, n):
                 mx = max(mx, s[g, j])
+            _exp_shifted(s, g, n, mx)
             tot = np.float32(0.0)
             for j in range(n):
-                e = np.exp(s[g, j] - mx)
-                s[g, j] = e
-                tot += e
+                tot += s[g, j]
             inv = np.float32(1.0) / tot
             for j in range(n):
                 s[g, j] *= inv
