@@ -12,6 +12,9 @@ one whose FFN output is closest to the dense FFN's (squared error on calibration
 following (TEAL's allocation of sparsity between a block's projections by output error; on
 SmolLM2 at S = 0.4 the held-out perplexity rose 11.8% instead of 13.1%, s_in 0.20-0.35: the
 hidden values are cheaper to drop than the inputs). split="uniform": s_in = s_hid = S.
+The error is measured with the hidden threshold applied to every token, while decode adds every
+hidden value of a token that keeps more than 35% of them (kernels/teal.DENSE_DOWN): S is the
+nominal sparsity, the bytes a token skips are fewer (SmolLM2, S = 0.4: 26%).
 
 The layer's weights are then stored by input column (docs/FORMAT.md §3.5, runtime/teal.py): the
 int8 codes and scales of the bundles' gate, up and down parts, moved, not re-rounded. Needs a
