@@ -59,7 +59,7 @@ def choose_mapped(mmap, nbytes):
     decode (anonymous memory gets 2 MB pages, a mapped file 4 KB ones: int4 decode 1.2x,
     docs/PERFORMANCE.md) and a model that files changed on disk cannot break (SIGBUS)."""
     if mmap is True or mmap is False:
-        return mmap, "forced (mmap=%s)" % mmap
+        return mmap, f"forced (mmap={mmap})"
     if mmap != "auto":
         raise EdgeLLMError(f"mmap must be 'auto', True or False, got {mmap!r}")
     avail = memory.available_bytes()

@@ -406,7 +406,7 @@ def test_chunk_truncated_during_a_streamed_generation(tmp_path):
 @pytest.mark.parametrize("change", ["truncated", "written to", "replaced", "removed"])
 def test_chunk_changed_while_loaded_is_detected(tmp_path, change, streamed):
     path = demo_copy(tmp_path)
-    # mapped (read into memory, the demo's default load, nothing on disk is read again: below)
+    # mapped: read into memory (the demo's default load), nothing on disk is read again
     kwargs = {"dram_budget": "5MB", "mode": "naive"} if streamed else {"mmap": True}
     m = edgellm.load(path, **kwargs)
     first = m.complete(PROMPT, max_tokens=4, temperature=0)
