@@ -170,12 +170,13 @@ def test_linear_sparse_int8_simd(pattern, mode, monkeypatch):
     activations, and against the dense int8 kernel on the decoded weights (which re-quantize to
     the same int8 values: the kept values include the row's largest), both to float32
     summation order. Row lengths with a whole number of 32-group steps per half (256, 512,
-    1536) and with a tail (288, 320, 576); sp50 runs vpexpandb where the CPU has VBMI2 (fast),
-    else the float kernels."""
+    1536) and with a tail of 4, 8, 16 or 24 groups (288, 320 and 576, 384, 448); sp50 runs
+    vpexpandb where the CPU has VBMI2 (fast), else the float kernels."""
     monkeypatch.setattr(kernels, "MODE", mode)
     rng = np.random.default_rng(3)
     int8 = encodings.codec("int8")
-    for n, d in [(37, 256), (5, 288), (9, 320), (33, 576), (3, 512), (7, 1536)]:
+    for n, d in [(37, 256), (5, 288), (9, 320), (6, 384), (5, 448), (33, 576), (3, 512),
+                 (7, 1536)]:
         W = np_prune(rng.standard_normal((n, d)) * 0.1, pattern).astype(np.float32)
         W[0, :] = 0  # an all-zero row
         if pattern == "sp50":  # whole 64-position blocks kept, then whole blocks empty

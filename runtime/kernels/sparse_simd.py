@@ -145,6 +145,43 @@ def _dup(builder, a):
                                   ir.Constant(_v(I32, 2 * n), list(range(n)) * 2))
 
 
+def _sp24_tail16(builder, qb, xb, sb, vo, co, h, G, tail, acc):
+    """sp24_dot_permute's last tail <= 16 groups of each half in one step (rows of 576: h = 72,
+    a tail of 8, which two 32-group half-steps took a quarter of the row's time for): the
+    last 16 groups of both halves, quarters of the 64 bytes = half 0's first kept values, its
+    second, half 1's first, its second; the 16 - tail groups already counted zeroed."""
+    c16 = ir.Constant(I64, 16)
+    k0 = builder.sub(h, c16)
+    g1 = builder.sub(G, c16)  # half 1's last 16 groups; their codes: the same bytes' high nibbles
+    c = _at(builder, qb, builder.add(co, k0), _v(I8, 16))
+    c = builder.shuffle_vector(c, ir.Constant(c.type, ir.Undefined),
+                               ir.Constant(_v(I32, 64), list(range(16)) * 4))
+    ctrl = ir.Constant(_v(I8, 64), [8 * (j % 8) + 2 * (j // 16) for j in range(64)])
+    base = ir.Constant(_v(I8, 64), [4 * (j % 16) + (64 if j >= 32 else 0) for j in range(64)])
+    idx = _call(builder, "llvm.x86.avx512.pmultishift.qb.512", [ctrl, c], _v(I8, 64))
+    idx = builder.or_(builder.and_(idx, _const_vec(I8, 64, 3)), base)
+    t0 = _at(builder, xb, builder.shl(k0, ir.Constant(I64, 2)), _v(I8, 64))
+    t1 = _at(builder, xb, builder.shl(g1, ir.Constant(I64, 2)), _v(I8, 64))
+    xs = _call(builder, "llvm.x86.avx512.vpermi2var.qi.512", [t0, idx, t1], _v(I8, 64))
+    w = [_at(builder, qb, builder.add(vo, o), _v(I8, 16))
+         for o in (k0, builder.add(G, k0), g1, builder.add(G, g1))]
+    pair = ir.Constant(_v(I32, 32), list(range(32)))
+    w = builder.shuffle_vector(builder.shuffle_vector(w[0], w[1], pair),
+                               builder.shuffle_vector(w[2], w[3], pair),
+                               ir.Constant(_v(I32, 64), list(range(64))))
+    first = builder.trunc(builder.sub(c16, tail), I8)
+    keep = builder.icmp_unsigned(">=", ir.Constant(_v(I8, 64), [j % 16 for j in range(64)]),
+                                 _splat(builder, first, 64))
+    w = builder.select(keep, w, _const_vec(I8, 64, 0))
+    dot = _dpbusd512(builder, xs, w)
+    s0 = _at(builder, sb, k0, _v(F32, 4), align=4)  # s4[k0 / 4 ...]: lanes of 4 groups
+    s1 = _at(builder, sb, g1, _v(F32, 4), align=4)
+    sc = builder.shuffle_vector(s0, s1, ir.Constant(_v(I32, 16), [0, 1, 2, 3] * 2
+                                                    + [4, 5, 6, 7] * 2))
+    builder.store(_fmuladd(builder, builder.sitofp(dot, _v(F32, 16)), sc, builder.load(acc)),
+                  acc)
+
+
 @intrinsic
 def sp24_dot_permute(typingctx, q, vo, co, h, xu, s4):
     """sp24_dot with AVX-512 VBMI: activations xu (act24 with permute: natural order, plus 128),
@@ -203,12 +240,18 @@ def sp24_dot_permute(typingctx, q, vo, co, h, xu, s4):
         with cgutils.for_range(builder, builder.lshr(h, ir.Constant(I64, 5))) as lp:
             run(builder.shl(lp.index, ir.Constant(I64, 5)), None)
         tail = builder.and_(h, ir.Constant(I64, 31))
+        c16 = ir.Constant(I64, 16)
         with builder.if_then(builder.icmp_unsigned("!=", tail, ir.Constant(I64, 0))):
-            # the last 32 groups of each half, those before the tail zeroed (as sp24_dot)
-            first = builder.trunc(builder.sub(ir.Constant(I64, 32), tail), I8)
-            keep = builder.icmp_unsigned(">=", ir.Constant(_v(I8, 64), [j % 32 for j in range(64)]),
-                                         _splat(builder, first, 64))
-            run(builder.sub(h, ir.Constant(I64, 32)), keep)
+            with builder.if_else(builder.icmp_unsigned("<=", tail, c16)) as (small, large):
+                with small:
+                    _sp24_tail16(builder, qb, xb, sb, vo, co, h, G, tail, accs[0])
+                with large:
+                    # the last 32 groups of each half, those before the tail zeroed (as sp24_dot)
+                    first = builder.trunc(builder.sub(ir.Constant(I64, 32), tail), I8)
+                    keep = builder.icmp_unsigned(
+                        ">=", ir.Constant(_v(I8, 64), [j % 32 for j in range(64)]),
+                        _splat(builder, first, 64))
+                    run(builder.sub(h, ir.Constant(I64, 32)), keep)
         return _hsum(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
 
     return sig, codegen
