@@ -30,6 +30,8 @@ import struct
 import sys
 import tempfile
 
+import numba
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 if TESTS not in sys.path:
@@ -168,6 +170,10 @@ class Workspace:
                         {sys.prefix, sys.base_prefix, os.path.dirname(os.__file__),
                          os.path.dirname(os.path.dirname(edgellm.__file__))}] + \
             ["/dev/", "/proc/", "/sys/"]
+        # Numba's own cache folder (NUMBA_CACHE_DIR), where kernels and their stamps are read
+        # when a target is the first to compile or load them
+        if numba.config.CACHE_DIR:
+            self.allowed.append(os.path.realpath(numba.config.CACHE_DIR) + os.sep)
 
     def fresh(self, base=None):
         """An unmodified copy of the tiny model at self.model."""
