@@ -23,8 +23,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
 
 def thresholds_of(path):
     """[(t_in, t_hid)] per layer of a TEAL model directory."""
