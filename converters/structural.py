@@ -39,6 +39,7 @@ import numpy as np
 
 from edgellm.runtime import encodings, format
 from edgellm.runtime.errors import ConvertError
+from edgellm.runtime.lowrank import in_manifest as has_low_rank
 
 from . import calibrate, quantize, writer
 
@@ -260,12 +261,6 @@ def drop_by_metric(model_dir, dst, n, metric="angular", opts=None, overwrite=Fal
 # Neuron pruning
 
 
-def has_factors(model_dir):
-    """model_dir stores low-rank projections (P.left / P.right, docs/FORMAT.md §3.4)."""
-    m, _ = _read(model_dir)
-    return any(k.endswith(".left") for c in m["chunks"][1:] for k in c["tensors"])
-
-
 def has_frequencies(m):
     return all("ffn_freq" in c["tensors"] for c in m["chunks"][1:])
 
@@ -413,7 +408,7 @@ def convert_structural(src, dst, convert_fn, quant=None, drop_layers=0, drop_met
     cfg, _ = source_info(src)
     if quant is None and is_model_dir(src) and convert_kw.get("method") not in (None, "rtn"):
         raise ConvertError(f"--method {convert_kw['method']} quantizes: give --quant too")
-    if quant is not None and is_model_dir(src) and has_factors(src):
+    if quant is not None and is_model_dir(src) and has_low_rank(_read(src)[0]):
         raise ConvertError(f"{src}: has low-rank projections (--low-rank); --quant {quant} would "
                            "convert it again from a dense export, which multiplies the factors "
                            "back: leave --quant out to keep the model's encodings")

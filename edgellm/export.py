@@ -42,7 +42,7 @@ import tempfile
 
 import numpy as np
 
-from .runtime import encodings, format
+from .runtime import encodings, format, lowrank
 from .runtime.errors import EdgeLLMError
 from .runtime.reader import Reader
 
@@ -79,9 +79,9 @@ class _Model:
         return self.reader.vector(self.chunk(i), name)
 
     def has(self, name, i=None):
-        return self.reader.has(self.chunk(i), name) or self.lowrank(name, i)
+        return self.reader.has(self.chunk(i), name) or self.factored(name, i)
 
-    def lowrank(self, name, i=None):
+    def factored(self, name, i=None):
         """The projection is stored as two factors, name.left [n, r] and name.right [r, d]
         (--low-rank, docs/FORMAT.md §3.4)."""
         return i is not None and self.reader.has(self.chunk(i), name + ".left")
@@ -94,10 +94,11 @@ class _Model:
         """(q, s, codec) of a stored matrix; FFN parts as ffn_gate/ffn_up [d_ff, d] and ffn_down
         as its transpose [d_ff, d] (rows = neurons, as in the bundle) unless down_is_matrix."""
         f = self.chunk(i)
-        if self.lowrank(name, i):
+        if self.factored(name, i):
             # no export target holds two factors: their product left · right in float32 (the
             # runtime computes left · (right · x): the same up to float rounding)
-            left, right = (self.reader.matrix(f, name + part) for part in (".left", ".right"))
+            p = lowrank.projection(self.reader, f, name)
+            left, right = p.left, p.right
             w = left.codec.dequantize(left.q, left.s).astype(np.float64) @ \
                 right.codec.dequantize(right.q, right.s)
             return w.astype(np.float32), None, encodings.codec("f32")

@@ -10,6 +10,11 @@ low-rank projection runs the per-operation path.
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_o")
 
 
+def in_manifest(manifest):
+    """The model stores some projection as factors (a chunk tensor P.left)."""
+    return any(k.endswith(".left") for c in manifest["chunks"] for k in c["tensors"])
+
+
 class LowRank:
     """One projection as two encoded matrices (reader.Matrix): y = left (right x)."""
 

@@ -86,8 +86,7 @@ class Transformer:
             raise EdgeLLMError("activation_quant in the manifest asks for an activation "
                                "quantization this edgellm does not implement; upgrade edgellm")
         self.ops = w8a8 if self.act_token else kernels
-        if stream is not None and any(k.endswith(".left") for c in reader.manifest["chunks"]
-                                      for k in c["tensors"]):
+        if stream is not None and lowrank.in_manifest(reader.manifest):
             raise EdgeLLMError("a model with low-rank projections (converters/lowrank.py) "
                                "cannot stream under a DRAM budget yet; load it resident")
         if stream is not None:
