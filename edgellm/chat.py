@@ -49,28 +49,28 @@ class Conversation:
 
     def reset(self):
         """Forget the conversation (the system prompt stays)."""
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        if self.messages:  # a template that refuses a system prompt: say so now
-            self.template.render(self.messages + [{"role": "user", "content": "Hello"}])
-        self.ids = []  # token ids of the conversation so far, as the model read and wrote them
-        self.text = ""  # the rendered text of self.messages that self.ids encode ("" at start)
-        self.turns = []  # per-turn statistics
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        if messages:  # a template that refuses a system prompt: say so now
+            self.template.render(messages + [{"role": "user", "content": "Hello"}])
         self.cache.reset()
+        # in one statement, no call between the stores for a Ctrl-C to land in: the messages;
+        # the token ids of the conversation so far, as the model read and wrote them; the
+        # rendered text of the messages that the ids encode ("" at start); per-turn statistics
+        self.messages, self.ids, self.text, self.turns = messages, [], "", []
 
     def restore(self, messages, cache, tokens=None):
         """Continue a saved conversation (see edgellm.session.load_session)."""
-        self.messages = [dict(m) for m in messages]
-        self.cache = cache
-        self.turns = []
-        self.text = self.template.render(self.messages, add_generation_prompt=False) \
-            if self.messages else ""
+        messages = [dict(m) for m in messages]
+        text = self.template.render(messages, add_generation_prompt=False) if messages else ""
         tokens = list(tokens or [])
-        if tokens and self._spells(tokens, self.text):
-            self.ids = tokens
-        elif self.messages:  # no saved ids, or ids for another template: tokenize the text (the
-            self.ids = self._encode_start(self.text)  # cache's matching prefix is still used)
+        if tokens and self._spells(tokens, text):
+            ids = tokens
+        elif messages:  # no saved ids, or ids for another template: tokenize the text (the
+            ids = self._encode_start(text)  # cache's matching prefix is still used)
         else:
-            self.ids = []
+            ids = []
+        # in one statement, after the work: a Ctrl-C during it leaves the conversation as it was
+        self.messages, self.cache, self.turns, self.text, self.ids = messages, cache, [], text, ids
 
     # -----------------------------------------------------------------------------------------
 
@@ -240,28 +240,39 @@ def _repl(conv):
     # Ctrl-C at the prompt must raise KeyboardInterrupt. Python does not install that handler
     # when it starts with SIGINT ignored, as every `cmd &` of a non-interactive shell (a CI
     # script, a job runner) is: Ctrl-C then stopped answers (answer() sets its own handler) but
-    # was lost at the prompt. It only ever brings a fresh line here, so taking it over is safe.
+    # was lost at the prompt. Wherever else it lands (before answer() takes it over, in a
+    # command) it abandons that line's work and brings the prompt back, so taking it over is safe.
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
+            line = None
             try:
                 line = input(PROMPT)
+                if _do(conv, line.strip()) == "exit":
+                    return
             except EOFError:
                 print()
                 return
-            except KeyboardInterrupt:  # at the prompt: just a fresh line
-                print()
-                continue
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("/") and not line.startswith("//"):
-                if command(conv, line) == "exit":
-                    return
-                continue
-            answer(conv, line[1:] if line.startswith("//") else line)
+            except KeyboardInterrupt:
+                # at the prompt: just a fresh line. Within a line's work: /save writes to a
+                # temporary file renamed when whole, /load and a dropped question leave the
+                # conversation as it was
+                if line is None:
+                    print()
+                else:
+                    print("\n[interrupted]", flush=True)
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def _do(conv, line):
+    """Answer a line of input or run its command; "exit" to leave."""
+    if not line:
+        return None
+    if line.startswith("/") and not line.startswith("//"):
+        return command(conv, line)
+    answer(conv, line[1:] if line.startswith("//") else line)
+    return None
 
 
 def answer(conv, text, out=sys.stdout):

@@ -82,9 +82,10 @@ def save_session(path, model, cache, messages, tokens=None):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SessionError(path, f"the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".session-", suffix=".tmp")
-    os.close(fd)
-    try:
+    tmp = None
+    try:  # the temporary file made inside: a Ctrl-C right after it is made still removes it
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".session-", suffix=".tmp")
+        os.close(fd)
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -92,7 +93,7 @@ def save_session(path, model, cache, messages, tokens=None):
     except (OSError, SafetensorError) as e:  # save_file's I/O errors (a full disk) are the latter
         raise SessionError(path, f"cannot write: {getattr(e, 'strerror', None) or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
     return path
 

@@ -222,6 +222,106 @@ def test_real_chat_model_smollm2(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
+# Ctrl-C anywhere in a turn or a command: back to the prompt, nothing left half done
+
+
+def ctrl_c():
+    """What a Ctrl-C does: SIGINT to this process (the REPL's handler raises KeyboardInterrupt)."""
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def run_repl(monkeypatch, conv, lines):
+    """Drive chat._repl in this process with these input lines, then end of input. Returns the
+    lines input() was asked for (all of them, plus the final end of input, if the REPL went on
+    after each)."""
+    from edgellm import chat
+
+    asked = []
+
+    def fake_input(prompt):
+        asked.append(prompt)
+        if len(asked) > len(lines):
+            raise EOFError
+        return lines[len(asked) - 1]
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    try:
+        chat._repl(conv)
+    except KeyboardInterrupt:  # a failure of this test, not a stop of the whole run
+        pytest.fail("Ctrl-C left the chat")
+    return asked
+
+
+def interrupt_once(monkeypatch, target, name):
+    """Make target.name send a Ctrl-C on its first call, before doing its work."""
+    real = getattr(target, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            ctrl_c()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapped)
+    return calls
+
+
+def test_ctrl_c_before_the_answer_takes_it_over_returns_to_the_prompt(demo, monkeypatch):
+    """A Ctrl-C after input() returned, before answer() installs its own SIGINT handler, drops
+    the question and the chat goes on (it used to leave the chat with status 130)."""
+    from edgellm import chat
+
+    conv = Conversation(demo, max_tokens=4, params=GREEDY)
+    interrupt_once(monkeypatch, chat, "answer")
+    asked = run_repl(monkeypatch, conv, ["Hello.", "Hello again."])
+    assert len(asked) == 3  # both lines read, then the end of input
+    assert [m["content"] for m in conv.messages if m["role"] == "user"] == ["Hello again."]
+
+
+def test_ctrl_c_during_save_leaves_no_file_and_returns_to_the_prompt(demo, monkeypatch,
+                                                                      tmp_path):
+    """A /save interrupted while it writes leaves neither the file nor its temporary behind,
+    and the next /save writes it."""
+    import safetensors.numpy
+
+    real = safetensors.numpy.save_file
+
+    def half_then_ctrl_c(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a session")
+        safetensors.numpy.save_file = real
+        ctrl_c()
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_then_ctrl_c)
+    conv = Conversation(demo, max_tokens=4, params=GREEDY)
+    "".join(conv.ask("Hello."))
+    target = tmp_path / "talk.session"
+    asked = run_repl(monkeypatch, conv, [f"/save {target}", "/stats"])
+    assert len(asked) == 3
+    assert os.listdir(tmp_path) == []
+    run_repl(monkeypatch, conv, [f"/save {target}"])
+    assert os.listdir(tmp_path) == ["talk.session"]
+
+
+def test_ctrl_c_during_load_keeps_the_conversation_whole(demo, monkeypatch, tmp_path):
+    """A /load interrupted while it restores leaves the conversation as it was (messages, ids
+    and cache together), and the chat goes on."""
+    from edgellm.session import save_session
+
+    saved = Conversation(demo, max_tokens=4, params=GREEDY)
+    "".join(saved.ask("Hello."))
+    save_session(tmp_path / "s", demo, saved.cache, saved.messages, saved.ids)
+    conv = Conversation(demo, max_tokens=4, params=GREEDY)
+    "".join(conv.ask("Something else entirely."))
+    before = ([dict(m) for m in conv.messages], list(conv.ids), conv.text, conv.cache)
+    calls = interrupt_once(monkeypatch, Conversation, "_spells")
+    asked = run_repl(monkeypatch, conv, [f"/load {tmp_path / 's'}", "/stats"])
+    assert calls and len(asked) == 3
+    assert (conv.messages, conv.ids, conv.text, conv.cache) == before
+
+
+# ---------------------------------------------------------------------------------------------
 # The REPL through a pseudo-terminal
 
 
