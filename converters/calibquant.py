@@ -105,9 +105,10 @@ def _check_values(o):
 
 
 def check_shapes(o, cfg):
-    """Every linear's rows (and the down columns, which the bundles quantize along d) must
-    divide into groups: a calibrated method falls back to nothing."""
-    if o.method in W8A8 or o.low_rank is not None:  # (low-rank: matrix_codec falls back)
+    """GPTQ and AWQ (with --low-rank too): every linear's rows (and the down columns, which the
+    bundles quantize along d) must divide into groups, as they fall back to nothing. (W8A8 has
+    no groups; a low-rank rtn conversion's matrix_codec falls back to int8.)"""
+    if o is None or o.method not in ("gptq", "awq"):
         return
     for what, d in (("d_model (q, k, v, gate, up rows; down columns)", cfg.d_model),
                     ("q_dim = n_heads * head_dim (o rows)", cfg.q_dim)):
@@ -124,8 +125,7 @@ def prepare(o, spec, source, tokenizer, path=None, data=None, progress=False):
     if o.low_rank is not None:
         from . import lowrank
 
-        if o.method in ("gptq", "awq"):  # (factors whose rows the group does not divide: int8)
-            check_shapes(Options(method=o.method, group_size=o.group_size), spec.config)
+        check_shapes(o, spec.config)  # (factors whose rows the group does not divide: int8)
         return lowrank.prepare(o.low_rank, spec, source, tokenizer, path=path, data=data,
                                text=o.text, tokens=o.tokens, progress=progress, quant=o)
     if o.method == "w8a8":  # plain rounding, nothing to calibrate

@@ -36,7 +36,10 @@ Steps and what they map to:
     quantize       convert's --quant/--group-size (and --method where the converter has it):
                    the current model is exported to a float32 Hugging Face directory and
                    converted again (exact: f32)
-    prune          convert's --prune/--sparsity (unstructured or 2:4 pruning), when present
+    prune          convert's --prune/--sparsity (unstructured or 2:4 pruning), when present;
+                   its `quant` encodes the kept weights: quantize and lowrank may not follow it
+                   (they convert again from a dense export, losing the sparse encoding), nor
+                   may prune, prune_neurons, predictor, heal or distill
     drop_layers    converters/structural.py drop_by_metric
     prune_neurons  converters/structural.py prune_neurons
     predictor      converters/calibrate.py (hot-first order and low-rank predictors)
@@ -254,6 +257,8 @@ def count_tokens(tokenizer, text):
 
 def check(recipe, src):
     """Check the recipe against the source model before any work; returns the source info."""
+    from edgellm.runtime.config import ModelConfig
+
     from .convert import convert as convert_fn
 
     path = recipe["path"]
@@ -292,6 +297,13 @@ def check(recipe, src):
                     _train_text(st, s))), st["seq_len"])
             except ConvertError as e:
                 bad(f"{where}: {e}")
+        if pruned and kind in ("quantize", "lowrank"):
+            # (keeping the sparse encoding would mean pruning the export again: refused instead)
+            fix = ("choose the encoding with the prune step's quant option" if kind == "quantize"
+                   else "prune and lowrank do not combine in one recipe")
+            bad(f"{where}: comes after {pruned}; {kind} converts the weights again from a "
+                f"dense export, which would store the pruned weights densely and lose the "
+                f"sparse encoding ({fix})")
         if pruned and kind in ("prune_neurons", "predictor", "prune"):
             # cutting or reordering FFN rows would break the 2:4 / 50% groups of a pruned ffn_down
             bad(f"{where}: must come before {pruned} (the sparse encodings of weight pruning do "
@@ -308,8 +320,6 @@ def check(recipe, src):
                 bad(f"{where}: quant 'keep' keeps a GGUF file's blocks, so it can only be the "
                     "first step on a GGUF source")
             if st["method"] != "rtn":
-                from edgellm.runtime.config import ModelConfig
-
                 from . import calibquant
 
                 try:
@@ -340,8 +350,9 @@ def check(recipe, src):
 
             try:
                 quantize.check_quant(st["quant"], st["group_size"])
-                calibquant.options(st["method"], st["quant"], st["group_size"], s["calib"],
-                                   {"tokens": s["calib_tokens"]}, low_rank=st["fraction"])
+                o = calibquant.options(st["method"], st["quant"], st["group_size"], s["calib"],
+                                       {"tokens": s["calib_tokens"]}, low_rank=st["fraction"])
+                calibquant.check_shapes(o, ModelConfig(**cfg))
             except ConvertError as e:
                 bad(f"{where}: {e}")
             if st["quant"] in ("int4", "int3") and d % st["group_size"]:

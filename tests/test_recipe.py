@@ -121,6 +121,14 @@ BAD = {
     "neurons after weight pruning": ('[[step]]\nkind = "prune"\nmethod = "magnitude"\n'
                                      '[[step]]\nkind = "prune_neurons"\nfraction = 0.5\n',
                                      "step 2 .*must come before step 1"),
+    "quantize after weight pruning": ('[[step]]\nkind = "prune"\nmethod = "magnitude"\n'
+                                      'pattern = "2:4"\n[[step]]\nkind = "quantize"\n'
+                                      'quant = "int8"\n', r"step 2 \(quantize\): comes after "
+                                      r"step 1 \(prune\).*lose the\s+sparse encoding"),
+    "low-rank after weight pruning": ('[[step]]\nkind = "prune"\nmethod = "magnitude"\n'
+                                      '[[step]]\nkind = "lowrank"\nfraction = 0.5\n',
+                                      r"step 2 \(lowrank\): comes after step 1 \(prune\)"
+                                      r".*lose the\s+sparse encoding"),
     "keep later": ('[[step]]\nkind = "drop_layers"\nn = 1\n[[step]]\nkind = "quantize"\n'
                    'quant = "keep"\n', "only be the first step on a GGUF"),
 }

@@ -91,15 +91,19 @@ BAD = {
                    "does not divide the model's d_model 64"),
     "a step after it": ('fraction = 0.5\n[[step]]\nkind = "quantize"\nquant = "int8"\n',
                         r"step 2 \(quantize\): comes after step 1 \(lowrank\)"),
+    # checked as convert checks it (calibquant.check_shapes): q_dim 96 is 1.5 groups of 64
+    "gptq group size and q_dim": ('fraction = 0.5\nmethod = "gptq"\nquant = "int4"\n'
+                                  'group_size = 64\n', "group size 64 does not divide q_dim",
+                                  "llama_odd_heads"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_lowrank_steps_refused_before_any_work(tmp_path, case):
-    body, msg = BAD[case]
+    body, msg, *source = BAD[case]
     path = _write(tmp_path, '[[step]]\nkind = "lowrank"\n' + body)
     with pytest.raises(ConvertError, match=msg) as e:
-        recipe.run(tiny.checkpoint("llama"), tmp_path / "out", path, progress=False)
+        recipe.run(tiny.checkpoint(*source or ["llama"]), tmp_path / "out", path, progress=False)
     assert str(e.value).startswith(path)  # names the recipe file
     if case != "a step after it":
         assert "step 1 (lowrank)" in str(e.value)  # and the step
