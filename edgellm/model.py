@@ -23,7 +23,8 @@ SINKS = 4  # first tokens the sliding window always keeps (StreamingLLM: 4 sinks
 
 class Model:
     def __init__(self, path, manifest, config, reader, tokenizer, n_ctx, kv=kvcache.DEFAULT,
-                 stream=None):
+                 stream=None, why=""):
+        """Use Model.load. why: why the weights are read or mapped (reader.choose_mapped)."""
         self.path = path
         self.manifest = manifest
         self.config = config
@@ -36,7 +37,9 @@ class Model:
         self.default_cache = self.runtime.cache
         self.last_stats = None
         # how the weights are held: {"load": "read" | "mapped" | "streamed", "bytes", "why"}
-        self.weights = {"load": "mapped" if reader.mapped else "read", "bytes": None, "why": ""}
+        self.weights = {"load": "streamed" if stream is not None else
+                        "mapped" if reader.mapped else "read",
+                        "bytes": weight_bytes(manifest), "why": why}
 
     @classmethod
     def load(cls, path, verify=False, n_ctx=None, threads=None, kv=kvcache.DEFAULT,
@@ -87,10 +90,7 @@ class Model:
 
             stream = open_stream(reader, config, dram_budget, mode, n_ctx=n_ctx, kv=kv,
                                  window=window, io_threads=io_threads, cold=cold, oracle=oracle)
-        model = cls(path, manifest, config, reader, tokenizer, n_ctx, kv, stream)
-        model.weights = {"load": "streamed" if stream is not None else
-                         "mapped" if mapped else "read", "bytes": nbytes, "why": why}
-        return model
+        return cls(path, manifest, config, reader, tokenizer, n_ctx, kv, stream, why)
 
     @property
     def n_ctx(self):
