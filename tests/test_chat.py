@@ -12,6 +12,7 @@ import pytest
 
 import edgellm
 import tiny
+from clirun import edgellm_cli
 from edgellm.chat import Conversation, turn_end
 from edgellm.cli import demo_model_path
 from edgellm.runtime.errors import ContextLengthError
@@ -325,14 +326,24 @@ def test_ctrl_c_during_load_keeps_the_conversation_whole(demo, monkeypatch, tmp_
 # The REPL through a pseudo-terminal
 
 
+@pytest.fixture(scope="session")
+def chat_compiled():
+    """`edgellm chat` once, without a terminal, before the pty tests: with a cold Numba cache
+    it compiles the kernels here (under heavy load that once outlasted a pty test's wait for its
+    first answer), and the pty tests' children load them from the on-disk cache."""
+    r = edgellm_cli("chat", demo_model_path(), "-n", "4", "--temperature", "0",
+                    input="Hello.\n", timeout=1800)  # a bound on a cold compile, not a timing
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
 def spawn_chat(*args, cwd, sigint_ignored=False):
     """sigint_ignored: start the chat with SIGINT ignored, as a `cmd &` of a non-interactive
     shell (a CI script) starts it."""
     pexpect = pytest.importorskip("pexpect", reason="pexpect drives the chat through a pty")
     env = dict(os.environ, TERM="dumb")  # no terminal control sequences from readline
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
-    # 300 s: the first turn may compile Numba kernels cold; on a loaded machine that outlasted
-    # 120 s once (a wait for the prompt, not a check on output)
+    # the kernels are compiled (chat_compiled); 300 s is a bound for a loaded machine on each
+    # wait for the prompt, not a check on output
     child = pexpect.spawn(sys.executable, ["-m", "edgellm.cli", "chat", *args], cwd=str(cwd),
                           env=env, encoding="utf-8", timeout=300, dimensions=(50, 200),
                           preexec_fn=ignore)
@@ -350,6 +361,7 @@ def stats_rows(text):
     return rows
 
 
+@pytest.mark.usefixtures("chat_compiled")
 def test_chat_in_a_terminal(tmp_path):
     """Three turns, /stats, /save, /reset, /load and a turn continuing the loaded conversation,
     Ctrl-C during a long answer then another turn, Ctrl-C at the prompt, Ctrl-D exits with 0."""
@@ -394,6 +406,7 @@ def test_chat_in_a_terminal(tmp_path):
     assert c.exitstatus == 0 and "Traceback" not in c.before
 
 
+@pytest.mark.usefixtures("chat_compiled")
 def test_chat_ctrl_c(tmp_path):
     """Ctrl-C in the middle of a long answer stops it and the chat goes on; Ctrl-C at the prompt
     is harmless; Ctrl-D exits with status 0."""
@@ -425,6 +438,7 @@ def test_chat_ctrl_c(tmp_path):
     assert c.exitstatus == 0 and "Traceback" not in c.before
 
 
+@pytest.mark.usefixtures("chat_compiled")
 def test_chat_ctrl_c_at_the_prompt_when_started_ignoring_it(tmp_path):
     """A chat started with SIGINT ignored (what a CI script's `pytest &` hands down) still
     takes Ctrl-C at the prompt: a fresh prompt each time, no key pressed. Python leaves an
@@ -443,6 +457,7 @@ def test_chat_ctrl_c_at_the_prompt_when_started_ignoring_it(tmp_path):
     assert c.exitstatus == 0 and "Traceback" not in c.before
 
 
+@pytest.mark.usefixtures("chat_compiled")
 def test_chat_cli_errors(tmp_path):
     """A bad session file and a missing model are reported in one line, without a traceback."""
     pexpect = pytest.importorskip("pexpect")
