@@ -8,13 +8,10 @@ quantize the activations to int8 (blocks of 32, scale max|x| / 127, as llama.cpp
 most sum_j |w_j| * scale_block(j) / 2; the tests compute that bound exactly and allow it in full.
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
+from childpytest import no_jit, pytest_child, python_child
 from edgellm.runtime import encodings, kernels
 from edgellm.runtime.kernels import reference as ref
 from edgellm.runtime.kernels import simd
@@ -483,12 +480,7 @@ def test_ffn_tiny(set_mode):
 
 def test_no_jit_subset():
     """The *_tiny tests again with NUMBA_DISABLE_JIT=1 (this test's name must not match 'tiny')."""
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        __file__, "-k", "tiny and not no_jit"], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "5 passed" in r.stdout, r.stdout[-3000:]
+    assert no_jit(__file__, "tiny and not no_jit") == 5
 
 
 @pytest.mark.slow
@@ -506,14 +498,7 @@ def test_fast_kernels_without(switch, flag, tests, tmp_path):
     its own Numba cache (this one's cached code is compiled with VNNI and AVX-512)."""
     if not getattr(simd, flag):
         pytest.skip(f"this CPU lacks what {flag} needs: the tests above already run without it")
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    env[switch] = "1"
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", tests, "-x"], env=env, capture_output=True, text=True, timeout=900,
-                       cwd=os.path.dirname(__file__))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
-    check = subprocess.run([sys.executable, "-c", "from edgellm.runtime.kernels import simd; "
-                            f"print(simd.{flag})"], env=env, capture_output=True, text=True,
-                           cwd=os.path.dirname(__file__))  # not the checkout: the installed package
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache"), switch: "1"}
+    pytest_child(__file__, tests, timeout=900, **env)
+    check = python_child(f"from edgellm.runtime.kernels import simd; print(simd.{flag})", **env)
     assert check.stdout.strip() == "False", check.stderr[-2000:]

@@ -2,9 +2,6 @@
 the sliding window with attention sinks (bookkeeping, re-rotated keys, generation past n_ctx,
 prefix reuse across shifts)."""
 
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +9,7 @@ import pytest
 
 import edgellm
 import tiny
+from childpytest import no_jit
 from clirun import edgellm_cli
 from edgellm.cli import demo_model_path
 from edgellm.runtime import encodings, kernels, kvcache
@@ -91,12 +89,7 @@ def test_attention_rejects_mismatched_caches():
 
 def test_no_jit_subset():
     """The *_tiny tests again with NUMBA_DISABLE_JIT=1 (this test's name must not match 'tiny')."""
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        __file__, "-k", "tiny and not no_jit"], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "3 passed" in r.stdout, r.stdout[-3000:]
+    assert no_jit(__file__, "tiny and not no_jit") == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,6 @@ kernels (runtime/kernels/sparse.py), each against a direct NumPy statement."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import pytest
 import edgellm
 import reference
 import tiny
+from childpytest import no_jit, pytest_child, python_child
 from edgellm.converters import prune
 from edgellm.converters.convert import convert
 from edgellm.runtime import encodings, format, kernels
@@ -268,15 +267,10 @@ def test_sparse_int8_without_vbmi2(tmp_path):
     runs): sp50 int8 rows take the float kernels, sp24 still an int8 SIMD one (byte blends, not
     the permute); the linear kernel tests again in a process with that setting and its own Numba
     cache."""
-    env = dict(os.environ, EDGELLM_NO_VBMI2="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                        "-k", "linear_sparse_int8_simd and fast", "-x"], env=env,
-                       capture_output=True, text=True, timeout=900, cwd=os.path.dirname(__file__))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
-    check = subprocess.run([sys.executable, "-c", "from edgellm.runtime.kernels import "
-                            "sparse_simd as s; print(s.HAVE_VBMI2, s.HAVE_VBMI)"], env=env,
-                           capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    env = {"EDGELLM_NO_VBMI2": "1", "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    pytest_child(__file__, "linear_sparse_int8_simd and fast", timeout=900, **env)
+    check = python_child("from edgellm.runtime.kernels import sparse_simd as s; "
+                         "print(s.HAVE_VBMI2, s.HAVE_VBMI)", **env)
     assert check.stdout.strip() == "False False", check.stderr[-2000:]
 
 
@@ -292,12 +286,7 @@ def test_ffn_sparse_needs_a_separate_down():
 def test_no_jit_sparse():
     """The *_tiny kernel tests again with NUMBA_DISABLE_JIT=1 (the kernels as plain Python; int8
     rows then meet float32 activations: the intrinsics of the int8 path cannot run as Python)."""
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        __file__, "-k", "tiny and (f16-None-sp24 or int4-32-sp50 or "
-                        "int8-None-sp24)"], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:]
+    assert no_jit(__file__, "tiny and (f16-None-sp24 or int4-32-sp50 or int8-None-sp24)") > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,15 +4,12 @@ computes what a NumPy FFN thresholded on its inputs computes (also under NUMBA_D
 the fused decode equals the general path; prefill stays dense; what cannot be converted or
 streamed is refused with a clear message."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import edgellm
 import tiny
+from childpytest import no_jit
 from edgellm.converters.convert import convert
 from edgellm.runtime import encodings, teal
 from edgellm.runtime.errors import ConvertError, EdgeLLMError
@@ -139,46 +136,42 @@ def test_fused_decode_equals_general_path():
     assert all(0 < a < 1 and 0 < b <= 1 for a, b in teal.stats(rt))
 
 
+def test_kernel_branches_tiny():
+    """The kernel against NumPy, both ways of reading the down rows (again as plain Python in
+    test_no_jit_kernel)."""
+    rng = np.random.default_rng(3)
+    d, n = 32, 48
+    cols = rng.integers(-127, 128, (d, 2 * n)).astype(np.int8)
+    cs = rng.uniform(0.001, 0.01, 2 * n).astype(np.float32)
+    dq = rng.integers(-127, 128, (n, d)).astype(np.int8)
+    ds = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    x = rng.standard_normal(d).astype(np.float32)
+    w = cols.astype(np.float32).T * cs[:, None]
+    branches = set()
+    for t_hid in (0.02, 0.2, 0.5, 1.0, 2.0):
+        thr = np.array([0.5, t_hid], np.float32)
+        kept = np.zeros(3, np.int64)
+        out = kt.ffn_teal(x, cols, cs, dq, ds, thr, SILU, np.empty(2 * n, np.float32),
+                          np.empty(n, np.int32), np.empty(n, np.float32),
+                          np.empty((2, d), np.float32), kept)
+        h = np.where(np.abs(x) > thr[0], x, 0)
+        g, u = w[:n] @ h, w[n:] @ h
+        v = g / (1 + np.exp(-g)) * u
+        nz = (np.abs(v) > thr[1]).sum()
+        read_all = nz > kt.DENSE_DOWN * n
+        branches.add(bool(read_all))
+        if not read_all:  # else every down row is read and every value added
+            v = np.where(np.abs(v) > thr[1], v, 0)
+        want = v @ (dq.astype(np.float32) * ds[:, None])
+        assert np.allclose(out, want, rtol=1e-4, atol=1e-5), (t_hid, out, want)
+        assert kept[0] == (np.abs(x) > thr[0]).sum()
+        assert kept[2] == (n if read_all else nz)
+    assert branches == {True, False}, branches
+
+
 def test_no_jit_kernel():
     """The kernel as plain Python (NUMBA_DISABLE_JIT=1) against NumPy, in a child process."""
-    code = """if True:
-        import numpy as np
-        from edgellm.runtime.kernels import teal as kt
-        from edgellm.runtime.kernels.ffn import SILU
-        rng = np.random.default_rng(3)
-        d, n = 32, 48
-        cols = rng.integers(-127, 128, (d, 2 * n)).astype(np.int8)
-        cs = rng.uniform(0.001, 0.01, 2 * n).astype(np.float32)
-        dq = rng.integers(-127, 128, (n, d)).astype(np.int8)
-        ds = rng.uniform(0.001, 0.01, n).astype(np.float32)
-        x = rng.standard_normal(d).astype(np.float32)
-        w = cols.astype(np.float32).T * cs[:, None]
-        branches = set()
-        for t_hid in (0.02, 0.2, 0.5, 1.0, 2.0):
-            thr = np.array([0.5, t_hid], np.float32)
-            kept = np.zeros(3, np.int64)
-            out = kt.ffn_teal(x, cols, cs, dq, ds, thr, SILU, np.empty(2 * n, np.float32),
-                              np.empty(n, np.int32), np.empty(n, np.float32),
-                              np.empty((2, d), np.float32), kept)
-            h = np.where(np.abs(x) > thr[0], x, 0)
-            g, u = w[:n] @ h, w[n:] @ h
-            v = g / (1 + np.exp(-g)) * u
-            nz = (np.abs(v) > thr[1]).sum()
-            read_all = nz > kt.DENSE_DOWN * n
-            branches.add(bool(read_all))
-            if not read_all:  # else every down row is read and every value added
-                v = np.where(np.abs(v) > thr[1], v, 0)
-            want = v @ (dq.astype(np.float32) * ds[:, None])
-            assert np.allclose(out, want, rtol=1e-4, atol=1e-5), (t_hid, out, want)
-            assert kept[0] == (np.abs(x) > thr[0]).sum()
-            assert kept[2] == (n if read_all else nz)
-        assert branches == {True, False}, branches
-        print("ok")
-    """
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=os.path.dirname(__file__))
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    assert no_jit(__file__, "tiny and not no_jit") == 1
 
 
 def test_kernel_random_threads_and_groups():
