@@ -139,7 +139,7 @@ def main(argv=None):
     load = os.getloadavg()[0]
     print(f"load average {load:.2f} on {os.cpu_count()} cores (other processes skew timings, "
           f"2-thread ones most)")
-    print(f"numba {numba.__version__}, avx2 intrinsics {simd.HAVE_AVX2}, "
+    print(f"numba {numba.__version__}, fast kernels {simd.flavour()}, "
           f"f16 SIMD {simd.HAVE_F16}, {args.layers} layers x 7 matvecs "
           f"(per token: x {22 / args.layers:.2f} to 22 layers)")
     print(f"{'enc':5} {'kernel':9} {'thr':>3} {'ms/token':>9} {'GB/s':>6} {'vs llama.cpp':>12}")

@@ -251,8 +251,17 @@ def print_stats(stats, load_s, weights=None):
         "time per part: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({100 * v / total:.0f}%)"
                                       for k, v in parts.items()),
         f"finish     {stats['finish_reason']}",
+        f"kernels    {kernels_text()}",
     ]
     print("\n".join(lines), file=sys.stderr)
+
+
+def kernels_text():
+    """The decode kernels' mode and, in the fast mode, the instructions of its dot products."""
+    from .runtime import kernels
+    from .runtime.kernels import simd
+
+    return kernels.MODE + (f" ({simd.flavour()})" if kernels.MODE == "fast" else "")
 
 
 def cmd_demo(a):

@@ -21,7 +21,10 @@ Each integer dot and float16 kernel has two flavors: "fast" uses vpmaddubsw/vpma
 llama.cpp does; byte products summed in pairs into 16 bits, then 32: no overflow since |x| <=
 127, |w| <= 128), or vpdpbusd where the CPU has VNNI (HAVE_VNNI: byte products summed in fours
 straight into 32 bits), and the CPU's float16 conversion (F16C vcvtph2ps, ARM fcvtl); with
-AVX-512 (HAVE_AVX512) q4_dot takes four blocks a step in 512-bit registers. "generic"
+AVX-512 (HAVE_AVX512) q4_dot takes four blocks a step in 512-bit registers. On aarch64 with the
+dot-product extension (HAVE_DOTPROD) the fast flavor multiplies with sdot (signed bytes summed in
+fours into 32-bit lanes, grouped as vpdpbusd's: the same integer sums). flavour() names the
+choice. "generic"
 sign-extends and multiplies, and converts float16 with integer bit operations, which LLVM
 compiles for any target. The fast flavor emits the generic IR where the CPU lacks the
 instructions, so both always compile; the kernels take a `fast` flag and tests run both.
@@ -42,9 +45,14 @@ from numba.extending import intrinsic
 
 from . import cachestamp
 
-_FEATURES = llb.get_host_cpu_features().flatten()
-_NUMBA_HOST = (numba.config.CPU_NAME in (None, "host")
-               and not numba.config.CPU_FEATURES)
+# the features Numba compiles for: the host's as LLVM reads them (/proc/cpuinfo on Linux), or
+# NUMBA_CPU_FEATURES where set (scripts/aarch64-check: qemu-user before 8.1 shows the host's
+# /proc/cpuinfo, so LLVM sees a generic CPU); NUMBA_CPU_NAME alone (code for another CPU) keeps
+# every instruction choice below off. Emitting an instruction the target lacks aborts LLVM.
+_FEATURES = (numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None
+             else llb.get_host_cpu_features().flatten())
+_NUMBA_HOST = (numba.config.CPU_FEATURES is not None
+               or numba.config.CPU_NAME in (None, "host"))
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 _ARM = platform.machine().lower() in ("aarch64", "arm64")
 HAVE_AVX2 = _NUMBA_HOST and _X86 and "+avx2" in _FEATURES.split(",")
@@ -63,14 +71,50 @@ HAVE_VBMI2 = (HAVE_AVX2 and os.environ.get("EDGELLM_NO_VBMI2", "") != "1"
 # instructions of the 256-bit sequence; EDGELLM_NO_AVX512=1 keeps the 256-bit one
 HAVE_AVX512 = (HAVE_VNNI and os.environ.get("EDGELLM_NO_AVX512", "") != "1"
                and {"+avx512bw", "+avx512vnni", "+avx512f"} <= _FEATS)
+# aarch64 dot-product instructions (ARMv8.2 dotprod, /proc/cpuinfo "asimddp": Raspberry Pi 5's
+# Cortex-A76, not the Pi 4's A72): sdot sums four s8 x s8 products into each 32-bit lane, as
+# vpdpbusd does; EDGELLM_NO_DOTPROD=1 keeps the generic IR
+HAVE_DOTPROD = (_NUMBA_HOST and _ARM and os.environ.get("EDGELLM_NO_DOTPROD", "") != "1"
+                and "+dotprod" in _FEATS)
 # intrinsics cannot run as Python: without the JIT the dispatch uses the portable kernels
 AVAILABLE = not numba.config.DISABLE_JIT
 
 
+def flavour():
+    """The instructions the "fast" kernels' integer dot products use on this CPU (the one place
+    that names the choice; --stats and the benchmarks print it)."""
+    if not AVAILABLE:
+        return "portable (no JIT)"
+    if HAVE_AVX512:
+        return "x86 AVX-512 VNNI"
+    if HAVE_VNNI:
+        return "x86 AVX2 VNNI"
+    if HAVE_AVX2:
+        return "x86 AVX2"
+    if HAVE_DOTPROD:
+        return "aarch64 NEON sdot"
+    if _ARM:
+        return "aarch64 NEON generic" + (" (the CPU has dotprod, Numba's target does not: "
+                                         "set NUMBA_CPU_FEATURES)" if _cpu_dotprod() else "")
+    return "generic"
+
+
+def _cpu_dotprod():
+    """Linux's AT_HWCAP says the CPU has the dot-product instructions (HWCAP_ASIMDDP)."""
+    import ctypes
+
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return False
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return bool(getauxval(16) & (1 << 20))
+
 
 # cached kernels inline this file's IR (and other kernel files'): cachestamp drops their
 # cache entries when a file they reach, or one of the choices above, changed
-cachestamp.drop_stale(f"vnni={HAVE_VNNI},vbmi2={HAVE_VBMI2},avx512={HAVE_AVX512}")
+cachestamp.drop_stale(f"vnni={HAVE_VNNI},vbmi2={HAVE_VBMI2},avx512={HAVE_AVX512}"
+                      + (f",dotprod={HAVE_DOTPROD}" if _ARM else ""))
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F32, F16 = ir.FloatType(), ir.HalfType()
@@ -136,8 +180,22 @@ def _dpbusd(builder, acc, u, s):
                  [acc, builder.bitcast(u, t), builder.bitcast(s, t)], t)
 
 
+def _sdot(builder, acc, a, b):
+    """acc <8 x i32> + sums of four s8 (a <32 x i8>) x s8 (b) products per lane, lane k bytes
+    4k..4k+3 (vpdpbusd's grouping): two sdot on 128-bit halves."""
+    halves = []
+    for h in range(2):
+        halves.append(_call(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8",
+                            [_slice(builder, acc, 4 * h, 4), _slice(builder, a, 16 * h, 16),
+                             _slice(builder, b, 16 * h, 16)], _v(I32, 4)))
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(_v(I32, 8), list(range(8))))
+
+
 def _block_dot(builder, w, x, avx2):
-    """<32 x i8> w (|w| <= 128), <32 x i8> x (|x| <= 127) -> <8 x i32> partial sums of w * x."""
+    """<32 x i8> w (|w| <= 128), <32 x i8> x (|x| <= 127) -> <8 x i32> partial sums of w * x
+    (fast flavor: lane k bytes 4k..4k+3, sparse_simd relies on it)."""
+    if avx2 and HAVE_DOTPROD:
+        return _sdot(builder, _const_vec(I32, 8, 0), w, x)
     if avx2 and HAVE_AVX2:
         aw = _call(builder, "llvm.abs.v32i8", [w, ir.Constant(ir.IntType(1), 0)], w.type)
         sx = _call(builder, "llvm.x86.avx2.psign.b", [x, w], w.type)
@@ -211,6 +269,8 @@ def _pair_dot(builder, lo, hi, xlo, xhi, avx2):
     most 2 * 15 * 127 = 3810 and two of them 7620: no 16-bit saturation."""
     if avx2 and HAVE_VNNI:
         return _dpbusd(builder, _dpbusd(builder, _const_vec(I32, 8, 0), lo, xlo), hi, xhi)
+    if avx2 and HAVE_DOTPROD:  # nibbles 0..15 are valid s8 operands
+        return _sdot(builder, _sdot(builder, _const_vec(I32, 8, 0), lo, xlo), hi, xhi)
     if avx2 and HAVE_AVX2:
         p = builder.add(_call(builder, "llvm.x86.avx2.pmadd.ub.sw", [lo, xlo], _v(I16, 16)),
                         _call(builder, "llvm.x86.avx2.pmadd.ub.sw", [hi, xhi], _v(I16, 16)))

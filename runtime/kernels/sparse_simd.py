@@ -60,11 +60,20 @@ def _bit(builder, c, k):
     return builder.icmp_unsigned("!=", m, _const_vec(I8, 32, 0))
 
 
+def _unavailable(builder, have):
+    """True (after a trap) where the CPU lacks the AVX-512 instructions of a kernel (`have`
+    False): the callers never run it there, yet Numba compiles it into sparse.int8_row, and an
+    instruction the target lacks aborts LLVM (AVX2-only x86, aarch64)."""
+    if not have:
+        _call(builder, "llvm.trap", [], ir.VoidType())
+    return not have
+
+
 def _quad_dot(builder, w, x, avx2):
     """<32 x i8> w, x -> <8 x i32>, lane k = sum of the products of bytes 4k..4k+3 (the SIMD
     block product sums these; simd._block_dot's generic flavor sums bytes k, k+8, k+16, k+24,
     as good for a dense block with one scale but not for lanes of different blocks)."""
-    if avx2 and simd.HAVE_AVX2:
+    if avx2 and (simd.HAVE_AVX2 or simd.HAVE_DOTPROD):
         return _block_dot(builder, w, x, avx2)
     p = builder.sext(builder.mul(builder.sext(w, _v(I16, 32)), builder.sext(x, _v(I16, 32))),
                      _v(I32, 32))
@@ -192,6 +201,8 @@ def sp24_dot_permute(typingctx, q, vo, co, h, xu, s4):
     sig = types.float32(q, types.int64, types.int64, types.int64, xu, s4)
 
     def codegen(context, builder, sig, args):
+        if _unavailable(builder, HAVE_VBMI):
+            return ir.Constant(F32, 0.0)
         qa, vo, co, h, xua, s4a = args
         qb = _base(context, builder, sig.args[0], qa)
         xb = _base(context, builder, sig.args[4], xua)
@@ -278,6 +289,8 @@ def sp50_dot(typingctx, q, vo, co, d, xu, s16):
     sig = types.float32(q, types.int64, types.int64, types.int64, xu, s16)
 
     def codegen(context, builder, sig, args):
+        if _unavailable(builder, HAVE_VBMI2):
+            return ir.Constant(F32, 0.0)
         qa, vo, co, d, xua, s16a = args
         qb = _base(context, builder, sig.args[0], qa)
         xb = _base(context, builder, sig.args[4], xua)
