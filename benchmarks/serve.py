@@ -19,21 +19,16 @@ each, and a wall-clock limit.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+from serveclient import DONE, free_port, sse_data, wait_healthy
+
 TOPICS = ["the weather", "a long walk", "the library", "a letter", "the garden", "music",
           "an old friend", "the sea"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid):
@@ -43,21 +38,13 @@ def rss_mb(pid):
 
 
 def start_server(model, port, queue_size, log):
-    import httpx
-
     cmd = [sys.executable, "-m", "edgellm.cli", "serve", model, "--host", "127.0.0.1",
            "--port", str(port), "--queue-size", str(queue_size), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"edgellm serve exited with {proc.returncode} (see {log.name})")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    if wait_healthy(f"http://127.0.0.1:{port}", proc, 180):
+        return proc
+    if proc.poll() is not None:
+        raise SystemExit(f"edgellm serve exited with {proc.returncode} (see {log.name})")
     proc.kill()
     raise SystemExit("edgellm serve did not start in 180 s")
 
@@ -73,13 +60,12 @@ def stream_chat(client, url, messages, max_tokens, deadline):
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode()[:200]}")
         for line in r.iter_lines():
-            if not line.startswith("data: "):
+            chunk = sse_data(line)
+            if chunk is None:
                 continue
-            data = line[6:]
-            if data == "[DONE]":
+            if chunk == DONE:
                 done = True
                 break
-            chunk = json.loads(data)
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             if chunk.get("usage"):

@@ -22,7 +22,6 @@ counts page cache) minus the baseline. Exit 1 on a failure.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from flash import Cgroup  # noqa: E402  (the memory cgroup helper of the flash benchmark)
+from serveclient import DONE, free_port, sse_data, wait_healthy  # noqa: E402
 
 BASELINE = r"""
 import gc, json, sys
@@ -84,12 +84,6 @@ class Sampler(threading.Thread):
             self.peak = max(self.peak, a)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def status_field(pid, name):
     try:
         for line in open(f"/proc/{pid}/status"):
@@ -129,9 +123,9 @@ def post(url, body, stream):
             return r.status_code, r.json(), None
         text, usage = [], None
         for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            chunk = sse_data(line)
+            if chunk is None or chunk == DONE:
                 continue
-            chunk = json.loads(line[6:])
             if "error" in chunk:
                 return 500, chunk, None
             if chunk.get("usage"):
@@ -247,16 +241,9 @@ def main():
     try:
         import httpx
 
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                sys.exit(f"the server did not start ({proc.returncode}):\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        if not wait_healthy(url, proc, 600):
+            log.seek(0)
+            sys.exit(f"the server did not start ({proc.returncode}):\n{log.read()[-3000:]}")
         idle = memory.anonymous_bytes(proc.pid)
         sampler = Sampler(proc.pid)
         sampler.start()

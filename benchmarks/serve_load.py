@@ -34,6 +34,8 @@ import sys
 import threading
 import time
 
+from serveclient import DONE, free_port, sse_data
+
 PROMPT = "It is a truth universally acknowledged"
 
 
@@ -98,14 +100,6 @@ class Running:
         self.thread.join(30)
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # The client side (a child process)
 
@@ -125,13 +119,12 @@ async def one_stream(client, url, body, hang_after, chat):
                 out["closed"] = time.monotonic()
                 return out
             async for line in r.aiter_lines():
-                if not line.startswith("data: "):
+                event = sse_data(line)
+                if event is None:
                     continue
-                data = line[6:]
-                if data == "[DONE]":
+                if event == DONE:
                     out["done"] = True
                     break
-                event = json.loads(data)
                 if "error" in event:
                     out["errors"].append(event["error"])
                     continue
