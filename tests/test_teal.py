@@ -136,17 +136,23 @@ def test_fused_decode_equals_general_path():
     assert all(0 < a < 1 and 0 < b <= 1 for a, b in teal.stats(rt))
 
 
+def random_ffn(rng, d, n):
+    """A random int8 FFN in the kernel's layout: gate|up codes by input column [d, 2n] and their
+    scales, down rows [n, d] and scales; and the gate|up weights as float32 rows [2n, d]."""
+    cols = rng.integers(-127, 128, (d, 2 * n)).astype(np.int8)
+    cs = rng.uniform(0.001, 0.01, 2 * n).astype(np.float32)
+    dq = rng.integers(-127, 128, (n, d)).astype(np.int8)
+    ds = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    return cols, cs, dq, ds, cols.astype(np.float32).T * cs[:, None]
+
+
 def test_kernel_branches_tiny():
     """The kernel against NumPy, both ways of reading the down rows (again as plain Python in
     test_no_jit_kernel)."""
     rng = np.random.default_rng(3)
     d, n = 32, 48
-    cols = rng.integers(-127, 128, (d, 2 * n)).astype(np.int8)
-    cs = rng.uniform(0.001, 0.01, 2 * n).astype(np.float32)
-    dq = rng.integers(-127, 128, (n, d)).astype(np.int8)
-    ds = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    cols, cs, dq, ds, w = random_ffn(rng, d, n)
     x = rng.standard_normal(d).astype(np.float32)
-    w = cols.astype(np.float32).T * cs[:, None]
     branches = set()
     for t_hid in (0.02, 0.2, 0.5, 1.0, 2.0):
         thr = np.array([0.5, t_hid], np.float32)
@@ -178,11 +184,7 @@ def test_kernel_random_threads_and_groups():
     """Input counts not a multiple of the 4-column group, several partial sums (threads)."""
     rng = np.random.default_rng(0)
     d, n = 64, 96
-    cols = rng.integers(-127, 128, (d, 2 * n)).astype(np.int8)
-    cs = rng.uniform(0.001, 0.01, 2 * n).astype(np.float32)
-    dq = rng.integers(-127, 128, (n, d)).astype(np.int8)
-    ds = rng.uniform(0.001, 0.01, n).astype(np.float32)
-    w = cols.astype(np.float32).T * cs[:, None]
+    cols, cs, dq, ds, w = random_ffn(rng, d, n)
     for t_in, t_hid in ((-1.0, 0.01), (0.3, 0.01), (1.0, 0.05), (10.0, 0.01), (0.3, -1.0),
                         (0.3, 0.2)):
         x = rng.standard_normal(d).astype(np.float32)
