@@ -13,7 +13,7 @@ import numpy as np
 
 from . import format, gateapart, kernels, teal, threads
 from . import lowrank
-from .kernels import fused, w8a8
+from .kernels import fused, team, w8a8
 from .errors import ContextLengthError, EdgeLLMError
 from .kvcache import DEFAULT as DEFAULT_KV
 from .kvcache import KVCache
@@ -285,13 +285,18 @@ class Transformer:
         if x is not scratch.x2:
             xb[:] = x[0]
         kc, vc, ks, vs = self.cache.layer(i)
-        key = (kc, vc, numba.get_num_threads())
+        n = numba.get_num_threads()
+        key = (kc, vc, n)
         hit = memo[i]
         if hit is None or hit[0][0] is not kc or hit[0][1] is not vc or hit[0][2] != key[2]:
             hit = memo[i] = (key, fused.layer_args(plan, scratch, self.cfg.norm_eps, kc, vc, ks,
                                                    vs, self.cos, self.sin,
-                                                   getattr(self.cache, "block", 0)))
-        rc = fused.decode_layer(xb, p0, *hit[1])
+                                                   getattr(self.cache, "block", 0)),
+                             n > 1 and team.takes(plan))
+        if hit[2]:  # one parallel region for the layer (kernels/team.py)
+            rc = team.decode_layer_team(xb, p0, scratch.ctl, n, *hit[1])
+        else:
+            rc = fused.decode_layer(xb, p0, *hit[1])
         if rc != fused.OK:
             raise EdgeLLMError("a key or value is out of float16 range; use the f32 or int8 KV "
                                "cache (kv='f32', --kv f32)")
