@@ -406,54 +406,41 @@ def _calib_opts(s, **extra):
     return calibrate.CalibOptions(text=s["calib"], tokens=s["calib_tokens"], **extra).check()
 
 
-def _quantize(cur, out, st, s, work):
+def _convert_again(cur, out, work, **kw):
+    """convert(cur, out, **kw), an edgellm model directory cur first exported to a float32
+    Hugging Face directory in work (exact), removed afterwards. (What the quantize, prune and
+    lowrank steps do: whatever encoding cur had is replaced.)"""
     from edgellm.export import export
 
     from .convert import convert
 
     src = cur
-    if structural.is_model_dir(cur):  # exact: the export writes float32
+    if structural.is_model_dir(cur):
         src = os.path.join(work, os.path.basename(out) + "-hf")
         export(cur, src, to="hf", progress=False)
+    convert(src, out, progress=False, **kw)
+    if src != cur:
+        shutil.rmtree(src, ignore_errors=True)
+
+
+def _quantize(cur, out, st, s, work):
     kw = {}
     if st["method"] != "rtn":  # calibrated on the recipe's text (calib=None: the shipped one)
         kw = {"method": st["method"], "method_options": {"tokens": s["calib_tokens"]},
               "calib": s["calib"]}
-    convert(src, out, quant=st["quant"], group_size=st["group_size"], progress=False, **kw)
-    if src != cur:
-        shutil.rmtree(src, ignore_errors=True)
+    _convert_again(cur, out, work, quant=st["quant"], group_size=st["group_size"], **kw)
     return {}
 
 
 def _prune(cur, out, st, s, work):
-    from edgellm.export import export
-
-    from .convert import convert
-
-    src = cur
-    if structural.is_model_dir(cur):
-        src = os.path.join(work, os.path.basename(out) + "-hf")
-        export(cur, src, to="hf", progress=False)
-    convert(src, out, quant=st["quant"], progress=False, prune=_prune_options(st, s))
-    if src != cur:
-        shutil.rmtree(src, ignore_errors=True)
+    _convert_again(cur, out, work, quant=st["quant"], prune=_prune_options(st, s))
     return {}
 
 
 def _lowrank(cur, out, st, s, work):
-    from edgellm.export import export
-
-    from .convert import convert
-
-    src = cur
-    if structural.is_model_dir(cur):
-        src = os.path.join(work, os.path.basename(out) + "-hf")
-        export(cur, src, to="hf", progress=False)
-    convert(src, out, quant=st["quant"], group_size=st["group_size"], progress=False,
-            method=st["method"], method_options={"tokens": s["calib_tokens"]},
-            calib=s["calib"], low_rank=st["fraction"])
-    if src != cur:
-        shutil.rmtree(src, ignore_errors=True)
+    _convert_again(cur, out, work, quant=st["quant"], group_size=st["group_size"],
+                   method=st["method"], method_options={"tokens": s["calib_tokens"]},
+                   calib=s["calib"], low_rank=st["fraction"])
     m, _ = format.read_manifest(out)
     rec = m["provenance"]["quantization"]["calibrated"]["low_rank"]
     return {"ranks": [lay["ranks"] for lay in rec["layers"]]}
