@@ -16,7 +16,7 @@ import tiny
 from edgellm.converters.convert import convert
 from edgellm.runtime import encodings
 from edgellm.runtime.errors import ConvertError, EdgeLLMError
-from edgellm.runtime.kernels import simd
+from edgellm.runtime.kernels import qgemm, simd
 
 _MODELS = {}
 # enough layers that streaming them one at a time takes less memory than holding them all
@@ -72,11 +72,13 @@ def test_down_matrix_is_the_codecs_rounding_of_w_down(quant):
 
 
 @pytest.mark.parametrize("quant", ["f16", "int8", "int4"])
-def test_prefill_matches_numpy_forward_on_held_weights(quant):
+def test_prefill_matches_numpy_forward_on_held_weights(quant, monkeypatch):
     """Prefill (float32 tiles, no activation quantization) against the float64 NumPy forward on
     the very weights the model holds: float32 rounding apart, the same function. (int8/int4
     differed by ~0.5% of the logit scale until the last token's head product, a one-row matvec,
-    stopped going through decode's int8 activation blocks: model.forward's float_act.)"""
+    stopped going through decode's int8 activation blocks: model.forward's float_act.) The
+    integer GEMM (int8 activation blocks) is off here: tests/test_prefill_gemm.py checks it."""
+    monkeypatch.setattr(qgemm, "ENABLED", False)
     src = tiny.checkpoint("llama")
     rt = edgellm.load(matrix_model("llama", quant), kv="f32").runtime  # no cache rounding
     with open(os.path.join(src, "config.json")) as f:

@@ -37,6 +37,7 @@ from . import attention as _attention
 from . import ffn as _ffn
 from . import matvec as _mv
 from . import norms as _norms
+from . import qgemm as _qgemm
 from . import qmatvec as _qmv
 from . import rope as _rope
 from . import simd as _simd
@@ -194,7 +195,9 @@ def linear_many(ms, x, biases=None):
     biases = biases or [None] * len(ms)
     x = np.ascontiguousarray(x, dtype=np.float32)
     names = {(m.codec.name, m.codec.group_size, m.shape[1]) for m in ms}
-    if (len(ms) != 3 or x.ndim != 2 or x.shape[0] != 1 or len(names) != 1
+    if x.ndim == 2 and x.shape[0] > 1 and all(_gemm_ok(m, x.shape[0]) for m in ms):
+        outs = _gemm_many(ms, x)  # prefill: x quantized once for all (qgemm.py)
+    elif (len(ms) != 3 or x.ndim != 2 or x.shape[0] != 1 or len(names) != 1
             or ms[0].codec.name == "f32" or x.shape[1] != ms[0].shape[1]
             or x.shape[1] % 32 or not all(_simd_ok(m) for m in ms)):
         outs = [linear(m, x) for m in ms]
@@ -218,6 +221,24 @@ def linear_many(ms, x, biases=None):
     return outs
 
 
+def _gemm_ok(m, T):
+    """True when linear(m, x) with T rows runs the integer GEMM (qgemm.use_gemm: the rule)."""
+    return (MODE == "fast" and m.codec.name in _qgemm.CODES and _simd_ok(m)
+            and _qgemm.use_gemm(m.codec.name, m.codec.group_size, m.shape[0], m.shape[1], T))
+
+
+def _gemm_many(ms, x):
+    """Prefill products of x f32[T, d] with matrices that _gemm_ok took, x quantized once."""
+    for m in ms:
+        x = _as_rows(x, m.shape[1], "linear")
+        _check_matrix(m)
+    act = _qgemm.Activations(x)
+    outs = []
+    for m in ms:
+        outs.append(_qgemm.matmul(m, act)[:x.shape[0]])
+    return outs
+
+
 def linear(m, x, float_act=False):
     """x f32[T, d] @ m.T for an encoded Matrix m [n, d] -> f32[T, n]. float_act: one row too
     with float32 activations, through prefill's tiles (a prefill's last token through the head;
@@ -233,6 +254,8 @@ def linear(m, x, float_act=False):
         out = np.empty((1, n), dtype=np.float32)
         _matvec(m, x[0], out[0])
         return out
+    if not float_act and _gemm_ok(m, T):
+        return _gemm_many([m], x)[0]
     # out^T = W x^T tile by tile: BLAS runs this orientation faster for short T (measured)
     xT = np.ascontiguousarray(x.T)
     outT = np.empty((n, T), dtype=np.float32)
@@ -373,6 +396,18 @@ def _ffn_simd_ok(layout):
     return True
 
 
+def _ffn_gemm_parts(layout, T, n=_qgemm.RM, d=None):
+    """Names of the bundle parts (gate, up) whose prefill products with T tokens run the integer
+    GEMM (qgemm.use_gemm; n neurons of d inputs; d None: any d it takes). The down part stays
+    with the float tiles: its blocks run along d, the output, not along the sum."""
+    if MODE != "fast" or T < 2 or not _ffn_simd_ok(layout):
+        return set()
+    return {e["name"] for e in layout
+            if e["name"] in ("gate", "up")
+            and _qgemm.use_gemm(e["encoding"], e["group_size"], n,
+                                d if d is not None else 128, T)}
+
+
 def _group_shifts(tab):
     out = np.zeros(3, dtype=np.int64)
     for i in range(3):
@@ -433,11 +468,36 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
         if down is not None:
             return linear(down, hidden.reshape(1, n))
         return out.reshape(1, d)
+    simd = _ffn_simd_ok(layout)
+    shifts = _group_shifts(tab)
+    # gate and up through the integer GEMM (qgemm.py) where the rule takes them: all rows in
+    # one call each, x quantized once
+    gemm = _ffn_gemm_parts(layout, T, n, d)
+    first = {"gate", "up"} if gated else {"up"}
+    if down is not None and first <= gemm:
+        # the whole first stage, token-major f32[T, n]: the hidden goes to down as it is
+        act = _qgemm.Activations(x)
+        u = _qgemm.matmul_part(bundles, tab[0, 1], tab[1, 1], tab[2, 1], shifts[1], n, d,
+                               act, tokens_first=True)[:T]
+        if gated:
+            g = _qgemm.matmul_part(bundles, tab[0, 0], tab[1, 0], tab[2, 0], shifts[0], n, d,
+                                   act, tokens_first=True)[:T]
+            h = _activate(g, activation) * u
+        else:
+            if has_bias:
+                u += bias
+            h = _activate(u, activation)
+        return linear(down, h)
+    prods = [None, None]  # f32[n, T + padding] (by neuron, as the tiles' products below)
+    if gemm:
+        act = _qgemm.Activations(x)
+        for i, name in ((0, "gate"), (1, "up")):
+            if name in gemm:
+                prods[i] = _qgemm.matmul_part(bundles, tab[0, i], tab[1, i], tab[2, i],
+                                              shifts[i], n, d, act)[:, :T]
     xT = np.ascontiguousarray(x.T)
     outT = np.zeros((d, T), dtype=np.float32)  # transposed products: see linear
     hT = np.empty((n, T), dtype=np.float32) if down is not None else None
-    simd = _ffn_simd_ok(layout)
-    shifts = _group_shifts(tab)
     rows = _rows_per_tile(d, 3)
     tile = _tile(3 * rows, d)
     for r0 in range(0, n, rows):
@@ -445,7 +505,7 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
         k = r1 - r0
         w = [None, None, None]
         for i in (0, 1, 2) if gated else (1, 2):
-            if i == 2 and down is not None:
+            if (i == 2 and down is not None) or (i < 2 and prods[i] is not None):
                 continue
             t = tile[i * rows:i * rows + k]
             if simd:
@@ -454,9 +514,10 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
             else:
                 w[i] = _ffn.dequant_part(bundles, r0, r1, tab[0, i], tab[1, i], tab[2, i],
                                          tab[3, i], d, _LUT, t)
-        u = w[1] @ xT  # (k, T)
+        u = w[1] @ xT if prods[1] is None else prods[1][r0:r1]  # (k, T)
         if gated:
-            h = _activate(w[0] @ xT, activation) * u
+            g = w[0] @ xT if prods[0] is None else prods[0][r0:r1]
+            h = _activate(g, activation) * u
         else:
             if has_bias:
                 u += bias[r0:r1, None]
@@ -482,11 +543,17 @@ def _activate(v, activation):
 
 
 def quantizes_activations(m, T):
-    """True when linear(m, x) with T rows quantizes x to int8 blocks of 32 (adds bounded error)."""
-    return T == 1 and m.codec.name in INT_ENCODINGS and _simd_ok(m)
+    """True when linear(m, x) with T rows quantizes x to int8 blocks of 32 (adds bounded error):
+    decode's SIMD kernels, and prefill's integer GEMM."""
+    if T == 1:
+        return m.codec.name in INT_ENCODINGS and _simd_ok(m)
+    return _gemm_ok(m, T)
 
 
 def ffn_quantizes_activations(layout, T):
-    """{part name: True when its dot products with x use int8-quantized activations}."""
+    """{part name: True when its dot products with x use int8-quantized activations} (prefill:
+    when the layer's d suits the integer GEMM, which this does not see: a superset)."""
     simd = T == 1 and _ffn_simd_ok(layout)
-    return {e["name"]: simd and e["encoding"] in INT_ENCODINGS for e in layout}
+    gemm = _ffn_gemm_parts(layout, T)
+    return {e["name"]: (simd and e["encoding"] in INT_ENCODINGS) or e["name"] in gemm
+            for e in layout}

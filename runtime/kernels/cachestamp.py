@@ -26,6 +26,7 @@ CALLS = {
     "attention": ("simd",),
     "ffn": ("matvec", "qmatvec", "simd"),
     "fused": ("attention", "ffn", "norms", "qmatvec", "rope", "simd", "sparse", "teal"),
+    "qgemm": ("simd",),
     "qmatvec": ("simd",),
     "sparse": ("ffn", "simd", "sparse_simd"),
     "sparse_simd": ("simd",),
