@@ -137,6 +137,11 @@ def load_session(path, model):
 
     state = {k[3:]: v for k, v in tensors.items() if k.startswith("kv/")}
     _check_state(path, state, model)
+    vocab = model.config.vocab_size
+    for name, ids in (("kv/tokens", state["tokens"]), ("history", tensors.get("history"))):
+        # (a cached id is never embedded again: it would first fail where the answer is decoded)
+        if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise SessionError(path, f"damaged: {name} holds a token id outside 0..{vocab - 1}")
     cache = model.new_cache()
     n = len(state["tokens"])
     if n > cache.n_ctx:

@@ -14,6 +14,7 @@ import tiny
 from edgellm.chat import Conversation
 from edgellm.cli import demo_model_path
 from edgellm.sampling import SamplingParams
+from edgellm import session
 from edgellm.session import SessionError, load_session, save_session
 
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
@@ -118,7 +119,8 @@ def test_refuses_a_newer_version_and_foreign_files(tmp_path, demo):
         load_session(tmp_path / "missing.session", demo)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "messages"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "messages", "history",
+                                    "kv/tokens"])
 def test_refuses_a_damaged_file(tmp_path, demo, damage):
     conv, _ = chat(demo, ["Hello"])
     path = str(save_session(tmp_path / "a.session", demo, conv.cache, conv.messages, conv.ids))
@@ -132,7 +134,13 @@ def test_refuses_a_damaged_file(tmp_path, demo, damage):
     else:
         with safe_open(path, "np") as f:
             meta = f.metadata()
-        save_file(load_file(path), path, metadata=dict(meta, messages='{"role": 1}'))
+        tensors = load_file(path)
+        if damage == "messages":
+            meta["messages"] = '{"role": 1}'
+        else:  # a token id past the vocabulary, the checksum made right (a fuzzer's finding)
+            tensors[damage][-1] = demo.config.vocab_size
+            meta["checksum"] = session._checksum(tensors)
+        save_file(tensors, path, metadata=meta)
         data = bytearray(open(path, "rb").read())
     open(path, "wb").write(bytes(data))
     with pytest.raises(SessionError, match="a.session") as e:
