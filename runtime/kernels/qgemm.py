@@ -17,8 +17,8 @@ Per encoding, with xs the activation block scales:
     q4_1   unsigned codes times x times step * xs, plus min * xs * sum(x) per block
 Integer sums per block are exact; the float sums over blocks run in 16 lanes, then a tree.
 
-The tiles need AVX-512 VNNI (simd.HAVE_AVX512); rows of whole 64-byte steps (d % 128 == 0 for
-4-bit codes, d % 64 for 8-bit ones) and at least RM rows. use_gemm() is the rule; anything else
+The tiles need AVX-512 VNNI (simd.HAVE_AVX512); d % 64 == 0 (steps of 64 bytes: 128 values of
+4-bit codes, with a last half step when d % 128 == 64, or 64 of 8-bit codes) and at least RM rows. use_gemm() is the rule; anything else
 goes to the float tiles and BLAS (kernels/__init__.py). tests/test_prefill_gemm.py checks each
 encoding against a NumPy statement of the same arithmetic.
 """
@@ -40,7 +40,8 @@ from .simd import (F16, F32, I8, I16, I32, I64, _at, _base, _const_vec, _dpbusd5
 RM, RN = 4, 4
 INT8, INT4, Q8_0, Q4_1 = 2, 3, 4, 5  # ffn.ENC_CODES / qmatvec's codes
 CODES = {"int8": INT8, "int4": INT4, "q8_0": Q8_0, "q4_1": Q4_1}
-STEP_VALUES = {INT8: 64, Q8_0: 64, INT4: 128, Q4_1: 128}  # values per 64-byte step of a row
+# 4-bit rows step 128 values (64 bytes) at a time, with a last half step of 64 when d % 128 = 64
+# (SmolLM2's 576); 8-bit rows 64
 MIN_TOKENS = 2  # decode (T == 1) keeps its matrix-vector kernels
 # EDGELLM_NO_GEMM=1: prefill through the float tiles and BLAS everywhere (float32 activations:
 # the reference the tests compare against, and a way back should the GEMM misbehave)
@@ -60,7 +61,7 @@ def use_gemm(name, group_size, n, d, T):
         g = group_size or 0
         if g % 32 or (g // 32) & (g // 32 - 1):
             return False
-    return d % STEP_VALUES[code] == 0
+    return d % 64 == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,10 +85,11 @@ def _halfs(builder, sb, off, k):
     return builder.fpext(builder.bitcast(h, _v(F16, k)), _v(F32, k))
 
 
-def _group_scales(builder, sb, soff, k, gshift):
-    """float16 scales of int4 blocks 4k..4k+3 (group of block b at soff + 2 (b >> gshift))."""
-    h = ir.Constant(_v(I16, 4), ir.Undefined)
-    for j in range(4):
+def _group_scales(builder, sb, soff, k, gshift, nblocks=4):
+    """float16 scales of int4 blocks 4k..4k+3 (group of block b at soff + 2 (b >> gshift));
+    those past the first nblocks 0."""
+    h = _const_vec(I16, 4, 0)
+    for j in range(nblocks):
         b = builder.add(builder.shl(k, _c(2)), _c(j))
         o = builder.add(soff, builder.shl(builder.lshr(b, gshift), _c(1)))
         h = builder.insert_element(h, _at(builder, sb, o, I16, align=2), ir.Constant(I32, j))
@@ -100,7 +102,8 @@ def _make_tile(enc):
              out, ooff, ostr_t, ostr_r):
         """RM rows (values at byte qoff + i qrow of q, scales at soff + i srow of s) times the
         RN tokens t0.. of the quantized activations (2-D xq, xp, corr, xs, one token a row)
-        over nsteps 64-byte steps; the result of row i, token t0 + j as float32 at byte
+        over nsteps steps of 64 values (8-bit codes: one 64-byte load each; 4-bit codes: two
+        steps a 64-byte load, and an odd last one a 32-byte load); the result of row i, token t0 + j as float32 at byte
         ooff + j ostr_t + i ostr_r of out."""
         sig = types.void(q, types.int64, types.int64, s, types.int64, types.int64, types.int64,
                          types.int64, xq, xp, corr, xs, types.int64, out, types.int64,
@@ -131,16 +134,35 @@ def _make_tile(enc):
                 base, rowoff = arrays[name]
                 return _at(builder, base, builder.add(rowoff[j], off), ty, align=align)
 
-            def step_int4(k, own):
+            def load4(i, k, half):
+                """64 bytes of 4-bit codes at step k of row i; half: the first 32 only (the
+                rest zero, as are the padded activations they would meet)."""
+                o = builder.add(rows[i], builder.shl(k, _c(6)))
+                if not half:
+                    return _at(builder, qb, o, _v(I8, 64))
+                q32 = _at(builder, qb, o, _v(I8, 32))
+                return builder.shuffle_vector(q32, _const_vec(I8, 32, 0),
+                                              ir.Constant(_v(I32, 64), list(range(64))))
+
+            def halfs_padded(off, k, n):
+                """k float16 at byte off, widened with zeros to n lanes."""
+                h = _at(builder, sb, off, _v(I16, k), align=2)
+                if k < n:
+                    h = builder.shuffle_vector(h, _const_vec(I16, k, 0),
+                                               ir.Constant(_v(I32, n), list(range(n))))
+                return builder.fpext(builder.bitcast(h, _v(F16, n)), _v(F32, n))
+
+            def step_int4(k, own, half=False):
                 w = []
                 for i in range(RM):
-                    qv = _at(builder, qb, builder.add(rows[i], builder.shl(k, _c(6))), _v(I8, 64))
+                    qv = load4(i, k, half)
                     lo = builder.and_(qv, _const_vec(I8, 64, 0x0F))
                     hi = builder.lshr(qv, _const_vec(I8, 64, 4))
                     if own:  # a scale per block: four float16 in a row
-                        ws = _halfs(builder, sb, builder.add(srows[i], builder.shl(k, _c(3))), 4)
+                        ws = halfs_padded(builder.add(srows[i], builder.shl(k, _c(3))),
+                                          2 if half else 4, 4)
                     else:
-                        ws = _group_scales(builder, sb, srows[i], k, gshift)
+                        ws = _group_scales(builder, sb, srows[i], k, gshift, 2 if half else 4)
                     w.append((lo, hi, _spread(builder, ws, 16)))
                 for j in range(RN):
                     x0 = builder.shl(k, _c(7))
@@ -156,13 +178,14 @@ def _make_tile(enc):
                         builder.store(_fmuladd(builder, builder.sitofp(dot, _v(F32, 16)),
                                                builder.fmul(ws, x16), builder.load(acc)), acc)
 
-            def step_q41(k):
+            def step_q41(k, half=False):
                 w = []
                 for i in range(RM):
-                    qv = _at(builder, qb, builder.add(rows[i], builder.shl(k, _c(6))), _v(I8, 64))
+                    qv = load4(i, k, half)
                     lo = builder.and_(qv, _const_vec(I8, 64, 0x0F))
                     hi = builder.lshr(qv, _const_vec(I8, 64, 4))
-                    sm = _halfs(builder, sb, builder.add(srows[i], builder.shl(k, _c(4))), 8)
+                    sm = halfs_padded(builder.add(srows[i], builder.shl(k, _c(4))),
+                                      4 if half else 8, 8)
                     undef = ir.Constant(sm.type, ir.Undefined)
                     st = builder.shuffle_vector(sm, undef, ir.Constant(_v(I32, 16),
                                                                        [2 * (j // 4) for j in range(16)]))
@@ -210,21 +233,28 @@ def _make_tile(enc):
                         builder.store(_fmuladd(builder, builder.sitofp(dot, _v(F32, 16)), d16,
                                                builder.load(acc)), acc)
 
-            def loop(body):
-                with cgutils.for_range(builder, nsteps) as lp:
+            def loop(body, four_bit=True):
+                if not four_bit:
+                    with cgutils.for_range(builder, nsteps) as lp:
+                        body(lp.index)
+                    return
+                with cgutils.for_range(builder, builder.lshr(nsteps, _c(1))) as lp:
                     body(lp.index)
+                odd = builder.icmp_unsigned("!=", builder.and_(nsteps, _c(1)), _c(0))
+                with builder.if_then(odd):
+                    body(builder.lshr(nsteps, _c(1)), True)
 
             if enc == INT4:
                 own = builder.icmp_unsigned("==", gshift, _c(0))
                 with builder.if_else(own) as (then, other):
                     with then:
-                        loop(lambda k: step_int4(k, True))
+                        loop(lambda k, half=False: step_int4(k, True, half))
                     with other:
-                        loop(lambda k: step_int4(k, False))
+                        loop(lambda k, half=False: step_int4(k, False, half))
             elif enc == Q4_1:
                 loop(step_q41)
             else:
-                loop(lambda k: step_int8(k, enc == Q8_0))
+                loop(lambda k: step_int8(k, enc == Q8_0), False)
             for i in range(RM):
                 rs = None
                 if enc == INT8:  # the row's float32 scale
@@ -283,7 +313,7 @@ def gemm(enc, q, qoff, qrow, s, soff, srow, gshift, n, d, xq, xs, xp, corr, out,
     soff + r srow of s) times every token of the activations -> out (row r, token t at byte
     r ostr_r + t ostr_t). n >= RM: the last tile overlaps the one before (same values)."""
     Tp = xs.shape[0]
-    nsteps = d // (64 if enc == INT8 or enc == Q8_0 else 128)
+    nsteps = d // 64
     for ti in prange((n + RM - 1) // RM):
         r = min(ti * RM, n - RM)
         qo, so, oo = qoff + r * qrow, soff + r * srow, r * ostr_r
