@@ -22,7 +22,7 @@ from edgellm.runtime.reader import Matrix
 
 import tiny
 
-pytestmark = pytest.mark.skipif(not (simd.AVAILABLE and simd.HAVE_AVX512),
+needs_gemm = pytest.mark.skipif(not (simd.AVAILABLE and simd.HAVE_AVX512),
                                 reason="the integer GEMM needs AVX-512 VNNI and the JIT")
 
 RTOL = 2e-6
@@ -90,6 +90,7 @@ CASES = [("int8", 4, 64, 32), ("int8", 37, 192, 32), ("int8", 130, 2048, 32),
          ("q4_1", 7, 128, 32), ("q4_1", 70, 1536, 32), ("q4_1", 6, 64, 32), ("q4_1", 30, 576, 32)]
 
 
+@needs_gemm
 @pytest.mark.parametrize("enc,n,d,g", CASES)
 @pytest.mark.parametrize("T", [2, 5, 16])
 def test_matmul_matches_numpy(enc, n, d, g, T):
@@ -131,6 +132,7 @@ def _prefill(rt, ids):
     return rt.forward(ids, all_logits=True)
 
 
+@needs_gemm
 @pytest.mark.parametrize("down", ["bundle", "matrix"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_model_prefill_against_float_path_and_decode(quant, down, monkeypatch):
@@ -172,3 +174,31 @@ def test_model_prefill_against_float_path_and_decode(quant, down, monkeypatch):
     assert np.abs(gemm - dec).max() / scale <= e_dec
     # a random tiny model: its logits have near-ties (int4: 22 of 24 measured)
     assert np.mean(gemm.argmax(-1) == flt.argmax(-1)) >= 0.8
+
+
+@pytest.mark.parametrize("enc", ["int8", "int4", "q8_0", "q4_1"])
+def test_float_path_where_the_gemm_cannot_run_tiny(enc):
+    """Without the JIT (or without AVX-512 VNNI) the rule sends prefill to the float tiles:
+    float32 activations, so linear() equals the float64 product of the decoded weights up to
+    float32 summation (2e-5 of sum |w x|, as tests/test_kernels.py)."""
+    rng = np.random.default_rng(7)
+    m = make_matrix(rng, enc, 9, 128)
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    runs = qgemm.use_gemm(enc, 32, 9, 128, 5)
+    assert runs == (simd.AVAILABLE and simd.HAVE_AVX512 and qgemm.ENABLED)
+    assert kernels.quantizes_activations(m, 5) == (runs and kernels.MODE == "fast")
+    if not runs:
+        w = m.dequantize().astype(np.float64)
+        exact = x.astype(np.float64) @ w.T
+        err = np.abs(kernels.linear(m, x) - exact)
+        assert np.all(err <= 2e-5 * (np.abs(x) @ np.abs(w).T) + 1e-30)
+
+
+@pytest.mark.skipif(not simd.AVAILABLE, reason="already without the JIT")
+def test_no_jit_and_switch_off():
+    """The test above in child processes: kernels as plain Python (NUMBA_DISABLE_JIT=1), and
+    with EDGELLM_NO_GEMM=1."""
+    from childpytest import no_jit, pytest_child
+
+    assert no_jit(__file__, "where_the_gemm_cannot_run_tiny") == 4
+    assert pytest_child(__file__, "where_the_gemm_cannot_run_tiny", EDGELLM_NO_GEMM="1") == 4
