@@ -111,6 +111,7 @@ class Transformer:
         # decode each layer in one call where it can (kernels/fused.py: per-block activations)
         self.fused = not self.act_token
         self._fused_plans = None  # per layer: decode_layer's arguments, or None (general path)
+        self._token_memo = None  # the team call's list of every layer's arguments (_team_token)
 
     def _norm(self, file, name):
         w = self.reader.vector(file, name + ".weight")
@@ -241,7 +242,11 @@ class Transformer:
         # decoded layers: one thread for a small model, else the count asked for (threads.py)
         restore = threads.narrow_for_layers(self) if T == 1 else 0
         try:
-            for i, L in enumerate(self.layers):
+            team_done = plans is not None and self._team_token(x, p0)  # all layers in one call
+            if team_done:
+                x = self._fused_plans[1].x2
+                t = self.timer.add("layer", t)
+            for i, L in enumerate(() if team_done else self.layers):
                 if plans is not None and self._fused_plan(i, L) is not None:
                     x = self._fused_layer(i, plans[i], x, p0)
                     t = self.timer.add("layer", t)
@@ -278,29 +283,69 @@ class Transformer:
             made_for[i] = (L, L.ffn)
         return plans[i]
 
+    def _layer_hit(self, i, plan):
+        """(key, layer i's decode_layer arguments after (x, pos), whether the team call takes
+        it), made again for a new cache or thread count."""
+        _, scratch, memo, _ = self._fused_plans
+        kc, vc, ks, vs = self.cache.layer(i)
+        n = numba.get_num_threads()
+        hit = memo[i]
+        if hit is None or hit[0][0] is not kc or hit[0][1] is not vc or hit[0][2] != n:
+            hit = memo[i] = ((kc, vc, n),
+                             fused.layer_args(plan, scratch, self.cfg.norm_eps, kc, vc, ks, vs,
+                                              self.cos, self.sin,
+                                              getattr(self.cache, "block", 0)),
+                             n > 1 and team.takes(plan))
+        return hit
+
+    def _team_token(self, x, p0):
+        """A decoded token through every layer in one team call (kernels/team.py), when each
+        layer is fused and taken by it on 2 or more threads. False: not done."""
+        hits = []
+        for i, L in enumerate(self.layers):
+            plan = self._fused_plan(i, L)
+            if plan is None:
+                return False
+            hit = self._layer_hit(i, plan)
+            if not hit[2]:
+                return False
+            hits.append(hit)
+        tok = self._token_memo
+        if (tok is None or len(tok[0]) != len(hits)
+                or any(a is not b for a, b in zip(tok[0], hits))):
+            args = [h[1] for h in hits]
+            tok = self._token_memo = (hits, team.token_list(args),
+                                      np.zeros(len(hits) * team.CTL_LEN, np.int64),
+                                      args[0][33].size)
+        if tok[1] is None:
+            return False
+        scratch = self._fused_plans[1]
+        if x is not scratch.x2:
+            scratch.x[:] = x[0]
+        rc = team.decode_layers_team(scratch.x, p0, tok[2], hits[0][0][2], tok[1],
+                                     self.cfg.n_heads * self.cfg.head_dim, tok[3])
+        self._check_rc(rc)
+        return True
+
     def _fused_layer(self, i, plan, x, p0):
         """One decoded token through layer i in one kernel call (x f32[1, d] -> f32[1, d])."""
-        plans, scratch, memo, _ = self._fused_plans
+        scratch = self._fused_plans[1]
         xb = scratch.x
         if x is not scratch.x2:
             xb[:] = x[0]
-        kc, vc, ks, vs = self.cache.layer(i)
-        n = numba.get_num_threads()
-        key = (kc, vc, n)
-        hit = memo[i]
-        if hit is None or hit[0][0] is not kc or hit[0][1] is not vc or hit[0][2] != key[2]:
-            hit = memo[i] = (key, fused.layer_args(plan, scratch, self.cfg.norm_eps, kc, vc, ks,
-                                                   vs, self.cos, self.sin,
-                                                   getattr(self.cache, "block", 0)),
-                             n > 1 and team.takes(plan))
+        hit = self._layer_hit(i, plan)
         if hit[2]:  # one parallel region for the layer (kernels/team.py)
-            rc = team.decode_layer_team(xb, p0, scratch.ctl, n, *hit[1])
+            rc = team.decode_layer_team(xb, p0, scratch.ctl, hit[0][2], *hit[1])
         else:
             rc = fused.decode_layer(xb, p0, *hit[1])
+        self._check_rc(rc)
+        return scratch.x2
+
+    @staticmethod
+    def _check_rc(rc):
         if rc != fused.OK:
             raise EdgeLLMError("a key or value is out of float16 range; use the f32 or int8 KV "
                                "cache (kv='f32', --kv f32)")
-        return scratch.x2
 
     def _attention(self, i, L, x, positions):
         cfg, T, p0 = self.cfg, x.shape[0], self.pos

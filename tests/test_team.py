@@ -39,23 +39,31 @@ def decode_logits(model, ids, steps):
     return np.array(out)
 
 
-def team_and_layer(monkeypatch, path, kv, name, steps=8):
-    """Logits with the team call, then with decode_layer only; and the team calls made."""
+def three_ways(monkeypatch, path, kv, name, steps=8):
+    """Logits with every layer of a token in one team call, with one team call a layer, and
+    with decode_layer only; and the number of calls of the first two."""
     m = edgellm.load(path, kv=kv)
-    calls = []
-    real = team.decode_layer_team
+    calls = {"decode_layers_team": 0, "decode_layer_team": 0}
+    for fn in calls:
+        real = getattr(team, fn)
 
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
+        def counted(*args, _real=real, _fn=fn):
+            calls[_fn] += 1
+            return _real(*args)
 
-    monkeypatch.setattr(team, "decode_layer_team", counted)
+        monkeypatch.setattr(team, fn, counted)
     ids = tiny.token_ids(name, 12)
-    got = decode_logits(m, ids, steps)
+    token = decode_logits(m, ids, steps)
     with monkeypatch.context() as mp:
+        mp.setattr(team, "token_list", lambda args: None)
+        layer = decode_logits(m, ids, steps)
         mp.setattr(team, "takes", lambda plan: False)
-        want = decode_logits(m, ids, steps)
-    return got, want, len(calls)
+        plain = decode_logits(m, ids, steps)
+    return token, layer, plain, calls, m.config.n_layers
+
+
+def same(a, b):
+    return np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 @pytest.mark.parametrize("name,quant,kv", [
@@ -64,19 +72,19 @@ def team_and_layer(monkeypatch, path, kv, name, steps=8):
     ("qwen2", "int8", "f16"),  # q/k/v biases, tied head
 ])
 def test_team_equals_decode_layer(monkeypatch, two_threads, name, quant, kv):
-    got, want, calls = team_and_layer(monkeypatch, tiny.converted(name, quant), kv, name)
-    n_layers = edgellm.load(tiny.converted(name, quant)).config.n_layers
-    assert calls == 8 * n_layers  # every decoded layer of every step
-    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    token, layer, plain, calls, n_layers = three_ways(monkeypatch, tiny.converted(name, quant),
+                                                      kv, name)
+    assert calls == {"decode_layers_team": 8, "decode_layer_team": 8 * n_layers}
+    assert same(token, plain) and same(layer, plain)
 
 
 def test_team_generic_mode(monkeypatch, two_threads):
     """The target-independent flavour of the SIMD kernels (a CPU without AVX2)."""
     monkeypatch.setattr(kernels, "MODE", "generic")
-    got, want, calls = team_and_layer(monkeypatch, tiny.converted("llama", "int4"), "f16",
-                                      "llama", steps=4)
-    assert calls > 0
-    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    token, layer, plain, calls, _ = three_ways(monkeypatch, tiny.converted("llama", "int4"),
+                                               "f16", "llama", steps=4)
+    assert calls["decode_layers_team"] == 4
+    assert same(token, plain) and same(layer, plain)
 
 
 def test_down_matrix(monkeypatch, two_threads, tmp_path):
@@ -85,9 +93,23 @@ def test_down_matrix(monkeypatch, two_threads, tmp_path):
 
     path = convert(tiny.checkpoint("llama"), tmp_path / "m", quant="int4", ffn_down="matrix",
                    progress=False)
-    got, want, calls = team_and_layer(monkeypatch, path, "int8", "llama", steps=4)
-    assert calls == 4 * 2
-    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    token, layer, plain, calls, n_layers = three_ways(monkeypatch, path, "int8", "llama",
+                                                      steps=4)
+    assert calls == {"decode_layers_team": 4, "decode_layer_team": 4 * n_layers}
+    assert same(token, plain) and same(layer, plain)
+
+
+def test_one_thread_runs_decode_layer(monkeypatch):
+    monkeypatch.setenv("EDGELLM_FIXED_THREADS", "1")
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        token, layer, plain, calls, _ = three_ways(monkeypatch, tiny.converted("llama", "int4"),
+                                                   "f32", "llama", steps=2)
+    finally:
+        numba.set_num_threads(before)
+    assert calls == {"decode_layers_team": 0, "decode_layer_team": 0}
+    assert same(token, plain)
 
 
 def layer_call(name="llama", quant="int4"):

@@ -268,6 +268,8 @@ def _work(x, pos, ctl, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq,
         if meta[_fu.M_DOWN_BIAS]:
             f += down_bias
         x += f
+        _done(ctl, P_RES)
+    _wait(ctl, P_RES, 1)  # the next layer reads x
 
 
 @njit(cache=True, parallel=True)
@@ -293,9 +295,53 @@ def decode_layer_team(x, pos, ctl, nw, blk, meta, eps, anorm, fnorm, wq, sq, wk,
     return ctl[RC]
 
 
+@njit(cache=True, parallel=True)
+def decode_layers_team(x, pos, ctl, nw, layers, nq, n):
+    """Every layer of a decoded token in one parallel region: layers is a typed list of each
+    layer's decode_layer arguments (after x, pos), all taken by `takes` and with nq query
+    values and n FFN rows; ctl int64[len(layers) * CTL_LEN]. One fork/join a token. Returns OK
+    or the first layer's error code."""
+    d = x.shape[0]
+    hx = act_buffers(d)
+    ha = act_buffers(nq)
+    hh = act_buffers(n)
+    f = np.empty(d, dtype=np.float32)
+    ctl[:] = 0
+    for w in prange(nw):
+        for li in range(len(layers)):
+            a = layers[li]
+            c = ctl[li * CTL_LEN:(li + 1) * CTL_LEN]
+            _work(x, pos, c, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
+                  a[11], a[12], a[13], a[14], a[15], a[16], a[17], a[18], a[19], a[20], a[21],
+                  a[22], a[23], a[24], a[25], a[26], a[27], a[28], a[29], a[30], a[31], a[32],
+                  a[33], a[34], a[35], a[36], a[37], a[38], a[39], hx, ha, hh, f)
+            if atomic_load(c, RC) != _fu.OK:
+                break
+    for li in range(len(layers)):
+        if ctl[li * CTL_LEN + RC] != _fu.OK:
+            return ctl[li * CTL_LEN + RC]
+    return _fu.OK
+
+
+def token_list(args):
+    """decode_layers_team's typed list of per-layer argument tuples, or None when the layers'
+    arguments differ in type (Numba's list holds one type) or in their FFN width."""
+    from numba.typed import List
+
+    if len({a[33].size for a in args}) != 1:
+        return None
+    try:
+        out = List()
+        for a in args:
+            out.append(a)
+    except Exception:  # numba's typing errors differ between versions
+        return None
+    return out
+
+
 def takes(plan):
     """True when decode_layer_team takes a fused.plan_layer plan: a dense layer (no row
     skipping, no pruned matrices)."""
     meta, a = plan
-    return (meta[_fu.M_SPARSE] == 0 and meta[_fu.M_QENC] < _sp.FUSED and meta[_fu.M_OENC] < _sp.FUSED
-            and a["tab"][0, 1] < _sp.FUSED)
+    return (meta[_fu.M_SPARSE] == 0 and meta[_fu.M_QENC] < _sp.FUSED
+            and meta[_fu.M_OENC] < _sp.FUSED and a["tab"][0, 1] < _sp.FUSED)
