@@ -20,6 +20,7 @@ gguf = pytest.importorskip("gguf")
 import edgellm  # noqa: E402
 from edgellm.converters.convert import convert  # noqa: E402
 from edgellm.models import smollm2_gguf  # noqa: E402
+from edgellm.runtime.kernels import qgemm
 from edgellm.runtime.errors import ConvertError  # noqa: E402
 
 
@@ -506,10 +507,11 @@ def test_q4_1_and_q8_0_codecs_round_trip():
 
 
 @pytest.mark.parametrize("qtype", sorted(KEEP_ENC) + ["Q5_0"])
-def test_keep_tiny_gguf(tmp_path, qtype):
+def test_keep_tiny_gguf(tmp_path, qtype, monkeypatch):
     """--quant keep on a quantized GGUF: kept tensors in their encodings with zero error against
     gguf's dequantization, the down projection as a matrix of its own, norms f32, Q5_0 in q8_0
     (recorded); logits equal the f32 import of the same file (prefill decodes exactly)."""
+    monkeypatch.setattr(qgemm, "ENABLED", False)  # exact: float activations (no int8 GEMM)
     import json
 
     qt = getattr(gguf.GGMLQuantizationType, qtype)
