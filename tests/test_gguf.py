@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 import edgellm  # noqa: E402
 from edgellm.converters.convert import convert  # noqa: E402
 from edgellm.models import smollm2_gguf  # noqa: E402
-from edgellm.runtime.kernels import qgemm
+from edgellm.runtime.kernels import qgemm  # noqa: E402
 from edgellm.runtime.errors import ConvertError  # noqa: E402
 
 
