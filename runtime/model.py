@@ -242,7 +242,8 @@ class Transformer:
         # decoded layers: one thread for a small model, else the count asked for (threads.py)
         restore = threads.narrow_for_layers(self) if T == 1 else 0
         try:
-            team_done = plans is not None and self._team_token(x, p0)  # all layers in one call
+            team_done = (plans is not None and not threads.crowded()
+                         and self._team_token(x, p0))  # all layers in one call
             if team_done:
                 x = self._fused_plans[1].x2
                 t = self.timer.add("layer", t)

@@ -160,3 +160,14 @@ def test_a_late_worker_finds_nothing_to_do():
     team._work(got, pos, ctl, *work_args)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
     assert np.array_equal(ctl[1:team.RC:2], done)
+
+
+def test_crowded_cores_fork_per_layer(monkeypatch, two_threads):
+    """Other work on the cores (threads.crowded): one team call a layer, not one a token."""
+    from edgellm.runtime import threads
+
+    monkeypatch.setattr(threads, "crowded", lambda: True)
+    token, layer, plain, calls, n_layers = three_ways(monkeypatch, tiny.converted("llama", "int4"),
+                                                      "int8", "llama", steps=3)
+    assert calls == {"decode_layers_team": 0, "decode_layer_team": 2 * 3 * n_layers}
+    assert same(token, plain) and same(layer, plain)

@@ -236,8 +236,9 @@ def _work(x, pos, ctl, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq,
     while c < nc:
         acc = partial[c] if denc == NONE else f
         acc[:] = 0.0
-        ffn_rows(h, xq, xs, xp, corr, bundles, c * per, min(n, (c + 1) * per), tab[0], tab[1],
-                 tab[2], gshifts, d, meta[_fu.M_KIND], meta[_fu.M_GATED] != 0, up_bias,
+        # small chunks: a row prefetches the next one even past its chunk (another thread's)
+        ffn_rows(h, xq, xs, xp, corr, bundles, c * per, min(n, (c + 1) * per), n, tab[0],
+                 tab[1], tab[2], gshifts, d, meta[_fu.M_KIND], meta[_fu.M_GATED] != 0, up_bias,
                  meta[_fu.M_UP_BIAS] != 0, lut, acc, hidden, fast)
         _done(ctl, P_FFN)
         c = _take(ctl, P_FFN)
