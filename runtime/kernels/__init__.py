@@ -416,10 +416,12 @@ def _group_shifts(tab):
     return out
 
 
-def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
+def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None, float_act=False):
     """Feed-forward over the neurons in bundle rows uint8[n, stride] -> f32[T, d]. down: the
     down projection as a Matrix [d, n] (columns in bundle-row order) when the bundles hold no
-    down part (a GGUF kept as is: its down blocks run along d_ff, not along a column)."""
+    down part (a GGUF kept as is: its down blocks run along d_ff, not along a column).
+    float_act: prefill (T > 1) with float32 activations only (no integer GEMM; w8a8.py's
+    per-token mode, which quantizes x itself)."""
     x = _as_rows(x, d, "ffn")
     T = x.shape[0]
     if activation not in _ffn.ACT_CODES:
@@ -472,7 +474,7 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
     shifts = _group_shifts(tab)
     # gate and up through the integer GEMM (qgemm.py) where the rule takes them: all rows in
     # one call each, x quantized once
-    gemm = _ffn_gemm_parts(layout, T, n, d)
+    gemm = set() if float_act else _ffn_gemm_parts(layout, T, n, d)
     first = {"gate", "up"} if gated else {"up"}
     if down is not None and first <= gemm:
         # the whole first stage, token-major f32[T, n]: the hidden goes to down as it is
@@ -527,7 +529,7 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
         else:
             outT += w[2].T @ h
     if down is not None:
-        return linear(down, hT.T)
+        return linear(down, hT.T, float_act)
     return np.ascontiguousarray(outT.T)
 
 

@@ -150,7 +150,8 @@ def linear(m, x):
         out = np.empty((1, n), dtype=np.float32)
         matvec_int8(m.q, m.s, x[0], out[0], MODE == "fast")
         return out
-    return float_linear(m, quantize_rows(x))
+    # float32 activations in prefill too (not the integer GEMM's blocks of 32: quantized twice)
+    return float_linear(m, quantize_rows(x), float_act=x.shape[0] > 1)
 
 
 def linear_many(ms, x, biases=None):
@@ -187,7 +188,8 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None):
     tab = _int8_layout(layout, gated) if down is None and d % 32 == 0 else None
     if (x.shape[0] != 1 or tab is None or MODE == "portable"
             or activation not in ACT_CODES):
-        return float_ffn(quantize_rows(x), bundles, layout, d, activation, gated, up_bias, down)
+        return float_ffn(quantize_rows(x), bundles, layout, d, activation, gated, up_bias, down,
+                         float_act=x.shape[0] > 1)
     bundles = np.ascontiguousarray(bundles)
     n = bundles.shape[0]
     # the parts must lie inside a row: the shared check of the default kernels
