@@ -111,7 +111,6 @@ class Transformer:
         # decode each layer in one call where it can (kernels/fused.py: per-block activations)
         self.fused = not self.act_token
         self._fused_plans = None  # per layer: decode_layer's arguments, or None (general path)
-        self._token_memo = None  # the team call's list of every layer's arguments (_team_token)
 
     def _norm(self, file, name):
         w = self.reader.vector(file, name + ".weight")
@@ -242,12 +241,7 @@ class Transformer:
         # decoded layers: one thread for a small model, else the count asked for (threads.py)
         restore = threads.narrow_for_layers(self) if T == 1 else 0
         try:
-            team_done = (plans is not None and not threads.crowded()
-                         and self._team_token(x, p0))  # all layers in one call
-            if team_done:
-                x = self._fused_plans[1].x2
-                t = self.timer.add("layer", t)
-            for i, L in enumerate(() if team_done else self.layers):
+            for i, L in enumerate(self.layers):
                 if plans is not None and self._fused_plan(i, L) is not None:
                     x = self._fused_layer(i, plans[i], x, p0)
                     t = self.timer.add("layer", t)
@@ -298,35 +292,6 @@ class Transformer:
                                               getattr(self.cache, "block", 0)),
                              n > 1 and team.takes(plan))
         return hit
-
-    def _team_token(self, x, p0):
-        """A decoded token through every layer in one team call (kernels/team.py), when each
-        layer is fused and taken by it on 2 or more threads. False: not done."""
-        hits = []
-        for i, L in enumerate(self.layers):
-            plan = self._fused_plan(i, L)
-            if plan is None:
-                return False
-            hit = self._layer_hit(i, plan)
-            if not hit[2]:
-                return False
-            hits.append(hit)
-        tok = self._token_memo
-        if (tok is None or len(tok[0]) != len(hits)
-                or any(a is not b for a, b in zip(tok[0], hits))):
-            args = [h[1] for h in hits]
-            tok = self._token_memo = (hits, team.token_list(args),
-                                      np.zeros(len(hits) * team.CTL_LEN, np.int64),
-                                      args[0][33].size)
-        if tok[1] is None:
-            return False
-        scratch = self._fused_plans[1]
-        if x is not scratch.x2:
-            scratch.x[:] = x[0]
-        rc = team.decode_layers_team(scratch.x, p0, tok[2], hits[0][0][2], tok[1],
-                                     self.cfg.n_heads * self.cfg.head_dim, tok[3])
-        self._check_rc(rc)
-        return True
 
     def _fused_layer(self, i, plan, x, p0):
         """One decoded token through layer i in one kernel call (x f32[1, d] -> f32[1, d])."""

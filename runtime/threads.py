@@ -113,27 +113,17 @@ def adapt(blas):
     prefill sums partials per thread, and under a lowered count its logits moved by 1e-6
     with the load (test_rowskip). Returns the count for restore(), or 0."""
     n = _local.full = numba.get_num_threads()
-    _local.crowded = False
     if n == 1 or fixed():
         return 0
     k = min(n, free_cores())
     if k == n:
         return 0
-    _local.crowded = True
     if blas:
         _blas(k)
     else:
         numba.set_num_threads(k)
     _local.blas = blas
     return n
-
-
-def crowded():
-    """True when the last adapt() in this thread found fewer cores free than threads: a
-    decoded token then forks per layer (kernels/team.py) rather than once, since a thread that
-    other work preempts holds up the others at every step of a region that lasts the whole
-    token (SmolLM2 at load 5: 27 ms a token against 9.5, measured)."""
-    return getattr(_local, "crowded", False)
 
 
 def restore(n):

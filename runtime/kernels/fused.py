@@ -15,7 +15,7 @@ Python left per layer is one call with its arguments prepared once per model.
 
 The layer's own parallel loops (q/k/v, attention, o, FFN rows, FFN down) remain separate
 fork/joins of Numba's threads: five per layer. On 2 or more threads dense layers go to
-kernels/team.py instead (the same row kernels, one parallel region a token).
+kernels/team.py instead (the same row kernels, one parallel region a layer).
 
 Layers the fused call does not take (layer norm, learned positions, a part the SIMD kernels do
 not take, f32 weights, a streamed or predicted FFN, d or q_dim not a multiple of 32) run the

@@ -14,6 +14,12 @@ never starts leaves all the work to the others, never a wait for work nobody too
 only for chunks another thread has taken and is computing. Single steps (norms, rotary, the
 cache store, activation quantization, residuals) are one-chunk phases.
 
+Waits spin on an atomic load without the pause instruction, then yield: on this KVM guest a
+loop of pauses exits to the hypervisor (pause-loop exiting), which deschedules the vCPU: with
+pause a TinyLlama int4 token took 42 ms on 2 threads against 37 for decode_layer, without it 35
+(measured side by side, quiet machine). llama.cpp's barriers spin with pause: likely why its
+2-thread decode of SmolLM2 runs at half its 1-thread speed here.
+
 Each phase calls the same row kernels as decode_layer (row_dot, ffn_rows, attend, rope_store),
 and every output element is written by one row computation whichever thread takes it, so the
 result is bit for bit decode_layer's (tests/test_team.py): where the FFN's down columns are in
@@ -33,15 +39,15 @@ from .attention import attend
 from .ffn import NONE, ffn_rows
 from .norms import rmsnorm
 from .qmatvec import row_dot
-from .simd import _ARM, _X86, act_buffers, quantize_act
+from .simd import act_buffers, quantize_act
 
 F16 = _fu.F16
 (P_NORM, P_QKV, P_ROPE, P_ATT, P_OACT, P_O, P_FNORM, P_FFN, P_HACT, P_DOWN, P_RES,
  NPHASES) = range(12)
 RC = 2 * NPHASES  # ctl[2p]: chunks of phase p taken, ctl[2p + 1]: done; ctl[RC]: return code
 CTL_LEN = RC + 1
-CHUNK_BYTES = 32 << 10  # weight bytes a chunk: ~2 us of work, ~50 ns to take
-SPINS = 4000  # pause instructions before a waiting thread yields its core (~50 us here)
+CHUNK_BYTES = 32 << 10  # weight bytes a chunk: ~2 us of work, ~50 ns to take (32-512 KB: within 3%)
+SPINS = 20000  # looks before a waiting thread yields its core (tens of microseconds)
 
 I64 = ir.IntType(64)
 
@@ -76,27 +82,6 @@ def atomic_load(typingctx, a, i):
 
 
 @intrinsic
-def cpu_relax(typingctx):
-    """The spin-wait hint (x86 pause, ARM yield): the waiting core slows down and leaves the
-    memory system to the thread it waits for."""
-    sig = types.void()
-
-    def codegen(context, builder, sig, args):
-        if _X86:
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
-            builder.call(fn, [])
-        elif _ARM:
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(32)]),
-                "llvm.aarch64.hint")
-            builder.call(fn, [ir.Constant(ir.IntType(32), 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
 def sched_yield(typingctx):
     """libc's sched_yield: the core goes to whatever else is runnable (the thread waited for,
     when the machine is busy)."""
@@ -125,8 +110,7 @@ def _wait(ctl, p, n):
     """Until n chunks of phase p are done: spin, then yield the core between looks."""
     k = 0
     while atomic_load(ctl, 2 * p + 1) < n:
-        if k < SPINS:
-            cpu_relax()
+        if k < SPINS:  # no pause instruction: see the module docstring
             k += 1
         else:
             sched_yield()
@@ -269,8 +253,6 @@ def _work(x, pos, ctl, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq,
         if meta[_fu.M_DOWN_BIAS]:
             f += down_bias
         x += f
-        _done(ctl, P_RES)
-    _wait(ctl, P_RES, 1)  # the next layer reads x
 
 
 @njit(cache=True, parallel=True)
@@ -294,50 +276,6 @@ def decode_layer_team(x, pos, ctl, nw, blk, meta, eps, anorm, fnorm, wq, sq, wk,
               down_bias, dq, ds, partial, hidden, h, qkv, rot, att, obuf, posarr, hx, ha, hh,
               f)
     return ctl[RC]
-
-
-@njit(cache=True, parallel=True)
-def decode_layers_team(x, pos, ctl, nw, layers, nq, n):
-    """Every layer of a decoded token in one parallel region: layers is a typed list of each
-    layer's decode_layer arguments (after x, pos), all taken by `takes` and with nq query
-    values and n FFN rows; ctl int64[len(layers) * CTL_LEN]. One fork/join a token. Returns OK
-    or the first layer's error code."""
-    d = x.shape[0]
-    hx = act_buffers(d)
-    ha = act_buffers(nq)
-    hh = act_buffers(n)
-    f = np.empty(d, dtype=np.float32)
-    ctl[:] = 0
-    for w in prange(nw):
-        for li in range(len(layers)):
-            a = layers[li]
-            c = ctl[li * CTL_LEN:(li + 1) * CTL_LEN]
-            _work(x, pos, c, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
-                  a[11], a[12], a[13], a[14], a[15], a[16], a[17], a[18], a[19], a[20], a[21],
-                  a[22], a[23], a[24], a[25], a[26], a[27], a[28], a[29], a[30], a[31], a[32],
-                  a[33], a[34], a[35], a[36], a[37], a[38], a[39], hx, ha, hh, f)
-            if atomic_load(c, RC) != _fu.OK:
-                break
-    for li in range(len(layers)):
-        if ctl[li * CTL_LEN + RC] != _fu.OK:
-            return ctl[li * CTL_LEN + RC]
-    return _fu.OK
-
-
-def token_list(args):
-    """decode_layers_team's typed list of per-layer argument tuples, or None when the layers'
-    arguments differ in type (Numba's list holds one type) or in their FFN width."""
-    from numba.typed import List
-
-    if len({a[33].size for a in args}) != 1:
-        return None
-    try:
-        out = List()
-        for a in args:
-            out.append(a)
-    except Exception:  # numba's typing errors differ between versions
-        return None
-    return out
 
 
 def takes(plan):
