@@ -13,7 +13,7 @@ import numpy as np
 
 from . import format, gateapart, kernels, teal, threads
 from . import lowrank
-from .kernels import fused, team, w8a8
+from .kernels import fused, w8a8
 from .errors import ContextLengthError, EdgeLLMError
 from .kvcache import DEFAULT as DEFAULT_KV
 from .kvcache import KVCache
@@ -278,40 +278,24 @@ class Transformer:
             made_for[i] = (L, L.ffn)
         return plans[i]
 
-    def _layer_hit(self, i, plan):
-        """(key, layer i's decode_layer arguments after (x, pos), whether the team call takes
-        it), made again for a new cache or thread count."""
-        _, scratch, memo, _ = self._fused_plans
-        kc, vc, ks, vs = self.cache.layer(i)
-        n = numba.get_num_threads()
-        hit = memo[i]
-        if hit is None or hit[0][0] is not kc or hit[0][1] is not vc or hit[0][2] != n:
-            hit = memo[i] = ((kc, vc, n),
-                             fused.layer_args(plan, scratch, self.cfg.norm_eps, kc, vc, ks, vs,
-                                              self.cos, self.sin,
-                                              getattr(self.cache, "block", 0)),
-                             n > 1 and team.takes(plan))
-        return hit
-
     def _fused_layer(self, i, plan, x, p0):
         """One decoded token through layer i in one kernel call (x f32[1, d] -> f32[1, d])."""
-        scratch = self._fused_plans[1]
+        plans, scratch, memo, _ = self._fused_plans
         xb = scratch.x
         if x is not scratch.x2:
             xb[:] = x[0]
-        hit = self._layer_hit(i, plan)
-        if hit[2]:  # one parallel region for the layer (kernels/team.py)
-            rc = team.decode_layer_team(xb, p0, scratch.ctl, hit[0][2], *hit[1])
-        else:
-            rc = fused.decode_layer(xb, p0, *hit[1])
-        self._check_rc(rc)
-        return scratch.x2
-
-    @staticmethod
-    def _check_rc(rc):
+        kc, vc, ks, vs = self.cache.layer(i)
+        key = (kc, vc, numba.get_num_threads())
+        hit = memo[i]
+        if hit is None or hit[0][0] is not kc or hit[0][1] is not vc or hit[0][2] != key[2]:
+            hit = memo[i] = (key, fused.layer_args(plan, scratch, self.cfg.norm_eps, kc, vc, ks,
+                                                   vs, self.cos, self.sin,
+                                                   getattr(self.cache, "block", 0)))
+        rc = fused.decode_layer(xb, p0, *hit[1])
         if rc != fused.OK:
             raise EdgeLLMError("a key or value is out of float16 range; use the f32 or int8 KV "
                                "cache (kv='f32', --kv f32)")
+        return scratch.x2
 
     def _attention(self, i, L, x, positions):
         cfg, T, p0 = self.cfg, x.shape[0], self.pos

@@ -31,7 +31,6 @@ CALLS = {
     "sparse": ("ffn", "simd", "sparse_simd"),
     "sparse_simd": ("simd",),
     "teal": ("ffn", "simd"),
-    "team": ("attention", "ffn", "fused", "norms", "qmatvec", "simd"),
     "tiles": ("matvec", "simd"),
     "w8a8": ("ffn", "simd"),
 }

@@ -302,6 +302,9 @@ def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_b
     call, rather than by a second linear() (fewer calls per layer)."""
     n = bundles.shape[0]
     nchunks = partial.shape[0]
+    stride = bundles.shape[1]
+    nlines = (stride + 63) // 64
+    third = (nlines + 2) // 3
     xq, xs, xp, corr = act_buffers(d)
     quantize_act(x, xq, xs, xp, corr)
     per = (n + nchunks - 1) // nchunks
@@ -309,49 +312,36 @@ def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_b
         acc = partial[c]
         acc[:] = 0.0
         end = min(n, (c + 1) * per)
-        ffn_rows(x, xq, xs, xp, corr, bundles, c * per, end, end, encs, offs, soffs, gshifts, d,
-                 kind, gated, up_bias, has_bias, lut, acc, hidden, fast)
+        for i in range(c * per, end):
+            base = i * stride
+            # Parts are read in address order (gate, up, down) and the next row is prefetched a
+            # third at a time: on TinyLlama shapes this took a layer from 3.3 to 2.3 ms (1 thread)
+            # where the hardware prefetcher alone kept restarting at each row.
+            pf = i + 1 < end
+            gt = np.float32(0.0)
+            if pf:
+                for line in range(0, third):
+                    prefetch(bundles, base + stride + 64 * line)
+            if gated:
+                gt = simd_part_dot(bundles, base, encs[0], offs[0], soffs[0], gshifts[0], d, x,
+                                   xq, xs, xp, corr, lut, fast)
+            if pf:
+                for line in range(third, 2 * third):
+                    prefetch(bundles, base + stride + 64 * line)
+            u = simd_part_dot(bundles, base, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq,
+                              xs, xp, corr, lut, fast)
+            if gated:
+                h = act(gt, kind) * u
+            else:
+                if has_bias:
+                    u += up_bias[i]
+                h = act(u, kind)
+            if pf:
+                for line in range(2 * third, nlines):
+                    prefetch(bundles, base + stride + 64 * line)
+            if encs[2] == NONE:
+                hidden[i] = h
+            elif h != 0:
+                simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
+                               lut, fast)
     return ffn_output(hidden, partial, d, dq, ds, denc, dshift, dqrow, dsrow, lut, fast)
-
-
-@njit(cache=True, inline="always")
-def ffn_rows(x, xq, xs, xp, corr, bundles, i0, end, pf_end, encs, offs, soffs, gshifts, d, kind,
-             gated, up_bias, has_bias, lut, acc, hidden, fast):
-    """Bundle rows i0..end of ffn_decode_simd (x and its quantized forms xq, xs, xp, corr):
-    h_i to hidden, or h_i * down_i added to acc (also called by kernels/team.py). Each row
-    prefetches the next one below pf_end."""
-    stride = bundles.shape[1]
-    nlines = (stride + 63) // 64
-    third = (nlines + 2) // 3
-    for i in range(i0, end):
-        base = i * stride
-        # Parts are read in address order (gate, up, down) and the next row is prefetched a
-        # third at a time: on TinyLlama shapes this took a layer from 3.3 to 2.3 ms (1 thread)
-        # where the hardware prefetcher alone kept restarting at each row.
-        pf = i + 1 < pf_end
-        gt = np.float32(0.0)
-        if pf:
-            for line in range(0, third):
-                prefetch(bundles, base + stride + 64 * line)
-        if gated:
-            gt = simd_part_dot(bundles, base, encs[0], offs[0], soffs[0], gshifts[0], d, x,
-                               xq, xs, xp, corr, lut, fast)
-        if pf:
-            for line in range(third, 2 * third):
-                prefetch(bundles, base + stride + 64 * line)
-        u = simd_part_dot(bundles, base, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq,
-                          xs, xp, corr, lut, fast)
-        if gated:
-            h = act(gt, kind) * u
-        else:
-            if has_bias:
-                u += up_bias[i]
-            h = act(u, kind)
-        if pf:
-            for line in range(2 * third, nlines):
-                prefetch(bundles, base + stride + 64 * line)
-        if encs[2] == NONE:
-            hidden[i] = h
-        elif h != 0:
-            simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
-                           lut, fast)

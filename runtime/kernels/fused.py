@@ -14,8 +14,7 @@ allocated once. So the result is bit for bit the general path's (tests/test_fuse
 Python left per layer is one call with its arguments prepared once per model.
 
 The layer's own parallel loops (q/k/v, attention, o, FFN rows, FFN down) remain separate
-fork/joins of Numba's threads: five per layer. On 2 or more threads dense layers go to
-kernels/team.py instead (the same row kernels, one parallel region a layer).
+fork/joins of Numba's threads: five per layer.
 
 Layers the fused call does not take (layer norm, learned positions, a part the SIMD kernels do
 not take, f32 weights, a streamed or predicted FFN, d or q_dim not a multiple of 32) run the
@@ -95,40 +94,6 @@ def store_f16(x, p0, c):
 
 
 @njit(cache=True)
-def rope_store(qkv, has_bias, bq, bk, bv, H, kvh, hd, pos, cos, sin, posarr, rot, kc, vc, ksc,
-               vsc, kvlut, blk):
-    """After the q/k/v projections of one token (qkv: q, k, v one after another): biases, rotary
-    embedding of q and k into rot, k and v stored in the caches at pos. False when a value is
-    out of float16 range for a float16 cache."""
-    nq, nk = H * hd, kvh * hd
-    q = qkv[:nq]
-    k = qkv[nq:nq + nk]
-    v = qkv[nq + nk:nq + 2 * nk]
-    if has_bias:
-        q += bq
-        k += bk
-        v += bv
-    posarr[0] = pos
-    qr = rot[:nq].reshape(1, H, hd)
-    kr = rot[nq:nq + nk].reshape(1, kvh, hd)
-    apply_rope(q.reshape(1, H, hd), cos, sin, posarr, qr)
-    apply_rope(k.reshape(1, kvh, hd), cos, sin, posarr, kr)
-    v3 = v.reshape(1, kvh, hd)
-    if ksc is not None:  # int8 cache
-        store_int8(kr, pos, blk, kc, ksc)
-        store_int8(v3, pos, blk, vc, vsc)
-    elif kvlut is not None:  # float16 bits
-        if not store_f16(kr, pos, kc) or not store_f16(v3, pos, vc):
-            return False
-    else:
-        for j in range(kvh):
-            for i in range(hd):
-                kc[j, pos, i] = kr[0, j, i]
-                vc[j, pos, i] = v3[0, j, i]
-    return True
-
-
-@njit(cache=True)
 def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv, wo, so,
                  bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts, up_bias,
                  down_bias, dq, ds, partial, hidden, h, qkv, rot, att, obuf, posarr, pa, pb,
@@ -153,10 +118,27 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
     else:
         matvec3(meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW], wq, sq, wk, sk, wv,
                 sv, h, lut, q, k, v, fast)
-    if not rope_store(qkv, meta[M_QKV_BIAS] != 0, bq, bk, bv, H, kvh, hd, pos, cos, sin, posarr,
-                      rot, kc, vc, ksc, vsc, kvlut, blk):
-        return F16_RANGE
+    if meta[M_QKV_BIAS]:
+        q += bq
+        k += bk
+        v += bv
+    posarr[0] = pos
     qr = rot[:nq].reshape(1, H, hd)
+    kr = rot[nq:nq + nk].reshape(1, kvh, hd)
+    apply_rope(q.reshape(1, H, hd), cos, sin, posarr, qr)
+    apply_rope(k.reshape(1, kvh, hd), cos, sin, posarr, kr)
+    v3 = v.reshape(1, kvh, hd)
+    if ksc is not None:  # int8 cache
+        store_int8(kr, pos, blk, kc, ksc)
+        store_int8(v3, pos, blk, vc, vsc)
+    elif kvlut is not None:  # float16 bits
+        if not store_f16(kr, pos, kc) or not store_f16(v3, pos, vc):
+            return F16_RANGE
+    else:
+        for j in range(kvh):
+            for i in range(hd):
+                kc[j, pos, i] = kr[0, j, i]
+                vc[j, pos, i] = v3[0, j, i]
     a3 = att.reshape(1, H, hd)
     attention(qr, kc, vc, ksc, vsc, kvlut, meta[M_SIMD], pos, a3)
     if meta[M_OENC] >= _sp.FUSED:
@@ -609,9 +591,6 @@ class Scratch:
         self.x2 = self.x.reshape(1, d)
         self._partial = {}
         self.d = d
-        from .team import CTL_LEN  # (team.py imports this file)
-
-        self.ctl = np.zeros(CTL_LEN, np.int64)  # team.decode_layer_team's counters
 
     def hidden(self, n):
         if self._hidden.size < n:
