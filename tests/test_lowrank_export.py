@@ -21,11 +21,20 @@ from edgellm.converters.convert import convert
 from edgellm.export import export
 from edgellm.runtime import format
 from edgellm.runtime.errors import ConvertError
+from edgellm.runtime.kernels import qgemm
 from test_recipe import FAST  # the recipe settings that keep a test fast
 
 TOL = 1e-4  # same weights, float32 summation order only (left · (right · x) vs (left · right) x)
 HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
       "attn_o": "self_attn.o_proj"}
+
+
+@pytest.fixture(autouse=True)
+def float_prefill(monkeypatch):
+    """The exported model runs with float32 activations (onnxruntime, transformers, the NumPy
+    reference): edgellm's side too, prefill's integer GEMM off (it quantizes activations to int8
+    blocks, ~2% of the logit scale; tests/test_prefill_gemm.py checks it on its own)."""
+    monkeypatch.setattr(qgemm, "ENABLED", False)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ import edgellm
 import tiny
 from edgellm.export import ExportError
 from edgellm.runtime.errors import ConvertError
+from edgellm.runtime.kernels import qgemm
 
 onnx = pytest.importorskip("onnx", reason="needs the [onnx] extra (onnx, onnxruntime)")
 ort = pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxruntime)")
@@ -39,6 +40,14 @@ from edgellm.export_onnx import OnnxRunner, export_onnx  # noqa: E402
 
 TOL = 1e-4  # same weights: float32 summation order only (observed <= 1e-5)
 DEMO = os.path.join(os.path.dirname(edgellm.__file__), "data", "demo")
+
+
+@pytest.fixture(autouse=True)
+def float_prefill(monkeypatch):
+    """The exported model runs with float32 activations (onnxruntime, transformers, the NumPy
+    reference): edgellm's side too, prefill's integer GEMM off (it quantizes activations to int8
+    blocks, ~2% of the logit scale; tests/test_prefill_gemm.py checks it on its own)."""
+    monkeypatch.setattr(qgemm, "ENABLED", False)
 
 
 def _edge_logits(path, ids):
