@@ -367,7 +367,7 @@ class _Encoder:
 def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False, command=None,
             predictor=False, calib=None, calib_options=None, drop_layers=0,
             drop_metric="angular", prune_neurons=None, method="rtn", method_options=None, prune=None,
-            ffn_down="bundle", low_rank=None):
+            ffn_down="auto", low_rank=None):
     """Convert the Hugging Face model directory src into the edgellm model directory dst.
 
     quant: f32 | f16 | int8 | int4 (int4 uses groups of group_size values per scale; a matrix
@@ -390,15 +390,20 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     clip).
     prune: a prune.PruneOptions (prune.options()): magnitude / Wanda / SparseGPT pruning of every
     layer's linears to 2:4 or 50%, stored in the sparse encodings (converters/prune.py).
-    ffn_down: "bundle" (default) stores each neuron's down column in its bundle row, which
-    streaming and window mode need; "matrix" stores W_down as a matrix of its own (`ffn_down`,
-    docs/FORMAT.md §3.2), about twice as fast for resident decode (docs/PERFORMANCE.md), not
-    streamable: Hugging Face sources with --method rtn only.
+    ffn_down: "bundle" stores each neuron's down column in its bundle row, which window and naive
+    streaming read; "matrix" stores W_down as a matrix of its own (`ffn_down`, docs/FORMAT.md
+    §3.2): decode multiplies it with int8 activations, 1.5-2x faster than adding down columns
+    (docs/PERFORMANCE.md); dense streaming takes it, window and naive refuse it. Written by the
+    plain quantizer (--method rtn, no pruning or structural steps) of a Hugging Face checkpoint,
+    an ONNX export or a GGUF file re-quantized. "auto" (default): matrix where it can be written and no
+    calibration is asked for (predictors and thresholds serve the neuron-reading modes), else
+    bundle.
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    _check_ffn_down(ffn_down, src, quant, method, prune,
-                    drop_layers or prune_neurons is not None or structural.is_model_dir(src))
-    if drop_layers or prune_neurons is not None or structural.is_model_dir(src):
+    structural_op = drop_layers or prune_neurons is not None or structural.is_model_dir(src)
+    ffn_down = _ffn_down_layout(ffn_down, src, quant, method, prune, structural_op,
+                                calibrated=bool(predictor) or calib is not None)
+    if structural_op:
         if low_rank is not None:
             raise ConvertError("--low-rank takes a Hugging Face or GGUF source, without "
                                "--drop-layers/--prune-neurons")
@@ -408,7 +413,8 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
             src, dst, convert, quant=quant, drop_layers=drop_layers, drop_metric=drop_metric,
             prune_fraction=prune_neurons, predictor=predictor, calib=calib,
             calib_options=calib_options, overwrite=overwrite, progress=progress, command=command,
-            group_size=group_size, method=method, method_options=method_options)
+            group_size=group_size, method=method, method_options=method_options,
+            ffn_down="bundle")  # its steps re-encode a down matrix's kept columns (re-rounded)
     quant = quant or "f16"
     quantize.check_quant(quant, group_size)
     cq = calibquant.options(method, quant, group_size, calib, method_options, low_rank)
@@ -416,11 +422,11 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     calib = calibrate.options(predictor, calib, calib_options)
     if gguf_source.is_gguf(src):
         return _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib, cq,
-                             prune)
+                             prune, ffn_down)
     onnx_file = onnx_source.find_onnx(src)
     if onnx_file is not None and quant != quantize.KEEP:
         return _convert_onnx(onnx_file, dst, quant, group_size, progress, overwrite, command,
-                             calib, cq, prune)
+                             calib, cq, prune, ffn_down)
     if quant == quantize.KEEP:
         raise ConvertError(f"{src}: --quant keep stores a GGUF file's quantized blocks as they "
                            "are; this source is not a GGUF file (choose f32, f16, int8 or int4)")
@@ -438,28 +444,37 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     return dst
 
 
-def _check_ffn_down(ffn_down, src, quant, method, prune, structural_op):
-    """--ffn-down matrix is written by the plain quantizer of a Hugging Face checkpoint; the
-    other paths encode the down projection themselves (kept GGUF blocks choose on their own)."""
-    if ffn_down not in ("bundle", "matrix"):
-        raise ConvertError(f"ffn_down must be 'bundle' or 'matrix', got {ffn_down!r}")
+FFN_DOWN = ("auto", "bundle", "matrix")
+
+
+def _ffn_down_layout(ffn_down, src, quant, method, prune, structural_op, calibrated):
+    """"bundle" or "matrix" for convert(ffn_down=...): the matrix is written by the plain quantizer
+    of a Hugging Face checkpoint, an ONNX export or a re-quantized GGUF file; the other paths
+    encode the down projection themselves (kept GGUF blocks choose on their own)."""
+    if ffn_down not in FFN_DOWN:
+        raise ConvertError(f"ffn_down must be one of {', '.join(FFN_DOWN)}, got {ffn_down!r}")
     if ffn_down == "bundle":
-        return
-    other = ("a GGUF file (--quant keep stores ffn_down as a matrix when it keeps its blocks)"
-             if gguf_source.is_gguf(src) else
+        return ffn_down
+    gguf = gguf_source.is_gguf(src)
+    other = ("--quant keep (it stores ffn_down as a matrix when it keeps a GGUF file's blocks)"
+             if quant == quantize.KEEP else
              "--drop-layers, --prune-neurons or an edgellm source" if structural_op else
-             "--quant keep" if quant == quantize.KEEP else
              f"--method {method}" if method not in (None, "rtn") else
              "--prune" if prune is not None else None)
-    if other is None and not glob.glob(os.path.join(glob.escape(src), "*.safetensors")):
-        other = "a source that is not a Hugging Face checkpoint directory (safetensors)"
+    if other is None and not gguf and onnx_source.find_onnx(src) is None and not glob.glob(
+            os.path.join(glob.escape(src), "*.safetensors")):
+        other = "a source that is not a Hugging Face checkpoint, a GGUF file or an ONNX export"
+    if ffn_down == "auto":
+        return "bundle" if other is not None or calibrated else "matrix"
     if other is not None:
-        raise ConvertError(f"{src}: --ffn-down matrix is written for Hugging Face checkpoints "
-                           f"quantized with --method rtn; not with {other}")
+        raise ConvertError(f"{src}: --ffn-down matrix is written by the plain quantizer (--method "
+                           f"rtn) of a Hugging Face checkpoint, GGUF file or ONNX export; not "
+                           f"with {other}")
+    return ffn_down
 
 
 def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib=None,
-                  cq=None, prune=None):
+                  cq=None, prune=None, ffn_down="bundle"):
     """A GGUF file: same table, quantizer and writer; tokenizer.json built from its vocabulary."""
     with gguf_source.GGUFSource(src) as source:
         spec = source.spec()
@@ -477,12 +492,12 @@ def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, cal
         _write(source.path, dst, spec, source, tokenizer, write_tokenizer, chat_template, quant,
                group_size, progress, overwrite, command,
                extra={"source_format": "gguf", "source_architecture": source.arch},
-               calib=calib, walk=walk, cq=cq, prune=prune)
+               calib=calib, walk=walk, cq=cq, prune=prune, ffn_down=ffn_down)
     return dst
 
 
 def _convert_onnx(src, dst, quant, group_size, progress, overwrite, command, calib=None,
-                  cq=None, prune=None):
+                  cq=None, prune=None, ffn_down="bundle"):
     """An ONNX decoder export (sources/onnx.py): config.json and the tokenizer files lie next to
     the .onnx file, as optimum writes them; the weights come from the graph's initializers."""
     folder = os.path.dirname(os.path.abspath(src))
@@ -496,7 +511,7 @@ def _convert_onnx(src, dst, quant, group_size, progress, overwrite, command, cal
         _write(source.path, dst, spec, source, tokenizer,
                lambda st: st.copy(tok_path, tokenizer["file"]), chat_template, quant,
                group_size, progress, overwrite, command, extra={"source_format": "onnx"},
-               calib=calib, walk=walk, cq=cq, prune=prune)
+               calib=calib, walk=walk, cq=cq, prune=prune, ffn_down=ffn_down)
     return dst
 
 

@@ -358,10 +358,13 @@ def build_parser():
                    help="GPTQ: quantize columns in their order, not by decreasing activation "
                    "energy")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
-    c.add_argument("--ffn-down", choices=["bundle", "matrix"], default="bundle",
-                   help="bundle: each FFN neuron's down column in its bundle row (default; "
-                   "needed by --dram-budget streaming); matrix: the down projection as a matrix "
-                   "of its own, about twice as fast FFN decode with everything resident")
+    c.add_argument("--ffn-down", choices=["auto", "bundle", "matrix"], default="auto",
+                   help="matrix: the down projection as a matrix of its own, 1.5-2x faster FFN "
+                   "decode (dense streaming under --dram-budget takes it); bundle: each FFN "
+                   "neuron's down column in its bundle row, which --mode window and naive read; "
+                   "auto (default): matrix unless the conversion calibrates (--predictor, "
+                   "--calib) or quantizes otherwise (--method gptq/awq, --prune, --quant keep, "
+                   "structural steps)")
     g = c.add_argument_group("calibration (hot-neuron order, thresholds, predictors)")
     g.add_argument("--calib", metavar="FILE.txt", default=None,
                    help="calibrate on this UTF-8 text (default with --predictor: the shipped "

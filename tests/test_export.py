@@ -93,22 +93,30 @@ def test_gguf_round_trip(tmp_path, name, quant, monkeypatch):
 
 
 @pytest.mark.skipif(not lcpp.available(), reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("name,quant", [("llama", "int4"), ("qwen2", "int8"),
-                                        ("llama_tied", "f16")])
-def test_gguf_runs_in_llama_cpp(tmp_path, name, quant):
+@pytest.mark.parametrize("name,quant,ffn_down", [
+    ("llama", "int4", "bundle"), ("qwen2", "int8", "bundle"), ("llama_tied", "f16", "auto"),
+    ("llama", "int4", "auto"), ("qwen2", "int8", "auto")])
+def test_gguf_runs_in_llama_cpp(tmp_path, name, quant, ffn_down):
     from edgellm.evaluate import score
 
-    src = tiny.converted(name, quant)
+    src = tiny.converted(name, quant, ffn_down=ffn_down)
     out = export(src, tmp_path / "m.gguf", to="gguf", progress=False)
     model = edgellm.load(src)
     ids = model.tokenizer.encode(" ".join(tiny.corpus(n=12)))[:128]
     res = lcpp.run(out, [{"kind": "score", "ids": ids, "first": 1},
                          {"kind": "generate", "ids": ids[:8], "n": 16}], n_ctx=256)
-    _, top = score(model.logits(ids), ids, 1)
+    nll, top = score(model.logits(ids), ids, 1)
     agree = float(np.mean(top == np.array(res[0]["top"])))
-    print(f"\n{name} {quant}: llama.cpp top-1 agreement {100 * agree:.1f}% over {len(top)} "
-          "positions", file=sys.stderr)
-    assert len(top) >= 100 and agree >= 0.97
+    gap = float(np.abs(nll - np.array(res[0]["nll"])).mean())
+    print(f"\n{name} {quant} {ffn_down}: llama.cpp top-1 agreement {100 * agree:.1f}% over "
+          f"{len(top)} positions, mean |nll difference| {gap:.4f}", file=sys.stderr)
+    # A random tiny model's logits have near-ties (one position is 0.8% here). With the down
+    # projection as a matrix both engines round the hidden activations to int8 blocks, each in
+    # its own way, where the bundles' down columns take them in float32: measured 95.3-98.4%
+    # top-1 (bundles 97.6-99.2%) at the same mean |nll difference| (0.027-0.033 vs 0.018-0.027)
+    floor = 0.97 if ffn_down == "bundle" or quant == "f16" else 0.95
+    assert len(top) >= 100 and agree >= floor
+    assert gap < 0.05
     assert len(res[1]["tokens"]) > 0  # it generates
 
 

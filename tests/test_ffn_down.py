@@ -1,5 +1,6 @@
-"""`edgellm convert --ffn-down matrix`: the FFN down projection written as a matrix of its own
-(docs/FORMAT.md §3.2) instead of a column in every bundle row. Checked against the source
+"""`edgellm convert --ffn-down matrix` (the default where it can be written: `auto`): the FFN down
+projection written as a matrix of its own (docs/FORMAT.md §3.2) instead of a column in every
+bundle row. Checked against the source
 weights (the stored matrix is the codec's own rounding of W_down), against the plain NumPy
 forward pass of tests/reference.py run on the weights the model holds, against the default
 layout, and fused decode against the general path, bit for bit."""
@@ -106,7 +107,7 @@ def test_f16_layouts_compute_the_same_model():
     the same logits, up to the order of float32 sums."""
     ids = tiny.token_ids("llama", 10)
     out = []
-    for path in (tiny.converted("llama", "f16"), matrix_model("llama", "f16")):
+    for path in (tiny.converted("llama", "f16", ffn_down="bundle"), matrix_model("llama", "f16")):
         rt = edgellm.load(path).runtime
         rt.reset()
         seq = [rt.forward(ids)[-1].copy()]
@@ -154,7 +155,7 @@ def test_dense_streaming_of_the_matrix_layout_is_exact(quant):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="gptq", quant="int4"), "--method gptq"),
     (dict(prune_neurons=0.25), "--prune-neurons"),
-    (dict(ffn_down="column"), "'bundle' or 'matrix'"),
+    (dict(ffn_down="column"), "auto, bundle, matrix"),
 ])
 def test_refused_combinations(tmp_path, kwargs, match):
     args = dict(quant="int8", ffn_down="matrix")
@@ -162,3 +163,40 @@ def test_refused_combinations(tmp_path, kwargs, match):
     with pytest.raises(ConvertError, match=match):
         convert(tiny.checkpoint("llama"), tmp_path / "out", progress=False, **args)
     assert not (tmp_path / "out").exists()
+
+
+def down_layout(path):
+    """"matrix" or "bundle": where a converted model keeps its FFN down projection."""
+    with open(os.path.join(path, "manifest.json")) as f:
+        layer = json.load(f)["chunks"][1]["tensors"]
+    parts = [p["name"] for p in layer["ffn_bundles"]["parts"]]
+    assert ("ffn_down" in layer) != ("down" in parts)
+    return "matrix" if "ffn_down" in layer else "bundle"
+
+
+@pytest.mark.parametrize("kwargs,want", [
+    (dict(), "matrix"),  # the plain quantizer, no calibration: the fast resident layout
+    (dict(calib=tiny.__file__), "bundle"),  # calibration serves the neuron-reading modes
+    (dict(prune_neurons=0.25), "bundle"),  # structural steps: bundles (re-encoding re-rounds)
+    (dict(ffn_down="bundle"), "bundle"),
+])
+def test_auto_layout(tmp_path, kwargs, want):
+    args = dict(quant="int8")
+    args.update(kwargs)
+    out = convert(tiny.checkpoint("llama"), tmp_path / "out", progress=False, **args)
+    assert down_layout(out) == want
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_requantized_gguf_writes_the_matrix(tmp_path, quant):
+    """A GGUF file re-quantized (not kept) gets the matrix layout too, with the logits of the same
+    conversion from the Hugging Face checkpoint it was written from (the same float weights)."""
+    from test_gguf import write_gguf_from_hf
+
+    src = write_gguf_from_hf("llama", tmp_path / "llama.gguf")
+    got = convert(src, tmp_path / "out", quant=quant, progress=False)
+    assert down_layout(got) == "matrix"
+    ids = tiny.token_ids("llama", n=12)
+    a = edgellm.load(got).logits(ids)
+    b = edgellm.load(matrix_model("llama", quant)).logits(ids)
+    assert np.abs(a - b).max() <= 1e-5 * float(np.abs(b).max())

@@ -71,7 +71,7 @@ def _int8_round_trip(layer):
 def test_transformed_layers_propagate(monkeypatch):
     monkeypatch.setattr(qgemm, "ENABLED", False)  # float activations (no int8 GEMM): see below
     seqs, hidden = _walk_hidden("llama", _int8_round_trip)
-    ref = _runtime_hidden(tiny.converted("llama", "int8"), seqs,
+    ref = _runtime_hidden(tiny.converted("llama", "int8", ffn_down="bundle"), seqs,
                           embed_from=tiny.converted("llama", "f32"))
     f32 = _runtime_hidden(tiny.converted("llama", "f32"), seqs)
     for h, r, f in zip(hidden, ref, f32):

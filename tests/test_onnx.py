@@ -94,18 +94,21 @@ def _initializers(path):
     return m, {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
 
 
-def test_export_keeps_quantized_weights(tmp_path):
+@pytest.mark.parametrize("ffn_down", ["auto", "bundle"])
+def test_export_keeps_quantized_weights(tmp_path, ffn_down):
     """MatMulNBits B/scales decode (NumPy, its documented convention) to edgellm's weights."""
     from edgellm.export import _Model
 
-    src = tiny.converted("llama", "int4", 64)
+    src = tiny.converted("llama", "int4", 64, ffn_down=ffn_down)
     out = export_onnx(src, tmp_path / "o", progress=False)
     m, inits = _initializers(out)
     nodes = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     em = _Model(src)
     cfg = em.config
-    # q, k, v, o, gate, up per layer, plus the head: all int4 (down rows: decoded in the graph)
-    assert len(nodes) == 6 * cfg.n_layers + 1
+    # q, k, v, o, gate, up per layer, down where it is a matrix (the converter's default; down
+    # rows in the bundles are decoded in the graph), plus the head: all int4
+    assert em.down_is_matrix(0) == (ffn_down == "auto")
+    assert len(nodes) == (6 + em.down_is_matrix(0)) * cfg.n_layers + 1
     for n in nodes:
         attrs = {a.name: a.i for a in n.attribute}
         assert n.domain == "com.microsoft" and attrs["bits"] == 4 and attrs["block_size"] == 64

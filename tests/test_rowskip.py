@@ -75,7 +75,7 @@ def test_gate_apart_layout_written():
     """SiLU thresholds without a predictor: the gates leave the bundles for ffn_gate, byte for
     byte (the uncalibrated conversion's gate rows, in the calibrated row order)."""
     path = calibrated("llama", False, quant="int8", sparsity=0.5)
-    plain = edgellm.load(tiny.converted("llama", "int8"))
+    plain = edgellm.load(tiny.converted("llama", "int8", ffn_down="bundle"))
     m = edgellm.load(path)
     cfg = m.config
     assert json.load(open(os.path.join(path, "manifest.json")))["calibration"]["gate_apart"]

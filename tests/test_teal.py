@@ -52,7 +52,7 @@ def test_layout_holds_the_int8_codes():
     """gate and up by input column and down by column: the plain int8 conversion's codes and
     scales, moved (rows in the calibrated order, ffn_perm), nothing re-rounded."""
     path = model_path()
-    plain = edgellm.load(tiny.converted("llama", "int8"))
+    plain = edgellm.load(tiny.converted("llama", "int8", ffn_down="bundle"))
     m = edgellm.load(path)
     cfg = m.config
     d, n = cfg.d_model, cfg.d_ff
@@ -108,7 +108,7 @@ def test_dense_prefill_equals_plain_model(monkeypatch):
     model's FFN would take the integer GEMM, TEAL's column layout does not)."""
     monkeypatch.setattr(qgemm, "ENABLED", False)
     ids = tiny.token_ids("llama", 12)
-    want = edgellm.load(tiny.converted("llama", "int8"), kv="f32").runtime.forward(
+    want = edgellm.load(tiny.converted("llama", "int8", ffn_down="bundle"), kv="f32").runtime.forward(
         ids, all_logits=True)
     got = edgellm.load(model_path(), kv="f32").runtime.forward(ids, all_logits=True)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
@@ -208,7 +208,7 @@ def test_split_by_output_error():
     from edgellm.converters import teal as ct
     from edgellm.runtime import predictor as rp
 
-    m = edgellm.load(tiny.converted("llama", "int8"), kv="f32")
+    m = edgellm.load(tiny.converted("llama", "int8", ffn_down="bundle"), kv="f32")
     cfg = m.config
     seen = ffn_inputs(m, tiny.token_ids("llama", 48))
     for i, L in enumerate(m.runtime.layers):

@@ -364,15 +364,17 @@ def checkpoint(name):
     return _CACHE[key]
 
 
-def converted(name, quant="f32", group_size=32):
-    """Path of variant `name` converted with (quant, group_size), once per process. Read-only."""
-    key = ("conv", name, quant, group_size)
+def converted(name, quant="f32", group_size=32, ffn_down="auto"):
+    """Path of variant `name` converted with (quant, group_size, ffn_down), once per process.
+    Read-only. The converter's default ffn_down (auto) writes the down projection as a matrix;
+    "bundle" for tests of what reads neurons as bundle rows (window and naive streaming)."""
+    key = ("conv", name, quant, group_size, ffn_down)
     if key not in _CACHE:
         from edgellm.converters.convert import convert
 
-        dst = os.path.join(_root(), "out", f"{name}-{quant}-g{group_size}")
+        dst = os.path.join(_root(), "out", f"{name}-{quant}-g{group_size}-{ffn_down}")
         _CACHE[key] = convert(checkpoint(name), dst, quant=quant, group_size=group_size,
-                              progress=False)
+                              progress=False, ffn_down=ffn_down)
     return _CACHE[key]
 
 
