@@ -3,6 +3,11 @@ tiles + BLAS, EDGELLM_NO_GEMM=1's switch), side by side in one process: each rep
 float path, then the GEMM, on the same prompt (a script, not a test; timings are never asserted).
 
     python benchmarks/prefill_gemm.py MODEL [MODEL ...] --prompt 128,512 --repeats 3 --clock cpu
+
+The CPU's switches pick other tiles on this machine (docs/PERFORMANCE.md): EDGELLM_NO_AVX512=1
+the 256-bit vpdpbusd ones; an AVX2 CPU as Numba's target (NUMBA_CPU_NAME=haswell
+NUMBA_CPU_FEATURES=+avx,+avx2,+fma,+f16c,... with OPENBLAS_CORETYPE=Haswell for BLAS and a
+NUMBA_CACHE_DIR of its own) vpmaddubsw + vpmaddwd.
 """
 
 import argparse
@@ -27,12 +32,18 @@ def main(argv=None):
                     help="process CPU time (on a shared machine, with --threads 1) or wall time")
     args = ap.parse_args(argv)
     import edgellm
-    from edgellm.runtime.kernels import qgemm
+    from edgellm.runtime.kernels import qgemm, simd
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     lengths = [int(t) for t in args.prompt.split(",") if t.strip()]
     print(f"threads {args.threads}, clock {args.clock}, medians of {args.repeats}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}; kernels {simd.flavour()}, GEMM tiles "
+          f"{qgemm.RM} x {qgemm.RN} of {8 * qgemm.WIDTH} bits"
+          + ("" if qgemm.FASTER else " (measured here, although use_gemm does not take them)"))
+    if not qgemm.TILES:
+        print("the integer GEMM does not run on this CPU")
+        return 1
+    qgemm.FASTER = True  # measure the tiles wherever they run
     for path in args.models:
         m = edgellm.load(path, n_ctx=max(lengths) + 1, threads=args.threads)
         rt = m.runtime

@@ -22,8 +22,8 @@ from edgellm.runtime.reader import Matrix
 
 import tiny
 
-needs_gemm = pytest.mark.skipif(not (simd.AVAILABLE and simd.HAVE_AVX512),
-                                reason="the integer GEMM needs AVX-512 VNNI and the JIT")
+needs_gemm = pytest.mark.skipif(not qgemm.TILES, reason="the integer GEMM needs the JIT and "
+                                "AVX2 + F16C, AVX-512 VNNI or aarch64's dot product")
 
 RTOL = 2e-6
 
@@ -98,7 +98,7 @@ def test_matmul_matches_numpy(enc, n, d, g, T):
     m = make_matrix(rng, enc, n, d, g)
     x = rng.standard_normal((T, d)).astype(np.float32)
     x[0, :32] = 0.0  # an all-zero block (scale 0)
-    assert qgemm.use_gemm(enc, g, n, d, T)
+    assert qgemm.use_gemm(enc, g, n, d, T) == qgemm.FASTER  # AVX2 without VNNI: tested, not taken
     out = qgemm.matmul(m, qgemm.Activations(x))[:T]
     expected, bound = reference(m, x)
     err = np.abs(out - expected)
@@ -148,6 +148,7 @@ def test_model_prefill_against_float_path_and_decode(quant, down, monkeypatch):
     GEMM-decode 0.6%). Top-1 agrees at nearly every position."""
     import edgellm
 
+    monkeypatch.setattr(qgemm, "FASTER", True)  # AVX2 without VNNI: the tiles are not taken
     rt = edgellm.load(_model(quant, down), kv="f32").runtime
     ids = tiny.token_ids("llama_relu", 24)
     calls = []
@@ -178,14 +179,14 @@ def test_model_prefill_against_float_path_and_decode(quant, down, monkeypatch):
 
 @pytest.mark.parametrize("enc", ["int8", "int4", "q8_0", "q4_1"])
 def test_float_path_where_the_gemm_cannot_run_tiny(enc):
-    """Without the JIT (or without AVX-512 VNNI) the rule sends prefill to the float tiles:
-    float32 activations, so linear() equals the float64 product of the decoded weights up to
-    float32 summation (2e-5 of sum |w x|, as tests/test_kernels.py)."""
+    """Without the JIT (or on a CPU where qgemm.FASTER is False) the rule sends prefill to the
+    float tiles: float32 activations, so linear() equals the float64 product of the decoded
+    weights up to float32 summation (2e-5 of sum |w x|, as tests/test_kernels.py)."""
     rng = np.random.default_rng(7)
     m = make_matrix(rng, enc, 9, 128)
     x = rng.standard_normal((5, 128)).astype(np.float32)
     runs = qgemm.use_gemm(enc, 32, 9, 128, 5)
-    assert runs == (simd.AVAILABLE and simd.HAVE_AVX512 and qgemm.ENABLED)
+    assert runs == (qgemm.FASTER and qgemm.ENABLED)
     assert kernels.quantizes_activations(m, 5) == (runs and kernels.MODE == "fast")
     if not runs:
         w = m.dequantize().astype(np.float64)
@@ -202,3 +203,87 @@ def test_no_jit_and_switch_off():
 
     assert no_jit(__file__, "where_the_gemm_cannot_run_tiny") == 4
     assert pytest_child(__file__, "where_the_gemm_cannot_run_tiny", EDGELLM_NO_GEMM="1") == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the 256-bit tiles: CPUs without AVX-512 (AVX2, AVX-VNNI) and aarch64's dot product
+
+AVX2_ONLY = "+avx,+avx2,+fma,+f16c,+popcnt,+sse4.2,+bmi,+bmi2"  # as tests/test_arm.py
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (simd.AVAILABLE and simd.HAVE_AVX512),
+                    reason="the 512-bit tiles do not run here: the tests above already check "
+                           "this CPU's own tiles")
+@pytest.mark.parametrize("env,flavour", [
+    # vpmaddubsw + vpmaddwd, Numba compiling for an AVX2 CPU (no AVX-512 instruction can slip in)
+    ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": AVX2_ONLY}, "x86 AVX2"),
+    # 256-bit vpdpbusd (a CPU with AVX-VNNI, or AVX-512 VL with the 512-bit tiles off)
+    ({"EDGELLM_NO_AVX512": "1"}, "x86 AVX2 VNNI")], ids=["avx2", "avx-vnni-256"])
+def test_256_bit_tiles(env, flavour, tmp_path):
+    """The GEMM's tests above again in a child whose CPU choice gives the 256-bit tiles (its own
+    Numba cache: this process's cached code has the 512-bit ones). Not the model's prefill test:
+    it would compile every decode kernel again (2 minutes a child); the tiles are the part that
+    changes."""
+    from childpytest import pytest_child, python_child
+
+    env = dict(env, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    r = python_child("from edgellm.runtime.kernels import qgemm, simd; "
+                     "print(simd.flavour(), qgemm.WIDTH, qgemm.TILES, qgemm.FASTER)", **env)
+    assert r.stdout.strip() == f"{flavour} 32 True {flavour != 'x86 AVX2'}", r.stderr[-2000:]
+    assert pytest_child(__file__, "matmul_matches_numpy", timeout=900, **env) == len(CASES) * 3
+
+
+def tile_asm(monkeypatch, enc, triple, cpu, features, flags):
+    """qgemm.tile_ir of encoding enc (256-bit tiles, RM x RN 2 x 4) compiled by LLVM for
+    (triple, cpu, features) as on a CPU where simd's flags are `flags` -> its assembly."""
+    import llvmlite.binding as llb
+    from llvmlite import ir
+
+    llb.initialize_all_targets()
+    llb.initialize_all_asmprinters()
+    try:
+        target = llb.Target.from_triple(triple)
+    except RuntimeError:
+        pytest.skip(f"this llvmlite has no {triple} target")
+    for flag in ("HAVE_AVX2", "HAVE_VNNI", "HAVE_AVX512", "HAVE_DOTPROD", "HAVE_F16"):
+        monkeypatch.setattr(simd, flag, flag in flags)
+    i8p, i64 = simd.I8.as_pointer(), simd.I64
+    mod = ir.Module("tile")
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i8p, i64, i64, i8p, i64, i64, i64,
+                                                         i64] + [i8p] * 4 + [i64] * 4
+                                          + [i8p, i64, i64, i64]), "tile")
+    a = list(fn.args)
+    builder = ir.IRBuilder(fn.append_basic_block())
+    xrows = [[builder.mul(stride, ir.Constant(i64, j)) for j in range(4)] for stride in a[12:16]]
+    qgemm.tile_ir(builder, enc, 32, 2, 4, *a[:8], a[8:12], xrows, *a[16:])
+    builder.ret_void()
+    m = llb.parse_assembly(str(mod))
+    m.triple = triple
+    return target.create_target_machine(cpu=cpu, features=features, opt=2).emit_assembly(m)
+
+
+def instructions(asm, name):
+    return [ln for ln in asm.splitlines() if ln.strip().split(" ")[0].split("\t")[0] == name]
+
+
+@pytest.mark.parametrize("enc", [qgemm.INT8, qgemm.INT4, qgemm.Q8_0, qgemm.Q4_1])
+def test_tile_instructions(enc, monkeypatch):
+    """The 256-bit tiles' code for CPUs this host is not (LLVM targets; runs on any host): aarch64
+    with dotprod multiplies with sdot (two a 32-byte product: a 2 x 4 tile's step has 2 * 4 of
+    them per 32 bytes of 8-bit codes, 2 * 2 * 4 for 4-bit codes: at least that many in the loop
+    bodies); AVX2 with vpmaddubsw and AVX-VNNI with 256-bit vpdpbusd, neither with a 512-bit
+    register."""
+    four_bit = enc in (qgemm.INT4, qgemm.Q4_1)
+    arm = tile_asm(monkeypatch, enc, "aarch64-unknown-linux-gnu", "cortex-a76",
+                   "+neon,+dotprod,+fullfp16", {"HAVE_DOTPROD", "HAVE_F16"})
+    assert len(instructions(arm, "sdot")) >= 8 * (2 if four_bit else 1), arm
+    avx2 = tile_asm(monkeypatch, enc, "x86_64-unknown-linux-gnu", "haswell", AVX2_ONLY,
+                    {"HAVE_AVX2", "HAVE_F16"})
+    assert len(instructions(avx2, "vpmaddubsw")) >= 8 * (2 if four_bit else 1)
+    assert "zmm" not in avx2 and "vpdpbusd" not in avx2
+    vnni = tile_asm(monkeypatch, enc, "x86_64-unknown-linux-gnu", "alderlake",
+                    AVX2_ONLY + ",+avxvnni", {"HAVE_AVX2", "HAVE_VNNI", "HAVE_F16"})
+    assert len(instructions(vnni, "{vex}") + instructions(vnni, "vpdpbusd")) >= 8 * (
+        2 if four_bit else 1), vnni
+    assert "zmm" not in vnni and "vpmaddubsw" not in vnni
