@@ -7,11 +7,9 @@ computed exactly (int64), then the block's weight scale times the activation sca
 float64. The kernel's integer sums are exact too (per 4-byte lane of a block); only its float32
 sums of lanes differ: |out - ref| <= 2e-6 * the sum of the lanes' magnitudes (at most
 sum |w code| |x code| per block, plus 16 sum |x code| for 4-bit codes, whose lanes also carry
-the 8 * sum(x) correction or the min term), times the scales: a few lane values per 16-lane
-accumulator over <= 64 steps, then a tree, each rounding 2^-24 relative.
+the 8 * sum(x) correction or the min term), times the scales: a few lane values per 8- or 16-lane
+accumulator over <= 64 loads, then a tree, each rounding 2^-24 relative.
 """
-
-import os
 
 import numpy as np
 import pytest
@@ -112,19 +110,7 @@ def test_matmul_matches_numpy(enc, n, d, g, T):
 def _model(quant, down):
     """tiny llama_relu (d 128, d_ff 256: every projection suits the GEMM at int8 and int4) with
     the down projection in the bundles or as a matrix of its own."""
-    if down == "bundle":
-        return tiny.converted("llama_relu", quant)
-    key = ("gemm-down-matrix", quant)
-    if key not in _MODELS:
-        from edgellm.converters.convert import convert
-
-        dst = os.path.join(tiny._root(), "out", f"llama_relu-{quant}-gemm-down-matrix")
-        _MODELS[key] = convert(tiny.checkpoint("llama_relu"), dst, quant=quant, progress=False,
-                               ffn_down="matrix")
-    return _MODELS[key]
-
-
-_MODELS = {}
+    return tiny.converted("llama_relu", quant, ffn_down=down)
 
 
 def _prefill(rt, ids):
