@@ -395,9 +395,9 @@ def convert(src, dst, quant="f16", group_size=32, progress=True, overwrite=False
     §3.2): decode multiplies it with int8 activations, 1.5-2x faster than adding down columns
     (docs/PERFORMANCE.md); dense streaming takes it, window and naive refuse it. Written by the
     plain quantizer (--method rtn, no pruning or structural steps) of a Hugging Face checkpoint,
-    an ONNX export or a GGUF file re-quantized. "auto" (default): matrix where it can be written and no
-    calibration is asked for (predictors and thresholds serve the neuron-reading modes), else
-    bundle.
+    an ONNX export or a GGUF file re-quantized. "auto" (default): matrix where it can be written
+    and no calibration is asked for (predictors and thresholds serve the neuron-reading modes),
+    else bundle.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     structural_op = drop_layers or prune_neurons is not None or structural.is_model_dir(src)
@@ -455,14 +455,13 @@ def _ffn_down_layout(ffn_down, src, quant, method, prune, structural_op, calibra
         raise ConvertError(f"ffn_down must be one of {', '.join(FFN_DOWN)}, got {ffn_down!r}")
     if ffn_down == "bundle":
         return ffn_down
-    gguf = gguf_source.is_gguf(src)
     other = ("--quant keep (it stores ffn_down as a matrix when it keeps a GGUF file's blocks)"
              if quant == quantize.KEEP else
              "--drop-layers, --prune-neurons or an edgellm source" if structural_op else
              f"--method {method}" if method not in (None, "rtn") else
              "--prune" if prune is not None else None)
-    if other is None and not gguf and onnx_source.find_onnx(src) is None and not glob.glob(
-            os.path.join(glob.escape(src), "*.safetensors")):
+    if other is None and not gguf_source.is_gguf(src) and onnx_source.find_onnx(src) is None \
+            and not glob.glob(os.path.join(glob.escape(src), "*.safetensors")):
         other = "a source that is not a Hugging Face checkpoint, a GGUF file or an ONNX export"
     if ffn_down == "auto":
         return "bundle" if other is not None or calibrated else "matrix"
