@@ -472,6 +472,16 @@ def _ffn_down_layout(ffn_down, src, quant, method, prune, structural_op, calibra
     return ffn_down
 
 
+def ffn_down_note(dst):
+    """One line for the user on where the converted model keeps its FFN down projection."""
+    m, _ = format.read_manifest(dst)
+    layers = [c["tensors"] for c in m["chunks"] if "ffn_bundles" in c["tensors"]]
+    if layers and "ffn_down" in layers[0]:
+        return ("FFN down projection: a matrix apart (the fast resident layout; dense streaming "
+                "takes it, --mode window/naive need --ffn-down bundle)")
+    return "FFN down projection: in the bundle rows (--mode window/naive can stream neurons)"
+
+
 def _convert_gguf(src, dst, quant, group_size, progress, overwrite, command, calib=None,
                   cq=None, prune=None, ffn_down="bundle"):
     """A GGUF file: same table, quantizer and writer; tokenizer.json built from its vocabulary."""

@@ -104,7 +104,7 @@ def sampling_from_args(a):
 
 def cmd_convert(a):
     from .converters import prune as pruning
-    from .converters.convert import convert
+    from .converters.convert import convert, ffn_down_note
 
     extra = {k: v for k, v in (("tokens", a.calib_tokens), ("rank", a.predictor_rank),
                                ("recall", a.predictor_recall), ("sparsity", a.sparsity),
@@ -129,6 +129,7 @@ def cmd_convert(a):
                                         a.prune_calib_tokens),
                   ffn_down=a.ffn_down)
     print(f"wrote {dst}")
+    print(ffn_down_note(dst))
 
 
 def _method_options(a):

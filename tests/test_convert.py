@@ -424,11 +424,17 @@ def test_progress_bar(tmp_path, capsys):
     assert "convert" in err and "3/3" in err  # embed + 2 layers
 
 
-def test_cli_convert(tmp_path):
+def test_cli_convert(tmp_path, capsys):
     from edgellm.cli import main
 
     dst = tmp_path / "cli"
     assert main(["convert", tiny.checkpoint("llama"), "-o", str(dst), "--quant", "int4"]) == 0
     m, _ = format.read_manifest(dst)
     assert m["chunks"][1]["tensors"]["attn_q"]["encoding"] == "int4"
+    # the default layout, said: the down projection apart (window/naive streaming refuse it)
+    assert "ffn_down" in m["chunks"][1]["tensors"]
+    assert "FFN down projection: a matrix apart" in capsys.readouterr().out
+    assert main(["convert", tiny.checkpoint("llama"), "-o", str(tmp_path / "b"), "--quant",
+                 "int4", "--ffn-down", "bundle"]) == 0
+    assert "FFN down projection: in the bundle rows" in capsys.readouterr().out
     assert main(["convert", tiny.checkpoint("llama"), "-o", str(dst)]) == 1  # exists: clear error
