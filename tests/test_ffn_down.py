@@ -1,9 +1,9 @@
 """`edgellm convert --ffn-down matrix` (the default where it can be written: `auto`): the FFN down
 projection written as a matrix of its own (docs/FORMAT.md §3.2) instead of a column in every
-bundle row. Checked against the source
-weights (the stored matrix is the codec's own rounding of W_down), against the plain NumPy
-forward pass of tests/reference.py run on the weights the model holds, against the default
-layout, and fused decode against the general path, bit for bit."""
+bundle row. Checked against the source weights (the stored matrix is the codec's own rounding of
+W_down), against the plain NumPy forward pass of tests/reference.py run on the weights the model
+holds, against the bundle layout, and fused decode against the general path, bit for bit; and
+which layout `auto` picks."""
 
 import json
 import os
