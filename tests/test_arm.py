@@ -179,14 +179,8 @@ def test_dot_lanes(kind, fast):
 
 
 def _aarch64_asm(monkeypatch, features, fast):
-    import llvmlite.binding as llb
+    from targetasm import assembly
 
-    llb.initialize_all_targets()
-    llb.initialize_all_asmprinters()
-    try:
-        target = llb.Target.from_triple("aarch64-unknown-linux-gnu")
-    except RuntimeError:
-        pytest.skip("this llvmlite has no AArch64 target")
     # the choice as on an aarch64 CPU with (features) dotprod
     monkeypatch.setattr(simd, "HAVE_DOTPROD", "+dotprod" in features)
     for flag in ("HAVE_AVX2", "HAVE_VNNI", "HAVE_AVX512"):
@@ -199,10 +193,7 @@ def _aarch64_asm(monkeypatch, features, fast):
         a = fn.args
         builder.ret(simd._block_dot(builder, a[0], a[1], fast) if kind == "block"
                     else simd._pair_dot(builder, *a, fast))
-    m = llb.parse_assembly(str(mod))
-    m.triple = "aarch64-unknown-linux-gnu"
-    tm = target.create_target_machine(cpu="generic", features=features, opt=2)
-    return tm.emit_assembly(m)
+    return assembly(mod, "aarch64-unknown-linux-gnu", "generic", features)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "generic"])

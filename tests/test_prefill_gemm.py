@@ -223,15 +223,9 @@ def test_256_bit_tiles(env, flavour, tmp_path):
 def tile_asm(monkeypatch, enc, triple, cpu, features, flags):
     """qgemm.tile_ir of encoding enc (256-bit tiles, RM x RN 2 x 4) compiled by LLVM for
     (triple, cpu, features) as on a CPU where simd's flags are `flags` -> its assembly."""
-    import llvmlite.binding as llb
     from llvmlite import ir
+    from targetasm import assembly
 
-    llb.initialize_all_targets()
-    llb.initialize_all_asmprinters()
-    try:
-        target = llb.Target.from_triple(triple)
-    except RuntimeError:
-        pytest.skip(f"this llvmlite has no {triple} target")
     for flag in ("HAVE_AVX2", "HAVE_VNNI", "HAVE_AVX512", "HAVE_DOTPROD", "HAVE_F16"):
         monkeypatch.setattr(simd, flag, flag in flags)
     i8p, i64 = simd.I8.as_pointer(), simd.I64
@@ -244,9 +238,7 @@ def tile_asm(monkeypatch, enc, triple, cpu, features, flags):
     xrows = [[builder.mul(stride, ir.Constant(i64, j)) for j in range(4)] for stride in a[12:16]]
     qgemm.tile_ir(builder, enc, 32, 2, 4, *a[:8], a[8:12], xrows, *a[16:])
     builder.ret_void()
-    m = llb.parse_assembly(str(mod))
-    m.triple = triple
-    return target.create_target_machine(cpu=cpu, features=features, opt=2).emit_assembly(m)
+    return assembly(mod, triple, cpu, features)
 
 
 def instructions(asm, name):
