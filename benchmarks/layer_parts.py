@@ -31,7 +31,6 @@ from edgellm.runtime.kernels import fused
 from edgellm.runtime.kernels.attention import attention
 from edgellm.runtime.kernels.ffn import ffn_decode_simd
 from edgellm.runtime.kernels.norms import rmsnorm
-from edgellm.runtime.kernels.qmatvec import matvec3
 from edgellm.runtime.kernels.rope import apply_rope
 
 PARTS = ("attn norm", "q,k,v", "rope + KV store", "attention", "o + residual", "ffn norm",
@@ -70,8 +69,7 @@ def layer_parts(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq
     q = qkv[:nq]
     k = qkv[nq:nq + nk]
     v = qkv[nq + nk:nq + 2 * nk]
-    matvec3(meta[fused.M_QENC], meta[fused.M_QSHIFT], meta[fused.M_QROW], meta[fused.M_QSROW],
-            wq, sq, wk, sk, wv, sv, h, lut, q, k, v, fast)
+    fused.qkv_proj(meta, wq, sq, wk, sk, wv, sv, h, lut, q, k, v, fast)
     c2 = cycles()
     t[1] += c2 - c1
     posarr[0] = pos

@@ -26,11 +26,9 @@ def ffn(f, h):
     d = cfg.d_model
     h = np.ascontiguousarray(h, dtype=np.float32).reshape(-1, d)
     if h.shape[0] == 1:
-        plan = _plan(f)
-        if plan is not None:
-            meta, a, s = plan
-            return fused.ffn_call(h[0], meta, a, s.partial(a["n"]),
-                                  s.hidden(a["n"] if f.down is not None else 1)).reshape(1, d)
+        out = fused.ffn_alone(f, h)
+        if out is not None:
+            return out
     g = kernels.linear(f.gate, h)  # [T, n]
     u = g / (np.float32(1.0) + np.exp(-g)) if cfg.activation == "silu" else np.maximum(g, 0)
     parts = {e["name"]: e for e in f.layout}
@@ -45,31 +43,3 @@ def ffn(f, h):
     if f.down is not None:
         out = kernels.linear(f.down, u)
     return out
-
-
-def _plan(f):
-    """(meta, arrays, scratch) of the fused FFN call for f, made once; None where the SIMD
-    kernels do not take it."""
-    plan = getattr(f, "_fused", False)
-    if plan is False:
-        meta = np.zeros(fused.M_LEN, np.int64)
-        a = fused.plan_ffn(f.cfg, f, type(f), meta)
-        meta.flags.writeable = False
-        plan = f._fused = None if a is None else (meta, a, fused.Scratch(f.cfg))
-    return plan
-
-
-def split_bundles(bundles, layout, d):
-    """Bundles with a gate part -> (gate q, gate s, the bundles without it, their layout): the
-    bytes move unchanged (the gate part of a row is a row of its codec, §4.5), so nothing is
-    re-rounded. gate s is None for codecs without scales."""
-    entry = next(e for e in layout if e["name"] == "gate")
-    c = encodings.codec(entry["encoding"], entry["group_size"])
-    q, s = encodings.bundle_part(bundles, entry, d)
-    rest = [(e["name"], encodings.codec(e["encoding"], e["group_size"])) for e in layout
-            if e["name"] != "gate"]
-    kept = {e["name"]: encodings.bundle_part(bundles, e, d) for e in layout
-            if e["name"] != "gate"}
-    out, new_layout = encodings.pack_encoded_bundles(kept, rest, d)
-    return (np.ascontiguousarray(q, dtype=c.data_dtype()),
-            None if s is None else np.ascontiguousarray(s, dtype=c.scale_dtype()), out, new_layout)

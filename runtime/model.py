@@ -13,7 +13,9 @@ import numpy as np
 
 from . import format, gateapart, kernels, teal, threads
 from . import lowrank
-from .kernels import fused, w8a8
+from .kernels import fused, rows16, w8a8
+from .predictor import Predictor
+from .reader import Matrix
 from .errors import ContextLengthError, EdgeLLMError
 from .kvcache import DEFAULT as DEFAULT_KV
 from .kvcache import KVCache
@@ -41,13 +43,41 @@ class ResidentFFN:
     """The feed-forward block computed from its row-column bundles as mapped from the chunk."""
 
     def __init__(self, cfg, bundles, layout, up_bias, down_bias, down=None, gate=None):
-        self.cfg, self.bundles, self.layout = cfg, bundles, layout
+        self.cfg, self._bundles, self.layout = cfg, bundles, layout
         self.up_bias, self.down_bias = up_bias, down_bias
         self.down = down  # Matrix [d, d_ff] when the bundles hold no down part (GGUF kept)
         self.gate = gate  # Matrix [d_ff, d] when the bundles hold no gate part (runtime/gateapart)
+        self.packed = None  # reader.PackedBundles: gate/up packed for decode (pack)
+
+    @property
+    def bundles(self):
+        """The bundle rows (a copy, made per call, where pack() packed them)."""
+        return self._bundles if self.packed is None else self.packed.rows()
+
+    def pack(self, reader, file):
+        """Pack int4 gate and up parts 16 rows a group for decode (kernels/rows16.py), in place
+        where the reader read the chunk into memory; needs the down projection as a matrix and
+        the parts of one group size. Decode then reads them through fused.plan_ffn."""
+        parts = {e["name"]: e for e in self.layout}
+        names = ("gate", "up") if self.cfg.gated_ffn else ("up",)
+        if set(parts) != set(names) or self.down is None or self.gate is not None:
+            return
+        es = [parts[k] for k in names]
+        if {(e["encoding"], e["group_size"]) for e in es} != {("int4", es[0]["group_size"])}:
+            return
+        self.packed = reader.pack_bundles(file, "ffn_bundles",
+                                          [(e["offset"], e["scale_offset"]) for e in es],
+                                          self.cfg.d_model, es[0]["group_size"])
+        if self.packed is not None:
+            self._bundles = None
 
     def __call__(self, h):
         cfg = self.cfg
+        f = fused.ffn_alone(self, h) if self.packed is not None and h.shape[0] == 1 else None
+        if f is not None:
+            if self.down_bias is not None:
+                f += self.down_bias
+            return f
         if self.gate is not None:
             f = gateapart.ffn(self, h)
             if self.down_bias is not None:
@@ -110,6 +140,8 @@ class Transformer:
         self.cache = self.new_cache()  # the cache forward() runs against; callers may swap it
         # decode each layer in one call where it can (kernels/fused.py: per-block activations)
         self.fused = not self.act_token
+        if stream is None and not self.act_token:
+            self._pack()
         self._fused_plans = None  # per layer: decode_layer's arguments, or None (general path)
 
     def _norm(self, file, name):
@@ -143,6 +175,31 @@ class Transformer:
             ffn_norm=self._norm(f, "ffn_norm"),
             ffn=ffn,
         )
+
+    def _pack(self):
+        """int4 matrices in the layout decode reads 16 rows at a time (kernels/rows16.py), in
+        place where the reader read the chunks into memory (Reader.pack: otherwise unchanged).
+        q, k and v all or none (one kernel call takes the three)."""
+        pack = getattr(self.reader, "pack", None)
+        if pack is None or not rows16.ENABLED:
+            return
+
+        def takes(m):
+            return (type(m) is Matrix and m.codec.name == "int4"
+                    and rows16.packable(*m.shape, m.codec.group_size))
+
+        for i, L in enumerate(self.layers):
+            f = format.layer_chunk(i)
+            if all(takes(m) for m in (L.q, L.k, L.v)):
+                L.q, L.k, L.v = (pack(f, n) for n in ("attn_q", "attn_k", "attn_v"))
+            if takes(L.o):
+                L.o = pack(f, "attn_o")
+            if (type(L.ffn) is ResidentFFN and L.ffn.gate is None and takes(L.ffn.down)
+                    and Predictor.load(self.reader, self.cfg, i) is None):
+                L.ffn.down = pack(f, "ffn_down")  # (row skipping reads neurons as rows)
+                L.ffn.pack(self.reader, f)
+        if not self.cfg.tied_embeddings and takes(self.head):
+            self.head = pack(format.EMBED_CHUNK, "output")
 
     # -----------------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from . import norms as _norms
 from . import qgemm as _qgemm
 from . import qmatvec as _qmv
 from . import rope as _rope
+from . import rows16 as _rows16
 from . import simd as _simd
 from . import sparse as _sparse
 from . import tiles as _tiles
@@ -86,8 +87,17 @@ def _as_rows(x, d, what):
 # linear
 
 
+def _packed(m):
+    """(values, scales) of a matrix packed for decode (reader.PackedMatrix; rows16.py) where
+    this MODE reads them (not the portable kernels), else None."""
+    p = getattr(m, "packed", None)
+    return None if MODE == "portable" else p
+
+
 def _simd_ok(m):
     """True when linear(m, x) with one row runs the SIMD kernels."""
+    if _packed(m) is not None:
+        return True
     if MODE == "portable" or not m.q.flags.c_contiguous:
         return False
     name = m.codec.name
@@ -103,6 +113,11 @@ def _matvec(m, x, out):
     name = m.codec.name
     if name in encodings.SPARSE_NAMES:
         return _sparse.matvec_matrix(m, x, _LUT, out)
+    if _packed(m) is not None:
+        pv, ps = m.packed
+        _rows16.matvec(pv, ps, _qmv.group_shift(m.codec.group_size), x, _LUT, out,
+                       MODE == "fast")
+        return out
     if _simd_ok(m):
         fast = MODE == "fast"
         if name == "int4":
@@ -170,11 +185,19 @@ def _dequant_rows(m, r0, r1, out):
 def _check_matrix(m):
     """The arrays of m agree with its codec (the kernels index them directly). Remembered per
     Matrix while it holds the same arrays (a decode token passes ~150 matrices through here)."""
+    n, d = m.shape
+    c = m.codec
+    packed = getattr(m, "packed", None)
+    if packed is not None:
+        if packed[0].shape != (n // _rows16.R, 8 * d) or packed[1].shape != (
+                n // _rows16.R, _rows16.R * d // c.group_size):
+            raise EdgeLLMError(f"linear: packed int4 matrix of shape {list(m.shape)} has "
+                               f"values {list(packed[0].shape)} and scales "
+                               f"{list(packed[1].shape)}")
+        return
     seen = m.__dict__.get("_kernels_checked")
     if seen is not None and seen[0] is m.q and seen[1] is m.s and seen[2] == m.shape:
         return
-    n, d = m.shape
-    c = m.codec
     if (m.q.shape != c.data_shape(n, d) or m.q.dtype != c.data_dtype()
             or (m.s is None) != (c.scale_shape(n, d) is None)
             or (m.s is not None and (m.s.shape != c.scale_shape(n, d)
@@ -195,7 +218,18 @@ def linear_many(ms, x, biases=None):
     biases = biases or [None] * len(ms)
     x = np.ascontiguousarray(x, dtype=np.float32)
     names = {(m.codec.name, m.codec.group_size, m.shape[1]) for m in ms}
-    if x.ndim == 2 and x.shape[0] > 1 and all(_gemm_ok(m, x.shape[0]) for m in ms):
+    packed = [_packed(m) is not None for m in ms]
+    if any(packed) and not (all(packed) and len(ms) == 3 and len(names) == 1
+                            and x.ndim == 2 and x.shape == (1, ms[0].shape[1])):
+        outs = [linear(m, x) for m in ms]
+    elif any(packed):
+        for m in ms:
+            _check_matrix(m)
+        outs = [np.empty((1, m.shape[0]), dtype=np.float32) for m in ms]
+        (p1, s1), (p2, s2), (p3, s3) = (m.packed for m in ms)
+        _rows16.matvec3(_qmv.group_shift(ms[0].codec.group_size), p1, s1, p2, s2, p3, s3, x[0],
+                        _LUT, outs[0][0], outs[1][0], outs[2][0], MODE == "fast")
+    elif x.ndim == 2 and x.shape[0] > 1 and all(_gemm_ok(m, x.shape[0]) for m in ms):
         outs = _gemm_many(ms, x)  # prefill: x quantized once for all (qgemm.py)
     elif (len(ms) != 3 or x.ndim != 2 or x.shape[0] != 1 or len(names) != 1
             or ms[0].codec.name == "f32" or x.shape[1] != ms[0].shape[1]
@@ -247,6 +281,9 @@ def linear(m, x, float_act=False):
     n, d = m.shape
     x = _as_rows(x, d, "linear")
     T = x.shape[0]
+    if getattr(m, "packed", None) is not None and (
+            T > 1 or float_act or _packed(m) is None):
+        m = m.rows()  # prefill reads stored rows: a copy of this matrix's, for this call
     _check_matrix(m)
     if m.codec.name == "f32":
         return x @ m.q.T
@@ -447,7 +484,12 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None, float
             # a separate down matrix the SIMD rows take is multiplied inside the same call
             fused = (down is not None and n % 32 == 0 and down.codec.name != "f32"
                      and _simd_ok(down))
-            if fused:
+            if fused and _packed(down) is not None:
+                _check_matrix(down)
+                dq, ds = down.packed
+                denc, dshift = _ffn.INT4R, _qmv.group_shift(down.codec.group_size)
+                dqrow, dsrow = dq.strides[0], ds.strides[0]
+            elif fused:
                 _check_matrix(down)
                 dq = down.q.view(np.uint16) if down.q.dtype == np.float16 else down.q
                 ds = (_NO_SCALES if down.s is None else down.s.view(np.uint16)

@@ -19,8 +19,11 @@ from .simd import (act_buffers, f16_axpy_fast, f16_axpy_generic, f16_dot_fast, f
                    q41_dot_generic, q80_axpy, q80_dot_fast, q80_dot_generic, quantize_act)
 from .matvec import int3_code
 from .qmatvec import row_dot
+from .rows16 import R as _R16
+from .rows16 import bundle_dot, bundle_dot2, group_dot, silu_mul16
 
 F32, F16, INT8, INT4, Q8_0, Q4_1, INT3 = 0, 1, 2, 3, 4, 5, 6
+INT4R = 7  # int4 packed 16 rows a group (rows16.py): decode's matrices read in memory
 NONE = -1  # slot without a part: the down projection is a separate matrix (hidden written out)
 ENC_CODES = {"f32": F32, "f16": F16, "int8": INT8, "int4": INT4, "q8_0": Q8_0, "q4_1": Q4_1,
              "int3": INT3}  # int3: portable kernels only (part_dot, part_axpy)
@@ -282,6 +285,10 @@ def ffn_output(hidden, partial, d, dq, ds, denc, dshift, dqrow, dsrow, lut, fast
         if denc != F16:
             quantize_act(hidden, hq, hs, hp, hc)
         out = np.empty(d, dtype=np.float32)
+        if denc == INT4R:
+            for g in prange(d // _R16):
+                group_dot(dq, ds, g, dshift, nh // 32, hq, hc, hs, lut, out, _R16 * g, fast)
+            return out
         for r in prange(d):
             out[r] = row_dot(dq, r * dqrow, ds, r * dsrow, denc, dshift, nh // 32, hidden, hq, hs,
                              hp, hc, lut, fast)
@@ -294,12 +301,46 @@ def ffn_output(hidden, partial, d, dq, ds, denc, dshift, dqrow, dsrow, lut, fast
 
 
 @njit(cache=True, parallel=True)
+def ffn_hidden_packed(x, b, offs, soffs, unit, gshift, kind, gated, up_bias, has_bias, lut,
+                      hidden, fast):
+    """hidden = act(gate x) * (up x), or act(up x + bias), of FFN bundle rows packed 16 a group
+    (rows16.pack_bundles: b uint8 [n/16, 16 stride] in units of `unit` bytes; slot 0 gate, 1 up:
+    offs, soffs their values' and scales' bytes within a unit)."""
+    nb = x.shape[0] // 32
+    xq, xs, xp, corr = act_buffers(x.shape[0])
+    quantize_act(x, xq, xs, xp, corr)
+    up = np.empty(hidden.shape[0], dtype=np.float32)
+    for g in prange(b.shape[0]):
+        base, r0 = g * b.shape[1], _R16 * g
+        if gated:  # pack_bundles puts up right after gate
+            bundle_dot2(b, base + offs[0], base + soffs[0], unit, gshift, nb, xq, corr, xs, lut,
+                        hidden, up, r0, fast)
+            if fast and kind == SILU:
+                silu_mul16(hidden, up, r0)
+            else:
+                for r in range(r0, r0 + _R16):
+                    hidden[r] = act(hidden[r], kind) * up[r]
+        else:
+            bundle_dot(b, base + offs[1], base + soffs[1], unit, gshift, nb, xq, corr, xs, lut,
+                       up, r0, fast)
+            for r in range(r0, r0 + _R16):
+                hidden[r] = act(up[r] + up_bias[r] if has_bias else up[r], kind)
+    return hidden
+
+
+@njit(cache=True, parallel=True)
 def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_bias, has_bias,
                     lut, partial, hidden, dq, ds, denc, dshift, dqrow, dsrow, fast):
     """As ffn_decode, with the SIMD dot products and axpys; gshifts[slot] = log2(g / 32). With
     denc != NONE the down projection is a matrix of its own (values dq, scales ds, dqrow and
     dsrow bytes per row, encoding denc): multiplied here with the hidden vector, in the same
-    call, rather than by a second linear() (fewer calls per layer)."""
+    call, rather than by a second linear() (fewer calls per layer). encs[1] INT4R: the
+    bundles packed 16 rows a group (ffn_hidden_packed; offs[2] their unit's bytes), the down
+    projection a matrix."""
+    if encs[1] == INT4R:
+        ffn_hidden_packed(x, bundles, offs, soffs, offs[2], gshifts[1], kind, gated, up_bias,
+                          has_bias, lut, hidden, fast)
+        return ffn_output(hidden, partial, d, dq, ds, denc, dshift, dqrow, dsrow, lut, fast)
     n = bundles.shape[0]
     nchunks = partial.shape[0]
     stride = bundles.shape[1]

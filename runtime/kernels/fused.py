@@ -31,11 +31,12 @@ from numba.extending import intrinsic
 from . import simd as _simd
 from . import sparse as _sp
 from .attention import attention, store_int8
-from .ffn import (ACT_CODES, ENC_CODES, NONE, act, ffn_decode_simd, ffn_output,
+from .ffn import (ACT_CODES, ENC_CODES, INT4R, NONE, act, ffn_decode_simd, ffn_output,
                   simd_part_axpy, simd_part_dot)
 from .halfs import F16_TO_F32 as _LUT
 from .norms import rmsnorm
 from .qmatvec import f16_row, matvec3, row_dot
+from . import rows16
 from .rope import apply_rope
 from .simd import (_at, _base, _fmuladd, _half_to_float, _splat, _store_at, act_buffers,
                    prefetch, quantize_act)
@@ -72,10 +73,26 @@ def matvec1(enc, gshift, qrow, srow, q, s, x, lut, out, fast):
     xq, xs, xp, corr = act_buffers(d)
     if enc != F16:
         quantize_act(x, xq, xs, xp, corr)
+    if enc == INT4R:
+        for g in prange(out.shape[0] // rows16.R):
+            rows16.group_dot(q, s, g, gshift, nb, xq, corr, xs, lut, out, rows16.R * g, fast)
+        return out
     for r in prange(out.shape[0]):
         out[r] = row_dot(q, r * qrow, s, r * srow, enc, gshift, nb, x, xq, xs, xp, corr, lut,
                          fast)
     return out
+
+
+@njit(cache=True)
+def qkv_proj(meta, wq, sq, wk, sk, wv, sv, h, lut, q, k, v, fast):
+    """q, k, v = the layer's three projections of h, in one parallel loop, by encoding."""
+    if meta[M_QENC] >= _sp.FUSED:  # pruned int8 (kernels/sparse.py)
+        _sp.matvec3_int8(meta[M_QENC], meta[M_QROW], wq, sq, wk, sk, wv, sv, h, q, k, v, fast)
+    elif meta[M_QENC] == INT4R:
+        rows16.matvec3(meta[M_QSHIFT], wq, sq, wk, sk, wv, sv, h, lut, q, k, v, fast)
+    else:
+        matvec3(meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW], wq, sq, wk, sk, wv,
+                sv, h, lut, q, k, v, fast)
 
 
 @njit(cache=True)
@@ -113,11 +130,7 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
     q = qkv[:nq]
     k = qkv[nq:nq + nk]
     v = qkv[nq + nk:nq + 2 * nk]
-    if meta[M_QENC] >= _sp.FUSED:  # pruned int8 (kernels/sparse.py)
-        _sp.matvec3_int8(meta[M_QENC], meta[M_QROW], wq, sq, wk, sk, wv, sv, h, q, k, v, fast)
-    else:
-        matvec3(meta[M_QENC], meta[M_QSHIFT], meta[M_QROW], meta[M_QSROW], wq, sq, wk, sk, wv,
-                sv, h, lut, q, k, v, fast)
+    qkv_proj(meta, wq, sq, wk, sk, wv, sv, h, lut, q, k, v, fast)
     if meta[M_QKV_BIAS]:
         q += bq
         k += bk
@@ -396,12 +409,22 @@ def _bits(a):
 
 
 def _enc(m):
-    """(encoding code, int4 group shift, bytes per row of values, of scales) of a Matrix."""
+    """(encoding code, int4 group shift, bytes per row of values, of scales) of a Matrix; for
+    one packed for decode (reader.PackedMatrix) INT4R and bytes per group of 16 rows."""
     from .qmatvec import group_shift
 
     c = m.codec
-    return (ENC_CODES[c.name], group_shift(c.group_size) if c.name == "int4" else 0,
-            m.q.strides[0], 0 if m.s is None else m.s.strides[0])
+    gshift = group_shift(c.group_size) if c.name == "int4" else 0
+    packed = getattr(m, "packed", None)
+    if packed is not None:
+        return INT4R, gshift, packed[0].strides[0], packed[1].strides[0]
+    return ENC_CODES[c.name], gshift, m.q.strides[0], 0 if m.s is None else m.s.strides[0]
+
+
+def _arrays(m):
+    """A matrix's (values, scales) as the kernels take them: packed ones as packed."""
+    packed = getattr(m, "packed", None)
+    return packed if packed is not None else (_bits(m.q), _bits(m.s))
 
 
 def _vec(b, size):
@@ -461,6 +484,9 @@ def plan_ffn(cfg, f, ffn_cls, meta):
     base = f.base if sparse is not None else f
     if type(base) is not ffn_cls or K.MODE == "portable" or d % 32:
         return None
+    packed = base.packed
+    if packed is not None:
+        return None if sparse is not None else _plan_packed(cfg, base, packed, meta)
     if (not K._ffn_simd_ok(base.layout) or base.bundles.dtype != np.uint8
             or base.bundles.ndim != 2):
         return None
@@ -499,8 +525,8 @@ def plan_ffn(cfg, f, ffn_cls, meta):
         bundles=bundles, tab=tab, gshifts=K._group_shifts(tab),
         up_bias=_vec(base.up_bias, n) if has_up_bias else _EMPTY_F32,
         down_bias=_vec(base.down_bias, d),
-        dq=_bits(down.q) if down is not None else _EMPTY_U16,
-        ds=_bits(down.s) if down is not None else _EMPTY_U16,
+        dq=_arrays(down)[0] if down is not None else _EMPTY_U16,
+        ds=_arrays(down)[1] if down is not None else _EMPTY_U16,
         n=n, tl=_NO_TEAL, **_NO_SPARSE)
     arrays.update(_NO_GATE)
     if sparse is not None:
@@ -519,6 +545,55 @@ def plan_ffn(cfg, f, ffn_cls, meta):
             arrays["thr"] = np.float32(-1.0)
             arrays["rows"] = np.empty(n, np.int32)
     return arrays
+
+
+def _plan_packed(cfg, base, packed, meta):
+    """plan_ffn for gate/up packed 16 rows a group (reader.PackedBundles; ffn_hidden_packed)
+    with the down projection a matrix."""
+    from .. import kernels as K
+    from .qmatvec import group_shift
+
+    down = base.down
+    K._check_matrix(down)
+    meta[M_DENC], meta[M_DSHIFT], meta[M_DROW], meta[M_DSROW] = _enc(down)
+    n = packed.groups.shape[0] * rows16.R
+    tab = np.zeros((4, 3), np.int64)
+    tab[0] = (INT4R, INT4R, NONE)
+    for slot, (vo, so) in zip((0, 1) if cfg.gated_ffn else (1,), packed.where):
+        tab[1, slot], tab[2, slot], tab[3, slot] = vo, so, packed.group_size
+    tab[1, 2] = packed.unit  # no down part: its slot holds the unit's bytes
+    gshift = group_shift(packed.group_size)
+    meta[M_KIND] = ACT_CODES[cfg.activation]
+    meta[M_GATED] = bool(cfg.gated_ffn)
+    has_up_bias = base.up_bias is not None and not cfg.gated_ffn
+    meta[M_UP_BIAS] = has_up_bias
+    meta[M_DOWN_BIAS] = base.down_bias is not None
+    meta[M_SIMD] = {"fast": 2, "generic": 1}.get(K.MODE, 0)
+    meta[M_FAST] = K.MODE == "fast"
+    dq, ds = _arrays(down)
+    arrays = dict(bundles=packed.groups, tab=_ro(tab), gshifts=np.array([gshift] * 3),
+                  up_bias=_vec(base.up_bias, n) if has_up_bias else _EMPTY_F32,
+                  down_bias=_vec(base.down_bias, cfg.d_model), dq=dq, ds=ds, n=n, tl=_NO_TEAL,
+                  **_NO_SPARSE)
+    arrays.update(_NO_GATE)
+    return arrays
+
+
+def ffn_alone(f, h):
+    """The FFN f (no down bias) of one token h f32[1, d] through ffn_any, planned once per FFN
+    (a gate matrix's FFN, a packed one outside decode_layer); None where plan_ffn does not take
+    it."""
+    plan = getattr(f, "_fused", False)
+    if plan is False:
+        meta = np.zeros(M_LEN, np.int64)
+        a = plan_ffn(f.cfg, f, type(f), meta)
+        meta.flags.writeable = False
+        plan = f._fused = None if a is None else (meta, a, Scratch(f.cfg))
+    if plan is None:
+        return None
+    meta, a, s = plan
+    n = a["n"] if a["dq"] is not _EMPTY_U16 else 1
+    return ffn_call(h[0], meta, a, s.partial(a["n"]), s.hidden(n)).reshape(1, -1)
 
 
 def ffn_call(h, meta, a, partial, hidden):
@@ -569,9 +644,9 @@ def plan_layer(cfg, L, ffn_cls):
         bq = bk = bv = _EMPTY_F32
     arrays.update(
         anorm=_vec(L.attn_norm[0], d), fnorm=_vec(L.ffn_norm[0], d),
-        wq=_bits(L.q.q), sq=_bits(L.q.s), wk=_bits(L.k.q), sk=_bits(L.k.s),
-        wv=_bits(L.v.q), sv=_bits(L.v.s), bq=bq, bk=bk, bv=bv,
-        wo=_bits(L.o.q), so=_bits(L.o.s), bo=_vec(L.o_bias, d))
+        bq=bq, bk=bk, bv=bv, bo=_vec(L.o_bias, d))
+    for name, m in (("q", L.q), ("k", L.k), ("v", L.v), ("o", L.o)):
+        arrays["w" + name], arrays["s" + name] = _arrays(m)
     return meta, arrays
 
 
