@@ -83,8 +83,8 @@ class ResidentFFN:
             if self.down_bias is not None:
                 f += self.down_bias
             return f
-        f = kernels.ffn(h, self.bundles, self.layout, cfg.d_model, cfg.activation, cfg.gated_ffn,
-                        self.up_bias, self.down)
+        f = kernels.ffn(h, self._bundles, self.layout, cfg.d_model, cfg.activation,
+                        cfg.gated_ffn, self.up_bias, self.down, packed=self.packed)
         if self.down_bias is not None:
             f += self.down_bias
         return f

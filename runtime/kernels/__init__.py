@@ -219,8 +219,10 @@ def linear_many(ms, x, biases=None):
     x = np.ascontiguousarray(x, dtype=np.float32)
     names = {(m.codec.name, m.codec.group_size, m.shape[1]) for m in ms}
     packed = [_packed(m) is not None for m in ms]
-    if any(packed) and not (all(packed) and len(ms) == 3 and len(names) == 1
-                            and x.ndim == 2 and x.shape == (1, ms[0].shape[1])):
+    if x.ndim == 2 and x.shape[0] > 1 and all(_gemm_ok(m, x.shape[0]) for m in ms):
+        outs = _gemm_many(ms, x)  # prefill: x quantized once for all (qgemm.py)
+    elif any(packed) and not (all(packed) and len(ms) == 3 and len(names) == 1
+                              and x.ndim == 2 and x.shape == (1, ms[0].shape[1])):
         outs = [linear(m, x) for m in ms]
     elif any(packed):
         for m in ms:
@@ -229,8 +231,6 @@ def linear_many(ms, x, biases=None):
         (p1, s1), (p2, s2), (p3, s3) = (m.packed for m in ms)
         _rows16.matvec3(_qmv.group_shift(ms[0].codec.group_size), p1, s1, p2, s2, p3, s3, x[0],
                         _LUT, outs[0][0], outs[1][0], outs[2][0], MODE == "fast")
-    elif x.ndim == 2 and x.shape[0] > 1 and all(_gemm_ok(m, x.shape[0]) for m in ms):
-        outs = _gemm_many(ms, x)  # prefill: x quantized once for all (qgemm.py)
     elif (len(ms) != 3 or x.ndim != 2 or x.shape[0] != 1 or len(names) != 1
             or ms[0].codec.name == "f32" or x.shape[1] != ms[0].shape[1]
             or x.shape[1] % 32 or not all(_simd_ok(m) for m in ms)):
@@ -269,7 +269,8 @@ def _gemm_many(ms, x):
     act = _qgemm.Activations(x)
     outs = []
     for m in ms:
-        outs.append(_qgemm.matmul(m, act)[:x.shape[0]])
+        y = _qgemm.matmul_packed(m, act) if _packed(m) is not None else _qgemm.matmul(m, act)
+        outs.append(y[:x.shape[0]])
     return outs
 
 
@@ -281,9 +282,9 @@ def linear(m, x, float_act=False):
     n, d = m.shape
     x = _as_rows(x, d, "linear")
     T = x.shape[0]
-    if getattr(m, "packed", None) is not None and (
-            T > 1 or float_act or _packed(m) is None):
-        m = m.rows()  # prefill reads stored rows: a copy of this matrix's, for this call
+    if getattr(m, "packed", None) is not None and not (
+            _packed(m) is not None and not float_act and (T == 1 or _gemm_ok(m, T))):
+        m = m.rows()  # the stored rows, a copy for this call, where no packed kernel takes it
     _check_matrix(m)
     if m.codec.name == "f32":
         return x @ m.q.T
@@ -453,14 +454,30 @@ def _group_shifts(tab):
     return out
 
 
-def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None, float_act=False):
+def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None, float_act=False,
+        packed=None):
     """Feed-forward over the neurons in bundle rows uint8[n, stride] -> f32[T, d]. down: the
     down projection as a Matrix [d, n] (columns in bundle-row order) when the bundles hold no
     down part (a GGUF kept as is: its down blocks run along d_ff, not along a column).
     float_act: prefill (T > 1) with float32 activations only (no integer GEMM; w8a8.py's
-    per-token mode, which quantizes x itself)."""
+    per-token mode, which quantizes x itself). packed: the bundles packed 16 rows a group
+    (reader.PackedBundles; bundles None), read by prefill's integer GEMM where it takes them,
+    else as their stored rows (a copy for this call)."""
     x = _as_rows(x, d, "ffn")
     T = x.shape[0]
+    if packed is not None:
+        first = {"gate", "up"} if gated else {"up"}
+        n = packed.groups.shape[0] * _rows16.R
+        if (MODE == "fast" and not float_act and T > 1 and down is not None
+                and first <= _ffn_gemm_parts(layout, T, n, d)):
+            act = _qgemm.Activations(x)
+            u = _qgemm.matmul_packed(packed, act, len(first) - 1)[:T]
+            if gated:
+                h = _activate(_qgemm.matmul_packed(packed, act, 0)[:T], activation) * u
+            else:
+                h = _activate(u + up_bias if up_bias is not None else u, activation)
+            return linear(down, h)
+        bundles = packed.rows()
     if activation not in _ffn.ACT_CODES:
         raise EdgeLLMError(f"ffn: unknown activation {activation!r} (known: silu, relu)")
     kind = _ffn.ACT_CODES[activation]

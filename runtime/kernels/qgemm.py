@@ -40,7 +40,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import simd
+from . import rows16, simd
 from .simd import (F16, F32, I8, I16, I32, I64, _at, _base, _block_dot, _const_vec, _dpbusd,
                    _dpbusd512, _fmuladd, _hsum, _pair_dot, _pair_x, _store_at, _v, act_buffers,
                    quantize_act)
@@ -391,6 +391,52 @@ def gemm(enc, q, qoff, qrow, s, soff, srow, gshift, n, d, xq, xs, xp, corr, out,
             else:
                 tile_q4_1(q, qo, qrow, s, so, srow, gshift, nsteps, xq, xp, corr, xs, t0, out,
                           o, ostr_t, ostr_r)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def gemm_packed(pv, poff, vunit, vgroup, ps, soff, sunit, sgroup, gshift, n, d, xq, xs, xp, corr,
+                out, ostr_t, ostr_r):
+    """gemm of int4 rows packed 16 a group (rows16.py: group g's values at byte g vgroup + poff
+    of pv, its scales at g sgroup + soff of ps, dot16's units): each group is unpacked to the
+    stored layout in a scratch of 16 rows (L1-sized), then multiplied by gemm's tiles."""
+    Tp = xs.shape[0]
+    nb, nsteps = d // 32, d // 64
+    h, ng = d // 2, (d // 32) >> gshift
+    for g in prange(n // rows16.R):
+        q = np.empty((rows16.R, h), np.uint8)
+        s = np.empty((rows16.R, ng), np.uint16)
+        rows16.unpack_group(pv, g * vgroup + poff, vunit, ps, g * sgroup + soff, sunit, gshift,
+                            nb, q, s)
+        for r in range(0, rows16.R, RM):
+            oo = (rows16.R * g + r) * ostr_r
+            for t0 in range(0, Tp, RN):
+                tile_int4(q, r * h, h, s, r * 2 * ng, 2 * ng, gshift, nsteps, xq, xp, corr, xs,
+                          t0, out, oo + t0 * ostr_t, ostr_t, ostr_r)
+    return out
+
+
+def matmul_packed(src, act, part=None, tokens_first=True):
+    """matmul for int4 rows packed 16 a group: a reader.PackedMatrix, or part `part` (its index
+    in src.where: 0 gate, 1 up; 0 the up alone without a gate) of a reader.PackedBundles ->
+    f32[Tp, n], or f32[n, Tp] with tokens_first False. use_gemm must have said yes."""
+    if part is None:
+        pv, ps = src.packed
+        n, d = src.shape
+        gshift = _gshift(src.codec.group_size)
+        addr = (pv, 0, 256 << gshift, pv.strides[0], ps, 0, 2 * rows16.R, ps.strides[0])
+    else:
+        b, (vo, so) = src.groups, src.where[part]
+        n, d = b.shape[0] * rows16.R, src.d
+        gshift = _gshift(src.group_size)
+        addr = (b, vo, src.unit, b.strides[0], b, so, src.unit, b.strides[0])
+    if tokens_first:
+        out = np.empty((act.Tp, n), dtype=np.float32)
+        ostr_t, ostr_r = out.strides
+    else:
+        out = np.empty((n, act.Tp), dtype=np.float32)
+        ostr_r, ostr_t = out.strides
+    gemm_packed(*addr, gshift, n, d, act.xq, act.xs, act.xp, act.corr, out, ostr_t, ostr_r)
     return out
 
 

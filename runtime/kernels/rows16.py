@@ -270,6 +270,27 @@ def matvec3(gshift, p1, s1, p2, s2, p3, s3, x, lut, o1, o2, o3, fast):
             group_dot(p3, s3, i, gshift, nb, xq, corr, xs, lut, o3, R * i, fast)
 
 
+@njit(cache=True)
+def unpack_group(pv, poff, vunit, ps, soff, sunit, gshift, nb, q, s):
+    """One packed group's rows back in the stored layout, for prefill's tiles (qgemm): values at
+    byte poff of pv, scales at byte soff of ps, dot16's units -> q uint8 [16, 16 nb], s uint16
+    [16, nb >> gshift]. Four bytes at a time."""
+    w = pv.reshape(pv.size).view(np.uint32)
+    q4 = q.reshape(q.size).view(np.uint32)
+    s16 = ps.reshape(ps.size).view(np.uint16)
+    h4 = 4 * nb  # uint32 words a row
+    for b in range(nb):
+        unit = b >> gshift
+        at = (poff + unit * vunit + 256 * (b - (unit << gshift))) // 4
+        for k in range(4):
+            for r in range(R):
+                q4[r * h4 + 4 * b + k] = w[at + 16 * k + r]
+    for u in range(nb >> gshift):
+        at = (soff + u * sunit) // 2
+        for r in range(R):
+            s[r, u] = s16[at + r]
+
+
 # ---------------------------------------------------------------------------------------------
 # FFN bundle rows (gate and up parts of one neuron a row) packed the same way, 16 neurons a group
 
