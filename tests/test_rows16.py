@@ -61,6 +61,22 @@ def test_pack_round_trip(n, d, g):
     assert np.array_equal(q3, q[16:]) and np.array_equal(s3, s[16:])
 
 
+@pytest.mark.parametrize("fast", [True, False] if simd.AVAILABLE else [False])
+@pytest.mark.parametrize("g", [32, 64])
+def test_unpack_group(fast, g):
+    """prefill's unpacking of one group (in registers, or four bytes at a time) gives its
+    stored rows."""
+    q, s, _ = int4(np.random.default_rng(g), 48, 256, g)
+    pv, ps = rows16.pack(q, s)
+    gshift = (g // 32).bit_length() - 1
+    for grp in range(3):
+        q1, s1 = np.zeros((16, 128), np.uint8), np.zeros((16, 256 // g), np.uint16)
+        rows16.unpack_group(pv, grp * pv.strides[0], 256 << gshift, ps, grp * ps.strides[0], 32,
+                            gshift, 8, q1, s1, fast)
+        assert np.array_equal(q1, q[16 * grp:16 * grp + 16])
+        assert np.array_equal(s1, s[16 * grp:16 * grp + 16].view(np.uint16))
+
+
 @pytest.mark.parametrize("fast", FLAVOURS)
 @pytest.mark.parametrize("n,d,g", [(16, 32, 32), (48, 96, 32), (32, 256, 64), (64, 2048, 32),
                                    (32, 512, 128)])

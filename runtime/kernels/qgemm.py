@@ -34,6 +34,7 @@ arithmetic, and the 256-bit tiles' instructions for AVX2, AVX-VNNI and aarch64.
 
 import os
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -396,23 +397,27 @@ def gemm(enc, q, qoff, qrow, s, soff, srow, gshift, n, d, xq, xs, xp, corr, out,
 
 @njit(cache=True, parallel=True)
 def gemm_packed(pv, poff, vunit, vgroup, ps, soff, sunit, sgroup, gshift, n, d, xq, xs, xp, corr,
-                out, ostr_t, ostr_r):
+                out, ostr_t, ostr_r, nchunks):
     """gemm of int4 rows packed 16 a group (rows16.py: group g's values at byte g vgroup + poff
     of pv, its scales at g sgroup + soff of ps, dot16's units): each group is unpacked to the
-    stored layout in a scratch of 16 rows (L1-sized), then multiplied by gemm's tiles."""
+    stored layout in a scratch of 16 rows (L1-sized, one per chunk of groups), then multiplied
+    by gemm's tiles."""
     Tp = xs.shape[0]
     nb, nsteps = d // 32, d // 64
     h, ng = d // 2, (d // 32) >> gshift
-    for g in prange(n // rows16.R):
+    G = n // rows16.R
+    per = (G + nchunks - 1) // nchunks
+    for c in prange(nchunks):
         q = np.empty((rows16.R, h), np.uint8)
         s = np.empty((rows16.R, ng), np.uint16)
-        rows16.unpack_group(pv, g * vgroup + poff, vunit, ps, g * sgroup + soff, sunit, gshift,
-                            nb, q, s)
-        for r in range(0, rows16.R, RM):
-            oo = (rows16.R * g + r) * ostr_r
-            for t0 in range(0, Tp, RN):
-                tile_int4(q, r * h, h, s, r * 2 * ng, 2 * ng, gshift, nsteps, xq, xp, corr, xs,
-                          t0, out, oo + t0 * ostr_t, ostr_t, ostr_r)
+        for g in range(c * per, min(G, (c + 1) * per)):
+            rows16.unpack_group(pv, g * vgroup + poff, vunit, ps, g * sgroup + soff, sunit,
+                                gshift, nb, q, s, True)
+            for r in range(0, rows16.R, RM):
+                oo = (rows16.R * g + r) * ostr_r
+                for t0 in range(0, Tp, RN):
+                    tile_int4(q, r * h, h, s, r * 2 * ng, 2 * ng, gshift, nsteps, xq, xp, corr,
+                              xs, t0, out, oo + t0 * ostr_t, ostr_t, ostr_r)
     return out
 
 
@@ -436,7 +441,8 @@ def matmul_packed(src, act, part=None, tokens_first=True):
     else:
         out = np.empty((n, act.Tp), dtype=np.float32)
         ostr_r, ostr_t = out.strides
-    gemm_packed(*addr, gshift, n, d, act.xq, act.xs, act.xp, act.corr, out, ostr_t, ostr_r)
+    gemm_packed(*addr, gshift, n, d, act.xq, act.xs, act.xp, act.corr, out, ostr_t, ostr_r,
+                numba.get_num_threads())
     return out
 
 

@@ -29,7 +29,7 @@ from numba.extending import intrinsic
 
 from . import simd
 from .simd import (F16, F32, I8, I16, I32, I64, _at, _base, _call, _const_vec, _dpbusd512,
-                   _fmuladd, _splat, _store_at, _v, act_buffers, quantize_act)
+                   _fmuladd, _slice, _splat, _store_at, _v, act_buffers, quantize_act)
 
 R = 16  # rows a group
 # where matrices are packed: vpdpbusd on 512-bit registers with float16 conversion;
@@ -270,21 +270,73 @@ def matvec3(gshift, p1, s1, p2, s2, p3, s3, x, lut, o1, o2, o3, fast):
             group_dot(p3, s3, i, gshift, nb, xq, corr, xs, lut, o3, R * i, fast)
 
 
+@intrinsic
+def unpack_values(typingctx, pv, poff, vunit, ps, soff, sunit, gshift, nb, q, s):
+    """A packed group (dot16's addressing) back as 16 stored rows: values q uint8 [16, 16 nb],
+    scales s uint16 [16, nb >> gshift]. Per block its four vectors are transposed by 32-bit
+    lanes in registers (rows 4j..4j+3 at once), a row's 16 bytes stored where the row keeps
+    them; a unit's 16 scales loaded at once and stored one a row."""
+    sig = types.void(pv, types.int64, types.int64, ps, types.int64, types.int64, types.int64,
+                     types.int64, q, s)
+
+    def codegen(context, builder, sig, args):
+        pva, poff, vunit, psa, soff, sunit, gshift, nb, qa, sa = args
+        pb = _base(context, builder, sig.args[0], pva)
+        qb = _base(context, builder, sig.args[8], qa)
+        c = [ir.Constant(I64, k) for k in range(9)]
+        h = builder.shl(nb, c[4])  # bytes a row
+        sb = _base(context, builder, sig.args[3], psa)
+        ob = _base(context, builder, sig.args[9], sa)
+        nu = builder.lshr(nb, gshift)
+        srow = builder.shl(nu, c[1])  # scale bytes a row
+        with cgutils.for_range(builder, nu) as lp:
+            u = lp.index
+            v = _at(builder, sb, builder.add(soff, builder.mul(u, sunit)), _v(I16, 16), align=2)
+            for r in range(R):
+                at = builder.add(builder.mul(ir.Constant(I64, r), srow), builder.shl(u, c[1]))
+                _store_at(builder, ob, at, builder.extract_element(v, ir.Constant(I32, r)),
+                          align=2)
+        i32x16 = _v(I32, 16)
+        with cgutils.for_range(builder, nb) as lp:
+            b = lp.index
+            unit = builder.lshr(b, gshift)
+            base = builder.add(builder.add(poff, builder.mul(unit, vunit)),
+                               builder.shl(builder.sub(b, builder.shl(unit, gshift)), c[8]))
+            v = [_at(builder, pb, builder.add(base, ir.Constant(I64, 64 * k)), i32x16)
+                 for k in range(4)]
+            for j in range(4):  # rows 4j .. 4j + 3
+                lo = builder.shuffle_vector(v[0], v[1], ir.Constant(
+                    _v(I32, 8), [x for i in range(4) for x in (4 * j + i, 16 + 4 * j + i)]))
+                hi = builder.shuffle_vector(v[2], v[3], ir.Constant(
+                    _v(I32, 8), [x for i in range(4) for x in (4 * j + i, 16 + 4 * j + i)]))
+                out = builder.shuffle_vector(lo, hi, ir.Constant(
+                    i32x16, [x for i in range(4) for x in (2 * i, 2 * i + 1, 8 + 2 * i, 9 + 2 * i)]))
+                for i in range(4):
+                    row = builder.mul(ir.Constant(I64, 4 * j + i), h)
+                    _store_at(builder, qb, builder.add(row, builder.shl(b, c[4])),
+                              _slice(builder, out, 4 * i, 4))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True)
-def unpack_group(pv, poff, vunit, ps, soff, sunit, gshift, nb, q, s):
+def unpack_group(pv, poff, vunit, ps, soff, sunit, gshift, nb, q, s, fast):
     """One packed group's rows back in the stored layout, for prefill's tiles (qgemm): values at
     byte poff of pv, scales at byte soff of ps, dot16's units -> q uint8 [16, 16 nb], s uint16
-    [16, nb >> gshift]. Four bytes at a time."""
+    [16, nb >> gshift]."""
+    if fast:
+        unpack_values(pv, poff, vunit, ps, soff, sunit, gshift, nb, q, s)
+        return
     w = pv.reshape(pv.size).view(np.uint32)
     q4 = q.reshape(q.size).view(np.uint32)
-    s16 = ps.reshape(ps.size).view(np.uint16)
-    h4 = 4 * nb  # uint32 words a row
     for b in range(nb):
         unit = b >> gshift
         at = (poff + unit * vunit + 256 * (b - (unit << gshift))) // 4
         for k in range(4):
             for r in range(R):
-                q4[r * h4 + 4 * b + k] = w[at + 16 * k + r]
+                q4[r * 4 * nb + 4 * b + k] = w[at + 16 * k + r]
+    s16 = ps.reshape(ps.size).view(np.uint16)
     for u in range(nb >> gshift):
         at = (soff + u * sunit) // 2
         for r in range(R):
