@@ -8,6 +8,7 @@ ms/token, the weight bytes read per second and the ratio to llama.cpp's whole to
     python benchmarks/kernels.py                       # f16, int8, int4; 1 and 2 threads
     python benchmarks/kernels.py --enc int4 --threads 2 --kernels simd,portable --ffn
     python benchmarks/kernels.py --json out.json
+    python benchmarks/kernels.py --enc int4 --kernels simd,rows16   # stored rows vs packed
 
 --ffn also times the same token with the FFN computed from row-column bundles (kernels.ffn,
 gate/up/down of one neuron in one row) instead of three matvecs, then the FFN alone (ms per
@@ -27,7 +28,7 @@ import numba
 import numpy as np
 
 from edgellm.runtime import encodings, kernels
-from edgellm.runtime.kernels import halfs, matvec, qmatvec, simd
+from edgellm.runtime.kernels import halfs, matvec, qmatvec, rows16, simd
 from edgellm.runtime.reader import Matrix
 
 D, DFF, KV = 2048, 5632, 256
@@ -98,6 +99,10 @@ def make_matvec(kind, m):
             return lambda x: matvec.matvec_int8(m.q, m.s, x, out)
         s = m.s.view(np.uint16)
         return lambda x: matvec.matvec_int4(m.q, s, m.codec.group_size, x, lut, out)
+    if kind == "rows16":  # int4 packed 16 rows a group (kernels/rows16.py, a resident load's)
+        pv, ps = rows16.pack(m.q, m.s)
+        gshift = (m.codec.group_size // 32).bit_length() - 1
+        return lambda x: rows16.matvec(pv, ps, gshift, x, lut, out, True)
     avx2 = kind == "simd"  # "generic": the portable-IR flavor of the intrinsics
     if enc == "f16":
         q = m.q.view(np.uint16)
@@ -125,7 +130,8 @@ def main(argv=None):
     ap.add_argument("--enc", default="f16,int8,int4")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--kernels", default="simd",
-                    help="comma list of simd, generic, portable, api")
+                    help="comma list of simd, generic, portable, api, rows16 (int4 packed "
+                         "16 rows a group, where the CPU has AVX-512 VNNI)")
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--ffn", action="store_true", help="also time attention matvecs + ffn()")
@@ -152,6 +158,8 @@ def main(argv=None):
             bundles = [random_bundles(rng, enc) for _ in range(args.layers)]
         for kind in args.kernels.split(","):
             if kind in ("simd", "generic") and enc == "f16" and not simd.HAVE_F16:
+                continue
+            if kind == "rows16" and (enc != "int4" or not rows16.ENABLED):
                 continue
             fns = [make_matvec(kind, m) for layer in mats for m in layer]
             for t in threads:

@@ -43,3 +43,19 @@ def ffn(f, h):
     if f.down is not None:
         out = kernels.linear(f.down, u)
     return out
+
+
+def split_bundles(bundles, layout, d):
+    """Bundles with a gate part -> (gate q, gate s, the bundles without it, their layout): the
+    bytes move unchanged (the gate part of a row is a row of its codec, §4.5), so nothing is
+    re-rounded. gate s is None for codecs without scales."""
+    entry = next(e for e in layout if e["name"] == "gate")
+    c = encodings.codec(entry["encoding"], entry["group_size"])
+    q, s = encodings.bundle_part(bundles, entry, d)
+    rest = [(e["name"], encodings.codec(e["encoding"], e["group_size"])) for e in layout
+            if e["name"] != "gate"]
+    kept = {e["name"]: encodings.bundle_part(bundles, e, d) for e in layout
+            if e["name"] != "gate"}
+    out, new_layout = encodings.pack_encoded_bundles(kept, rest, d)
+    return (np.ascontiguousarray(q, dtype=c.data_dtype()),
+            None if s is None else np.ascontiguousarray(s, dtype=c.scale_dtype()), out, new_layout)

@@ -138,13 +138,17 @@ def test_model_prefill_against_float_path_and_decode(quant, down, monkeypatch):
     rt = edgellm.load(_model(quant, down), kv="f32").runtime
     ids = tiny.token_ids("llama_relu", 24)
     calls = []
-    real = qgemm.gemm
 
-    def counted(*a):
-        calls.append(a[0])
-        return real(*a)
+    def counting(real):
+        def counted(*a):
+            calls.append(a[0])
+            return real(*a)
+        return counted
 
-    monkeypatch.setattr(qgemm, "gemm", counted)
+    # int4 loaded into memory is packed for decode (kernels/rows16.py): its prefill unpacks
+    # each group for the same tiles (gemm_packed)
+    monkeypatch.setattr(qgemm, "gemm", counting(qgemm.gemm))
+    monkeypatch.setattr(qgemm, "gemm_packed", counting(qgemm.gemm_packed))
     gemm = _prefill(rt, ids)
     assert calls, "the integer GEMM did not run"
     monkeypatch.setattr(qgemm, "ENABLED", False)

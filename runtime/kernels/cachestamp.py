@@ -24,10 +24,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # kernel file -> the kernel files its compiled functions call (directly)
 CALLS = {
     "attention": ("simd",),
-    "ffn": ("matvec", "qmatvec", "simd"),
-    "fused": ("attention", "ffn", "norms", "qmatvec", "rope", "simd", "sparse", "teal"),
-    "qgemm": ("simd",),
+    "ffn": ("matvec", "qmatvec", "rows16", "simd"),
+    "fused": ("attention", "ffn", "norms", "qmatvec", "rope", "rows16", "simd", "sparse",
+              "teal"),
+    "qgemm": ("rows16", "simd"),
     "qmatvec": ("simd",),
+    "rows16": ("simd",),
     "sparse": ("ffn", "simd", "sparse_simd"),
     "sparse_simd": ("simd",),
     "teal": ("ffn", "simd"),

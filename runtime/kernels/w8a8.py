@@ -215,8 +215,8 @@ class TokenFFN:
         cfg = self.cfg
         if getattr(self, "gate", None) is not None:  # gate rows stored apart (gateapart.py):
             return self.resident(quantize_rows(h))  # its kernels, on the rounded inputs
-        f = ffn(h, self.bundles, self.layout, cfg.d_model, cfg.activation, cfg.gated_ffn,
-                self.up_bias, self.down)
+        f = ffn(h, self.resident.bundles, self.layout, cfg.d_model, cfg.activation,
+                cfg.gated_ffn, self.up_bias, self.down)
         if self.down_bias is not None:
             f += self.down_bias
         return f
