@@ -514,13 +514,7 @@ def plan_ffn(cfg, f, ffn_cls, meta):
     if not pruned:
         tab = K._part_table_cached(base.layout, cfg.gated_ffn and gate is None, d, bundles,
                                    down is not None)
-    meta[M_KIND] = ACT_CODES[cfg.activation]
-    meta[M_GATED] = bool(cfg.gated_ffn)
-    has_up_bias = base.up_bias is not None and not cfg.gated_ffn
-    meta[M_UP_BIAS] = has_up_bias
-    meta[M_DOWN_BIAS] = base.down_bias is not None
-    meta[M_SIMD] = {"fast": 2, "generic": 1}.get(K.MODE, 0)
-    meta[M_FAST] = K.MODE == "fast"
+    has_up_bias = _ffn_meta(cfg, base, meta)
     arrays = dict(
         bundles=bundles, tab=tab, gshifts=K._group_shifts(tab),
         up_bias=_vec(base.up_bias, n) if has_up_bias else _EMPTY_F32,
@@ -547,6 +541,20 @@ def plan_ffn(cfg, f, ffn_cls, meta):
     return arrays
 
 
+def _ffn_meta(cfg, base, meta):
+    """The FFN's activation, biases and kernel flavour into meta; True when up has a bias."""
+    from .. import kernels as K
+
+    meta[M_KIND] = ACT_CODES[cfg.activation]
+    meta[M_GATED] = bool(cfg.gated_ffn)
+    has_up_bias = base.up_bias is not None and not cfg.gated_ffn
+    meta[M_UP_BIAS] = has_up_bias
+    meta[M_DOWN_BIAS] = base.down_bias is not None
+    meta[M_SIMD] = {"fast": 2, "generic": 1}.get(K.MODE, 0)
+    meta[M_FAST] = K.MODE == "fast"
+    return has_up_bias
+
+
 def _plan_packed(cfg, base, packed, meta):
     """plan_ffn for gate/up packed 16 rows a group (reader.PackedBundles; ffn_hidden_packed)
     with the down projection a matrix."""
@@ -563,13 +571,7 @@ def _plan_packed(cfg, base, packed, meta):
         tab[1, slot], tab[2, slot], tab[3, slot] = vo, so, packed.group_size
     tab[1, 2] = packed.unit  # no down part: its slot holds the unit's bytes
     gshift = group_shift(packed.group_size)
-    meta[M_KIND] = ACT_CODES[cfg.activation]
-    meta[M_GATED] = bool(cfg.gated_ffn)
-    has_up_bias = base.up_bias is not None and not cfg.gated_ffn
-    meta[M_UP_BIAS] = has_up_bias
-    meta[M_DOWN_BIAS] = base.down_bias is not None
-    meta[M_SIMD] = {"fast": 2, "generic": 1}.get(K.MODE, 0)
-    meta[M_FAST] = K.MODE == "fast"
+    has_up_bias = _ffn_meta(cfg, base, meta)
     dq, ds = _arrays(down)
     arrays = dict(bundles=packed.groups, tab=_ro(tab), gshifts=np.array([gshift] * 3),
                   up_bias=_vec(base.up_bias, n) if has_up_bias else _EMPTY_F32,

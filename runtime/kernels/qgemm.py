@@ -421,10 +421,10 @@ def gemm_packed(pv, poff, vunit, vgroup, ps, soff, sunit, sgroup, gshift, n, d, 
     return out
 
 
-def matmul_packed(src, act, part=None, tokens_first=True):
+def matmul_packed(src, act, part=None):
     """matmul for int4 rows packed 16 a group: a reader.PackedMatrix, or part `part` (its index
     in src.where: 0 gate, 1 up; 0 the up alone without a gate) of a reader.PackedBundles ->
-    f32[Tp, n], or f32[n, Tp] with tokens_first False. use_gemm must have said yes."""
+    f32[Tp, n]. use_gemm must have said yes."""
     if part is None:
         pv, ps = src.packed
         n, d = src.shape
@@ -435,14 +435,9 @@ def matmul_packed(src, act, part=None, tokens_first=True):
         n, d = b.shape[0] * rows16.R, src.d
         gshift = _gshift(src.group_size)
         addr = (b, vo, src.unit, b.strides[0], b, so, src.unit, b.strides[0])
-    if tokens_first:
-        out = np.empty((act.Tp, n), dtype=np.float32)
-        ostr_t, ostr_r = out.strides
-    else:
-        out = np.empty((n, act.Tp), dtype=np.float32)
-        ostr_r, ostr_t = out.strides
-    gemm_packed(*addr, gshift, n, d, act.xq, act.xs, act.xp, act.corr, out, ostr_t, ostr_r,
-                numba.get_num_threads())
+    out = np.empty((act.Tp, n), dtype=np.float32)
+    gemm_packed(*addr, gshift, n, d, act.xq, act.xs, act.xp, act.corr, out, out.strides[0],
+                out.strides[1], numba.get_num_threads())
     return out
 
 
