@@ -7,7 +7,6 @@ RTOL * sum_j |w_j x_j| as in test_kernels.py. A packed model is checked against 
 mapped (its stored rows, never packed).
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -239,7 +238,8 @@ def test_reader_gives_the_stored_rows_of_packed_tensors():
     f = format.layer_chunk(0)
     for name in ("attn_q", "attn_q.scales", "ffn_down", "ffn_bundles"):
         assert np.array_equal(r.array(f, name), fresh.array(f, name)), name
-    assert np.array_equal(r.matrix(f, "attn_o").dequantize(), fresh.matrix(f, "attn_o").dequantize())
+    assert np.array_equal(r.matrix(f, "attn_o").dequantize(),
+                          fresh.matrix(f, "attn_o").dequantize())
 
 
 @needs_packing

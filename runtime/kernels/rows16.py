@@ -39,8 +39,11 @@ ENABLED = (simd.AVAILABLE and simd.HAVE_AVX512 and simd.HAVE_VNNI and simd.HAVE_
 
 
 def packable(n, d, group_size):
-    """Whether an int4 matrix of n rows by d values (group_size values a scale) can be packed."""
-    return n % R == 0 and d % 32 == 0 and group_size % 32 == 0 and d % group_size == 0
+    """Whether an int4 matrix of n rows by d values (group_size values a scale: 32 << k, the
+    kernels' gshift) can be packed."""
+    k = group_size // 32
+    return (n % R == 0 and d % 32 == 0 and group_size % 32 == 0 and k & (k - 1) == 0
+            and d % group_size == 0)
 
 
 def pack(q, s):
@@ -309,8 +312,8 @@ def unpack_values(typingctx, pv, poff, vunit, ps, soff, sunit, gshift, nb, q, s)
                     _v(I32, 8), [x for i in range(4) for x in (4 * j + i, 16 + 4 * j + i)]))
                 hi = builder.shuffle_vector(v[2], v[3], ir.Constant(
                     _v(I32, 8), [x for i in range(4) for x in (4 * j + i, 16 + 4 * j + i)]))
-                out = builder.shuffle_vector(lo, hi, ir.Constant(
-                    i32x16, [x for i in range(4) for x in (2 * i, 2 * i + 1, 8 + 2 * i, 9 + 2 * i)]))
+                pick = [x for i in range(4) for x in (2 * i, 2 * i + 1, 8 + 2 * i, 9 + 2 * i)]
+                out = builder.shuffle_vector(lo, hi, ir.Constant(i32x16, pick))
                 for i in range(4):
                     row = builder.mul(ir.Constant(I64, 4 * j + i), h)
                     _store_at(builder, qb, builder.add(row, builder.shl(b, c[4])),
