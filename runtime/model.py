@@ -194,9 +194,10 @@ class Transformer:
                 L.q, L.k, L.v = (pack(f, n) for n in ("attn_q", "attn_k", "attn_v"))
             if takes(L.o):
                 L.o = pack(f, "attn_o")
+            # not where a predictor may turn on row skipping (it reads neurons as rows)
             if (type(L.ffn) is ResidentFFN and L.ffn.gate is None and takes(L.ffn.down)
                     and Predictor.load(self.reader, self.cfg, i) is None):
-                L.ffn.down = pack(f, "ffn_down")  # (row skipping reads neurons as rows)
+                L.ffn.down = pack(f, "ffn_down")
                 L.ffn.pack(self.reader, f)
         if not self.cfg.tied_embeddings and takes(self.head):
             self.head = pack(format.EMBED_CHUNK, "output")

@@ -124,7 +124,7 @@ class Reader:
         self.bytes_mapped = 0
         self._seen = {c["file"]: _identity(os.path.join(self.model_dir, c["file"]))
                       for c in manifest["chunks"]}
-        self._packed = {}  # (file, name) -> PackedMatrix (pack)
+        self._packed = {}  # (file, name) -> PackedMatrix (pack) or PackedBundles (pack_bundles)
 
     def read_in(self, file):
         """True when this chunk's bytes are a private copy in memory (read, not mapped): no
