@@ -501,20 +501,12 @@ def ffn(x, bundles, layout, d, activation, gated, up_bias=None, down=None, float
             # a separate down matrix the SIMD rows take is multiplied inside the same call
             fused = (down is not None and n % 32 == 0 and down.codec.name != "f32"
                      and _simd_ok(down))
-            if fused and _packed(down) is not None:
+            if fused:  # the fused decode's own description of a matrix (packed or not)
+                from .fused import _arrays, _enc
+
                 _check_matrix(down)
-                dq, ds = down.packed
-                denc, dshift = _ffn.INT4R, _qmv.group_shift(down.codec.group_size)
-                dqrow, dsrow = dq.strides[0], ds.strides[0]
-            elif fused:
-                _check_matrix(down)
-                dq = down.q.view(np.uint16) if down.q.dtype == np.float16 else down.q
-                ds = (_NO_SCALES if down.s is None else down.s.view(np.uint16)
-                      if down.s.dtype == np.float16 else down.s)
-                denc = _ffn.ENC_CODES[down.codec.name]
-                dshift = (_qmv.group_shift(down.codec.group_size)
-                          if down.codec.name == "int4" else 0)
-                dqrow, dsrow = down.q.strides[0], 0 if down.s is None else down.s.strides[0]
+                dq, ds = _arrays(down)
+                denc, dshift, dqrow, dsrow = _enc(down)
             else:
                 dq = ds = _NO_SCALES
                 denc, dshift, dqrow, dsrow = _ffn.NONE, 0, 0, 0

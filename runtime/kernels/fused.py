@@ -515,13 +515,11 @@ def plan_ffn(cfg, f, ffn_cls, meta):
         tab = K._part_table_cached(base.layout, cfg.gated_ffn and gate is None, d, bundles,
                                    down is not None)
     has_up_bias = _ffn_meta(cfg, base, meta)
+    dq, ds = _arrays(down) if down is not None else (_EMPTY_U16, _EMPTY_U16)
     arrays = dict(
         bundles=bundles, tab=tab, gshifts=K._group_shifts(tab),
         up_bias=_vec(base.up_bias, n) if has_up_bias else _EMPTY_F32,
-        down_bias=_vec(base.down_bias, d),
-        dq=_arrays(down)[0] if down is not None else _EMPTY_U16,
-        ds=_arrays(down)[1] if down is not None else _EMPTY_U16,
-        n=n, tl=_NO_TEAL, **_NO_SPARSE)
+        down_bias=_vec(base.down_bias, d), dq=dq, ds=ds, n=n, tl=_NO_TEAL, **_NO_SPARSE)
     arrays.update(_NO_GATE)
     if sparse is not None:
         meta[M_SPARSE] = sparse["mode"]
