@@ -349,7 +349,8 @@ class Transformer:
             hit = memo[i] = (key, fused.layer_args(plan, scratch, self.cfg.norm_eps, kc, vc, ks,
                                                    vs, self.cos, self.sin,
                                                    getattr(self.cache, "block", 0)))
-        rc = fused.decode_layer(xb, p0, *hit[1])
+        kernel, args = hit[1]
+        rc = kernel(xb, p0, *args)
         if rc != fused.OK:
             raise EdgeLLMError("a key or value is out of float16 range; use the f32 or int8 KV "
                                "cache (kv='f32', --kv f32)")

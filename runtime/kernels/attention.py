@@ -146,6 +146,15 @@ def attention(q, k_cache, v_cache, k_scale, v_scale, lut, simd, start_pos, out):
     together, so each cached key and value row is read once for all of them. Scores are
     float32, the softmax subtracts the row maximum.
     """
+    for tk in prange(q.shape[0] * k_cache.shape[0]):
+        attend(tk, q, k_cache, v_cache, k_scale, v_scale, lut, simd, start_pos, out)
+    return out
+
+
+@njit(cache=True, fastmath=True)
+def attend(tk, q, k_cache, v_cache, k_scale, v_scale, lut, simd, start_pos, out):
+    """attention's iteration tk: query t = tk // KVH against kv head tk % KVH (its
+    group of query heads), into out (also one unit of the team decode, kernels/team.py)."""
     T, H, hd = q.shape
     kvh = k_cache.shape[0]
     group = H // kvh
@@ -153,71 +162,69 @@ def attention(q, k_cache, v_cache, k_scale, v_scale, lut, simd, start_pos, out):
     nb = k_scale.shape[2] if k_scale is not None else 1  # int8 blocks per row
     blk = hd // nb
     direct = simd != 0 and hd % 32 == 0 and group <= F16_DIRECT_GROUP
-    for tk in prange(T * kvh):
-        t = tk // kvh
-        kv = tk - t * kvh
-        h0 = kv * group
-        n = start_pos + t + 1
-        s = np.empty((group, n), dtype=np.float32)
-        row = np.empty(hd, dtype=np.float32)
-        if lut is not None and direct:
-            _f16_direct_scores(q, t, h0, group, k_cache, kv, n, simd, scale, s)
+    t = tk // kvh
+    kv = tk - t * kvh
+    h0 = kv * group
+    n = start_pos + t + 1
+    s = np.empty((group, n), dtype=np.float32)
+    row = np.empty(hd, dtype=np.float32)
+    if lut is not None and direct:
+        _f16_direct_scores(q, t, h0, group, k_cache, kv, n, simd, scale, s)
+    for j in range(n):
+        if lut is not None:
+            if not direct:
+                _f16_row(k_cache, kv, j, lut, simd, row)
+                _score(q, t, h0, group, row, scale, s, j)
+        elif k_scale is not None:  # int8: a dot product per block, times its scale
+            for g in range(group):
+                acc = np.float32(0.0)
+                for b in range(nb):
+                    o0 = b * blk
+                    part = np.float32(0.0)
+                    for i in range(blk):
+                        part += q[t, h0 + g, o0 + i] * np.float32(k_cache[kv, j, o0 + i])
+                    acc += part * k_scale[kv, j, b]
+                s[g, j] = acc * scale
+        else:  # float32: read in place (a row view would cost reference counting)
+            for g in range(group):
+                acc = np.float32(0.0)
+                for i in range(hd):
+                    acc += q[t, h0 + g, i] * k_cache[kv, j, i]
+                s[g, j] = acc * scale
+    for g in range(group):
+        mx = s[g, 0]
+        for j in range(1, n):
+            mx = max(mx, s[g, j])
+        _exp_shifted(s, g, n, mx)
+        tot = np.float32(0.0)
         for j in range(n):
-            if lut is not None:
-                if not direct:
-                    _f16_row(k_cache, kv, j, lut, simd, row)
-                    _score(q, t, h0, group, row, scale, s, j)
-            elif k_scale is not None:  # int8: a dot product per block, times its scale
-                for g in range(group):
-                    acc = np.float32(0.0)
-                    for b in range(nb):
-                        o0 = b * blk
-                        part = np.float32(0.0)
-                        for i in range(blk):
-                            part += q[t, h0 + g, o0 + i] * np.float32(k_cache[kv, j, o0 + i])
-                        acc += part * k_scale[kv, j, b]
-                    s[g, j] = acc * scale
-            else:  # float32: read in place (a row view would cost reference counting)
-                for g in range(group):
-                    acc = np.float32(0.0)
-                    for i in range(hd):
-                        acc += q[t, h0 + g, i] * k_cache[kv, j, i]
-                    s[g, j] = acc * scale
-        for g in range(group):
-            mx = s[g, 0]
-            for j in range(1, n):
-                mx = max(mx, s[g, j])
-            _exp_shifted(s, g, n, mx)
-            tot = np.float32(0.0)
-            for j in range(n):
-                tot += s[g, j]
-            inv = np.float32(1.0) / tot
-            for j in range(n):
-                s[g, j] *= inv
-        o = np.zeros((group, hd), dtype=np.float32)
-        if lut is not None and direct:
-            _f16_direct_values(o, s, v_cache, kv, n, simd)
+            tot += s[g, j]
+        inv = np.float32(1.0) / tot
         for j in range(n):
-            if lut is not None:
-                if not direct:
-                    _f16_row(v_cache, kv, j, lut, simd, row)
-                    _accumulate(o, s, j, row)
-            elif v_scale is not None:
-                for g in range(group):
-                    for b in range(nb):
-                        o0 = b * blk
-                        p = s[g, j] * v_scale[kv, j, b]
-                        for i in range(blk):
-                            o[g, o0 + i] += p * np.float32(v_cache[kv, j, o0 + i])
-            else:
-                for g in range(group):
-                    p = s[g, j]
-                    for i in range(hd):
-                        o[g, i] += p * v_cache[kv, j, i]
-        for g in range(group):
-            for i in range(hd):
-                out[t, h0 + g, i] = o[g, i]
-    return out
+            s[g, j] *= inv
+    o = np.zeros((group, hd), dtype=np.float32)
+    if lut is not None and direct:
+        _f16_direct_values(o, s, v_cache, kv, n, simd)
+    for j in range(n):
+        if lut is not None:
+            if not direct:
+                _f16_row(v_cache, kv, j, lut, simd, row)
+                _accumulate(o, s, j, row)
+        elif v_scale is not None:
+            for g in range(group):
+                for b in range(nb):
+                    o0 = b * blk
+                    p = s[g, j] * v_scale[kv, j, b]
+                    for i in range(blk):
+                        o[g, o0 + i] += p * np.float32(v_cache[kv, j, o0 + i])
+        else:
+            for g in range(group):
+                p = s[g, j]
+                for i in range(hd):
+                    o[g, i] += p * v_cache[kv, j, i]
+    for g in range(group):
+        for i in range(hd):
+            out[t, h0 + g, i] = o[g, i]
 
 
 @njit(cache=True)

@@ -306,26 +306,33 @@ def ffn_hidden_packed(x, b, offs, soffs, unit, gshift, kind, gated, up_bias, has
     """hidden = act(gate x) * (up x), or act(up x + bias), of FFN bundle rows packed 16 a group
     (rows16.pack_bundles: b uint8 [n/16, 16 stride] in units of `unit` bytes; slot 0 gate, 1 up:
     offs, soffs their values' and scales' bytes within a unit)."""
-    nb = x.shape[0] // 32
     xq, xs, xp, corr = act_buffers(x.shape[0])
     quantize_act(x, xq, xs, xp, corr)
     up = np.empty(hidden.shape[0], dtype=np.float32)
     for g in prange(b.shape[0]):
-        base, r0 = g * b.shape[1], _R16 * g
-        if gated:  # pack_bundles puts up right after gate
-            bundle_dot2(b, base + offs[0], base + soffs[0], unit, gshift, nb, xq, corr, xs, lut,
-                        hidden, up, r0, fast)
-            if fast and kind == SILU:
-                silu_mul16(hidden, up, r0)
-            else:
-                for r in range(r0, r0 + _R16):
-                    hidden[r] = act(hidden[r], kind) * up[r]
-        else:
-            bundle_dot(b, base + offs[1], base + soffs[1], unit, gshift, nb, xq, corr, xs, lut,
-                       up, r0, fast)
-            for r in range(r0, r0 + _R16):
-                hidden[r] = act(up[r] + up_bias[r] if has_bias else up[r], kind)
+        packed_group(g, x.shape[0] // 32, xq, corr, xs, b, offs, soffs, unit, gshift, kind,
+                     gated, up_bias, has_bias, lut, hidden, up, fast)
     return hidden
+
+
+@njit(cache=True, inline="always")
+def packed_group(g, nb, xq, corr, xs, b, offs, soffs, unit, gshift, kind, gated, up_bias,
+                 has_bias, lut, hidden, up, fast):
+    """ffn_hidden_packed's group g: hidden (and up, scratch) rows 16 g .. 16 g + 15."""
+    base, r0 = g * b.shape[1], _R16 * g
+    if gated:  # pack_bundles puts up right after gate
+        bundle_dot2(b, base + offs[0], base + soffs[0], unit, gshift, nb, xq, corr, xs, lut,
+                    hidden, up, r0, fast)
+        if fast and kind == SILU:
+            silu_mul16(hidden, up, r0)
+        else:
+            for r in range(r0, r0 + _R16):
+                hidden[r] = act(hidden[r], kind) * up[r]
+    else:
+        bundle_dot(b, base + offs[1], base + soffs[1], unit, gshift, nb, xq, corr, xs, lut, up,
+                   r0, fast)
+        for r in range(r0, r0 + _R16):
+            hidden[r] = act(up[r] + up_bias[r] if has_bias else up[r], kind)
 
 
 @njit(cache=True, parallel=True)
@@ -343,46 +350,54 @@ def ffn_decode_simd(x, bundles, encs, offs, soffs, gshifts, d, kind, gated, up_b
         return ffn_output(hidden, partial, d, dq, ds, denc, dshift, dqrow, dsrow, lut, fast)
     n = bundles.shape[0]
     nchunks = partial.shape[0]
-    stride = bundles.shape[1]
-    nlines = (stride + 63) // 64
-    third = (nlines + 2) // 3
     xq, xs, xp, corr = act_buffers(d)
     quantize_act(x, xq, xs, xp, corr)
     per = (n + nchunks - 1) // nchunks
     for c in prange(nchunks):
         acc = partial[c]
         acc[:] = 0.0
-        end = min(n, (c + 1) * per)
-        for i in range(c * per, end):
-            base = i * stride
-            # Parts are read in address order (gate, up, down) and the next row is prefetched a
-            # third at a time: on TinyLlama shapes this took a layer from 3.3 to 2.3 ms (1 thread)
-            # where the hardware prefetcher alone kept restarting at each row.
-            pf = i + 1 < end
-            gt = np.float32(0.0)
-            if pf:
-                for line in range(0, third):
-                    prefetch(bundles, base + stride + 64 * line)
-            if gated:
-                gt = simd_part_dot(bundles, base, encs[0], offs[0], soffs[0], gshifts[0], d, x,
-                                   xq, xs, xp, corr, lut, fast)
-            if pf:
-                for line in range(third, 2 * third):
-                    prefetch(bundles, base + stride + 64 * line)
-            u = simd_part_dot(bundles, base, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq,
-                              xs, xp, corr, lut, fast)
-            if gated:
-                h = act(gt, kind) * u
-            else:
-                if has_bias:
-                    u += up_bias[i]
-                h = act(u, kind)
-            if pf:
-                for line in range(2 * third, nlines):
-                    prefetch(bundles, base + stride + 64 * line)
-            if encs[2] == NONE:
-                hidden[i] = h
-            elif h != 0:
-                simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
-                               lut, fast)
+        ffn_rows(x, xq, xs, xp, corr, bundles, c * per, min(n, (c + 1) * per), encs, offs, soffs,
+                 gshifts, d, kind, gated, up_bias, has_bias, lut, acc, hidden, fast)
     return ffn_output(hidden, partial, d, dq, ds, denc, dshift, dqrow, dsrow, lut, fast)
+
+
+@njit(cache=True)
+def ffn_rows(x, xq, xs, xp, corr, bundles, r0, end, encs, offs, soffs, gshifts, d, kind, gated,
+             up_bias, has_bias, lut, acc, hidden, fast):
+    """ffn_decode_simd's bundle rows r0 .. end - 1: hidden[i] written (encs[2] NONE) or the down
+    column times it added into acc."""
+    stride = bundles.shape[1]
+    nlines = (stride + 63) // 64
+    third = (nlines + 2) // 3
+    for i in range(r0, end):
+        base = i * stride
+        # Parts are read in address order (gate, up, down) and the next row is prefetched a
+        # third at a time: on TinyLlama shapes this took a layer from 3.3 to 2.3 ms (1 thread)
+        # where the hardware prefetcher alone kept restarting at each row.
+        pf = i + 1 < end
+        gt = np.float32(0.0)
+        if pf:
+            for line in range(0, third):
+                prefetch(bundles, base + stride + 64 * line)
+        if gated:
+            gt = simd_part_dot(bundles, base, encs[0], offs[0], soffs[0], gshifts[0], d, x,
+                               xq, xs, xp, corr, lut, fast)
+        if pf:
+            for line in range(third, 2 * third):
+                prefetch(bundles, base + stride + 64 * line)
+        u = simd_part_dot(bundles, base, encs[1], offs[1], soffs[1], gshifts[1], d, x, xq,
+                          xs, xp, corr, lut, fast)
+        if gated:
+            h = act(gt, kind) * u
+        else:
+            if has_bias:
+                u += up_bias[i]
+            h = act(u, kind)
+        if pf:
+            for line in range(2 * third, nlines):
+                prefetch(bundles, base + stride + 64 * line)
+        if encs[2] == NONE:
+            hidden[i] = h
+        elif h != 0:
+            simd_part_axpy(bundles, base, encs[2], offs[2], soffs[2], gshifts[2], d, h, acc,
+                           lut, fast)

@@ -21,6 +21,8 @@ not take, f32 weights, a streamed or predicted FFN, d or q_dim not a multiple of
 general path; `plan_layer` says which.
 """
 
+import os
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -68,19 +70,29 @@ def f16_bits(typingctx, v):
 def matvec1(enc, gshift, qrow, srow, q, s, x, lut, out, fast):
     """out = M x for one matrix of a SIMD encoding with rows of d = 32 nb values (the same
     row_dot calls and activation quantization as qmatvec's per-encoding matvecs)."""
-    d = x.shape[0]
-    nb = d // 32
-    xq, xs, xp, corr = act_buffers(d)
+    xq, xs, xp, corr = act_buffers(x.shape[0])
     if enc != F16:
         quantize_act(x, xq, xs, xp, corr)
-    if enc == INT4R:
-        for g in prange(out.shape[0] // rows16.R):
-            rows16.group_dot(q, s, g, gshift, nb, xq, corr, xs, lut, out, rows16.R * g, fast)
-        return out
-    for r in prange(out.shape[0]):
-        out[r] = row_dot(q, r * qrow, s, r * srow, enc, gshift, nb, x, xq, xs, xp, corr, lut,
-                         fast)
+    for u in prange(units(enc, out.shape[0])):
+        unit_dot(enc, gshift, qrow, srow, q, s, u, x, xq, xs, xp, corr, lut, out, 0, fast)
     return out
+
+
+@njit(cache=True, inline="always")
+def units(enc, n):
+    """A matrix of n rows in the units unit_dot takes: groups of 16 rows (INT4R) or rows."""
+    return n // rows16.R if enc == INT4R else n
+
+
+@njit(cache=True, inline="always")
+def unit_dot(enc, gshift, qrow, srow, q, s, u, x, xq, xs, xp, corr, lut, out, o0, fast):
+    """Unit u of a matrix (matvec1's arguments) times x into out[o0 + its rows]."""
+    nb = x.shape[0] // 32
+    if enc == INT4R:
+        rows16.group_dot(q, s, u, gshift, nb, xq, corr, xs, lut, out, o0 + rows16.R * u, fast)
+    else:
+        out[o0 + u] = row_dot(q, u * qrow, s, u * srow, enc, gshift, nb, x, xq, xs, xp, corr,
+                              lut, fast)
 
 
 @njit(cache=True)
@@ -127,31 +139,11 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
     x2 = x.reshape(1, d)
     h2 = h.reshape(1, d)
     rmsnorm(x2, anorm, eps, h2)
-    q = qkv[:nq]
-    k = qkv[nq:nq + nk]
-    v = qkv[nq + nk:nq + 2 * nk]
-    qkv_proj(meta, wq, sq, wk, sk, wv, sv, h, lut, q, k, v, fast)
-    if meta[M_QKV_BIAS]:
-        q += bq
-        k += bk
-        v += bv
-    posarr[0] = pos
+    qkv_proj(meta, wq, sq, wk, sk, wv, sv, h, lut, qkv[:nq], qkv[nq:nq + nk], qkv[nq + nk:], fast)
+    if not rope_store(meta, qkv, bq, bk, bv, pos, cos, sin, posarr, rot, kc, vc, ksc, vsc,
+                      kvlut, blk):
+        return F16_RANGE
     qr = rot[:nq].reshape(1, H, hd)
-    kr = rot[nq:nq + nk].reshape(1, kvh, hd)
-    apply_rope(q.reshape(1, H, hd), cos, sin, posarr, qr)
-    apply_rope(k.reshape(1, kvh, hd), cos, sin, posarr, kr)
-    v3 = v.reshape(1, kvh, hd)
-    if ksc is not None:  # int8 cache
-        store_int8(kr, pos, blk, kc, ksc)
-        store_int8(v3, pos, blk, vc, vsc)
-    elif kvlut is not None:  # float16 bits
-        if not store_f16(kr, pos, kc) or not store_f16(v3, pos, vc):
-            return F16_RANGE
-    else:
-        for j in range(kvh):
-            for i in range(hd):
-                kc[j, pos, i] = kr[0, j, i]
-                vc[j, pos, i] = v3[0, j, i]
     a3 = att.reshape(1, H, hd)
     attention(qr, kc, vc, ksc, vsc, kvlut, meta[M_SIMD], pos, a3)
     if meta[M_OENC] >= _sp.FUSED:
@@ -169,6 +161,39 @@ def decode_layer(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, b
         f += down_bias
     x += f
     return OK
+
+
+@njit(cache=True)
+def rope_store(meta, qkv, bq, bk, bv, pos, cos, sin, posarr, rot, kc, vc, ksc, vsc, kvlut, blk):
+    """q, k, v (in qkv) plus their biases, q and k rotated into rot, k and v stored in the
+    caches at pos; False when a value is out of float16 range for a float16 cache."""
+    H, kvh, hd = meta[M_H], meta[M_KVH], meta[M_HD]
+    nq, nk = H * hd, kvh * hd
+    q = qkv[:nq]
+    k = qkv[nq:nq + nk]
+    v = qkv[nq + nk:nq + 2 * nk]
+    if meta[M_QKV_BIAS]:
+        q += bq
+        k += bk
+        v += bv
+    posarr[0] = pos
+    qr = rot[:nq].reshape(1, H, hd)
+    kr = rot[nq:nq + nk].reshape(1, kvh, hd)
+    apply_rope(q.reshape(1, H, hd), cos, sin, posarr, qr)
+    apply_rope(k.reshape(1, kvh, hd), cos, sin, posarr, kr)
+    v3 = v.reshape(1, kvh, hd)
+    if ksc is not None:  # int8 cache
+        store_int8(kr, pos, blk, kc, ksc)
+        store_int8(v3, pos, blk, vc, vsc)
+    elif kvlut is not None:  # float16 bits
+        if not store_f16(kr, pos, kc) or not store_f16(v3, pos, vc):
+            return False
+    else:
+        for j in range(kvh):
+            for i in range(hd):
+                kc[j, pos, i] = kr[0, j, i]
+                vc[j, pos, i] = v3[0, j, i]
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,12 +690,22 @@ class Scratch:
         self.x = np.empty(d, np.float32)  # the residual stream through fused layers
         self.x2 = self.x.reshape(1, d)
         self._partial = {}
-        self.d = d
+        self._team = {}
+        self.d, self.nq = d, nq
 
     def hidden(self, n):
         if self._hidden.size < n:
             self._hidden = np.empty(n, np.float32)
         return self._hidden[:n]
+
+    def team(self, T, n):
+        """team.decode_layer_team's per-thread buffers for T threads and FFNs of n rows."""
+        from .team import Team
+
+        t = self._team.get((T, n))
+        if t is None:
+            t = self._team[(T, n)] = Team(T, self.d, self.nq, n)
+        return t
 
     def partial(self, n):
         k = max(1, min(numba.get_num_threads(), n))
@@ -681,21 +716,31 @@ class Scratch:
 
 
 def layer_args(plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
-    """decode_layer's arguments after (x, pos) for one planned layer against one layer's caches:
-    built once per cache and thread count, so a token's Python per layer is one call."""
+    """(kernel, its arguments after (x, pos)) for one planned layer against one layer's caches:
+    team.decode_layer_team on more than one thread where it takes the layer (team.team_ok;
+    EDGELLM_NO_TEAM=1 keeps decode_layer), else decode_layer. Built once per cache and thread
+    count, so a token's Python per layer is one call."""
+    from . import team
+
     meta, a = plan
     kvlut = None
     if kc.dtype == np.float16:
         kc, vc, kvlut = kc.view(np.uint16), vc.view(np.uint16), _LUT
     n = a["n"]
     hidden = scratch.hidden(n if a["dq"] is not _EMPTY_U16 else 1)
-    return (block, meta, eps, a["anorm"], a["fnorm"], a["wq"], a["sq"], a["wk"], a["sk"],
+    T = numba.get_num_threads()
+    head = (block, meta, eps, a["anorm"], a["fnorm"], a["wq"], a["sq"], a["wk"], a["sk"],
             a["wv"], a["sv"], a["bq"], a["bk"], a["bv"], a["wo"], a["so"], a["bo"], cos, sin, kc,
             vc, ksc, vsc, kvlut, _LUT, a["bundles"], a["tab"], a["gshifts"], a["up_bias"],
-            a["down_bias"], a["dq"], a["ds"], scratch.partial(n), hidden, scratch.h,
-            scratch.qkv, scratch.rot, scratch.att, scratch.obuf, scratch.posarr, a["pa"], a["pb"],
-            a["pbias"], a["thr"], a["z"], a["scores"], a["rows"], a["kept"], a["gq"], a["gs"],
-            a["gvals"], a["tl"])
+            a["down_bias"], a["dq"], a["ds"])
+    if T > 1 and team.team_ok(meta, a) and os.environ.get("EDGELLM_NO_TEAM", "") != "1":
+        bufs = scratch.team(T, n)
+        return team.decode_layer_team, head + (hidden, scratch.qkv, scratch.rot, scratch.att,
+                                               scratch.obuf, scratch.posarr) + bufs.args()
+    return decode_layer, head + (
+        scratch.partial(n), hidden, scratch.h, scratch.qkv, scratch.rot, scratch.att,
+        scratch.obuf, scratch.posarr, a["pa"], a["pb"], a["pbias"], a["thr"], a["z"],
+        a["scores"], a["rows"], a["kept"], a["gq"], a["gs"], a["gvals"], a["tl"])
 
 
 def takes_cache(kv):

@@ -1,0 +1,293 @@
+"""Decode of one layer by a team of threads in one parallel region.
+
+fused.decode_layer forks and joins Numba's threads five times a layer (q/k/v, attention, o, the
+FFN's rows, its down matrix). Numba's OpenMP workers wait passively (kernels/__init__.py): each
+fork wakes a sleeping thread, and on a virtual machine whose idle vCPUs halt at once (this one:
+guest halt polling off, docs/PERFORMANCE.md) every wake is an exit to the hypervisor, 45-80 us:
+110 a TinyLlama token. Here a layer is one parallel region, one wake: each thread runs the
+layer's phases in order and waits between them by spinning on a counter.
+
+Work is split in parts of contiguous rows, one per thread (each core streams its own half of a
+matrix, as a static prange split does), and parts are claimed through an atomic counter, so a
+thread that starts late, or not at all, finds its part taken by the other and nothing waits for
+work nobody took (session 7's team took 32 KB chunks alternately and measured slower: the
+cores' streams interleaved). Steps that write shared state once (rotary and the KV-cache store)
+are one-part phases; steps that only read it (the norms, the activations' quantization) run in
+every thread into its own buffers, which saves a wait each.
+
+Waits spin on an atomic load without the pause instruction, then yield: on this KVM guest a
+loop of pauses exits to the hypervisor (pause-loop exiting; session 7 measured a token 42 ms
+with pause, 35 without).
+
+Every output element is computed by the same unit kernel as decode_layer's (fused.unit_dot,
+ffn.packed_group, ffn.ffn_rows, attention.attend), whichever thread takes it, and the residual
+updates are decode_layer's float operations in its order: the result is bit for bit
+decode_layer's (tests/test_team.py). Taken: dense layers whose FFN down projection is a matrix
+(packed or not); the rest run decode_layer (team_ok).
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import fused as _fu
+from . import sparse as _sp
+from .attention import attend
+from .ffn import INT4R, NONE, ffn_rows, packed_group
+from .norms import rmsnorm
+from .simd import act_buffers, quantize_act
+
+F16 = _fu.F16
+P_QKV, P_ROPE, P_ATT, P_O, P_FFN, P_DOWN, NPHASES = range(7)
+LINE = 8  # int64s a cache line: each phase's counters on a line of their own
+RC = NPHASES * LINE  # ctl[RC]: the layer's return code
+CTL_LEN = RC + LINE
+PARTS = 1  # parts of a phase per thread
+SPINS = 20000  # looks at the counter before a waiting thread yields its core
+
+I64 = ir.IntType(64)
+
+
+def _slot(context, builder, aryty, ary, i):
+    a = context.make_array(aryty)(context, builder, ary)
+    return builder.gep(builder.bitcast(a.data, I64.as_pointer()), [i])
+
+
+@intrinsic
+def atomic_add(typingctx, a, i, v):
+    """a[i] += v atomically (a int64[:]); returns the value before."""
+    sig = types.int64(a, types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.atomic_rmw("add", _slot(context, builder, sig.args[0], args[0], args[1]),
+                                  args[2], "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_load(typingctx, a, i):
+    """a[i] read atomically, ordered before the loads that follow (acquire)."""
+    sig = types.int64(a, types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_slot(context, builder, sig.args[0], args[0], args[1]),
+                                   "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """libc's sched_yield: the core to whatever else is runnable (the thread waited for, when
+    the machine is busy)."""
+    sig = types.int32()
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module,
+                                            ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        return builder.call(fn, [])
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _take(ctl, p):
+    return atomic_add(ctl, LINE * p, 1)
+
+
+@njit(cache=True)
+def _done(ctl, p):
+    atomic_add(ctl, LINE * p + 1, 1)
+
+
+@njit(cache=True)
+def _wait(ctl, p, n):
+    """Until n parts of phase p are done: spin (no pause: see the module docstring), then
+    yield the core between looks."""
+    k = 0
+    while atomic_load(ctl, LINE * p + 1) < n:
+        if k < SPINS:
+            k += 1
+        else:
+            sched_yield()
+
+
+@njit(cache=True)
+def _parts(n, T):
+    return min(n, T * PARTS)
+
+
+@njit(cache=True)
+def _norm_act(x, w, eps, h, xq, xs, xp, corr, quantize):
+    """h = rmsnorm(x) (h may be x) and, if asked, its int8 forms."""
+    d = x.shape[0]
+    rmsnorm(x.reshape(1, d), w, eps, h.reshape(1, d))
+    if quantize:
+        quantize_act(h, xq, xs, xp, corr)
+
+
+@njit(cache=True)
+def _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv, wo,
+            so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts, up_bias,
+            dq, ds, hidden, qkv, rot, att, obuf, posarr, f, ctl, th, ax, aa, ah, up):
+    """Thread t's run through decode_layer_team's phases."""
+    d = x.shape[0]
+    H, kvh, hd = meta[_fu.M_H], meta[_fu.M_KVH], meta[_fu.M_HD]
+    nq, nk = H * hd, kvh * hd
+    fast = meta[_fu.M_FAST] != 0
+    h = th[t]
+    xq, xs, xp, corr = ax[0][t], ax[1][t], ax[2][t], ax[3][t]
+
+    enc, gsh, qrow, srow = (meta[_fu.M_QENC], meta[_fu.M_QSHIFT], meta[_fu.M_QROW],
+                            meta[_fu.M_QSROW])
+    _norm_act(x, anorm, eps, h, xq, xs, xp, corr, enc != F16)
+    uq, uk = _fu.units(enc, nq), _fu.units(enc, nk)
+    n = uq + 2 * uk
+    P = _parts(n, T)
+    c = _take(ctl, P_QKV)
+    while c < P:
+        for u in range(c * n // P, (c + 1) * n // P):
+            if u < uq:
+                _fu.unit_dot(enc, gsh, qrow, srow, wq, sq, u, h, xq, xs, xp, corr, lut, qkv, 0,
+                             fast)
+            elif u < uq + uk:
+                _fu.unit_dot(enc, gsh, qrow, srow, wk, sk, u - uq, h, xq, xs, xp, corr, lut, qkv,
+                             nq, fast)
+            else:
+                _fu.unit_dot(enc, gsh, qrow, srow, wv, sv, u - uq - uk, h, xq, xs, xp, corr, lut,
+                             qkv, nq + nk, fast)
+        _done(ctl, P_QKV)
+        c = _take(ctl, P_QKV)
+    _wait(ctl, P_QKV, P)
+
+    if _take(ctl, P_ROPE) == 0:
+        if not _fu.rope_store(meta, qkv, bq, bk, bv, pos, cos, sin, posarr, rot, kc, vc, ksc,
+                              vsc, kvlut, blk):
+            ctl[RC] = _fu.F16_RANGE
+        _done(ctl, P_ROPE)
+    _wait(ctl, P_ROPE, 1)
+    if atomic_load(ctl, RC) != _fu.OK:
+        return
+
+    qr = rot[:nq].reshape(1, H, hd)
+    a3 = att.reshape(1, H, hd)
+    c = _take(ctl, P_ATT)
+    while c < kvh:
+        attend(c, qr, kc, vc, ksc, vsc, kvlut, meta[_fu.M_SIMD], pos, a3)
+        _done(ctl, P_ATT)
+        c = _take(ctl, P_ATT)
+    _wait(ctl, P_ATT, kvh)
+
+    enc, gsh, qrow, srow = (meta[_fu.M_OENC], meta[_fu.M_OSHIFT], meta[_fu.M_OROW],
+                            meta[_fu.M_OSROW])
+    aq, as_, ap, ac = aa[0][t], aa[1][t], aa[2][t], aa[3][t]
+    if enc != F16:
+        quantize_act(att, aq, as_, ap, ac)
+    n = _fu.units(enc, d)
+    P = _parts(n, T)
+    c = _take(ctl, P_O)
+    while c < P:
+        for u in range(c * n // P, (c + 1) * n // P):
+            _fu.unit_dot(enc, gsh, qrow, srow, wo, so, u, att, aq, as_, ap, ac, lut, obuf, 0,
+                         fast)
+        _done(ctl, P_O)
+        c = _take(ctl, P_O)
+    _wait(ctl, P_O, P)
+
+    # the FFN's input from decode_layer's residual (x + (obuf + bo)), not yet written to x
+    if meta[_fu.M_O_BIAS]:
+        for j in range(d):
+            h[j] = x[j] + (obuf[j] + bo[j])
+    else:
+        for j in range(d):
+            h[j] = x[j] + obuf[j]
+    _norm_act(h, fnorm, eps, h, xq, xs, xp, corr, True)
+    kind, gated = meta[_fu.M_KIND], meta[_fu.M_GATED] != 0
+    has_bias = meta[_fu.M_UP_BIAS] != 0
+    packed = tab[0, 1] == INT4R
+    n = bundles.shape[0]
+    P = _parts(n, T)
+    c = _take(ctl, P_FFN)
+    while c < P:
+        r0, r1 = c * n // P, (c + 1) * n // P
+        if packed:
+            for g in range(r0, r1):
+                packed_group(g, d // 32, xq, corr, xs, bundles, tab[1], tab[2], tab[1, 2],
+                             gshifts[1], kind, gated, up_bias, has_bias, lut, hidden, up[t],
+                             fast)
+        else:
+            ffn_rows(h, xq, xs, xp, corr, bundles, r0, r1, tab[0], tab[1], tab[2], gshifts, d,
+                     kind, gated, up_bias, has_bias, lut, f, hidden, fast)
+        _done(ctl, P_FFN)
+        c = _take(ctl, P_FFN)
+    _wait(ctl, P_FFN, P)
+
+    enc, gsh, qrow, srow = (meta[_fu.M_DENC], meta[_fu.M_DSHIFT], meta[_fu.M_DROW],
+                            meta[_fu.M_DSROW])
+    hq, hs, hp, hc = ah[0][t], ah[1][t], ah[2][t], ah[3][t]
+    if enc != F16:
+        quantize_act(hidden, hq, hs, hp, hc)
+    n = _fu.units(enc, d)
+    P = _parts(n, T)
+    c = _take(ctl, P_DOWN)
+    while c < P:
+        for u in range(c * n // P, (c + 1) * n // P):
+            _fu.unit_dot(enc, gsh, qrow, srow, dq, ds, u, hidden, hq, hs, hp, hc, lut, f, 0,
+                         fast)
+        _done(ctl, P_DOWN)
+        c = _take(ctl, P_DOWN)
+    # the region's join waits for the down projection's parts
+
+
+@njit(cache=True, parallel=True)
+def decode_layer_team(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv,
+                      wo, so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts,
+                      up_bias, down_bias, dq, ds, hidden, qkv, rot, att, obuf, posarr, f, ctl, th,
+                      ax, aa, ah, up):
+    """fused.decode_layer for a team_ok layer in one parallel region of th.shape[0] threads
+    (th, ax, aa, ah, up: each thread's own buffers, Team); the same result, bit for bit."""
+    T = th.shape[0]
+    ctl[:] = 0
+    for t in prange(T):
+        _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv,
+                wo, so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts,
+                up_bias, dq, ds, hidden, qkv, rot, att, obuf, posarr, f, ctl, th, ax, aa, ah, up)
+    if ctl[RC] != _fu.OK:
+        return ctl[RC]
+    if meta[_fu.M_O_BIAS]:
+        obuf += bo
+    x += obuf
+    if meta[_fu.M_DOWN_BIAS]:
+        f += down_bias
+    x += f
+    return _fu.OK
+
+
+def team_ok(meta, a):
+    """Whether decode_layer_team takes a planned layer (fused.plan_layer's meta and arrays):
+    dense q/k/v and o of any SIMD encoding, an FFN of every row with its down projection a
+    matrix (not pruned, no row skipping, no TEAL)."""
+    return (meta[_fu.M_QENC] < _sp.FUSED and meta[_fu.M_OENC] < _sp.FUSED
+            and meta[_fu.M_SPARSE] == 0 and meta[_fu.M_DENC] != NONE
+            and a["tab"][0, 1] < _sp.FUSED)
+
+
+class Team:
+    """Each thread's buffers for decode_layer_team (T threads, d model width, nq attention
+    width, n FFN rows), allocated once per model and thread count."""
+
+    def __init__(self, T, d, nq, n):
+        def rows(length):
+            return tuple(np.stack([b] * T) for b in act_buffers(length))
+
+        self.h = np.empty((T, d), np.float32)
+        self.ax, self.aa, self.ah = rows(d), rows(nq), rows(n)
+        self.up = np.empty((T, n), np.float32)
+        self.f = np.empty(d, np.float32)
+        self.ctl = np.zeros(CTL_LEN, np.int64)
+
+    def args(self):
+        return self.f, self.ctl, self.h, self.ax, self.aa, self.ah, self.up

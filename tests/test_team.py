@@ -1,0 +1,83 @@
+"""Team decode (runtime/kernels/team.py): a layer in one parallel region gives bit for bit the
+logits of fused.decode_layer (five parallel loops a layer), which tests/test_fused.py checks
+against the general path; it finishes whatever number of threads actually runs its region."""
+
+import numba
+import numpy as np
+import pytest
+
+import edgellm
+import tiny
+from edgellm.runtime import threads
+from edgellm.runtime.kernels import fused, simd, team
+
+pytestmark = [
+    pytest.mark.skipif(not simd.AVAILABLE, reason="the fused call needs the JIT "
+                       "(NUMBA_DISABLE_JIT=1 runs the general path only)"),
+    pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                       reason="a team needs 2 threads (NUMBA_NUM_THREADS < 2)")]
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Tiny layers on 2 threads (they are decoded on one otherwise: threads.py)."""
+    monkeypatch.setattr(threads, "SMALL_LAYER_BYTES", 0)
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    yield
+    numba.set_num_threads(before)
+
+
+def decode(path, kv, name, steps=8):
+    """Logits of a prefill then greedy decode steps, and the kernel that ran the layers."""
+    m = edgellm.load(path, kv=kv)
+    rt = m.runtime
+    out = [rt.forward(tiny.token_ids(name, 12))[-1].copy()]
+    for _ in range(steps):
+        out.append(rt.forward([int(np.argmax(out[-1]))])[-1].copy())
+    memo = rt._fused_plans[2]
+    return np.array(out), {hit[1][0] for hit in memo}, rt
+
+
+@pytest.mark.parametrize("name,quant,group,kv", [
+    ("llama", "int4", 32, "int8"),  # int4 packed 16 rows a group where the CPU has VNNI
+    ("mistral", "int4", 64, "f16"),
+    ("llama", "int8", 32, "f32"),
+    ("qwen2", "int8", 32, "f16"),  # q/k/v biases, tied head
+])
+def test_team_equals_decode_layer(two_threads, monkeypatch, name, quant, group, kv):
+    path = tiny.converted(name, quant, group)
+    got, kernels, _ = decode(path, kv, name)
+    assert kernels == {team.decode_layer_team}
+    monkeypatch.setenv("EDGELLM_NO_TEAM", "1")
+    want, kernels, _ = decode(path, kv, name)
+    assert kernels == {fused.decode_layer}
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_one_thread_runs_decode_layer(monkeypatch):
+    monkeypatch.setattr(threads, "SMALL_LAYER_BYTES", 0)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        _, kernels, _ = decode(tiny.converted("llama", "int8"), "f32", "llama", steps=1)
+    finally:
+        numba.set_num_threads(before)
+    assert kernels == {fused.decode_layer}
+
+
+def test_team_finishes_on_fewer_threads(two_threads):
+    """Buffers for a team of two, a region run by one thread: it claims every part, waits for
+    none, and the layer's result is the same (no thread waits for work nobody took)."""
+    _, _, rt = decode(tiny.converted("llama", "int4"), "f32", "llama", steps=1)
+    (key, (kernel, args)) = rt._fused_plans[2][0]
+    assert kernel is team.decode_layer_team
+    x = np.random.default_rng(0).standard_normal(rt.cfg.d_model).astype(np.float32)
+    pos = len(rt.cache.tokens)
+    outs = []
+    for n in (2, 1):
+        numba.set_num_threads(n)
+        y = x.copy()
+        assert kernel(y, pos, *args) == fused.OK
+        outs.append(y)
+    assert np.array_equal(outs[0], outs[1])
