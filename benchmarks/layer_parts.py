@@ -15,6 +15,7 @@ of the per-token sums; wall time (cycle counter and perf_counter: on a loaded ma
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -166,6 +167,10 @@ def profile(rt, prompt, n):
     fused.decode_layer = timed_layer
     kernels._matvec = matvec
     rt._logits = head
+    # the parts are decode_layer's: no team (kernels/team.py), no call prepared before the swap
+    os.environ["EDGELLM_NO_TEAM"] = "1"
+    if rt._fused_plans is not None:
+        rt._fused_plans[2][:] = [None] * len(rt._fused_plans[2])
     try:
         rt.reset()
         tok = int(np.argmax(rt.forward(prompt)[-1]))
