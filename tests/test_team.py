@@ -81,3 +81,22 @@ def test_team_finishes_on_fewer_threads(two_threads):
         assert kernel(y, pos, *args) == fused.OK
         outs.append(y)
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_small_team_layers_use_every_thread(monkeypatch):
+    """The small-layer rule (threads.py) is for five wake-ups a layer: layers that all decode
+    as teams use the threads asked for; with EDGELLM_NO_TEAM=1 they decode on one."""
+    before = numba.get_num_threads()
+    path = tiny.converted("llama", "int8")
+    try:
+        m = edgellm.load(path, threads=2)
+        m.runtime.forward(tiny.token_ids("llama", 4))
+        m.runtime.forward([5])
+        assert {hit[1][0] for hit in m.runtime._fused_plans[2]} == {team.decode_layer_team}
+        monkeypatch.setenv("EDGELLM_NO_TEAM", "1")
+        m = edgellm.load(path, threads=2)
+        m.runtime.forward(tiny.token_ids("llama", 4))
+        m.runtime.forward([5])
+        assert {hit[0][2] for hit in m.runtime._fused_plans[2]} == {1}  # thread count
+    finally:
+        numba.set_num_threads(before)

@@ -13,15 +13,14 @@ qmatvec.row_dot, which the per-encoding matvecs are made of), in the same order,
 allocated once. So the result is bit for bit the general path's (tests/test_fused.py), and the
 Python left per layer is one call with its arguments prepared once per model.
 
-The layer's own parallel loops (q/k/v, attention, o, FFN rows, FFN down) remain separate
-fork/joins of Numba's threads: five per layer.
+The layer's own parallel loops (q/k/v, attention, o, FFN rows, FFN down) are separate
+fork/joins of Numba's threads, five per layer: on more than one thread, layers that
+kernels/team.py takes run as one parallel region instead (layer_args picks the kernel).
 
 Layers the fused call does not take (layer norm, learned positions, a part the SIMD kernels do
 not take, f32 weights, a streamed or predicted FFN, d or q_dim not a multiple of 32) run the
 general path; `plan_layer` says which.
 """
-
-import os
 
 import numba
 import numpy as np
@@ -733,7 +732,7 @@ def layer_args(plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
             a["wv"], a["sv"], a["bq"], a["bk"], a["bv"], a["wo"], a["so"], a["bo"], cos, sin, kc,
             vc, ksc, vsc, kvlut, _LUT, a["bundles"], a["tab"], a["gshifts"], a["up_bias"],
             a["down_bias"], a["dq"], a["ds"])
-    if T > 1 and team.team_ok(meta, a) and os.environ.get("EDGELLM_NO_TEAM", "") != "1":
+    if T > 1 and team.team_ok(meta, a) and team.enabled():
         bufs = scratch.team(T, n)
         return team.decode_layer_team, head + (hidden, scratch.qkv, scratch.rot, scratch.att,
                                                scratch.obuf, scratch.posarr) + bufs.args()

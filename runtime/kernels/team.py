@@ -26,6 +26,8 @@ decode_layer's (tests/test_team.py). Taken: dense layers whose FFN down projecti
 (packed or not); the rest run decode_layer (team_ok).
 """
 
+import os
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -258,8 +260,11 @@ def decode_layer_team(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, 
         _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv,
                 wo, so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts,
                 up_bias, dq, ds, hidden, qkv, rot, att, obuf, posarr, f, ctl, th, ax, aa, ah, up)
-    if ctl[RC] != _fu.OK:
-        return ctl[RC]
+    # an atomic load: a plain one was compiled as the 0 stored above (LLVM does not see the
+    # region's threads write ctl), and the error went unreported
+    rc = atomic_load(ctl, RC)
+    if rc != _fu.OK:
+        return rc
     if meta[_fu.M_O_BIAS]:
         obuf += bo
     x += obuf
@@ -276,6 +281,11 @@ def team_ok(meta, a):
     return (meta[_fu.M_QENC] < _sp.FUSED and meta[_fu.M_OENC] < _sp.FUSED
             and meta[_fu.M_SPARSE] == 0 and meta[_fu.M_DENC] != NONE
             and a["tab"][0, 1] < _sp.FUSED)
+
+
+def enabled():
+    """Whether teams are used (EDGELLM_NO_TEAM=1 keeps decode_layer: comparisons, debugging)."""
+    return os.environ.get("EDGELLM_NO_TEAM", "") != "1"
 
 
 class Team:
