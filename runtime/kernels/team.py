@@ -132,6 +132,25 @@ def _norm_act(x, w, eps, h, xq, xs, xp, corr, quantize):
 
 
 @njit(cache=True)
+def _matrix(ctl, p, T, t, meta, m, w, s, x, acts, lut, out, fast):
+    """Phase p, out = a matrix (its encoding, group shift, row and scale bytes at meta[m:m + 4])
+    times x, in parts: x quantized by thread t into its own acts; returns the parts' count."""
+    enc, gsh, qrow, srow = meta[m], meta[m + 1], meta[m + 2], meta[m + 3]
+    xq, xs, xp, corr = acts[0][t], acts[1][t], acts[2][t], acts[3][t]
+    if enc != F16:
+        quantize_act(x, xq, xs, xp, corr)
+    n = _fu.units(enc, out.shape[0])
+    P = _parts(n, T)
+    c = _take(ctl, p)
+    while c < P:
+        for u in range(c * n // P, (c + 1) * n // P):
+            _fu.unit_dot(enc, gsh, qrow, srow, w, s, u, x, xq, xs, xp, corr, lut, out, 0, fast)
+        _done(ctl, p)
+        c = _take(ctl, p)
+    return P
+
+
+@njit(cache=True)
 def _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv, wo,
             so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts, up_bias,
             dq, ds, hidden, qkv, rot, att, obuf, posarr, f, ctl, th, ax, aa, ah, up):
@@ -183,21 +202,7 @@ def _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, 
         c = _take(ctl, P_ATT)
     _wait(ctl, P_ATT, kvh)
 
-    enc, gsh, qrow, srow = (meta[_fu.M_OENC], meta[_fu.M_OSHIFT], meta[_fu.M_OROW],
-                            meta[_fu.M_OSROW])
-    aq, as_, ap, ac = aa[0][t], aa[1][t], aa[2][t], aa[3][t]
-    if enc != F16:
-        quantize_act(att, aq, as_, ap, ac)
-    n = _fu.units(enc, d)
-    P = _parts(n, T)
-    c = _take(ctl, P_O)
-    while c < P:
-        for u in range(c * n // P, (c + 1) * n // P):
-            _fu.unit_dot(enc, gsh, qrow, srow, wo, so, u, att, aq, as_, ap, ac, lut, obuf, 0,
-                         fast)
-        _done(ctl, P_O)
-        c = _take(ctl, P_O)
-    _wait(ctl, P_O, P)
+    _wait(ctl, P_O, _matrix(ctl, P_O, T, t, meta, _fu.M_OENC, wo, so, att, aa, lut, obuf, fast))
 
     # the FFN's input from decode_layer's residual (x + (obuf + bo)), not yet written to x
     if meta[_fu.M_O_BIAS]:
@@ -227,20 +232,7 @@ def _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, 
         c = _take(ctl, P_FFN)
     _wait(ctl, P_FFN, P)
 
-    enc, gsh, qrow, srow = (meta[_fu.M_DENC], meta[_fu.M_DSHIFT], meta[_fu.M_DROW],
-                            meta[_fu.M_DSROW])
-    hq, hs, hp, hc = ah[0][t], ah[1][t], ah[2][t], ah[3][t]
-    if enc != F16:
-        quantize_act(hidden, hq, hs, hp, hc)
-    n = _fu.units(enc, d)
-    P = _parts(n, T)
-    c = _take(ctl, P_DOWN)
-    while c < P:
-        for u in range(c * n // P, (c + 1) * n // P):
-            _fu.unit_dot(enc, gsh, qrow, srow, dq, ds, u, hidden, hq, hs, hp, hc, lut, f, 0,
-                         fast)
-        _done(ctl, P_DOWN)
-        c = _take(ctl, P_DOWN)
+    _matrix(ctl, P_DOWN, T, t, meta, _fu.M_DENC, dq, ds, hidden, ah, lut, f, fast)
     # the region's join waits for the down projection's parts
 
 
