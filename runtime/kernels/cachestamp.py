@@ -33,6 +33,7 @@ CALLS = {
     "sparse": ("ffn", "simd", "sparse_simd"),
     "sparse_simd": ("simd",),
     "teal": ("ffn", "simd"),
+    "team": ("attention", "ffn", "fused", "norms", "simd"),
     "tiles": ("matvec", "simd"),
     "w8a8": ("ffn", "simd"),
 }
