@@ -28,9 +28,10 @@ def two_threads(monkeypatch):
     numba.set_num_threads(before)
 
 
-def decode(path, kv, name, steps=8):
-    """Logits of a prefill then greedy decode steps, and the kernel that ran the layers."""
-    m = edgellm.load(path, kv=kv)
+def decode(path, kv, name, steps=8, threads=2):
+    """Logits of a prefill then greedy decode steps, the kernels that ran the layers, the
+    runtime."""
+    m = edgellm.load(path, kv=kv, threads=threads)
     rt = m.runtime
     out = [rt.forward(tiny.token_ids(name, 12))[-1].copy()]
     for _ in range(steps):
@@ -58,9 +59,9 @@ def test_team_equals_decode_layer(two_threads, monkeypatch, name, quant, group, 
 def test_one_thread_runs_decode_layer(monkeypatch):
     monkeypatch.setattr(threads, "SMALL_LAYER_BYTES", 0)
     before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        _, kernels, _ = decode(tiny.converted("llama", "int8"), "f32", "llama", steps=1)
+    try:  # the forward pass applies the count asked for at load (threads.apply)
+        _, kernels, _ = decode(tiny.converted("llama", "int8"), "f32", "llama", steps=1,
+                               threads=1)
     finally:
         numba.set_num_threads(before)
     assert kernels == {fused.decode_layer}
