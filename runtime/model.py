@@ -299,9 +299,11 @@ class Transformer:
         # decoded layers: one thread for a small model, else the count asked for (threads.py)
         restore = threads.narrow_for_layers(self, self._teams(plans)) if T == 1 else 0
         try:
-            for i, L in enumerate(self.layers):
+            i = 0
+            while i < len(self.layers):
+                L = self.layers[i]
                 if plans is not None and self._fused_plan(i, L) is not None:
-                    x = self._fused_layer(i, plans[i], x, p0)
+                    x, i = self._fused_layers_from(i, x, p0)
                     t = self.timer.add("layer", t)
                     continue
                 if self.stream is not None:
@@ -310,6 +312,7 @@ class Transformer:
                 t = self.timer.add("attention", t)
                 x = x + L.ffn(self.apply_norm(x, L.ffn_norm))
                 t = self.timer.add("ffn", t)
+                i += 1
         finally:
             if restore:
                 numba.set_num_threads(restore)
@@ -323,13 +326,13 @@ class Transformer:
             return None
         if self._fused_plans is None:
             n = len(self.layers)
-            self._fused_plans = ([None] * n, fused.Scratch(self.cfg), [None] * n, [None] * n)
+            self._fused_plans = ([None] * n, fused.Scratch(self.cfg), [None] * n, [None] * n, {})
         return self._fused_plans[0]
 
     def _fused_plan(self, i, L):
         """Layer i's plan, made again when the layer or its FFN was replaced (e.g. a predicted
         FFN put in for a measurement)."""
-        plans, scratch, memo, made_for = self._fused_plans
+        plans, _, memo, made_for, _ = self._fused_plans
         if made_for[i] is None or made_for[i][0] is not L or made_for[i][1] is not L.ffn:
             plans[i] = fused.plan_layer(self.cfg, L, ResidentFFN)
             memo[i] = None
@@ -348,25 +351,50 @@ class Transformer:
                 return False
         return True
 
-    def _fused_layer(self, i, plan, x, p0):
-        """One decoded token through layer i in one kernel call (x f32[1, d] -> f32[1, d])."""
-        plans, scratch, memo, _ = self._fused_plans
+    def _call(self, i):
+        """Planned layer i's (kernel, arguments) against the cache (fused.layer_args), kept
+        until the cache or the thread count changes."""
+        plans, scratch, memo, _, _ = self._fused_plans
+        kc, vc, ks, vs = self.cache.layer(i)
+        hit = memo[i]
+        T = numba.get_num_threads()
+        if hit is None or hit[0][0] is not kc or hit[0][1] is not vc or hit[0][2] != T:
+            hit = memo[i] = ((kc, vc, T), fused.layer_args(
+                i, plans[i], scratch, self.cfg.norm_eps, kc, vc, ks, vs, self.cos, self.sin,
+                getattr(self.cache, "block", 0)))
+        return hit[1]
+
+    def _fused_layers_from(self, i, x, p0):
+        """One decoded token through planned layer i in one kernel call, and through the
+        planned layers after it that decode as the same team in that call too (one parallel
+        region for them all: kernels/team.py). x f32[1, d]; returns (x, the next layer)."""
+        _, scratch, _, _, runs = self._fused_plans
         xb = scratch.x
         if x is not scratch.x2:
             xb[:] = x[0]
-        kc, vc, ks, vs = self.cache.layer(i)
-        key = (kc, vc, numba.get_num_threads())
-        hit = memo[i]
-        if hit is None or hit[0][0] is not kc or hit[0][1] is not vc or hit[0][2] != key[2]:
-            hit = memo[i] = (key, fused.layer_args(plan, scratch, self.cfg.norm_eps, kc, vc, ks,
-                                                   vs, self.cos, self.sin,
-                                                   getattr(self.cache, "block", 0)))
-        kernel, args = hit[1]
-        rc = kernel(xb, p0, *args)
+        kernel, args = self._call(i)
+        if kernel is not team.decode_team:
+            rc = kernel(xb, p0, *args)
+            j = i + 1
+        else:
+            layer, bufs, typ = args
+            run = [layer]
+            j = i + 1
+            while j < len(self.layers) and self._fused_plan(j, self.layers[j]) is not None:
+                kernel, args = self._call(j)
+                if kernel is not team.decode_team or args[1] is not bufs or args[2] != typ:
+                    break
+                run.append(args[0])
+                j += 1
+            hit = runs.get(i)
+            if hit is None or len(hit[0]) != len(run) or any(
+                    a is not b for a, b in zip(hit[0], run)):
+                hit = runs[i] = (run, numba.typed.List(run))
+            rc = team.decode_team(xb, p0, hit[1], bufs.ctl[i:j], *bufs.threads())
         if rc != fused.OK:
             raise EdgeLLMError("a key or value is out of float16 range; use the f32 or int8 KV "
                                "cache (kv='f32', --kv f32)")
-        return scratch.x2
+        return scratch.x2, j
 
     def _attention(self, i, L, x, positions):
         cfg, T, p0 = self.cfg, x.shape[0], self.pos

@@ -1,6 +1,7 @@
-"""Team decode (runtime/kernels/team.py): a layer in one parallel region gives bit for bit the
-logits of fused.decode_layer (five parallel loops a layer), which tests/test_fused.py checks
-against the general path; it finishes whatever number of threads actually runs its region."""
+"""Team decode (runtime/kernels/team.py): a token's layers in one parallel region give bit for
+bit the logits of fused.decode_layer (five parallel loops a layer), which tests/test_fused.py
+checks against the general path; it finishes whatever number of threads actually runs its
+region."""
 
 import numba
 import numpy as np
@@ -49,7 +50,7 @@ def decode(path, kv, name, steps=8, threads=2):
 def test_team_equals_decode_layer(two_threads, monkeypatch, name, quant, group, kv):
     path = tiny.converted(name, quant, group)
     got, kernels, _ = decode(path, kv, name)
-    assert kernels == {team.decode_layer_team}
+    assert kernels == {team.decode_team}
     monkeypatch.setenv("EDGELLM_NO_TEAM", "1")
     want, kernels, _ = decode(path, kv, name)
     assert kernels == {fused.decode_layer}
@@ -68,18 +69,22 @@ def test_one_thread_runs_decode_layer(monkeypatch):
 
 
 def test_team_finishes_on_fewer_threads(two_threads):
-    """Buffers for a team of two, a region run by one thread: it claims every part, waits for
-    none, and the layer's result is the same (no thread waits for work nobody took)."""
+    """Buffers for a team of two, a region run by one thread: it claims every part of every
+    layer, waits for none, and the token's result is the same (no thread waits for work nobody
+    took)."""
     _, _, rt = decode(tiny.converted("llama", "int4"), "f32", "llama", steps=1)
-    (key, (kernel, args)) = rt._fused_plans[2][0]
-    assert kernel is team.decode_layer_team
+    runs = rt._fused_plans[4]
+    assert list(runs) == [0]  # every layer in one run
+    layers = runs[0][1]
+    assert len(layers) == rt.cfg.n_layers
+    bufs = rt._fused_plans[2][0][1][1][1]
     x = np.random.default_rng(0).standard_normal(rt.cfg.d_model).astype(np.float32)
     pos = len(rt.cache.tokens)
     outs = []
     for n in (2, 1):
         numba.set_num_threads(n)
         y = x.copy()
-        assert kernel(y, pos, *args) == fused.OK
+        assert team.decode_team(y, pos, layers, bufs.ctl, *bufs.threads()) == fused.OK
         outs.append(y)
     assert np.array_equal(outs[0], outs[1])
 
@@ -93,7 +98,7 @@ def test_small_team_layers_use_every_thread(monkeypatch):
         m = edgellm.load(path, threads=2)
         m.runtime.forward(tiny.token_ids("llama", 4))
         m.runtime.forward([5])
-        assert {hit[1][0] for hit in m.runtime._fused_plans[2]} == {team.decode_layer_team}
+        assert {hit[1][0] for hit in m.runtime._fused_plans[2]} == {team.decode_team}
         monkeypatch.setenv("EDGELLM_NO_TEAM", "1")
         m = edgellm.load(path, threads=2)
         m.runtime.forward(tiny.token_ids("llama", 4))

@@ -690,7 +690,7 @@ class Scratch:
         self.x2 = self.x.reshape(1, d)
         self._partial = {}
         self._team = {}
-        self.d, self.nq = d, nq
+        self.cfg, self.d = cfg, d
 
     def hidden(self, n):
         if self._hidden.size < n:
@@ -698,12 +698,12 @@ class Scratch:
         return self._hidden[:n]
 
     def team(self, T, n):
-        """team.decode_layer_team's per-thread buffers for T threads and FFNs of n rows."""
+        """team.decode_team's buffers for T threads and FFNs of n rows."""
         from .team import Team
 
         t = self._team.get((T, n))
         if t is None:
-            t = self._team[(T, n)] = Team(T, self.d, self.nq, n)
+            t = self._team[(T, n)] = Team(T, self.cfg, n)
         return t
 
     def partial(self, n):
@@ -714,11 +714,13 @@ class Scratch:
         return p
 
 
-def layer_args(plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
-    """(kernel, its arguments after (x, pos)) for one planned layer against one layer's caches:
-    team.decode_layer_team on more than one thread where it takes the layer (team.team_ok;
-    EDGELLM_NO_TEAM=1 keeps decode_layer), else decode_layer. Built once per cache and thread
-    count, so a token's Python per layer is one call."""
+def layer_args(i, plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
+    """(kernel, arguments) for planned layer i against its caches, built once per cache and
+    thread count, so a token's Python per layer is at most one call. On more than one thread,
+    where team.team_ok takes the layer (EDGELLM_NO_TEAM=1 keeps decode_layer): team.decode_team,
+    (the layer's arguments, its Team, their Numba type), for the caller to run with the layers
+    after it that share the team and the type; else decode_layer and its arguments after
+    (x, pos)."""
     from . import team
 
     meta, a = plan
@@ -726,7 +728,6 @@ def layer_args(plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
     if kc.dtype == np.float16:
         kc, vc, kvlut = kc.view(np.uint16), vc.view(np.uint16), _LUT
     n = a["n"]
-    hidden = scratch.hidden(n if a["dq"] is not _EMPTY_U16 else 1)
     T = numba.get_num_threads()
     head = (block, meta, eps, a["anorm"], a["fnorm"], a["wq"], a["sq"], a["wk"], a["sk"],
             a["wv"], a["sv"], a["bq"], a["bk"], a["bv"], a["wo"], a["so"], a["bo"], cos, sin, kc,
@@ -734,8 +735,9 @@ def layer_args(plan, scratch, eps, kc, vc, ksc, vsc, cos, sin, block):
             a["down_bias"], a["dq"], a["ds"])
     if T > 1 and team.team_ok(meta, a) and team.enabled():
         bufs = scratch.team(T, n)
-        return team.decode_layer_team, head + (hidden, scratch.qkv, scratch.rot, scratch.att,
-                                               scratch.obuf, scratch.posarr) + bufs.args()
+        args = head + bufs.layer(i)
+        return team.decode_team, (args, bufs, numba.typeof(args))
+    hidden = scratch.hidden(n if a["dq"] is not _EMPTY_U16 else 1)
     return decode_layer, head + (
         scratch.partial(n), hidden, scratch.h, scratch.qkv, scratch.rot, scratch.att,
         scratch.obuf, scratch.posarr, a["pa"], a["pb"], a["pbias"], a["thr"], a["z"],

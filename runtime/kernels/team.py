@@ -151,10 +151,11 @@ def _matrix(ctl, p, T, t, meta, m, w, s, x, acts, lut, out, fast):
 
 
 @njit(cache=True)
-def _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv, wo,
-            so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts, up_bias,
-            dq, ds, hidden, qkv, rot, att, obuf, posarr, f, ctl, th, ax, aa, ah, up):
-    """Thread t's run through decode_layer_team's phases."""
+def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk,
+            wv, sv, bq, bk, bv, wo, so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab,
+            gshifts, up_bias, down_bias, dq, ds, hidden, qkv, rot, att, obuf, posarr, f):
+    """Thread t's run through one layer's phases; x is the thread's own copy of the residual
+    stream, updated in place. False when the KV store failed (ctl[RC] says why)."""
     d = x.shape[0]
     H, kvh, hd = meta[_fu.M_H], meta[_fu.M_KVH], meta[_fu.M_HD]
     nq, nk = H * hd, kvh * hd
@@ -191,7 +192,7 @@ def _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, 
         _done(ctl, P_ROPE)
     _wait(ctl, P_ROPE, 1)
     if atomic_load(ctl, RC) != _fu.OK:
-        return
+        return False
 
     qr = rot[:nq].reshape(1, H, hd)
     a3 = att.reshape(1, H, hd)
@@ -203,15 +204,15 @@ def _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, 
     _wait(ctl, P_ATT, kvh)
 
     _wait(ctl, P_O, _matrix(ctl, P_O, T, t, meta, _fu.M_OENC, wo, so, att, aa, lut, obuf, fast))
-
-    # the FFN's input from decode_layer's residual (x + (obuf + bo)), not yet written to x
+    # decode_layer's residual, x + (obuf + bo), in every thread's own copy
     if meta[_fu.M_O_BIAS]:
         for j in range(d):
-            h[j] = x[j] + (obuf[j] + bo[j])
+            x[j] += obuf[j] + bo[j]
     else:
         for j in range(d):
-            h[j] = x[j] + obuf[j]
-    _norm_act(h, fnorm, eps, h, xq, xs, xp, corr, True)
+            x[j] += obuf[j]
+
+    _norm_act(x, fnorm, eps, h, xq, xs, xp, corr, True)
     kind, gated = meta[_fu.M_KIND], meta[_fu.M_GATED] != 0
     has_bias = meta[_fu.M_UP_BIAS] != 0
     packed = tab[0, 1] == INT4R
@@ -232,42 +233,56 @@ def _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, 
         c = _take(ctl, P_FFN)
     _wait(ctl, P_FFN, P)
 
-    _matrix(ctl, P_DOWN, T, t, meta, _fu.M_DENC, dq, ds, hidden, ah, lut, f, fast)
-    # the region's join waits for the down projection's parts
+    _wait(ctl, P_DOWN, _matrix(ctl, P_DOWN, T, t, meta, _fu.M_DENC, dq, ds, hidden, ah, lut, f,
+                               fast))
+    if meta[_fu.M_DOWN_BIAS]:
+        for j in range(d):
+            x[j] += f[j] + down_bias[j]
+    else:
+        for j in range(d):
+            x[j] += f[j]
+    return True
 
 
-# prange only: with parallel=True each array expression here (ctl[:] = 0, x += obuf) becomes a
-# parallel loop of its own, a wake of the other thread each (measured: 170 us a layer call)
+@njit(cache=True)
+def _run(t, T, x, pos, layers, ctl, xt, th, ax, aa, ah, up):
+    """Thread t through every layer of the run, on its own copy of the residual stream."""
+    xs = xt[t]
+    for j in range(x.shape[0]):
+        xs[j] = x[j]
+    for i in range(len(layers)):
+        if not _member(t, T, xs, pos, ctl[i], th, ax, aa, ah, up, *layers[i]):
+            return
+
+
+# prange only: with parallel=True each array expression here (ctl[:] = 0, x[:] = xt[0]) becomes
+# a parallel loop of its own, a wake of the other thread each (measured: 170 us a layer call)
 @njit(cache=True, parallel=dict(comprehension=False, reduction=False, inplace_binop=False,
                                 setitem=False, numpy=False, stencil=False, fusion=False))
-def decode_layer_team(x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv,
-                      wo, so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts,
-                      up_bias, down_bias, dq, ds, hidden, qkv, rot, att, obuf, posarr, f, ctl, th,
-                      ax, aa, ah, up):
-    """fused.decode_layer for a team_ok layer in one parallel region of th.shape[0] threads
-    (th, ax, aa, ah, up: each thread's own buffers, Team); the same result, bit for bit."""
+def decode_team(x, pos, layers, ctl, xt, th, ax, aa, ah, up):
+    """fused.decode_layer for a run of team_ok layers (a typed List of their arguments, Team.layer)
+    in one parallel region of th.shape[0] threads (ctl: a row of counters a layer; xt, th, ax,
+    aa, ah, up: each thread's own buffers, Team); x f32[d] is updated in place, bit for bit as
+    decode_layer does it layer after layer. Returns OK or the first layer's error."""
     T = th.shape[0]
-    ctl[:] = 0
+    for i in range(ctl.shape[0]):
+        for j in range(ctl.shape[1]):
+            ctl[i, j] = 0
     for t in prange(T):
-        _member(t, T, x, pos, blk, meta, eps, anorm, fnorm, wq, sq, wk, sk, wv, sv, bq, bk, bv,
-                wo, so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab, gshifts,
-                up_bias, dq, ds, hidden, qkv, rot, att, obuf, posarr, f, ctl, th, ax, aa, ah, up)
-    # an atomic load: a plain one was compiled as the 0 stored above (LLVM does not see the
-    # region's threads write ctl), and the error went unreported
-    rc = atomic_load(ctl, RC)
-    if rc != _fu.OK:
-        return rc
-    if meta[_fu.M_O_BIAS]:
-        obuf += bo
-    x += obuf
-    if meta[_fu.M_DOWN_BIAS]:
-        f += down_bias
-    x += f
+        _run(t, T, x, pos, layers, ctl, xt, th, ax, aa, ah, up)
+    for i in range(ctl.shape[0]):
+        # an atomic load: a plain one was compiled as the 0 stored above (LLVM does not see the
+        # region's threads write ctl), and the error went unreported
+        rc = atomic_load(ctl[i], RC)
+        if rc != _fu.OK:
+            return rc
+    for j in range(x.shape[0]):
+        x[j] = xt[0, j]
     return _fu.OK
 
 
 def team_ok(meta, a):
-    """Whether decode_layer_team takes a planned layer (fused.plan_layer's meta and arrays):
+    """Whether decode_team takes a planned layer (fused.plan_layer's meta and arrays):
     dense q/k/v and o of any SIMD encoding, an FFN of every row with its down projection a
     matrix (not pruned, no row skipping, no TEAL)."""
     return (meta[_fu.M_QENC] < _sp.FUSED and meta[_fu.M_OENC] < _sp.FUSED
@@ -281,18 +296,36 @@ def enabled():
 
 
 class Team:
-    """Each thread's buffers for decode_layer_team (T threads, d model width, nq attention
-    width, n FFN rows), allocated once per model and thread count."""
+    """decode_team's buffers for T threads (Scratch.team): each thread's own (its copy of the
+    residual stream, the normed input and its int8 forms, the FFN's up values; FFNs of n rows)
+    and each layer's shared ones (q/k/v, attention, o and FFN outputs, counters). A layer's
+    shared buffers are its own: a thread may run layers ahead of a late one, which still reads
+    the outputs of the layer it is in."""
 
-    def __init__(self, T, d, nq, n):
+    def __init__(self, T, cfg, n):
+        d, nq, nk, L = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, \
+            cfg.n_layers
+
         def rows(length):
             return tuple(np.stack([b] * T) for b in act_buffers(length))
 
+        self.xt = np.empty((T, d), np.float32)
         self.h = np.empty((T, d), np.float32)
         self.ax, self.aa, self.ah = rows(d), rows(nq), rows(n)
         self.up = np.empty((T, n), np.float32)
-        self.f = np.empty(d, np.float32)
-        self.ctl = np.zeros(CTL_LEN, np.int64)
+        self.hidden = np.empty((L, n), np.float32)
+        self.qkv = np.empty((L, nq + 2 * nk), np.float32)
+        self.rot = np.empty((L, nq + nk), np.float32)
+        self.att = np.empty((L, nq), np.float32)
+        self.obuf = np.empty((L, d), np.float32)
+        self.posarr = np.zeros((L, 1), np.int64)
+        self.f = np.empty((L, d), np.float32)
+        self.ctl = np.zeros((L, CTL_LEN), np.int64)
 
-    def args(self):
-        return self.f, self.ctl, self.h, self.ax, self.aa, self.ah, self.up
+    def layer(self, i):
+        """Layer i's shared buffers, the end of its arguments to decode_team."""
+        return (self.hidden[i], self.qkv[i], self.rot[i], self.att[i], self.obuf[i],
+                self.posarr[i], self.f[i])
+
+    def threads(self):
+        return self.xt, self.h, self.ax, self.aa, self.ah, self.up
