@@ -43,11 +43,17 @@ from .simd import act_buffers, quantize_act
 
 F16 = _fu.F16
 P_QKV, P_ROPE, P_ATT, P_O, P_FFN, P_DOWN, NPHASES = range(7)
-LINE = 8  # int64s a cache line: each phase's counters on a line of their own
-RC = NPHASES * LINE  # ctl[RC]: the layer's return code
-CTL_LEN = RC + LINE
-PARTS = 1  # parts of a phase per thread
+LINE = 8  # int64s a cache line: every counter on a line of its own
+CHUNKS = 8  # chunks a thread's share of a phase is claimed in
 SPINS = 20000  # looks at the counter before a waiting thread yields its core
+
+
+def ctl_len(T):
+    """int64s of a layer's counters for T threads: a line per phase (the done count; rope's
+    claim beside it), a line per phase and thread (the claims on that thread's share), a line
+    for the return code (rc_at)."""
+    return (NPHASES * (T + 1) + 1) * LINE
+
 
 I64 = ir.IntType(64)
 
@@ -95,22 +101,35 @@ def sched_yield(typingctx):
     return sig, codegen
 
 
+@intrinsic
+def atomic_cas(typingctx, a, i, old, new):
+    """a[i] = new if a[i] == old, atomically (a int64[:]); True when it was."""
+    sig = types.boolean(a, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        res = builder.cmpxchg(_slot(context, builder, sig.args[0], args[0], args[1]), args[2],
+                              args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(res, 1)
+
+    return sig, codegen
+
+
 @njit(cache=True)
-def _take(ctl, p):
-    return atomic_add(ctl, LINE * p, 1)
+def rc_at(T):
+    return NPHASES * (T + 1) * LINE
 
 
 @njit(cache=True)
 def _done(ctl, p):
-    atomic_add(ctl, LINE * p + 1, 1)
+    atomic_add(ctl, LINE * p, 1)
 
 
 @njit(cache=True)
 def _wait(ctl, p, n):
-    """Until n parts of phase p are done: spin (no pause: see the module docstring), then
+    """Until n chunks of phase p are done: spin (no pause: see the module docstring), then
     yield the core between looks."""
     k = 0
-    while atomic_load(ctl, LINE * p + 1) < n:
+    while atomic_load(ctl, LINE * p) < n:
         if k < SPINS:
             k += 1
         else:
@@ -118,8 +137,42 @@ def _wait(ctl, p, n):
 
 
 @njit(cache=True)
-def _parts(n, T):
-    return min(n, T * PARTS)
+def _share(n, T, r):
+    """Thread r's share of a phase's n units, [lo, hi), and its count of chunks."""
+    lo, hi = r * n // T, (r + 1) * n // T
+    return lo, hi, min(CHUNKS, hi - lo)
+
+
+@njit(cache=True)
+def _chunks(n, T):
+    """Chunks of a phase of n units: what its wait counts to."""
+    c = 0
+    for r in range(T):
+        c += _share(n, T, r)[2]
+    return c
+
+
+@njit(cache=True)
+def _claim(ctl, p, n, T, t, s):
+    """The next chunk of phase p (n units) for thread t: (first unit, end, s). Step s = 0 takes
+    chunks from the front of t's own share, s = 1.. from the back of thread (t + s) % T's (work
+    a late thread has not begun), so each core walks its rows in order and no core idles while
+    rows are left. (-1, -1, T) when none is left. A share's claims are one word, front count
+    in the low half and back count in the high half, moved by compare-and-swap."""
+    while s < T:
+        r = (t + s) % T
+        lo, hi, C = _share(n, T, r)
+        at = LINE * (NPHASES + p * T + r)
+        while True:
+            w = atomic_load(ctl, at)
+            front, back = w & 0xFFFFFFFF, w >> 32
+            if front + back >= C:
+                break
+            k = front if s == 0 else C - 1 - back
+            if atomic_cas(ctl, at, w, w + (1 if s == 0 else 1 << 32)):
+                return lo + k * (hi - lo) // C, lo + (k + 1) * (hi - lo) // C, s
+        s += 1
+    return -1, -1, T
 
 
 @njit(cache=True)
@@ -134,20 +187,19 @@ def _norm_act(x, w, eps, h, xq, xs, xp, corr, quantize):
 @njit(cache=True)
 def _matrix(ctl, p, T, t, meta, m, w, s, x, acts, lut, out, fast):
     """Phase p, out = a matrix (its encoding, group shift, row and scale bytes at meta[m:m + 4])
-    times x, in parts: x quantized by thread t into its own acts; returns the parts' count."""
+    times x, in chunks: x quantized by thread t into its own acts; returns the chunks' count."""
     enc, gsh, qrow, srow = meta[m], meta[m + 1], meta[m + 2], meta[m + 3]
     xq, xs, xp, corr = acts[0][t], acts[1][t], acts[2][t], acts[3][t]
     if enc != F16:
         quantize_act(x, xq, xs, xp, corr)
     n = _fu.units(enc, out.shape[0])
-    P = _parts(n, T)
-    c = _take(ctl, p)
-    while c < P:
-        for u in range(c * n // P, (c + 1) * n // P):
+    u0, u1, st = _claim(ctl, p, n, T, t, 0)
+    while u0 >= 0:
+        for u in range(u0, u1):
             _fu.unit_dot(enc, gsh, qrow, srow, w, s, u, x, xq, xs, xp, corr, lut, out, 0, fast)
         _done(ctl, p)
-        c = _take(ctl, p)
-    return P
+        u0, u1, st = _claim(ctl, p, n, T, t, st)
+    return _chunks(n, T)
 
 
 @njit(cache=True)
@@ -155,7 +207,7 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
             wv, sv, bq, bk, bv, wo, so, bo, cos, sin, kc, vc, ksc, vsc, kvlut, lut, bundles, tab,
             gshifts, up_bias, down_bias, dq, ds, hidden, qkv, rot, att, obuf, posarr, f):
     """Thread t's run through one layer's phases; x is the thread's own copy of the residual
-    stream, updated in place. False when the KV store failed (ctl[RC] says why)."""
+    stream, updated in place. False when the KV store failed (ctl[rc_at(T)] says why)."""
     d = x.shape[0]
     H, kvh, hd = meta[_fu.M_H], meta[_fu.M_KVH], meta[_fu.M_HD]
     nq, nk = H * hd, kvh * hd
@@ -168,10 +220,9 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
     _norm_act(x, anorm, eps, h, xq, xs, xp, corr, enc != F16)
     uq, uk = _fu.units(enc, nq), _fu.units(enc, nk)
     n = uq + 2 * uk
-    P = _parts(n, T)
-    c = _take(ctl, P_QKV)
-    while c < P:
-        for u in range(c * n // P, (c + 1) * n // P):
+    u0, u1, st = _claim(ctl, P_QKV, n, T, t, 0)
+    while u0 >= 0:
+        for u in range(u0, u1):
             if u < uq:
                 _fu.unit_dot(enc, gsh, qrow, srow, wq, sq, u, h, xq, xs, xp, corr, lut, qkv, 0,
                              fast)
@@ -182,26 +233,28 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
                 _fu.unit_dot(enc, gsh, qrow, srow, wv, sv, u - uq - uk, h, xq, xs, xp, corr, lut,
                              qkv, nq + nk, fast)
         _done(ctl, P_QKV)
-        c = _take(ctl, P_QKV)
-    _wait(ctl, P_QKV, P)
+        u0, u1, st = _claim(ctl, P_QKV, n, T, t, st)
+    _wait(ctl, P_QKV, _chunks(n, T))
 
-    if _take(ctl, P_ROPE) == 0:
+    rc = rc_at(T)
+    if atomic_add(ctl, LINE * P_ROPE + 1, 1) == 0:  # the first thread here
         if not _fu.rope_store(meta, qkv, bq, bk, bv, pos, cos, sin, posarr, rot, kc, vc, ksc,
                               vsc, kvlut, blk):
-            ctl[RC] = _fu.F16_RANGE
+            ctl[rc] = _fu.F16_RANGE
         _done(ctl, P_ROPE)
     _wait(ctl, P_ROPE, 1)
-    if atomic_load(ctl, RC) != _fu.OK:
+    if atomic_load(ctl, rc) != _fu.OK:
         return False
 
     qr = rot[:nq].reshape(1, H, hd)
     a3 = att.reshape(1, H, hd)
-    c = _take(ctl, P_ATT)
-    while c < kvh:
-        attend(c, qr, kc, vc, ksc, vsc, kvlut, meta[_fu.M_SIMD], pos, a3)
+    u0, u1, st = _claim(ctl, P_ATT, kvh, T, t, 0)
+    while u0 >= 0:
+        for u in range(u0, u1):
+            attend(u, qr, kc, vc, ksc, vsc, kvlut, meta[_fu.M_SIMD], pos, a3)
         _done(ctl, P_ATT)
-        c = _take(ctl, P_ATT)
-    _wait(ctl, P_ATT, kvh)
+        u0, u1, st = _claim(ctl, P_ATT, kvh, T, t, st)
+    _wait(ctl, P_ATT, _chunks(kvh, T))
 
     _wait(ctl, P_O, _matrix(ctl, P_O, T, t, meta, _fu.M_OENC, wo, so, att, aa, lut, obuf, fast))
     # decode_layer's residual, x + (obuf + bo), in every thread's own copy
@@ -217,10 +270,8 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
     has_bias = meta[_fu.M_UP_BIAS] != 0
     packed = tab[0, 1] == INT4R
     n = bundles.shape[0]
-    P = _parts(n, T)
-    c = _take(ctl, P_FFN)
-    while c < P:
-        r0, r1 = c * n // P, (c + 1) * n // P
+    r0, r1, st = _claim(ctl, P_FFN, n, T, t, 0)
+    while r0 >= 0:
         if packed:
             for g in range(r0, r1):
                 packed_group(g, d // 32, xq, corr, xs, bundles, tab[1], tab[2], tab[1, 2],
@@ -230,8 +281,8 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
             ffn_rows(h, xq, xs, xp, corr, bundles, r0, r1, tab[0], tab[1], tab[2], gshifts, d,
                      kind, gated, up_bias, has_bias, lut, f, hidden, fast)
         _done(ctl, P_FFN)
-        c = _take(ctl, P_FFN)
-    _wait(ctl, P_FFN, P)
+        r0, r1, st = _claim(ctl, P_FFN, n, T, t, st)
+    _wait(ctl, P_FFN, _chunks(n, T))
 
     _wait(ctl, P_DOWN, _matrix(ctl, P_DOWN, T, t, meta, _fu.M_DENC, dq, ds, hidden, ah, lut, f,
                                fast))
@@ -273,7 +324,7 @@ def decode_team(x, pos, layers, ctl, xt, th, ax, aa, ah, up):
     for i in range(ctl.shape[0]):
         # an atomic load: a plain one was compiled as the 0 stored above (LLVM does not see the
         # region's threads write ctl), and the error went unreported
-        rc = atomic_load(ctl[i], RC)
+        rc = atomic_load(ctl[i], rc_at(T))
         if rc != _fu.OK:
             return rc
     for j in range(x.shape[0]):
@@ -320,7 +371,7 @@ class Team:
         self.obuf = np.empty((L, d), np.float32)
         self.posarr = np.zeros((L, 1), np.int64)
         self.f = np.empty((L, d), np.float32)
-        self.ctl = np.zeros((L, CTL_LEN), np.int64)
+        self.ctl = np.zeros((L, ctl_len(T)), np.int64)
 
     def layer(self, i):
         """Layer i's shared buffers, the end of its arguments to decode_team."""
