@@ -44,7 +44,7 @@ from .simd import act_buffers, quantize_act
 F16 = _fu.F16
 P_QKV, P_ROPE, P_ATT, P_O, P_FFN, P_DOWN, NPHASES = range(7)
 LINE = 8  # int64s a cache line: every counter on a line of its own
-CHUNKS = 8  # chunks a thread's share of a phase is claimed in
+CHUNKS = 32  # chunks a thread's share of a phase is claimed in
 SPINS = 20000  # looks at the counter before a waiting thread yields its core
 
 
