@@ -351,13 +351,12 @@ class Transformer:
                 return False
         return True
 
-    def _call(self, i):
-        """Planned layer i's (kernel, arguments) against the cache (fused.layer_args), kept
-        until the cache or the thread count changes."""
+    def _call(self, i, T):
+        """Planned layer i's (kernel, arguments) against the cache (fused.layer_args) on T
+        threads, kept until the cache or the thread count changes."""
         plans, scratch, memo, _, _ = self._fused_plans
         kc, vc, ks, vs = self.cache.layer(i)
         hit = memo[i]
-        T = numba.get_num_threads()
         if hit is None or hit[0][0] is not kc or hit[0][1] is not vc or hit[0][2] != T:
             hit = memo[i] = ((kc, vc, T), fused.layer_args(
                 i, plans[i], scratch, self.cfg.norm_eps, kc, vc, ks, vs, self.cos, self.sin,
@@ -372,7 +371,8 @@ class Transformer:
         xb = scratch.x
         if x is not scratch.x2:
             xb[:] = x[0]
-        kernel, args = self._call(i)
+        T = numba.get_num_threads()
+        kernel, args = self._call(i, T)
         if kernel is not team.decode_team:
             rc = kernel(xb, p0, *args)
             j = i + 1
@@ -381,7 +381,7 @@ class Transformer:
             run = [layer]
             j = i + 1
             while j < len(self.layers) and self._fused_plan(j, self.layers[j]) is not None:
-                kernel, args = self._call(j)
+                kernel, args = self._call(j, T)
                 if kernel is not team.decode_team or args[1] is not bufs or args[2] != typ:
                     break
                 run.append(args[0])
