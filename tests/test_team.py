@@ -89,6 +89,37 @@ def test_team_finishes_on_fewer_threads(two_threads):
     assert np.array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+def test_claims_cover_every_unit_once(T):
+    """team._claim in any interleaving of T threads, some never starting: the chunks claimed
+    partition the phase's units, as many as _chunks says; each thread takes its own share
+    from the front in order, others' from the back."""
+    rng = np.random.default_rng(T)
+    for n in (1, 2, 3, 7, 64, 100, 352, 1000):
+        for absent in range(T):  # threads 0..absent-1 start; the others never run
+            starts = max(1, T - absent)
+            ctl = np.zeros(team.ctl_len(T), np.int64)
+            steps = [0] * T
+            got = {t: [] for t in range(T)}
+            live = list(range(starts))
+            while live:
+                t = live[rng.integers(len(live))]
+                u0, u1, steps[t] = team._claim(ctl, team.P_FFN, n, T, t, steps[t])
+                if u0 < 0:
+                    live.remove(t)
+                else:
+                    got[t].append((u0, u1, steps[t]))
+            chunks = sorted(c[:2] for cs in got.values() for c in cs)
+            assert len(chunks) == team._chunks(n, T)
+            assert [u for a, b in chunks for u in range(a, b)] == list(range(n))
+            for t, cs in got.items():
+                own = [c[0] for c in cs if c[2] == 0]
+                assert own == sorted(own)
+                for s in range(1, T):
+                    stolen = [c[0] for c in cs if c[2] == s]
+                    assert stolen == sorted(stolen, reverse=True)
+
+
 def test_small_team_layers_use_every_thread(monkeypatch):
     """The small-layer rule (threads.py) is for five wake-ups a layer: layers that all decode
     as teams use the threads asked for; with EDGELLM_NO_TEAM=1 they decode on one."""

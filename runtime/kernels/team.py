@@ -1,19 +1,25 @@
-"""Decode of one layer by a team of threads in one parallel region.
+"""Decode of a token's layers by a team of threads in one parallel region.
 
 fused.decode_layer forks and joins Numba's threads five times a layer (q/k/v, attention, o, the
 FFN's rows, its down matrix). Numba's OpenMP workers wait passively (kernels/__init__.py): each
 fork wakes a sleeping thread, and on a virtual machine whose idle vCPUs halt at once (this one:
 guest halt polling off, docs/PERFORMANCE.md) every wake is an exit to the hypervisor, 45-80 us:
-110 a TinyLlama token. Here a layer is one parallel region, one wake: each thread runs the
-layer's phases in order and waits between them by spinning on a counter.
+110 a TinyLlama token. decode_team runs a run of layers (every layer of a uniformly quantized
+model) as one parallel region, one wake a token: each thread runs every layer's phases in order
+and waits between them by spinning on a counter.
 
-Work is split in parts of contiguous rows, one per thread (each core streams its own half of a
-matrix, as a static prange split does), and parts are claimed through an atomic counter, so a
-thread that starts late, or not at all, finds its part taken by the other and nothing waits for
-work nobody took (session 7's team took 32 KB chunks alternately and measured slower: the
-cores' streams interleaved). Steps that write shared state once (rotary and the KV-cache store)
-are one-part phases; steps that only read it (the norms, the activations' quantization) run in
-every thread into its own buffers, which saves a wait each.
+Each phase's units (rows, groups of 16 rows, heads) split in one share of contiguous units per
+thread, claimed in CHUNKS chunks: a thread takes its own share's chunks from the front, then
+the other shares' from the back (_claim), so each core streams its own rows in order (session
+7's team took 32 KB chunks alternately and measured slower: the cores' streams interleaved),
+no core idles while rows are left (waits: 4.4-6.5 ms of both threads' time a TinyLlama int4
+token with one part a thread, 0.55-0.7 with 32 chunks a share), and a thread that starts late,
+or not at all, finds its share taken. Steps that write shared state once (rotary and the
+KV-cache store) are one-part phases; steps that only read it (the norms, the activations'
+quantization, the residual additions) run in every thread into its own buffers, which saves a
+wait each. Each layer has its own shared buffers and counters, and each thread its own copy of
+the residual stream: a thread may be layers ahead of a late one, which still reads the outputs
+of the layer it is in.
 
 Waits spin on an atomic load without the pause instruction, then yield: on this KVM guest a
 loop of pauses exits to the hypervisor (pause-loop exiting; session 7 measured a token 42 ms
