@@ -3,14 +3,16 @@ logits of the general path (a wrapper call per operation), which tests/test_kern
 model tests check against the NumPy reference, transformers and llama.cpp; layers it does not
 take run the general path; the float16 KV-cache store equals NumPy's conversion."""
 
+import numba
 import numpy as np
 import pytest
 
 import edgellm
 import tiny
 from edgellm.runtime import kernels
+from edgellm.runtime import threads as thread_rules
 from edgellm.runtime.errors import EdgeLLMError
-from edgellm.runtime.kernels import fused, simd
+from edgellm.runtime.kernels import fused, simd, team
 
 pytestmark = pytest.mark.skipif(not simd.AVAILABLE, reason="the fused call needs the JIT "
                                 "(NUMBA_DISABLE_JIT=1 runs the general path only)")
@@ -100,18 +102,28 @@ def test_f16_store_equals_numpy():
     assert not fused.store_f16(np.float32([1.0, 65520.0]).reshape(2, 1, 1), 0, c)
 
 
-def test_f16_overflow_is_a_clear_error():
-    """A key or value past float16's range: the same message as the general path's store."""
-    m = edgellm.load(tiny.converted("llama", "int8"), kv="f16")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_f16_overflow_is_a_clear_error(threads, monkeypatch):
+    """A key or value past float16's range: the same message as the general path's store
+    (decode_layer on 1 thread; on 2, tiny layers taken as large ones, the team: team.py)."""
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("NUMBA_NUM_THREADS < 2")
+    monkeypatch.setattr(thread_rules, "SMALL_LAYER_BYTES", 0)
+    before = numba.get_num_threads()
+    m = edgellm.load(tiny.converted("llama", "int8"), kv="f16", threads=threads)
     rt = m.runtime
     rt.reset()
     rt.forward(tiny.token_ids("llama", 4))
     rt.forward([5])  # a decode step: the layers' plans are made
-    plans, _, memo, _ = rt._fused_plans
+    plans, _, memo = rt._fused_plans[:3]
+    assert memo[0][1][0] is (fused.decode_layer if threads == 1 else team.decode_team)
     arrays = plans[0][1]
     big = arrays["anorm"] * np.float32(1e8)  # q, k, v far out of range
     big.flags.writeable = arrays["anorm"].flags.writeable  # the same compiled signature
     arrays["anorm"] = big
     memo[0] = None
-    with pytest.raises(EdgeLLMError, match="float16 range"):
-        rt.forward([5])
+    try:
+        with pytest.raises(EdgeLLMError, match="float16 range"):
+            rt.forward([5])
+    finally:
+        numba.set_num_threads(before)

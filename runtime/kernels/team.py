@@ -50,7 +50,10 @@ from .simd import act_buffers, quantize_act
 F16 = _fu.F16
 P_QKV, P_ROPE, P_ATT, P_O, P_FFN, P_DOWN, NPHASES = range(7)
 LINE = 8  # int64s a cache line: every counter on a line of its own
-CHUNKS = 32  # chunks a thread's share of a phase is claimed in
+CHUNKS = 32  # chunks a thread's share of a phase is claimed in, at most,
+CHUNK_BYTES = 64 << 10  # and of at least these many weight bytes: a claim and its count cost
+# a cache line's trip between the cores (SmolLM2-135M's layers in 32 chunks a share: decode
+# 29-33 tokens/s against 58-66 on one thread)
 SPINS = 20000  # looks at the counter before a waiting thread yields its core
 
 
@@ -143,31 +146,39 @@ def _wait(ctl, p, n):
 
 
 @njit(cache=True)
-def _share(n, T, r):
-    """Thread r's share of a phase's n units, [lo, hi), and its count of chunks."""
+def _share(n, T, r, ub):
+    """Thread r's share of a phase's n units of ub bytes each, [lo, hi), and its count of
+    chunks."""
     lo, hi = r * n // T, (r + 1) * n // T
-    return lo, hi, min(CHUNKS, hi - lo)
+    return lo, hi, min(CHUNKS, hi - lo, max(1, (hi - lo) * ub // CHUNK_BYTES))
 
 
 @njit(cache=True)
-def _chunks(n, T):
+def _chunks(n, T, ub):
     """Chunks of a phase of n units: what its wait counts to."""
     c = 0
     for r in range(T):
-        c += _share(n, T, r)[2]
+        c += _share(n, T, r, ub)[2]
     return c
 
 
 @njit(cache=True)
-def _claim(ctl, p, n, T, t, s):
-    """The next chunk of phase p (n units) for thread t: (first unit, end, s). Step s = 0 takes
+def _bytes(a, n):
+    """Bytes a unit of array a's n units."""
+    return a.size * a.itemsize // max(1, n)
+
+
+@njit(cache=True)
+def _claim(ctl, p, n, ub, T, t, s):
+    """The next chunk of phase p (n units of ub bytes) for thread t: (first unit, end, s).
+    Step s = 0 takes
     chunks from the front of t's own share, s = 1.. from the back of thread (t + s) % T's (work
     a late thread has not begun), so each core walks its rows in order and no core idles while
     rows are left. (-1, -1, T) when none is left. A share's claims are one word, front count
     in the low half and back count in the high half, moved by compare-and-swap."""
     while s < T:
         r = (t + s) % T
-        lo, hi, C = _share(n, T, r)
+        lo, hi, C = _share(n, T, r, ub)
         at = LINE * (NPHASES + p * T + r)
         while True:
             w = atomic_load(ctl, at)
@@ -199,13 +210,14 @@ def _matrix(ctl, p, T, t, meta, m, w, s, x, acts, lut, out, fast):
     if enc != F16:
         quantize_act(x, xq, xs, xp, corr)
     n = _fu.units(enc, out.shape[0])
-    u0, u1, st = _claim(ctl, p, n, T, t, 0)
+    ub = _bytes(w, n)
+    u0, u1, st = _claim(ctl, p, n, ub, T, t, 0)
     while u0 >= 0:
         for u in range(u0, u1):
             _fu.unit_dot(enc, gsh, qrow, srow, w, s, u, x, xq, xs, xp, corr, lut, out, 0, fast)
         _done(ctl, p)
-        u0, u1, st = _claim(ctl, p, n, T, t, st)
-    return _chunks(n, T)
+        u0, u1, st = _claim(ctl, p, n, ub, T, t, st)
+    return _chunks(n, T, ub)
 
 
 @njit(cache=True)
@@ -226,7 +238,8 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
     _norm_act(x, anorm, eps, h, xq, xs, xp, corr, enc != F16)
     uq, uk = _fu.units(enc, nq), _fu.units(enc, nk)
     n = uq + 2 * uk
-    u0, u1, st = _claim(ctl, P_QKV, n, T, t, 0)
+    ub = _bytes(wq, uq)
+    u0, u1, st = _claim(ctl, P_QKV, n, ub, T, t, 0)
     while u0 >= 0:
         for u in range(u0, u1):
             if u < uq:
@@ -239,8 +252,8 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
                 _fu.unit_dot(enc, gsh, qrow, srow, wv, sv, u - uq - uk, h, xq, xs, xp, corr, lut,
                              qkv, nq + nk, fast)
         _done(ctl, P_QKV)
-        u0, u1, st = _claim(ctl, P_QKV, n, T, t, st)
-    _wait(ctl, P_QKV, _chunks(n, T))
+        u0, u1, st = _claim(ctl, P_QKV, n, ub, T, t, st)
+    _wait(ctl, P_QKV, _chunks(n, T, ub))
 
     rc = rc_at(T)
     if atomic_add(ctl, LINE * P_ROPE + 1, 1) == 0:  # the first thread here
@@ -254,13 +267,14 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
 
     qr = rot[:nq].reshape(1, H, hd)
     a3 = att.reshape(1, H, hd)
-    u0, u1, st = _claim(ctl, P_ATT, kvh, T, t, 0)
+    ub = 2 * (pos + 1) * hd * kc.itemsize  # a head's keys and values so far
+    u0, u1, st = _claim(ctl, P_ATT, kvh, ub, T, t, 0)
     while u0 >= 0:
         for u in range(u0, u1):
             attend(u, qr, kc, vc, ksc, vsc, kvlut, meta[_fu.M_SIMD], pos, a3)
         _done(ctl, P_ATT)
-        u0, u1, st = _claim(ctl, P_ATT, kvh, T, t, st)
-    _wait(ctl, P_ATT, _chunks(kvh, T))
+        u0, u1, st = _claim(ctl, P_ATT, kvh, ub, T, t, st)
+    _wait(ctl, P_ATT, _chunks(kvh, T, ub))
 
     _wait(ctl, P_O, _matrix(ctl, P_O, T, t, meta, _fu.M_OENC, wo, so, att, aa, lut, obuf, fast))
     # decode_layer's residual, x + (obuf + bo), in every thread's own copy
@@ -276,7 +290,8 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
     has_bias = meta[_fu.M_UP_BIAS] != 0
     packed = tab[0, 1] == INT4R
     n = bundles.shape[0]
-    r0, r1, st = _claim(ctl, P_FFN, n, T, t, 0)
+    ub = _bytes(bundles, n)
+    r0, r1, st = _claim(ctl, P_FFN, n, ub, T, t, 0)
     while r0 >= 0:
         if packed:
             for g in range(r0, r1):
@@ -287,8 +302,8 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
             ffn_rows(h, xq, xs, xp, corr, bundles, r0, r1, tab[0], tab[1], tab[2], gshifts, d,
                      kind, gated, up_bias, has_bias, lut, f, hidden, fast)
         _done(ctl, P_FFN)
-        r0, r1, st = _claim(ctl, P_FFN, n, T, t, st)
-    _wait(ctl, P_FFN, _chunks(n, T))
+        r0, r1, st = _claim(ctl, P_FFN, n, ub, T, t, st)
+    _wait(ctl, P_FFN, _chunks(n, T, ub))
 
     _wait(ctl, P_DOWN, _matrix(ctl, P_DOWN, T, t, meta, _fu.M_DENC, dq, ds, hidden, ah, lut, f,
                                fast))
