@@ -9,10 +9,10 @@ model) as one parallel region, one wake a token: each thread runs every layer's 
 and waits between them by spinning on a counter.
 
 Each phase's units (rows, groups of 16 rows, heads) split in one share of contiguous units per
-thread, claimed in chunks (at most CHUNKS a share, of at least CHUNK_BYTES): a thread takes its own share's chunks from the front, then
-the other shares' from the back (_claim), so each core streams its own rows in order (session
-7's team took 32 KB chunks alternately and measured slower: the cores' streams interleaved),
-no core idles while rows are left (waits: 3.4-5.0 ms of both threads' time a TinyLlama int4
+thread, claimed in chunks (at most CHUNKS a share, of at least CHUNK_BYTES): a thread takes its
+own share's chunks from the front, then the other shares' from the back (_claim), so each core
+streams its own rows in order (session 7's team took 32 KB chunks alternately and measured
+slower: the cores' streams interleaved), no core idles while rows are left (waits: 3.4-5.0 ms of both threads' time a TinyLlama int4
 token with one part a thread, 0.55-0.7 with 32 chunks a share), and a thread that starts late,
 or not at all, finds its share taken. Steps that write shared state once (rotary and the
 KV-cache store) are one-part phases; steps that only read it (the norms, the activations'
