@@ -12,14 +12,14 @@ Each phase's units (rows, groups of 16 rows, heads) split in one share of contig
 thread, claimed in chunks (at most CHUNKS a share, of at least CHUNK_BYTES): a thread takes its
 own share's chunks from the front, then the other shares' from the back (_claim), so each core
 streams its own rows in order (session 7's team took 32 KB chunks alternately and measured
-slower: the cores' streams interleaved), no core idles while rows are left (waits: 3.4-5.0 ms of both threads' time a TinyLlama int4
-token with one part a thread, 0.55-0.7 with 32 chunks a share), and a thread that starts late,
-or not at all, finds its share taken. Steps that write shared state once (rotary and the
-KV-cache store) are one-part phases; steps that only read it (the norms, the activations'
-quantization, the residual additions) run in every thread into its own buffers, which saves a
-wait each. Each layer has its own shared buffers and counters, and each thread its own copy of
-the residual stream: a thread may be layers ahead of a late one, which still reads the outputs
-of the layer it is in.
+slower: the cores' streams interleaved), no core idles while rows are left (waits: 3.4-5.0 ms of
+both threads' time a TinyLlama int4 token with one part a thread, 0.55-0.7 with 32 chunks a
+share), and a thread that starts late, or not at all, finds its share taken. Steps that write
+shared state once (rotary and the KV-cache store) are one-part phases; steps that only read it
+(the norms, the activations' quantization, the residual additions) run in every thread into its
+own buffers, which saves a wait each. Each layer has its own shared buffers and counters, and
+each thread its own copy of the residual stream: a thread may be layers ahead of a late one,
+which still reads the outputs of the layer it is in.
 
 Waits spin on an atomic load without the pause instruction, then yield: on this KVM guest a
 loop of pauses exits to the hypervisor (pause-loop exiting; session 7 measured a token 42 ms
@@ -51,9 +51,8 @@ F16 = _fu.F16
 P_QKV, P_ROPE, P_ATT, P_O, P_FFN, P_DOWN, NPHASES = range(7)
 LINE = 8  # int64s a cache line: every counter on a line of its own
 CHUNKS = 32  # chunks a thread's share of a phase is claimed in, at most,
-CHUNK_BYTES = 64 << 10  # and of at least these many weight bytes: a claim and its count cost
-# a cache line's trip between the cores (SmolLM2-135M's layers in 32 chunks a share: decode
-# 29-33 tokens/s against 58-66 on one thread)
+CHUNK_BYTES = 64 << 10  # and of at least these many weight bytes (~3 us of a core's stream):
+# a claim and its count each move a cache line between the cores
 SPINS = 20000  # looks at the counter before a waiting thread yields its core
 
 
@@ -170,12 +169,11 @@ def _bytes(a, n):
 
 @njit(cache=True)
 def _claim(ctl, p, n, ub, T, t, s):
-    """The next chunk of phase p (n units of ub bytes) for thread t: (first unit, end, s).
-    Step s = 0 takes
-    chunks from the front of t's own share, s = 1.. from the back of thread (t + s) % T's (work
-    a late thread has not begun), so each core walks its rows in order and no core idles while
-    rows are left. (-1, -1, T) when none is left. A share's claims are one word, front count
-    in the low half and back count in the high half, moved by compare-and-swap."""
+    """The next chunk of phase p (n units of ub bytes) for thread t: (first unit, end, s). Step
+    s = 0 takes chunks from the front of t's own share, s = 1.. from the back of thread (t + s)
+    % T's (work a late thread has not begun), so each core walks its rows in order and no core
+    idles while rows are left. (-1, -1, T) when none is left. A share's claims are one word,
+    front count in the low half and back count in the high half, moved by compare-and-swap."""
     while s < T:
         r = (t + s) % T
         lo, hi, C = _share(n, T, r, ub)
@@ -218,6 +216,17 @@ def _matrix(ctl, p, T, t, meta, m, w, s, x, acts, lut, out, fast):
         _done(ctl, p)
         u0, u1, st = _claim(ctl, p, n, ub, T, t, st)
     return _chunks(n, T, ub)
+
+
+@njit(cache=True)
+def _residual(x, y, bias, has_bias):
+    """x += y (+ bias): decode_layer's residual, x + (y + bias), in a thread's own copy."""
+    if has_bias:
+        for j in range(x.shape[0]):
+            x[j] += y[j] + bias[j]
+    else:
+        for j in range(x.shape[0]):
+            x[j] += y[j]
 
 
 @njit(cache=True)
@@ -277,13 +286,7 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
     _wait(ctl, P_ATT, _chunks(kvh, T, ub))
 
     _wait(ctl, P_O, _matrix(ctl, P_O, T, t, meta, _fu.M_OENC, wo, so, att, aa, lut, obuf, fast))
-    # decode_layer's residual, x + (obuf + bo), in every thread's own copy
-    if meta[_fu.M_O_BIAS]:
-        for j in range(d):
-            x[j] += obuf[j] + bo[j]
-    else:
-        for j in range(d):
-            x[j] += obuf[j]
+    _residual(x, obuf, bo, meta[_fu.M_O_BIAS])
 
     _norm_act(x, fnorm, eps, h, xq, xs, xp, corr, True)
     kind, gated = meta[_fu.M_KIND], meta[_fu.M_GATED] != 0
@@ -307,12 +310,7 @@ def _member(t, T, x, pos, ctl, th, ax, aa, ah, up, blk, meta, eps, anorm, fnorm,
 
     _wait(ctl, P_DOWN, _matrix(ctl, P_DOWN, T, t, meta, _fu.M_DENC, dq, ds, hidden, ah, lut, f,
                                fast))
-    if meta[_fu.M_DOWN_BIAS]:
-        for j in range(d):
-            x[j] += f[j] + down_bias[j]
-    else:
-        for j in range(d):
-            x[j] += f[j]
+    _residual(x, f, down_bias, meta[_fu.M_DOWN_BIAS])
     return True
 
 
