@@ -76,7 +76,7 @@ def test_team_finishes_on_fewer_threads(two_threads):
     runs = rt._fused_plans[4]
     assert list(runs) == [0]  # every layer in one run
     layers = runs[0][1]
-    assert len(layers) == rt.cfg.n_layers
+    assert len(layers) == 2 and len(layers[0]) == rt.cfg.n_layers  # a list a thread
     bufs = rt._fused_plans[2][0][1][1][1]
     x = np.random.default_rng(0).standard_normal(rt.cfg.d_model).astype(np.float32)
     pos = len(rt.cache.tokens)

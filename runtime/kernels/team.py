@@ -320,8 +320,9 @@ def _run(t, T, x, pos, layers, ctl, xt, th, ax, aa, ah, up):
     xs = xt[t]
     for j in range(x.shape[0]):
         xs[j] = x[j]
-    for i in range(len(layers)):
-        if not _member(t, T, xs, pos, ctl[i], th, ax, aa, ah, up, *layers[i]):
+    mine = layers[t]
+    for i in range(len(mine)):
+        if not _member(t, T, xs, pos, ctl[i], th, ax, aa, ah, up, *mine[i]):
             return
 
 
