@@ -331,10 +331,11 @@ def _run(t, T, x, pos, layers, ctl, xt, th, ax, aa, ah, up):
 @njit(cache=True, parallel=dict(comprehension=False, reduction=False, inplace_binop=False,
                                 setitem=False, numpy=False, stencil=False, fusion=False))
 def decode_team(x, pos, layers, ctl, xt, th, ax, aa, ah, up):
-    """fused.decode_layer for a run of team_ok layers (a typed List of their arguments, Team.layer)
-    in one parallel region of th.shape[0] threads (ctl: a row of counters a layer; xt, th, ax,
-    aa, ah, up: each thread's own buffers, Team); x f32[d] is updated in place, bit for bit as
-    decode_layer does it layer after layer. Returns OK or the first layer's error."""
+    """fused.decode_layer for a run of team_ok layers in one parallel region of th.shape[0]
+    threads (layers: for each thread a typed List of the layers' arguments, Team.layer; ctl: a
+    row of counters a layer; xt, th, ax, aa, ah, up: each thread's own buffers, Team); x f32[d]
+    is updated in place, bit for bit as decode_layer does it layer after layer. Returns OK or
+    the first layer's error."""
     T = th.shape[0]
     for i in range(ctl.shape[0]):
         for j in range(ctl.shape[1]):
