@@ -297,7 +297,7 @@ class Transformer:
         t = self.timer.add("embed", t)
         plans = self._fused_layers() if T == 1 and self.fused and self.stream is None else None
         # decoded layers: one thread for a small model, else the count asked for (threads.py)
-        restore = threads.narrow_for_layers(self) if T == 1 else 0
+        restore = threads.narrow_for_layers(self, self._teams(plans)) if T == 1 else 0
         try:
             i = 0
             while i < len(self.layers):
@@ -336,8 +336,20 @@ class Transformer:
         if made_for[i] is None or made_for[i][0] is not L or made_for[i][1] is not L.ffn:
             plans[i] = fused.plan_layer(self.cfg, L, ResidentFFN)
             memo[i] = None
-            made_for[i] = (L, L.ffn)
+            made_for[i] = (L, L.ffn, plans[i] is not None and team.team_ok(*plans[i]))
         return plans[i]
+
+    def _teams(self, plans):
+        """True when every layer decodes as a team on more than one thread (kernels/team.py:
+        one wake-up a token, and the same result on any thread count)."""
+        if plans is None or not team.enabled():
+            return False
+        made_for = self._fused_plans[3]
+        for i, L in enumerate(self.layers):
+            self._fused_plan(i, L)
+            if not made_for[i][2]:
+                return False
+        return True
 
     def _call(self, i, T):
         """Planned layer i's (kernel, arguments) against the cache (fused.layer_args) on T

@@ -15,11 +15,10 @@ KVM guest shared with other work (docs/PERFORMANCE.md, "Threads"):
   a small layer's whole work split in two. SmolLM2-135M (2.2 MB a layer) decoded slower on 2
   threads than on 1. So a layer whose weights are under SMALL_LAYER_BYTES decodes on one
   thread; the head and prefill use all of them. With spinning waits asked for (GOMP_SPINCOUNT,
-  or OMP_WAIT_POLICY=ACTIVE: for a device with nothing else running) every layer uses them all.
-  Session 10 let small layers that decode as teams (kernels/team.py) use every thread (SmolLM2
-  keep 76 -> 93 tokens/s there); with a token's layers in one region (session 11) SmolLM2
-  measured 12-21 ms a token on 2 threads against 10.9-14.3 on one, so the rule holds for them
-  again (docs/PERFORMANCE.md).
+  or OMP_WAIT_POLICY=ACTIVE: for a device with nothing else running) every layer uses them all,
+  and so do layers that all decode as teams (kernels/team.py: one wake-up a token, the other
+  thread waits spinning; SmolLM2 keep on 2 threads 6.7 ms a token against 8.9 on one, session
+  12, medians of 4 alternating runs).
 - Every hand-off between threads waits for the other thread to be scheduled: when other
   processes hold the cores, up to a scheduler slice (milliseconds). At load average 20 on 2
   cores, 2-thread prefill ran 2.5-4x slower than 1 thread, whatever the split between BLAS and
@@ -161,11 +160,12 @@ def spinning():
     return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "ACTIVE"
 
 
-def decode_layer_threads(layer_bytes):
+def decode_layer_threads(layer_bytes, teams=False):
     """Numba threads for decoding one token through a layer of layer_bytes weight bytes: the
-    count in use, or 1 for a small layer (see the module docstring)."""
+    count in use, or 1 for a small layer unless its layers decode as teams (see the module
+    docstring)."""
     n = getattr(_local, "full", None) or numba.get_num_threads()
-    if n == 1 or layer_bytes >= SMALL_LAYER_BYTES or spinning() or fixed():
+    if n == 1 or teams or layer_bytes >= SMALL_LAYER_BYTES or spinning() or fixed():
         return n
     return 1
 
@@ -179,17 +179,18 @@ def layer_bytes(manifest):
                default=0)
 
 
-def narrow_for_layers(rt):
-    """Before a decoded token's layers (rt: model.Transformer): one thread when its layers are
-    small (decode_layer_threads), else the count asked for even while adapt() has lowered it
-    (their sums depend on it). Returns the count to restore after them, or 0."""
+def narrow_for_layers(rt, teams=False):
+    """Before a decoded token's layers (rt: model.Transformer; teams: every layer decodes as a
+    team): one thread when its layers are small (decode_layer_threads), else the count asked
+    for even while adapt() has lowered it (their sums depend on it). Returns the count to
+    restore after them, or 0."""
     cur = numba.get_num_threads()
     nbytes = rt.__dict__.get("_layer_bytes")
     if nbytes is None:
         manifest = getattr(rt.reader, "manifest", None)
         nbytes = rt._layer_bytes = (layer_bytes(manifest) if manifest is not None
                                     else SMALL_LAYER_BYTES)
-    want = decode_layer_threads(nbytes)
+    want = decode_layer_threads(nbytes, teams)
     if want == cur:
         return 0
     numba.set_num_threads(want)

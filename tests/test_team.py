@@ -121,17 +121,20 @@ def test_claims_cover_every_unit_once(T):
                     assert stolen == sorted(stolen, reverse=True)
 
 
-def test_small_layers_decode_on_one_thread(monkeypatch):
-    """The small-layer rule (threads.py) holds for layers the team takes: a tiny model asked
-    for 2 threads decodes its layers with decode_layer on one (session 11 measured SmolLM2's
-    team on 2 threads slower than one thread)."""
+def test_small_team_layers_use_every_thread(monkeypatch):
+    """The small-layer rule (threads.py) is for five wake-ups a layer: layers that all decode
+    as teams use the threads asked for; with EDGELLM_NO_TEAM=1 they decode on one."""
     before = numba.get_num_threads()
+    path = tiny.converted("llama", "int8")
     try:
-        m = edgellm.load(tiny.converted("llama", "int8"), threads=2)
+        m = edgellm.load(path, threads=2)
         m.runtime.forward(tiny.token_ids("llama", 4))
         m.runtime.forward([5])
-        memo = m.runtime._fused_plans[2]
-        assert {hit[0][2] for hit in memo} == {1}  # thread count
-        assert {hit[1][0] for hit in memo} == {fused.decode_layer}
+        assert {hit[1][0] for hit in m.runtime._fused_plans[2]} == {team.decode_team}
+        monkeypatch.setenv("EDGELLM_NO_TEAM", "1")
+        m = edgellm.load(path, threads=2)
+        m.runtime.forward(tiny.token_ids("llama", 4))
+        m.runtime.forward([5])
+        assert {hit[0][2] for hit in m.runtime._fused_plans[2]} == {1}  # thread count
     finally:
         numba.set_num_threads(before)
