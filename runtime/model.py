@@ -389,10 +389,7 @@ class Transformer:
             hit = runs.get(i)
             if hit is None or len(hit[0]) != len(run) or any(
                     a is not b for a, b in zip(hit[0], run)):
-                # a list a thread: each unboxes its own reference counts for the arrays
-                # (shared ones, bumped by both threads at each layer, took 44% of SmolLM2's
-                # samples in perf: NRT_incref / NRT_decref)
-                hit = runs[i] = (run, tuple(numba.typed.List(run) for _ in range(T)))
+                hit = runs[i] = (run, team.layer_lists(run, T))
             rc = team.decode_team(xb, p0, hit[1], bufs.ctl[i:j], *bufs.threads())
         if rc != fused.OK:
             raise EdgeLLMError("a key or value is out of float16 range; use the f32 or int8 KV "
