@@ -209,7 +209,8 @@ COMMANDS = "/reset /save FILE /load FILE /stats /help /exit"
 def run(a):
     """`edgellm chat`: a is the parsed command line (see cli.build_parser)."""
     from . import load
-    from .cli import kv_from_args, load_from_args, sampling_from_args, window_from_args
+    from .cli import (kv_from_args, load_from_args, sampling_from_args, warm_up,
+                      window_from_args)
     from .models import resolve_model
     from .streamcli import stream_from_args
 
@@ -220,6 +221,7 @@ def run(a):
     path = resolve_model(a.model)
     model = load(path, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a), **load_from_args(a),
                  **stream_from_args(a))
+    warm_up(model)  # the first answer would wait for the kernels' compilation, unexplained
     conv = Conversation(model, system=a.system, max_tokens=a.n, params=sampling_from_args(a),
                         stop=a.stop, window=window_from_args(a))
     kind = "fallback" if conv.template.fallback else "the model's"

@@ -207,11 +207,10 @@ def cmd_run(a):
     model = load(a.model, verify=a.verify, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a),
                  **load_from_args(a), **stream_from_args(a))
     load_s = time.perf_counter() - t0
-    if a.stats:
-        warm = model.warmup()
-        if warm > 1.0:
-            print(f"(compiled kernels in {warm:.1f} s; they are cached for the next run)",
-                  file=sys.stderr)
+    warm = warm_up(model)
+    if a.stats and warm > 1.0:
+        print(f"(compiled kernels in {warm:.1f} s; they are cached for the next run)",
+              file=sys.stderr)
     params = sampling_from_args(a)
     if getattr(a, "echo", False):  # after the compile note, so that the text reads as one
         sys.stdout.write(a.prompt)
@@ -226,6 +225,14 @@ def cmd_run(a):
     if a.stats:
         print_stats(model.last_stats, load_s, model.weights)
     report(model, a, per_token=a.stats and a.n <= 64)
+
+
+def warm_up(model):
+    """model.warmup(), saying on stderr why it takes long when it does: the first run after
+    install compiles the kernels for this CPU. Returns its seconds."""
+    return model.warmup(notice=lambda: print(
+        "edgellm: compiling the kernels for this CPU (first run only: a minute or two; "
+        "cached after)...", file=sys.stderr, flush=True))
 
 
 def weights_text(weights):

@@ -6,6 +6,7 @@
 """
 
 import os
+import threading
 import time
 import warnings
 
@@ -18,6 +19,7 @@ from .runtime.tokenizer import Tokenizer
 from .sampling import Sampler, SamplingParams
 
 DEFAULT_CONTEXT = 4096  # KV cache is allocated up front: cap it unless asked for more
+NOTICE_AFTER = 2.0  # seconds of warmup() before its notice: compiling, not a warm cache
 SINKS = 4  # first tokens the sliding window always keeps (StreamingLLM: 4 sinks suffice)
 
 
@@ -111,9 +113,22 @@ class Model:
         n_ctx positions of keys and values for every layer (cache.nbytes())."""
         return self.runtime.new_cache()
 
-    def warmup(self):
+    def warmup(self, notice=None):
         """Run the prefill and decode paths once, so that kernel compilation (first run after
-        install: Numba compiles and caches them) and page faults do not count in timings."""
+        install: Numba compiles and caches them, a minute or two) and page faults do not count
+        in timings. notice: called once, from another thread, if this is still running after
+        NOTICE_AFTER seconds (to tell a waiting user why). Returns the seconds it took."""
+        timer = threading.Timer(NOTICE_AFTER, notice) if notice is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            return self._warmup()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _warmup(self):
         t = time.perf_counter()
         self.runtime.cache = self.default_cache
         self.runtime.reset()

@@ -778,7 +778,9 @@ def serve(model_path, host="127.0.0.1", port=8080, name=None, queue_size=DEFAULT
         model.plan.parts += [Part(n, b, "buffer", note="set aside by the server")
                              for n, b in set_aside(model_path, kv_slots, n_ctx, queue_size)]
         model.plan.budget = parse_budget(dram_budget)
-    model.warmup()
+    from .cli import warm_up
+
+    warm_up(model)
     name = name or os.path.basename(os.path.normpath(os.fspath(model_path)))
     app = create_app(model, name, queue_size=queue_size, kv_slots=kv_slots, api_key=api_key,
                      max_body=max_body)

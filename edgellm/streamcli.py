@@ -143,7 +143,7 @@ def cmd_bench(a):
     import time
 
     from . import load
-    from .cli import kv_from_args, load_from_args, print_stats
+    from .cli import kv_from_args, load_from_args, print_stats, warm_up
     from .sampling import SamplingParams
 
     if a.n < 1:
@@ -152,7 +152,7 @@ def cmd_bench(a):
     model = load(a.model, n_ctx=a.ctx, threads=a.threads, **kv_from_args(a),
                  **load_from_args(a), **stream_from_args(a))
     load_s = time.perf_counter() - t0
-    warm = model.warmup()
+    warm = warm_up(model)
     print(f"model      {a.model}" + (f" (compiled kernels in {warm:.1f} s)" if warm > 1.0 else ""),
           file=sys.stderr)
     model.complete(a.prompt, max_tokens=a.n, params=SamplingParams(temperature=0.0, repetition_penalty=1.0))

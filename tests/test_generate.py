@@ -1,6 +1,8 @@
 """Generation through the KV cache agrees with recomputing from scratch; streaming, stop strings,
 limits and the command line behave as documented."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,22 @@ def test_bos_written_by_a_template_is_not_doubled():
     assert tok.encode("hello world") == [0, 1, 2]
     assert tok.encode("<s>hello world") == [0, 1, 2]  # the template's own BOS is kept, not doubled
     assert tok.encode("hello <s>", add_bos=False) == [1, 0]
+
+
+def test_warmup_tells_why_it_takes_long(model, monkeypatch):
+    """warmup() calls its notice when it runs past NOTICE_AFTER (a first run compiling the
+    kernels), not when it ends sooner, and leaves the model as it was."""
+    import edgellm.model as api
+
+    ids = model.tokenizer.encode("the quick brown fox")
+    before = model.logits(ids)
+    told = []
+    monkeypatch.setattr(api, "NOTICE_AFTER", 60.0)
+    model.warmup(notice=lambda: told.append(1))
+    assert told == []
+    monkeypatch.setattr(api, "NOTICE_AFTER", 0.0)
+    real = model._warmup
+    monkeypatch.setattr(model, "_warmup", lambda: (time.sleep(0.5), real())[1])
+    model.warmup(notice=lambda: told.append(1))
+    assert told == [1]
+    np.testing.assert_array_equal(model.logits(ids), before)
