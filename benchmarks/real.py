@@ -8,7 +8,9 @@ Each timed run is a fresh child process holding one engine (both use libgomp, wh
 is fixed by whoever starts it first; see benchmarks/decode.py), in this order per repeat so that
 noise from other work hits every engine alike. Per run:
 
-    load      constructing the engine (edgellm.load / llama_cpp.Llama), files already cached
+    load      constructing the engine (edgellm.load / llama_cpp.Llama), files already cached;
+              edgellm's with model.warmup(), as its chat, run and serve do: its kernels loaded
+              from Numba's cache (else ~0.1 s of the first decoded token: 15% of 64 tokens')
     ttft      the first prefill of the prompt right after load (what a user waits for)
     prefill   a second, warm prefill of the same prompt: prompt tokens / s
     decode    greedy tokens after it, one at a time: tokens / s
@@ -119,6 +121,8 @@ def child(args):
         Llama(args.path, n_ctx, args.threads)
     if args.per_op:
         e.rt.fused = False
+    if args.engine == "edgellm":
+        e.model.warmup()  # as chat, run and serve do: the compiled kernels loaded (see load)
     t1 = clock()
     e.prefill(ids)  # the first prefill after load: time to first token
     t2 = clock()
