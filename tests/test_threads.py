@@ -68,7 +68,7 @@ def test_small_layers_decode_on_one_thread(monkeypatch, two_threads):
     monkeypatch.delenv("EDGELLM_FIXED_THREADS", raising=False)
     assert threads.decode_layer_threads(threads.SMALL_LAYER_BYTES - 1) == 1
     assert threads.decode_layer_threads(threads.SMALL_LAYER_BYTES) == 2
-    assert threads.decode_layer_threads(1, teams=True) == 2  # one wake-up a layer
+    assert threads.decode_layer_threads(1, teams=True) == 2  # one wake-up a token
     monkeypatch.setenv("GOMP_SPINCOUNT", "20000")  # spinning waits: waking is cheap
     assert threads.decode_layer_threads(1) == 2
     monkeypatch.delenv("GOMP_SPINCOUNT")
