@@ -4,6 +4,8 @@ Both libraries do the real work; this module only gives them one interface and a
 incremental detokenizer that streaming needs.
 """
 
+import contextlib
+
 from . import format
 from .errors import EdgeLLMError, FormatError
 from .memory import trim
@@ -16,9 +18,28 @@ def is_panic(exc):
     return type(exc).__name__ == "PanicException"
 
 
+@contextlib.contextmanager
+def _named(path, what):
+    """The libraries' errors as FormatErrors naming the tokenizer file: they raise RuntimeError,
+    ValueError, OSError or a bare Exception variously, and a file that loads can still fail on
+    use (a tokenizer.json whose unknown token is not in its vocabulary fails at the first
+    unknown character: tests/fuzz/corpus/tokenizer/unk-token-not-in-vocab)."""
+    try:
+        yield
+    except EdgeLLMError:
+        raise
+    except Exception as e:
+        raise FormatError(path, f"{what}: {e}") from None
+    except BaseException as e:
+        if not is_panic(e):
+            raise
+        raise FormatError(path, f"{what}: {e}") from None
+
+
 class Tokenizer:
-    def __init__(self, impl, kind, bos_id, eos_ids, add_bos, vocab_size):
+    def __init__(self, impl, kind, bos_id, eos_ids, add_bos, vocab_size, path="tokenizer"):
         self._impl = impl
+        self.path = path  # named in errors
         self.kind = kind
         self.bos_id = bos_id
         self.eos_ids = set(eos_ids)
@@ -30,7 +51,7 @@ class Tokenizer:
         spec = manifest["tokenizer"]
         path = format.safe_path(model_dir, spec["file"])
         cfg = manifest["config"]
-        try:
+        with _named(path, "cannot load tokenizer"):
             if spec["kind"] == "sentencepiece":
                 import sentencepiece
 
@@ -45,20 +66,12 @@ class Tokenizer:
                 trim()  # its JSON parse leaves ~2x the tables' size free in the C heap
                 vocab = impl.get_vocab_size(with_added_tokens=True)
                 bos, eos = None, []
-        except FormatError:
-            raise
-        except Exception as e:  # the libraries raise RuntimeError/ValueError/OSError variously
-            raise FormatError(path, f"cannot load tokenizer: {e}") from None
-        except BaseException as e:
-            if not is_panic(e):
-                raise
-            raise FormatError(path, f"cannot load tokenizer: {e}") from None
         if cfg.get("bos_token_id") is not None:
             bos = cfg["bos_token_id"]
         if cfg.get("eos_token_ids"):
             eos = list(cfg["eos_token_ids"])
         add_bos = bool(spec.get("add_bos", bos is not None)) and bos is not None
-        return cls(impl, spec["kind"], bos, eos, add_bos, vocab)
+        return cls(impl, spec["kind"], bos, eos, add_bos, vocab, path)
 
     def encode(self, text, add_bos=None):
         """Text -> token ids; a BOS token is prepended when the model expects one."""
@@ -68,10 +81,11 @@ class Tokenizer:
             # tokenizer libraries raise RuntimeError on it
             raise EdgeLLMError(f"the text is not valid Unicode: a lone surrogate "
                                f"{text[e.start]!r} at character {e.start}") from None
-        if self.kind == "sentencepiece":
-            ids = list(self._impl.encode(text))
-        else:
-            ids = list(self._impl.encode(text, add_special_tokens=False).ids)
+        with _named(self.path, "the tokenizer cannot encode this text"):
+            if self.kind == "sentencepiece":
+                ids = list(self._impl.encode(text))
+            else:
+                ids = list(self._impl.encode(text, add_special_tokens=False).ids)
         # a chat template may write the BOS text itself (Llama 3): never add a second one
         add = self.add_bos if add_bos is None else add_bos
         if add and self.bos_id is not None and ids[:1] != [self.bos_id]:
@@ -80,9 +94,10 @@ class Tokenizer:
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
-        if self.kind == "sentencepiece":
-            return self._impl.decode(ids)
-        return self._impl.decode(ids, skip_special_tokens=False)
+        with _named(self.path, "the tokenizer cannot decode these ids"):
+            if self.kind == "sentencepiece":
+                return self._impl.decode(ids)
+            return self._impl.decode(ids, skip_special_tokens=False)
 
     def token_text(self, token_id):
         """A token's own string in the vocabulary (e.g. "<s>" for a BOS that decodes to "")."""
